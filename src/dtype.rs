@@ -1,0 +1,83 @@
+//! The floating-point storage types flashpack reads and keeps weights in.
+//!
+//! Weights stay in their stored type in memory and on disk; compute widens them to
+//! f32. These helpers do the widening from little-endian bytes.
+
+use half::{bf16, f16};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The name safetensors and this project's JSON output use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
+        match dtype {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Widens little-endian values of `dtype` in `bytes` into `out` (same element count).
+///
+/// # Panics
+/// If `bytes.len() != out.len() * dtype.size_bytes()`: callers size both from one
+/// validated shape, so a mismatch is a bug, not bad input.
+pub fn widen_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(
+        bytes.len(),
+        out.len() * dtype.size_bytes(),
+        "widen_into: length mismatch"
+    );
+    match dtype {
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+    }
+}
+
+/// Widens a whole little-endian buffer of `dtype` into a new f32 vector.
+pub fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0.0; bytes.len() / dtype.size_bytes()];
+    widen_into(dtype, &bytes[..out.len() * dtype.size_bytes()], &mut out);
+    out
+}

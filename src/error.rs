@@ -1,0 +1,174 @@
+//! The library's one error type, and the exit-code class each variant maps to.
+//!
+//! Every failure a user can cause or meet is a variant here that names the file,
+//! tensor or option it is about. The CLI turns [`Error::exit_class`] into the
+//! documented exit code, so the mapping lives in one place.
+
+use std::path::{Path, PathBuf};
+
+/// What kind of failure an error is, as the CLI reports it in its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitClass {
+    /// A check ran and failed (verify, a quality gate): exit 1.
+    CheckFailed,
+    /// Bad usage or invalid input: a file that does not parse or breaks a rule: exit 2.
+    InvalidInput,
+    /// The environment failed us: disk full, permission, read error: exit 3.
+    Environment,
+}
+
+impl ExitClass {
+    pub fn code(self) -> i32 {
+        match self {
+            ExitClass::CheckFailed => 1,
+            ExitClass::InvalidInput => 2,
+            ExitClass::Environment => 3,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O failure on a file we expected to be able to use.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// A file the input needs is not there.
+    #[error("{}: {what} not found", path.display())]
+    MissingFile { path: PathBuf, what: &'static str },
+
+    /// A JSON file that does not parse, or does not have the expected structure.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    /// `config.json` parses but describes something invalid (a zero size, heads
+    /// that do not divide the hidden size, a value above a sanity cap).
+    #[error("{}: invalid config: {message}", path.display())]
+    InvalidConfig { path: PathBuf, message: String },
+
+    /// An architecture flashpack does not implement.
+    #[error("{}: unsupported architecture {name:?} (supported: {supported})", path.display())]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        name: String,
+        supported: &'static str,
+    },
+
+    /// A config option whose value flashpack does not implement.
+    #[error("{}: unsupported {option} = {value} ({why})", path.display())]
+    UnsupportedOption {
+        path: PathBuf,
+        option: &'static str,
+        value: String,
+        why: &'static str,
+    },
+
+    /// A safetensors file whose header or layout is invalid (truncated, offsets past
+    /// the end, overlapping tensors, ...).
+    #[error("{}: invalid safetensors file: {message}", path.display())]
+    Safetensors { path: PathBuf, message: String },
+
+    /// `model.safetensors.index.json` names a tensor that its shard does not hold.
+    #[error("{}: index maps tensor {tensor:?} to {file:?}, which does not contain it", index.display())]
+    IndexTensorNotInShard {
+        index: PathBuf,
+        tensor: String,
+        file: String,
+    },
+
+    /// A shard holds a tensor that the index does not map to that shard.
+    #[error("{}: shard {file:?} holds tensor {tensor:?}, which the index does not map to it", index.display())]
+    ShardTensorNotInIndex {
+        index: PathBuf,
+        tensor: String,
+        file: String,
+    },
+
+    /// The same tensor name appears in two weight files.
+    #[error("tensor {tensor:?} appears in both {first:?} and {second:?}")]
+    DuplicateTensor {
+        tensor: String,
+        first: String,
+        second: String,
+    },
+
+    /// A shard name in the index that is not a plain file name inside the checkpoint
+    /// directory (an absolute path or one with `..` would read outside it).
+    #[error("{}: shard name {file:?} is not a plain file name in the checkpoint directory", index.display())]
+    BadShardName { index: PathBuf, file: String },
+
+    /// A tensor the architecture requires is absent.
+    #[error("tensor {tensor:?} is missing from the checkpoint")]
+    MissingTensor { tensor: String },
+
+    /// A tensor's shape disagrees with what `config.json` implies.
+    #[error("tensor {tensor:?} has shape {found:?}, config.json implies {expected:?}")]
+    TensorShape {
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A tensor stored in a dtype other than f32, f16 or bf16.
+    #[error("tensor {tensor:?} has dtype {dtype}; flashpack reads f32, f16 and bf16")]
+    UnsupportedDtype { tensor: String, dtype: String },
+
+    /// `tokenizer.json` could not be loaded or used.
+    #[error("{}: tokenizer error: {message}", path.display())]
+    Tokenizer { path: PathBuf, message: String },
+
+    /// A command-line value that is out of range or inconsistent with the model.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The exit-code class of this error (see README.md, "Exit codes").
+    pub fn exit_class(&self) -> ExitClass {
+        match self {
+            Error::Io { source, .. } => io_exit_class(source),
+            Error::MissingFile { .. }
+            | Error::Json { .. }
+            | Error::InvalidConfig { .. }
+            | Error::UnsupportedArchitecture { .. }
+            | Error::UnsupportedOption { .. }
+            | Error::Safetensors { .. }
+            | Error::IndexTensorNotInShard { .. }
+            | Error::ShardTensorNotInIndex { .. }
+            | Error::DuplicateTensor { .. }
+            | Error::BadShardName { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorShape { .. }
+            | Error::UnsupportedDtype { .. }
+            | Error::Tokenizer { .. }
+            | Error::InvalidArgument(_) => ExitClass::InvalidInput,
+        }
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// A file that is not there, or that is a directory where a file should be, is the
+/// user's input being wrong (exit 2); anything else the OS reports is the environment.
+fn io_exit_class(err: &std::io::Error) -> ExitClass {
+    use std::io::ErrorKind::*;
+    match err.kind() {
+        NotFound | InvalidData | UnexpectedEof | IsADirectory | NotADirectory | InvalidInput => {
+            ExitClass::InvalidInput
+        }
+        _ => ExitClass::Environment,
+    }
+}

@@ -1,0 +1,277 @@
+//! Which tensors a checkpoint of each architecture holds, by role, with the shape
+//! `config.json` implies for each.
+//!
+//! This is the one place that knows Hugging Face's tensor names. The checkpoint
+//! reader checks presence and shapes against it; the runtime loads weights through
+//! it, so a misnamed or misshapen tensor is reported with its full name.
+
+use crate::input::config::{Architecture, ModelConfig, OPT_POSITION_OFFSET};
+
+/// How a tensor's parameters are counted by `inspect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamGroup {
+    Embeddings,
+    Attention,
+    Ffn,
+    Other,
+}
+
+/// A tensor the architecture requires, with the shape it must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub group: ParamGroup,
+}
+
+/// A linear layer `y = W x (+ b)` with `W` stored `[out, in]` as in PyTorch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearNames {
+    pub weight: String,
+    pub bias: Option<String>,
+    pub out_dim: usize,
+    pub in_dim: usize,
+}
+
+/// A LayerNorm (weight and bias) or RMSNorm (weight only) over `dim` features.
+/// Both names are absent for OPT's non-affine layer norms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormNames {
+    pub weight: Option<String>,
+    pub bias: Option<String>,
+    pub dim: usize,
+}
+
+/// The FFN of one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FfnNames {
+    /// OPT: `down(act(up x))` (`fc1`, `fc2`).
+    Plain { up: LinearNames, down: LinearNames },
+    /// Llama family: `down(act(gate x) * (up x))`.
+    Gated {
+        gate: LinearNames,
+        up: LinearNames,
+        down: LinearNames,
+    },
+}
+
+/// The tensors of one decoder layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerNames {
+    pub attn_norm: NormNames,
+    pub q: LinearNames,
+    pub k: LinearNames,
+    pub v: LinearNames,
+    pub o: LinearNames,
+    pub ffn_norm: NormNames,
+    pub ffn: FfnNames,
+}
+
+/// Every tensor of a model, by role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelNames {
+    /// `[vocab, embed_dim]`.
+    pub embed_tokens: String,
+    /// OPT's learned positions: `[max_positions + 2, hidden]` (name, rows, width).
+    pub embed_positions: Option<(String, usize, usize)>,
+    /// OPT-350m style projection from the embedding width to the hidden size.
+    pub project_in: Option<LinearNames>,
+    pub project_out: Option<LinearNames>,
+    pub final_norm: Option<NormNames>,
+    /// The output projection; with tied embeddings its weight is `embed_tokens`.
+    pub lm_head: LinearNames,
+    pub layers: Vec<LayerNames>,
+}
+
+fn linear(prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> LinearNames {
+    LinearNames {
+        weight: format!("{prefix}.weight"),
+        bias: bias.then(|| format!("{prefix}.bias")),
+        out_dim,
+        in_dim,
+    }
+}
+
+impl ModelNames {
+    pub fn for_config(cfg: &ModelConfig) -> ModelNames {
+        match cfg.architecture {
+            Architecture::Opt => opt_names(cfg),
+            _ => llama_names(cfg),
+        }
+    }
+
+    /// Every tensor that must be present, with its shape and parameter group.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        let mut specs = Vec::new();
+        let add_linear = |specs: &mut Vec<TensorSpec>, l: &LinearNames, group| {
+            specs.push(TensorSpec {
+                name: l.weight.clone(),
+                shape: vec![l.out_dim, l.in_dim],
+                group,
+            });
+            if let Some(b) = &l.bias {
+                specs.push(TensorSpec {
+                    name: b.clone(),
+                    shape: vec![l.out_dim],
+                    group,
+                });
+            }
+        };
+        let add_norm = |specs: &mut Vec<TensorSpec>, n: &NormNames| {
+            for name in n.weight.iter().chain(n.bias.iter()) {
+                specs.push(TensorSpec {
+                    name: name.clone(),
+                    shape: vec![n.dim],
+                    group: ParamGroup::Other,
+                });
+            }
+        };
+        // The lm_head spec tells the embedding's shape, tied or not.
+        specs.push(TensorSpec {
+            name: self.embed_tokens.clone(),
+            shape: vec![self.lm_head.out_dim, self.lm_head.in_dim],
+            group: ParamGroup::Embeddings,
+        });
+        if let Some((name, rows, dim)) = &self.embed_positions {
+            specs.push(TensorSpec {
+                name: name.clone(),
+                shape: vec![*rows, *dim],
+                group: ParamGroup::Embeddings,
+            });
+        }
+        if self.lm_head.weight != self.embed_tokens {
+            add_linear(&mut specs, &self.lm_head, ParamGroup::Embeddings);
+        }
+        for l in self.project_in.iter().chain(self.project_out.iter()) {
+            add_linear(&mut specs, l, ParamGroup::Other);
+        }
+        if let Some(n) = &self.final_norm {
+            add_norm(&mut specs, n);
+        }
+        for layer in &self.layers {
+            add_norm(&mut specs, &layer.attn_norm);
+            for l in [&layer.q, &layer.k, &layer.v, &layer.o] {
+                add_linear(&mut specs, l, ParamGroup::Attention);
+            }
+            add_norm(&mut specs, &layer.ffn_norm);
+            match &layer.ffn {
+                FfnNames::Plain { up, down } => {
+                    add_linear(&mut specs, up, ParamGroup::Ffn);
+                    add_linear(&mut specs, down, ParamGroup::Ffn);
+                }
+                FfnNames::Gated { gate, up, down } => {
+                    add_linear(&mut specs, gate, ParamGroup::Ffn);
+                    add_linear(&mut specs, up, ParamGroup::Ffn);
+                    add_linear(&mut specs, down, ParamGroup::Ffn);
+                }
+            }
+        }
+        specs
+    }
+}
+
+/// Tensor names of `OPTForCausalLM` (transformers' `modeling_opt.py`).
+fn opt_names(cfg: &ModelConfig) -> ModelNames {
+    let opt = cfg.opt.expect("OPT config carries OPT options");
+    let h = cfg.hidden_size;
+    let proj = opt.word_embed_proj_dim;
+    let norm = |prefix: String, dim| NormNames {
+        weight: opt.layer_norm_affine.then(|| format!("{prefix}.weight")),
+        bias: opt.layer_norm_affine.then(|| format!("{prefix}.bias")),
+        dim,
+    };
+    let layers = (0..cfg.num_layers)
+        .map(|i| {
+            let p = format!("model.decoder.layers.{i}");
+            LayerNames {
+                attn_norm: norm(format!("{p}.self_attn_layer_norm"), h),
+                q: linear(&format!("{p}.self_attn.q_proj"), h, h, cfg.qkv_bias),
+                k: linear(&format!("{p}.self_attn.k_proj"), h, h, cfg.qkv_bias),
+                v: linear(&format!("{p}.self_attn.v_proj"), h, h, cfg.qkv_bias),
+                o: linear(&format!("{p}.self_attn.out_proj"), h, h, cfg.o_bias),
+                ffn_norm: norm(format!("{p}.final_layer_norm"), h),
+                ffn: FfnNames::Plain {
+                    up: linear(&format!("{p}.fc1"), cfg.ffn_width, h, cfg.ffn_bias),
+                    down: linear(&format!("{p}.fc2"), h, cfg.ffn_width, cfg.ffn_bias),
+                },
+            }
+        })
+        .collect();
+    let embed_tokens = "model.decoder.embed_tokens.weight".to_string();
+    let projected = proj != h;
+    ModelNames {
+        embed_tokens: embed_tokens.clone(),
+        embed_positions: Some((
+            "model.decoder.embed_positions.weight".to_string(),
+            cfg.max_position_embeddings + OPT_POSITION_OFFSET,
+            h,
+        )),
+        project_in: projected.then(|| linear("model.decoder.project_in", h, proj, false)),
+        project_out: projected.then(|| linear("model.decoder.project_out", proj, h, false)),
+        final_norm: opt
+            .has_final_layer_norm
+            .then(|| norm("model.decoder.final_layer_norm".into(), h)),
+        lm_head: LinearNames {
+            weight: if cfg.tie_word_embeddings {
+                embed_tokens
+            } else {
+                "lm_head.weight".into()
+            },
+            bias: None,
+            out_dim: cfg.vocab_size,
+            in_dim: proj,
+        },
+        layers,
+    }
+}
+
+/// Tensor names of `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM`.
+fn llama_names(cfg: &ModelConfig) -> ModelNames {
+    let h = cfg.hidden_size;
+    let q_dim = cfg.num_heads * cfg.head_dim;
+    let kv = cfg.kv_dim();
+    let rms = |name: String| NormNames {
+        weight: Some(name),
+        bias: None,
+        dim: h,
+    };
+    let layers = (0..cfg.num_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let mlp =
+                |proj: &str, out, inp| linear(&format!("{p}.mlp.{proj}"), out, inp, cfg.ffn_bias);
+            LayerNames {
+                attn_norm: rms(format!("{p}.input_layernorm.weight")),
+                q: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, cfg.qkv_bias),
+                k: linear(&format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias),
+                v: linear(&format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias),
+                o: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, cfg.o_bias),
+                ffn_norm: rms(format!("{p}.post_attention_layernorm.weight")),
+                ffn: FfnNames::Gated {
+                    gate: mlp("gate_proj", cfg.ffn_width, h),
+                    up: mlp("up_proj", cfg.ffn_width, h),
+                    down: mlp("down_proj", h, cfg.ffn_width),
+                },
+            }
+        })
+        .collect();
+    let embed_tokens = "model.embed_tokens.weight".to_string();
+    ModelNames {
+        embed_tokens: embed_tokens.clone(),
+        embed_positions: None,
+        project_in: None,
+        project_out: None,
+        final_norm: Some(rms("model.norm.weight".into())),
+        lm_head: LinearNames {
+            weight: if cfg.tie_word_embeddings {
+                embed_tokens
+            } else {
+                "lm_head.weight".into()
+            },
+            bias: None,
+            out_dim: cfg.vocab_size,
+            in_dim: h,
+        },
+        layers,
+    }
+}

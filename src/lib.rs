@@ -1,0 +1,17 @@
+//! flashpack: run language models larger than DRAM from flash storage.
+//!
+//! The technique is Apple's "LLM in a flash" (Alizadeh et al., 2023): keep
+//! embeddings, attention and the KV cache in DRAM, leave the sparse FFN on flash,
+//! predict which FFN neurons a token needs, and read only those, as contiguous
+//! neuron bundles, through a sliding-window cache.
+//!
+//! The library is organised as the data flows:
+//! - [`input`]: Hugging Face checkpoint directories (config, safetensors, tokenizer).
+//! - [`cli`]: the `flashpack` command line, a thin layer over the library.
+
+pub mod cli;
+pub mod dtype;
+pub mod error;
+pub mod input;
+
+pub use error::{Error, ExitClass, Result};

@@ -1,0 +1,5 @@
+//! The `flashpack` binary: everything lives in the library's `cli` module.
+
+fn main() -> std::process::ExitCode {
+    flashpack::cli::main()
+}
