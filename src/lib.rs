@@ -7,11 +7,13 @@
 //!
 //! The library is organised as the data flows:
 //! - [`input`]: Hugging Face checkpoint directories (config, safetensors, tokenizer).
+//! - [`runtime`]: the forward pass, KV cache, FFN and sampling.
 //! - [`cli`]: the `flashpack` command line, a thin layer over the library.
 
 pub mod cli;
 pub mod dtype;
 pub mod error;
 pub mod input;
+pub mod runtime;
 
 pub use error::{Error, ExitClass, Result};
