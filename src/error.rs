@@ -126,6 +126,14 @@ pub enum Error {
     /// A command-line value that is out of range or inconsistent with the model.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A sequence (prompt, evaluation window) longer than the model's context.
+    #[error("{what} needs {needed} positions, but the model's context is {max}")]
+    ContextTooLong {
+        what: String,
+        needed: usize,
+        max: usize,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -149,7 +157,8 @@ impl Error {
             | Error::TensorShape { .. }
             | Error::UnsupportedDtype { .. }
             | Error::Tokenizer { .. }
-            | Error::InvalidArgument(_) => ExitClass::InvalidInput,
+            | Error::InvalidArgument(_)
+            | Error::ContextTooLong { .. } => ExitClass::InvalidInput,
         }
     }
 

@@ -1,2 +1,45 @@
 //! The reference runtime: executes a model (dense for now) exactly as Hugging Face
 //! transformers does.
+//!
+//! - [`weights`]: tensors in their stored dtype, and where they come from.
+//! - [`kernels`]: deterministic matvec / GEMM / norms / activations.
+//! - [`rope`], [`attention`]: positions, attention and the KV cache.
+//! - [`ffn`]: the FFN component ([`ffn::Ffn`]) the flash runtime re-implements.
+//! - [`model`]: the one forward pass (prefill batch and decode step).
+//! - [`sampling`], [`generate`]: token choice and the generation loop.
+//! - [`perplexity`]: the perplexity definition of the foundation issue.
+
+pub mod attention;
+pub mod ffn;
+pub mod generate;
+pub mod kernels;
+pub mod model;
+pub mod perplexity;
+pub mod rope;
+pub mod sampling;
+pub mod weights;
+
+pub use attention::KvCache;
+pub use ffn::{ActiveSet, DenseFfn, Ffn, Fired};
+pub use model::{Logits, Model, Observer};
+
+/// Runs `f` on a rayon pool of `threads` threads (`None`: rayon's default).
+/// Results do not depend on the count; only speed does.
+pub fn with_threads<T: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> T + Send,
+) -> crate::Result<T> {
+    match threads {
+        None => Ok(f()),
+        Some(0) => Err(crate::Error::InvalidArgument(
+            "--threads must be at least 1".into(),
+        )),
+        Some(n) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| crate::Error::InvalidArgument(format!("thread pool: {e}")))?;
+            Ok(pool.install(f))
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The feed-forward network of one layer, as a component behind the [`Ffn`]
+//! trait.
+//!
+//! The dense model and the flash runtime differ only here: which neurons are
+//! computed for a token (all of them, or a predicted active set) and where their
+//! weights come from (DRAM, or bundles read from flash through a cache). The
+//! model's forward pass calls [`Ffn::forward`] and never looks inside, so a
+//! flash-backed implementation replaces [`DenseFfn`] without touching
+//! `model.rs`.
+//!
+//! A neuron `i` of a plain FFN (OPT) outputs `act(up_i . x + b_i)`; of a gated FFN
+//! (Llama family) `act(gate_i . x) * (up_i . x)`. It "fired" for a token when that
+//! value is non-zero: only then does column `i` of the down projection contribute.
+
+use crate::error::{Error, Result};
+use crate::input::config::Activation;
+use crate::runtime::kernels::{self, relu, silu};
+use crate::runtime::weights::Linear;
+
+/// Which neurons to compute for each token of a batch.
+#[derive(Debug, Clone, Copy)]
+pub enum ActiveSet<'a> {
+    /// Every neuron (the dense reference).
+    All,
+    /// For token `t`, only the neurons listed in `sets[t]` (sorted or not; others
+    /// count as not fired). `sets.len()` must equal the batch size.
+    PerToken(&'a [Vec<u32>]),
+}
+
+/// The neurons that fired, per token of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fired {
+    /// FFN width (number of neurons) of the layer.
+    pub width: usize,
+    /// Ascending neuron indices with non-zero output, one list per token.
+    pub per_token: Vec<Vec<u32>>,
+}
+
+impl Fired {
+    /// Fraction of neuron outputs that were exactly zero over the batch.
+    pub fn zero_fraction(&self) -> f64 {
+        let total = self.width * self.per_token.len();
+        if total == 0 {
+            return 0.0;
+        }
+        let fired: usize = self.per_token.iter().map(Vec::len).sum();
+        1.0 - fired as f64 / total as f64
+    }
+}
+
+/// One layer's FFN. Implementations must be deterministic for any thread count.
+pub trait Ffn: Send + Sync {
+    /// Input and output width (the model's hidden size).
+    fn hidden_size(&self) -> usize;
+    /// Number of neurons.
+    fn width(&self) -> usize;
+    /// Bytes of weights a dense evaluation of one token reads.
+    fn weight_bytes(&self) -> usize;
+    /// Computes `out = FFN(x)` for `n` row-major input vectors (`x`: `n x hidden`,
+    /// `out`: `n x hidden`). When `fired` is given, it is filled with the neurons
+    /// that fired for each token.
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()>;
+}
+
+/// The projections of an FFN, as stored in the checkpoint.
+#[derive(Debug, Clone)]
+pub enum FfnWeights {
+    /// OPT: `down(act(up x + b))`.
+    Plain { up: Linear, down: Linear },
+    /// Llama family: `down(act(gate x) * (up x))`.
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+}
+
+/// The FFN with all weights in DRAM, every neuron computed (unless an active set
+/// is given).
+#[derive(Debug, Clone)]
+pub struct DenseFfn {
+    pub weights: FfnWeights,
+    pub activation: Activation,
+}
+
+impl DenseFfn {
+    fn act(&self, v: f32) -> f32 {
+        match self.activation {
+            Activation::Relu => relu(v),
+            Activation::Silu => silu(v),
+        }
+    }
+
+    fn down(&self) -> &Linear {
+        match &self.weights {
+            FfnWeights::Plain { down, .. } | FfnWeights::Gated { down, .. } => down,
+        }
+    }
+
+    fn up(&self) -> &Linear {
+        match &self.weights {
+            FfnWeights::Plain { up, .. } | FfnWeights::Gated { up, .. } => up,
+        }
+    }
+
+    /// The neuron values `h` (`n x width`) for every neuron.
+    fn neurons_all(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let width = self.width();
+        let mut h = vec![0.0f32; n * width];
+        match &self.weights {
+            FfnWeights::Plain { up, .. } => {
+                kernels::linear(up, x, n, &mut h);
+                for v in &mut h {
+                    *v = self.act(*v);
+                }
+            }
+            FfnWeights::Gated { gate, up, .. } => {
+                let mut u = vec![0.0f32; n * width];
+                kernels::linear(gate, x, n, &mut h);
+                kernels::linear(up, x, n, &mut u);
+                for (g, u) in h.iter_mut().zip(&u) {
+                    *g = self.act(*g) * u;
+                }
+            }
+        }
+        h
+    }
+
+    /// The neuron values for the listed neurons only (the others stay 0).
+    fn neurons_sparse(&self, x: &[f32], n: usize, sets: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let (width, hidden) = (self.width(), self.hidden_size());
+        if sets.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "active sets for {} tokens given for a batch of {n}",
+                sets.len()
+            )));
+        }
+        let mut h = vec![0.0f32; n * width];
+        for (t, set) in sets.iter().enumerate() {
+            let xt = &x[t * hidden..(t + 1) * hidden];
+            for &i in set {
+                let i = i as usize;
+                if i >= width {
+                    return Err(Error::InvalidArgument(format!(
+                        "active neuron {i} is outside the FFN width {width}"
+                    )));
+                }
+                let up = self.up();
+                let mut u = kernels::row_dot(&up.weight, i, xt);
+                if let Some(b) = &up.bias {
+                    u += b[i];
+                }
+                h[t * width + i] = match &self.weights {
+                    FfnWeights::Plain { .. } => self.act(u),
+                    FfnWeights::Gated { gate, .. } => {
+                        let mut g = kernels::row_dot(&gate.weight, i, xt);
+                        if let Some(b) = &gate.bias {
+                            g += b[i];
+                        }
+                        self.act(g) * u
+                    }
+                };
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl Ffn for DenseFfn {
+    fn hidden_size(&self) -> usize {
+        self.up().in_dim()
+    }
+
+    fn width(&self) -> usize {
+        self.up().out_dim()
+    }
+
+    fn weight_bytes(&self) -> usize {
+        match &self.weights {
+            FfnWeights::Plain { up, down } => up.size_bytes() + down.size_bytes(),
+            FfnWeights::Gated { gate, up, down } => {
+                gate.size_bytes() + up.size_bytes() + down.size_bytes()
+            }
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        let width = self.width();
+        let h = match active {
+            ActiveSet::All => self.neurons_all(x, n),
+            ActiveSet::PerToken(sets) => self.neurons_sparse(x, n, sets)?,
+        };
+        if let Some(fired) = fired {
+            fired.width = width;
+            fired.per_token = h
+                .chunks_exact(width)
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .filter(|(_, v)| **v != 0.0)
+                        .map(|(i, _)| i as u32)
+                        .collect()
+                })
+                .collect();
+        }
+        // The dense down projection reads every column even for a sparse set:
+        // unfired neurons are exact zeros, so the result is the same.
+        kernels::linear(self.down(), &h, n, out);
+        Ok(())
+    }
+}

@@ -1,0 +1,341 @@
+//! The one forward pass, for every architecture the input side accepts: OPT
+//! (pre-LN and post-LN, project_in/out, learned positions with offset 2) and the
+//! Llama family (RMSNorm, RoPE, grouped-query attention, gated FFN).
+//!
+//! Follows transformers' `modeling_opt.py` and `modeling_llama.py` (eager
+//! attention). A batch of tokens (prefill) goes through batched GEMMs; a single
+//! token (decode) through parallel matrix-vector products. The FFN of each layer
+//! is a `Box<dyn Ffn>` so that the flash runtime can swap it in.
+
+use crate::error::{Error, Result};
+use crate::input::config::{ModelConfig, OPT_POSITION_OFFSET};
+use crate::input::tensors::{FfnNames, ModelNames};
+use crate::input::Checkpoint;
+use crate::runtime::attention::{attend, Heads, KvCache};
+use crate::runtime::ffn::{ActiveSet, DenseFfn, Ffn, FfnWeights, Fired};
+use crate::runtime::kernels;
+use crate::runtime::rope::Rope;
+use crate::runtime::weights::{load_linear, load_norm, Linear, Matrix, NormWeights, TensorSource};
+
+/// One decoder layer's weights.
+pub struct Layer {
+    pub attn_norm: NormWeights,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ffn_norm: NormWeights,
+    pub ffn: Box<dyn Ffn>,
+}
+
+/// Which positions of a forward pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (filling the cache only).
+    None,
+    /// The last position of the batch (generation).
+    Last,
+    /// Every position of the batch (perplexity).
+    All,
+}
+
+/// Sees intermediate values of a forward pass (calibration, sparsity statistics).
+pub trait Observer {
+    /// Called once per layer with the FFN input (`n x hidden`, after the norm) and
+    /// the neurons that fired for each of the `n` tokens.
+    fn ffn(&mut self, layer: usize, input: &[f32], n: usize, fired: &Fired);
+}
+
+/// A loaded model, ready to run.
+pub struct Model {
+    pub config: ModelConfig,
+    /// Token embeddings, or `None` when tied to `lm_head` (which then holds them).
+    embed: Option<Matrix>,
+    /// OPT's learned position table (`[max_positions + 2, hidden]`).
+    positions: Option<Matrix>,
+    project_in: Option<Linear>,
+    project_out: Option<Linear>,
+    final_norm: Option<NormWeights>,
+    lm_head: Linear,
+    pub layers: Vec<Layer>,
+    rope: Option<Rope>,
+}
+
+impl Model {
+    /// Loads a validated checkpoint; weights keep their stored dtype.
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Model> {
+        Model::load(&ckpt.config, &ckpt.names, ckpt)
+    }
+
+    /// Builds a model from any tensor source (a checkpoint, random weights).
+    pub fn load(config: &ModelConfig, names: &ModelNames, src: &dyn TensorSource) -> Result<Model> {
+        let lm_head = load_linear(src, &names.lm_head)?;
+        let embed = if names.lm_head.weight == names.embed_tokens {
+            None
+        } else {
+            let shape = [config.vocab_size, config.embed_dim()];
+            let data = src.tensor(&names.embed_tokens, &shape)?;
+            Some(Matrix::new(shape[0], shape[1], data)?)
+        };
+        let positions = match &names.embed_positions {
+            Some((name, rows, dim)) => {
+                Some(Matrix::new(*rows, *dim, src.tensor(name, &[*rows, *dim])?)?)
+            }
+            None => None,
+        };
+        let project_in = names
+            .project_in
+            .as_ref()
+            .map(|l| load_linear(src, l))
+            .transpose()?;
+        let project_out = names
+            .project_out
+            .as_ref()
+            .map(|l| load_linear(src, l))
+            .transpose()?;
+        let final_norm = names
+            .final_norm
+            .as_ref()
+            .map(|n| load_norm(src, n))
+            .transpose()?;
+        let mut layers = Vec::with_capacity(names.layers.len());
+        for l in &names.layers {
+            let weights = match &l.ffn {
+                FfnNames::Plain { up, down } => FfnWeights::Plain {
+                    up: load_linear(src, up)?,
+                    down: load_linear(src, down)?,
+                },
+                FfnNames::Gated { gate, up, down } => FfnWeights::Gated {
+                    gate: load_linear(src, gate)?,
+                    up: load_linear(src, up)?,
+                    down: load_linear(src, down)?,
+                },
+            };
+            layers.push(Layer {
+                attn_norm: load_norm(src, &l.attn_norm)?,
+                q: load_linear(src, &l.q)?,
+                k: load_linear(src, &l.k)?,
+                v: load_linear(src, &l.v)?,
+                o: load_linear(src, &l.o)?,
+                ffn_norm: load_norm(src, &l.ffn_norm)?,
+                ffn: Box::new(DenseFfn {
+                    weights,
+                    activation: config.activation,
+                }),
+            });
+        }
+        let rope = config
+            .architecture
+            .is_llama_family()
+            .then(|| Rope::new(config));
+        Ok(Model {
+            config: config.clone(),
+            embed,
+            positions,
+            project_in,
+            project_out,
+            final_norm,
+            lm_head,
+            layers,
+            rope,
+        })
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Bytes of weights one decode step reads: every layer, the final
+    /// projections and the LM head (the embedding row read is negligible).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let mut total = self.lm_head.size_bytes();
+        total += self.project_out.as_ref().map_or(0, Linear::size_bytes);
+        total += self.project_in.as_ref().map_or(0, Linear::size_bytes);
+        for l in &self.layers {
+            total += l.q.size_bytes() + l.k.size_bytes() + l.v.size_bytes() + l.o.size_bytes();
+            total += l.ffn.weight_bytes();
+        }
+        total
+    }
+
+    fn is_opt(&self) -> bool {
+        self.config.opt.is_some()
+    }
+
+    fn norm(&self, x: &mut [f32], norm: &NormWeights) {
+        let h = self.config.hidden_size;
+        if self.is_opt() {
+            kernels::layer_norm(x, h, norm, self.config.norm_eps);
+        } else {
+            kernels::rms_norm(x, h, norm, self.config.norm_eps);
+        }
+    }
+
+    /// Runs `tokens` at the positions after those already in `cache`, appends
+    /// their keys and values to it, and returns logits (`vocab` floats per wanted
+    /// position, row-major).
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        want: Logits,
+        mut observer: Option<&mut dyn Observer>,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let n = tokens.len();
+        let start = cache.len;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if start + n > cfg.max_context {
+            return Err(Error::ContextTooLong {
+                what: format!("a sequence of {} tokens", start + n),
+                needed: start + n,
+                max: cfg.max_context,
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        let h = cfg.hidden_size;
+        let mut x = self.embed_tokens(tokens, start);
+        let q_dim = cfg.num_heads * cfg.head_dim;
+        let kv_dim = cfg.kv_dim();
+        let opt = cfg.opt;
+        let pre_ln = opt.map_or(true, |o| o.do_layer_norm_before);
+        let scale = (cfg.head_dim as f32).powf(-0.5);
+        let heads = Heads {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            // OPT scales q after its projection (bias included); eager Llama
+            // attention scales the scores.
+            score_scale: if opt.is_some() { 1.0 } else { scale },
+        };
+        let rope_table = self.rope.as_ref().map(|r| r.table(start, n));
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            let mut hn = x.clone();
+            if pre_ln {
+                self.norm(&mut hn, &layer.attn_norm);
+            }
+            let mut q = vec![0.0f32; n * q_dim];
+            let mut k = vec![0.0f32; n * kv_dim];
+            let mut v = vec![0.0f32; n * kv_dim];
+            kernels::linear(&layer.q, &hn, n, &mut q);
+            kernels::linear(&layer.k, &hn, n, &mut k);
+            kernels::linear(&layer.v, &hn, n, &mut v);
+            if opt.is_some() {
+                for e in &mut q {
+                    *e *= scale;
+                }
+            }
+            if let Some(rope) = &rope_table {
+                let hd = cfg.head_dim;
+                for t in 0..n {
+                    for head in q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
+                        rope.apply(head, start + t);
+                    }
+                    for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
+                        rope.apply(head, start + t);
+                    }
+                }
+            }
+            let kv = &mut cache.layers[li];
+            kv.k.truncate(start * kv_dim);
+            kv.v.truncate(start * kv_dim);
+            kv.k.extend_from_slice(&k);
+            kv.v.extend_from_slice(&v);
+            let attn = attend(&q, n, start, kv, heads);
+            let mut o = vec![0.0f32; n * h];
+            kernels::linear(&layer.o, &attn, n, &mut o);
+            for (xe, oe) in x.iter_mut().zip(&o) {
+                *xe += oe;
+            }
+            if !pre_ln {
+                self.norm(&mut x, &layer.attn_norm);
+            }
+
+            // FFN block.
+            let mut hn = x.clone();
+            if pre_ln {
+                self.norm(&mut hn, &layer.ffn_norm);
+            }
+            let mut f = vec![0.0f32; n * h];
+            let mut fired = Fired::default();
+            let want_fired = observer.is_some();
+            layer.ffn.forward(
+                &hn,
+                n,
+                ActiveSet::All,
+                &mut f,
+                want_fired.then_some(&mut fired),
+            )?;
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.ffn(li, &hn, n, &fired);
+            }
+            for (xe, fe) in x.iter_mut().zip(&f) {
+                *xe += fe;
+            }
+            if !pre_ln {
+                self.norm(&mut x, &layer.ffn_norm);
+            }
+        }
+        cache.len = start + n;
+
+        let rows: &mut [f32] = match want {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => &mut x[(n - 1) * h..],
+            Logits::All => &mut x[..],
+        };
+        let m = rows.len() / h;
+        if let Some(norm) = &self.final_norm {
+            self.norm(rows, norm);
+        }
+        let projected;
+        let rows: &[f32] = match &self.project_out {
+            Some(p) => {
+                let mut out = vec![0.0f32; m * p.out_dim()];
+                kernels::linear(p, rows, m, &mut out);
+                projected = out;
+                &projected
+            }
+            None => rows,
+        };
+        let mut logits = vec![0.0f32; m * cfg.vocab_size];
+        kernels::linear(&self.lm_head, rows, m, &mut logits);
+        Ok(logits)
+    }
+
+    /// Token embeddings (plus OPT's projection and learned positions): `n x hidden`.
+    fn embed_tokens(&self, tokens: &[u32], start: usize) -> Vec<f32> {
+        let cfg = &self.config;
+        let table = self.embed.as_ref().unwrap_or(&self.lm_head.weight);
+        let e = table.cols;
+        let mut x = vec![0.0f32; tokens.len() * e];
+        for (row, &t) in x.chunks_exact_mut(e).zip(tokens) {
+            table.row_into(t as usize, row);
+        }
+        if let Some(p) = &self.project_in {
+            let mut out = vec![0.0f32; tokens.len() * p.out_dim()];
+            kernels::linear(p, &x, tokens.len(), &mut out);
+            x = out;
+        }
+        if let Some(pos) = &self.positions {
+            let h = cfg.hidden_size;
+            let mut buf = vec![0.0f32; h];
+            for (t, row) in x.chunks_exact_mut(h).enumerate() {
+                // An unpadded sequence: position ids are 0.. and OPT adds 2.
+                pos.row_into(start + t + OPT_POSITION_OFFSET, &mut buf);
+                for (a, b) in row.iter_mut().zip(&buf) {
+                    *a += b;
+                }
+            }
+        }
+        x
+    }
+}

@@ -1,0 +1,250 @@
+//! The dense runtime against transformers' reference outputs in
+//! `fixtures/reference/*.json`: final-position logit NMSE, greedy continuations,
+//! held-out perplexity, and thread-count independence.
+//!
+//! `FLASHPACK_FIXTURES` overrides the fixtures directory (default `fixtures/`).
+
+use std::path::PathBuf;
+
+use flashpack::input::Checkpoint;
+use flashpack::runtime::generate::{generate, GenerateOptions};
+use flashpack::runtime::perplexity::perplexity;
+use flashpack::runtime::sampling::SamplingParams;
+use flashpack::runtime::{with_threads, Logits, Model};
+use serde_json::Value;
+
+/// Tolerances from the issues: NMSE of final logits, relative perplexity error,
+/// and the top-2 margin under which a greedy step counts as a tie.
+const MAX_NMSE: f64 = 1e-6;
+const MAX_PPL_REL: f64 = 1e-3;
+const TIE_MARGIN: f64 = 1e-3;
+
+fn fixtures() -> PathBuf {
+    match std::env::var_os("FLASHPACK_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
+}
+
+struct Reference {
+    name: String,
+    json: Value,
+    ckpt: Checkpoint,
+}
+
+/// Every reference file with its checkpoint; fails when there are none.
+fn references() -> Vec<Reference> {
+    let dir = fixtures().join("reference");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no reference files in {}", dir.display());
+    paths
+        .into_iter()
+        .map(|p| {
+            let json: Value = serde_json::from_slice(&std::fs::read(&p).expect("read reference"))
+                .expect("reference JSON");
+            let model_dir = fixtures().join(json["model_dir"].as_str().expect("model_dir"));
+            let ckpt = Checkpoint::open(&model_dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
+            Reference {
+                name: json["model"].as_str().expect("model").to_string(),
+                json,
+                ckpt,
+            }
+        })
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("float array")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect()
+}
+
+/// sum((x - r)^2) / sum(r^2), r the reference.
+fn nmse(x: &[f32], r: &[f64]) -> f64 {
+    assert_eq!(x.len(), r.len());
+    let num: f64 = x.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+    let den: f64 = r.iter().map(|b| b * b).sum();
+    num / den
+}
+
+#[test]
+fn final_logits_and_greedy_continuations_match_transformers() {
+    let mut failures = Vec::new();
+    for r in references() {
+        let model = Model::from_checkpoint(&r.ckpt).expect("load model");
+        let tok = r.ckpt.tokenizer().expect("tokenizer");
+        for (pi, p) in r.json["prompts"]
+            .as_array()
+            .expect("prompts")
+            .iter()
+            .enumerate()
+        {
+            let prompt = ids(&p["ids"]);
+            assert_eq!(
+                tok.encode(p["text"].as_str().expect("text"))
+                    .expect("encode"),
+                prompt,
+                "{} prompt {pi}: tokenization differs",
+                r.name
+            );
+            let mut cache = model.new_cache();
+            let logits = model
+                .forward(&mut cache, &prompt, Logits::Last, None)
+                .expect("forward");
+            let e = nmse(&logits, &floats(&p["final_logits"]));
+            println!(
+                "{} prompt {pi} ({} ids): final-logit NMSE {e:.3e}",
+                r.name,
+                prompt.len()
+            );
+            if e.is_nan() || e >= MAX_NMSE {
+                failures.push(format!("{} prompt {pi}: NMSE {e:.3e}", r.name));
+            }
+
+            let want = ids(&p["greedy_ids"]);
+            let margins = floats(&p["greedy_top2_margins"]);
+            let opts = GenerateOptions {
+                max_new_tokens: want.len(),
+                sampling: SamplingParams::default(),
+                stop_ids: Vec::new(),
+            };
+            let got = generate(&model, &prompt, &opts, |_| Ok(())).expect("generate");
+            let tie = margins
+                .iter()
+                .position(|&m| m < TIE_MARGIN)
+                .unwrap_or(want.len());
+            let n = tie.min(want.len());
+            let agree = got.generated_ids.len() >= n && got.generated_ids[..n] == want[..n];
+            println!(
+                "{} prompt {pi}: greedy agrees on the first {n} steps (first near tie at step {tie})",
+                r.name
+            );
+            if !agree {
+                failures.push(format!(
+                    "{} prompt {pi}: greedy {:?} vs reference {:?} (compare {n} steps)",
+                    r.name, got.generated_ids, want
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "mismatches:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn heldout_perplexity_matches_transformers() {
+    let mut failures = Vec::new();
+    for r in references() {
+        let p = &r.json["perplexity"];
+        let text_path = fixtures().join(p["text_file"].as_str().expect("text_file"));
+        let text = std::fs::read_to_string(&text_path).expect("held-out text");
+        let ctx = p["ctx"].as_u64().expect("ctx") as usize;
+        let want = p["perplexity"].as_f64().expect("perplexity");
+        let model = Model::from_checkpoint(&r.ckpt).expect("load model");
+        let ids = r
+            .ckpt
+            .tokenizer()
+            .expect("tokenizer")
+            .encode(&text)
+            .expect("encode");
+        let got = perplexity(&model, &ids, ctx).expect("perplexity");
+        let rel = (got.perplexity - want).abs() / want;
+        println!(
+            "{}: perplexity {:.4} vs transformers {want:.4} (rel {rel:.2e}; {} tokens, {:.2}s)",
+            r.name, got.perplexity, got.tokens_scored, got.seconds
+        );
+        assert_eq!(
+            got.tokens_scored as u64,
+            p["tokens_scored"].as_u64().expect("tokens_scored"),
+            "{}: tokens scored",
+            r.name
+        );
+        if rel.is_nan() || rel >= MAX_PPL_REL {
+            failures.push(format!("{}: rel error {rel:.2e}", r.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "perplexity off:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn logits_are_identical_for_one_and_two_threads() {
+    for r in references() {
+        let model = Model::from_checkpoint(&r.ckpt).expect("load model");
+        let prompt = ids(&r.json["prompts"][0]["ids"]);
+        let run = |threads| {
+            with_threads(Some(threads), || {
+                let mut cache = model.new_cache();
+                // A prefill (GEMM path) and two decode steps (matvec path).
+                let mut all = model
+                    .forward(&mut cache, &prompt, Logits::All, None)
+                    .expect("prefill");
+                for t in [3u32, 5] {
+                    all.extend(
+                        model
+                            .forward(&mut cache, &[t], Logits::Last, None)
+                            .expect("decode"),
+                    );
+                }
+                all
+            })
+            .expect("pool")
+        };
+        let (one, two) = (run(1), run(2));
+        assert!(
+            one.iter()
+                .zip(&two)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{}: logits differ between 1 and 2 threads",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn a_seed_reproduces_sampled_output() {
+    let r = references().into_iter().next().expect("a reference");
+    let model = Model::from_checkpoint(&r.ckpt).expect("load model");
+    let prompt = ids(&r.json["prompts"][0]["ids"]);
+    let sample = |seed| {
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_k: Some(50),
+                top_p: Some(0.95),
+                seed,
+            },
+            stop_ids: Vec::new(),
+        };
+        generate(&model, &prompt, &opts, |_| Ok(()))
+            .expect("generate")
+            .generated_ids
+    };
+    let a = sample(7);
+    assert_eq!(a, sample(7), "{}: same seed, different output", r.name);
+    assert_ne!(
+        a,
+        sample(8),
+        "{}: different seeds gave the same 24 tokens",
+        r.name
+    );
+}
