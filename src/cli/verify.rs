@@ -1,0 +1,193 @@
+//! `flashpack verify <FILE> [--against <HF_DIR>]`: every hash, every rule, and
+//! optionally the packed weights against the checkpoint they came from.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::cli::Output;
+use crate::format::integrity::check_integrity;
+use crate::format::layout::{BundlePart, DENSE_SECTION};
+use crate::format::PackedFile;
+use crate::input::tensors::FfnNames;
+use crate::input::Checkpoint;
+use crate::pack::bundle::get_element;
+
+pub use crate::cli::CheckFailed;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Exit codes: 0 all checks hold; 1 a check failed (the failure names the section \
+and chunk); 2 the file cannot be parsed or breaks a structural rule; 3 an I/O failure.\n\n\
+Example:\n  flashpack verify opt-relu.flashpack --against fixtures/models/opt-relu --json")]
+pub struct VerifyArgs {
+    /// A flashpack file.
+    pub file: PathBuf,
+    /// The Hugging Face checkpoint it was converted from: also check that every
+    /// packed weight equals the source's (after the recorded order and dtype).
+    #[arg(long)]
+    pub against: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub sections_checked: usize,
+    pub chunks_checked: usize,
+    pub bytes_hashed: u64,
+    /// Each failed check, naming the rule, section and chunk.
+    pub failures: Vec<String>,
+    /// Weights compared with the source checkpoint (0 without `--against`).
+    pub weights_compared: u64,
+    pub weights_mismatched: u64,
+}
+
+pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
+    let report = verify_file(&args.file, args.against.as_deref(), out)?;
+    out.json_result(&report)?;
+    if !report.ok {
+        let message = format!("{} check(s) failed: {}", report.failures.len(), report.failures.join("; "));
+        return Err(CheckFailed { message, reported: true }.into());
+    }
+    Ok(())
+}
+
+/// Runs every check on `path`; structural errors and I/O errors are returned as
+/// errors, failed checks are listed in the report.
+pub fn verify_file(path: &Path, against: Option<&Path>, out: &Output) -> anyhow::Result<VerifyReport> {
+    let started = std::time::Instant::now();
+    let file = PackedFile::open(path)?;
+    let integrity = check_integrity(&file)?;
+    let mut failures: Vec<String> = integrity.failures.iter().map(|f| f.to_string()).collect();
+    let (mut compared, mut mismatched) = (0, 0);
+    if let Some(dir) = against {
+        if failures.is_empty() {
+            let ckpt = Checkpoint::open(dir)?;
+            let r = compare_weights(&file, &ckpt)?;
+            compared = r.0;
+            mismatched = r.1;
+            failures.extend(r.2);
+        } else {
+            failures.push("weights not compared with the source: the file failed its integrity checks".into());
+        }
+    }
+    for f in &failures {
+        out.human(format_args!("FAIL {f}"));
+    }
+    let ok = failures.is_empty();
+    out.human(format_args!(
+        "{}: {} sections, {} chunks, {:.2} MiB hashed{} in {:.2}s: {}",
+        path.display(),
+        integrity.sections_checked,
+        integrity.chunks_checked,
+        integrity.bytes_hashed as f64 / (1024.0 * 1024.0),
+        if against.is_some() { format!(", {compared} weights compared with the source") } else { String::new() },
+        started.elapsed().as_secs_f64(),
+        if ok { "OK" } else { "FAILED" }
+    ));
+    Ok(VerifyReport {
+        ok,
+        sections_checked: integrity.sections_checked,
+        chunks_checked: integrity.chunks_checked,
+        bytes_hashed: integrity.bytes_hashed,
+        failures,
+        weights_compared: compared,
+        weights_mismatched: mismatched,
+    })
+}
+
+/// Narrows a source value to the packed dtype and compares bit patterns (so NaN
+/// equals NaN, and -0 differs from +0).
+fn same(packed: f32, source: f32, dtype: crate::dtype::DType) -> bool {
+    let mut a = [0u8; 4];
+    let mut b = [0u8; 4];
+    crate::pack::bundle::put_element(&mut a, dtype, 0, packed);
+    crate::pack::bundle::put_element(&mut b, dtype, 0, source);
+    a == b
+}
+
+/// Every packed weight against the source: dense tensors element by element,
+/// per-neuron biases and bundles through the recorded neuron order.
+fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<(u64, u64, Vec<String>)> {
+    let mut failures = Vec::new();
+    let (mut compared, mut mismatched) = (0u64, 0u64);
+    if file.config != ckpt.config {
+        failures.push("the packed model config differs from the checkpoint's".to_string());
+        return Ok((0, 0, failures));
+    }
+    let dense = file.read_section(DENSE_SECTION)?;
+    let order_of = |layer: usize| -> Vec<usize> {
+        let entry = file.tensor_entry(&file.manifest.ffn_layers[layer].order_tensor).expect("checked at open");
+        dense[entry.offset as usize..(entry.offset + entry.length) as usize]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .collect()
+    };
+    let orders: Vec<Vec<usize>> = (0..file.manifest.ffn_layers.len()).map(order_of).collect();
+    let mut per_neuron = std::collections::HashMap::new();
+    for (i, l) in ckpt.names.layers.iter().enumerate() {
+        let biases = match &l.ffn {
+            FfnNames::Plain { up, .. } => vec![&up.bias],
+            FfnNames::Gated { gate, up, .. } => vec![&gate.bias, &up.bias],
+        };
+        for b in biases.into_iter().flatten() {
+            per_neuron.insert(b.clone(), i);
+        }
+    }
+    for entry in &file.manifest.tensors {
+        let Some(dtype) = entry.dtype.weight() else { continue };
+        let src = ckpt.tensor(&entry.name)?;
+        let bytes = &dense[entry.offset as usize..(entry.offset + entry.length) as usize];
+        let mut bad = 0u64;
+        for p in 0..src.numel() {
+            let s = match per_neuron.get(&entry.name) {
+                Some(&layer) => orders[layer][p],
+                None => p,
+            };
+            if !same(get_element(bytes, dtype, p), get_element(src.bytes, src.dtype, s), dtype) {
+                bad += 1;
+            }
+        }
+        compared += src.numel() as u64;
+        if bad > 0 {
+            mismatched += bad;
+            failures.push(format!("tensor {:?}: {bad} values differ from the source", entry.name));
+        }
+    }
+    for (i, layer) in file.manifest.ffn_layers.iter().enumerate() {
+        let section = file.read_section(&layer.section)?;
+        let dtype = layer.dtype.weight().expect("checked at open");
+        let h = layer.hidden as usize;
+        let n = layer.neurons as usize;
+        let (gate, up, down) = match &ckpt.names.layers[i].ffn {
+            FfnNames::Plain { up, down } => (None, up, down),
+            FfnNames::Gated { gate, up, down } => (Some(gate), up, down),
+        };
+        let gate = gate.map(|g| ckpt.tensor(&g.weight)).transpose()?;
+        let up = ckpt.tensor(&up.weight)?;
+        let down = ckpt.tensor(&down.weight)?;
+        let mut bad = 0u64;
+        for (p, &neuron) in orders[i].iter().enumerate() {
+            let bundle = &section[p * layer.bundle_bytes as usize..(p + 1) * layer.bundle_bytes as usize];
+            for (k, part) in layer.parts.iter().enumerate() {
+                for j in 0..h {
+                    let source = match part {
+                        BundlePart::Gate => gate.as_ref().map(|g| get_element(g.bytes, g.dtype, neuron * h + j)),
+                        BundlePart::Up => Some(get_element(up.bytes, up.dtype, neuron * h + j)),
+                        BundlePart::Down => Some(get_element(down.bytes, down.dtype, j * n + neuron)),
+                    };
+                    let packed = get_element(bundle, dtype, k * h + j);
+                    if !source.is_some_and(|s| same(packed, s, dtype)) {
+                        bad += 1;
+                    }
+                }
+            }
+        }
+        compared += (n * h * layer.parts.len()) as u64;
+        if bad > 0 {
+            mismatched += bad;
+            failures.push(format!("section {:?}: {bad} bundle values differ from the source", layer.section));
+        }
+    }
+    Ok((compared, mismatched, failures))
+}

@@ -1,0 +1,125 @@
+//! Checking every byte of an opened flashpack file against the manifest: section
+//! and chunk hashes (rules 12, 14), decompression (15), zero padding (11) and the
+//! neuron orders (19). Sections are checked in parallel; every failure is
+//! reported, located to its section and chunk.
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+use crate::format::error::FormatError;
+use crate::format::layout::*;
+use crate::format::reader::{chunk_raw_length, decode_chunk, PackedFile};
+
+/// What a full integrity check found.
+#[derive(Debug, Default)]
+pub struct IntegrityReport {
+    pub sections_checked: usize,
+    pub chunks_checked: usize,
+    pub bytes_hashed: u64,
+    /// Every rule broken, in file order.
+    pub failures: Vec<FormatError>,
+}
+
+/// Reads stored bytes in pieces of this size while hashing, so memory stays small
+/// whatever the section size.
+const READ_BLOCK: u64 = 8 << 20;
+
+/// Checks every hash, the padding, decompression and the neuron orders.
+/// I/O errors abort; rule failures are collected in the report.
+pub fn check_integrity(file: &PackedFile) -> Result<IntegrityReport> {
+    let sections = &file.manifest.sections;
+    let results: Vec<Result<(usize, u64, Vec<FormatError>)>> =
+        sections.par_iter().map(|s| check_section(file, s)).collect();
+    let mut report = IntegrityReport::default();
+    for r in results {
+        let (chunks, bytes, failures) = r?;
+        report.sections_checked += 1;
+        report.chunks_checked += chunks;
+        report.bytes_hashed += bytes;
+        report.failures.extend(failures);
+    }
+    report.failures.extend(check_padding(file)?);
+    if report.failures.is_empty() {
+        report.failures.extend(check_orders(file)?);
+    }
+    Ok(report)
+}
+
+fn check_section(file: &PackedFile, s: &SectionEntry) -> Result<(usize, u64, Vec<FormatError>)> {
+    let mut failures = Vec::new();
+    let mut section_hash = Sha256::new();
+    let mut at = 0u64;
+    let mut scratch = Vec::new();
+    for (i, chunk) in s.chunks.iter().enumerate() {
+        let mut chunk_hash = Sha256::new();
+        let mut stored = Vec::with_capacity(if s.compression == Compression::Zstd { chunk.length as usize } else { 0 });
+        let mut left = chunk.length;
+        let mut pos = s.offset + at;
+        while left > 0 {
+            let n = left.min(READ_BLOCK);
+            let block = file.read_at(pos, n)?;
+            section_hash.update(&block);
+            chunk_hash.update(&block);
+            if s.compression == Compression::Zstd {
+                stored.extend_from_slice(&block);
+            }
+            pos += n;
+            left -= n;
+        }
+        if hex::encode(chunk_hash.finalize()) != chunk.sha256 {
+            failures.push(FormatError::ChunkHash { section: s.name.clone(), chunk: i, offset: s.offset + at });
+        } else if s.compression == Compression::Zstd {
+            scratch.clear();
+            if let Err(e) = decode_chunk(s, i, &stored, chunk_raw_length(s, i), &mut scratch) {
+                failures.push(e);
+            }
+        }
+        at += chunk.length;
+    }
+    if hex::encode(section_hash.finalize()) != s.sha256 {
+        failures.push(FormatError::SectionHash { section: s.name.clone() });
+    }
+    Ok((s.chunks.len(), s.length, failures))
+}
+
+/// Rule 11: the bytes between regions (after the preamble, between sections) are zero.
+fn check_padding(file: &PackedFile) -> Result<Vec<FormatError>> {
+    let mut failures = Vec::new();
+    let mut previous_end = PREAMBLE_BYTES;
+    for s in &file.manifest.sections {
+        let gap = file.read_at(previous_end, s.offset - previous_end)?;
+        if let Some(i) = gap.iter().position(|&b| b != 0) {
+            failures.push(FormatError::NonZeroPadding { offset: previous_end + i as u64 });
+        }
+        previous_end = s.offset + s.length;
+    }
+    Ok(failures)
+}
+
+/// Rule 19: each layer's order tensor is a permutation of its neurons.
+fn check_orders(file: &PackedFile) -> Result<Vec<FormatError>> {
+    let dense = file.read_section(DENSE_SECTION)?;
+    let mut failures = Vec::new();
+    for layer in &file.manifest.ffn_layers {
+        let Some(entry) = file.tensor_entry(&layer.order_tensor) else { continue };
+        let bytes = &dense[entry.offset as usize..(entry.offset + entry.length) as usize];
+        if !is_permutation(bytes, layer.neurons) {
+            failures.push(FormatError::NeuronOrder { layer: layer.layer, neurons: layer.neurons });
+        }
+    }
+    Ok(failures)
+}
+
+/// Whether little-endian u32 `bytes` hold each of 0..n exactly once.
+pub fn is_permutation(bytes: &[u8], n: u64) -> bool {
+    let mut seen = vec![false; n as usize];
+    for b in bytes.chunks_exact(4) {
+        let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        match seen.get_mut(v) {
+            Some(s) if !*s => *s = true,
+            _ => return false,
+        }
+    }
+    bytes.len() as u64 == n * 4
+}

@@ -1,0 +1,257 @@
+//! The on-disk types of flashpack format v1: the fixed preamble and the JSON
+//! manifest. Parsing and the rules that make a file valid are in `reader.rs`;
+//! the normative text is `formats/flashpack-v1.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// The first 8 bytes of every flashpack file.
+pub const MAGIC: [u8; 8] = *b"FLASHPK\0";
+/// The one version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed preamble at offset 0.
+pub const PREAMBLE_BYTES: u64 = 64;
+/// Manifests of the largest models are tens of MiB (chunk hashes); a larger one is
+/// not a manifest this format produces, and would be read whole into memory.
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// Direct I/O needs at least logical-block alignment (512); beyond 1 MiB the padding
+/// would waste more than it helps any device.
+pub const MIN_ALIGNMENT: u64 = 512;
+pub const MAX_ALIGNMENT: u64 = 1 << 20;
+/// Raw bytes per chunk of the dense and file sections (each chunk independently
+/// compressed and hashed).
+pub const DENSE_CHUNK_BYTES: u64 = 1 << 20;
+/// FFN chunks hold whole bundles and at most this many bytes, or one bundle when a
+/// bundle is larger: small enough that a runtime can check what it reads.
+pub const FFN_CHUNK_TARGET_BYTES: u64 = 64 << 10;
+/// Raw offsets of dense tensors are multiples of this, so that widening kernels can
+/// read them as aligned slices once decompressed.
+pub const TENSOR_ALIGN: u64 = 64;
+
+const _: () = assert!(MAGIC.len() + 4 + 4 + 8 + 8 + 32 == PREAMBLE_BYTES as usize);
+
+/// The fixed 64-byte preamble, little-endian:
+/// magic (8) | version u32 | flags u32 | manifest_offset u64 | manifest_length u64 |
+/// manifest_sha256 (32).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preamble {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub flags: u32,
+    pub manifest_offset: u64,
+    pub manifest_length: u64,
+    pub manifest_sha256: [u8; 32],
+}
+
+impl Preamble {
+    pub fn to_bytes(&self) -> [u8; PREAMBLE_BYTES as usize] {
+        let mut out = [0u8; PREAMBLE_BYTES as usize];
+        out[0..8].copy_from_slice(&self.magic);
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
+        out[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        out[16..24].copy_from_slice(&self.manifest_offset.to_le_bytes());
+        out[24..32].copy_from_slice(&self.manifest_length.to_le_bytes());
+        out[32..64].copy_from_slice(&self.manifest_sha256);
+        out
+    }
+
+    pub fn from_bytes(b: &[u8; PREAMBLE_BYTES as usize]) -> Preamble {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&b[0..8]);
+        let mut manifest_sha256 = [0u8; 32];
+        manifest_sha256.copy_from_slice(&b[32..64]);
+        Preamble {
+            magic,
+            version: u32_at(8),
+            flags: u32_at(12),
+            manifest_offset: u64_at(16),
+            manifest_length: u64_at(24),
+            manifest_sha256,
+        }
+    }
+}
+
+/// What a section holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SectionKind {
+    /// Everything but the FFN weight matrices: read whole into DRAM.
+    Dense,
+    /// One layer's FFN neuron bundles, read piecewise; never compressed.
+    Ffn,
+    /// A side file carried verbatim (`tokenizer.json`).
+    File,
+    /// Sparsity predictors (written once calibration exists).
+    Predictor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+/// One independently hashed (and, for zstd sections, independently compressed)
+/// piece of a section. Chunks follow each other without gaps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    /// Stored bytes (compressed length for zstd sections).
+    pub length: u64,
+    /// sha256 of the stored bytes, lowercase hex.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SectionEntry {
+    pub name: String,
+    pub kind: SectionKind,
+    /// Absolute file offset of the first stored byte.
+    pub offset: u64,
+    /// Stored bytes.
+    pub length: u64,
+    /// Bytes after decompression (equals `length` when not compressed).
+    pub raw_length: u64,
+    pub compression: Compression,
+    /// Raw bytes per chunk; every chunk but the last holds exactly this many.
+    pub chunk_raw_bytes: u64,
+    /// sha256 of all stored bytes, lowercase hex.
+    pub sha256: String,
+    pub chunks: Vec<ChunkEntry>,
+}
+
+/// Element type of a tensor in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableDType {
+    F32,
+    F16,
+    Bf16,
+    /// Neuron orders.
+    U32,
+}
+
+impl TableDType {
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            TableDType::F32 | TableDType::U32 => 4,
+            TableDType::F16 | TableDType::Bf16 => 2,
+        }
+    }
+
+    pub fn from_weight(d: crate::dtype::DType) -> TableDType {
+        match d {
+            crate::dtype::DType::F32 => TableDType::F32,
+            crate::dtype::DType::F16 => TableDType::F16,
+            crate::dtype::DType::BF16 => TableDType::Bf16,
+        }
+    }
+
+    pub fn weight(self) -> Option<crate::dtype::DType> {
+        match self {
+            TableDType::F32 => Some(crate::dtype::DType::F32),
+            TableDType::F16 => Some(crate::dtype::DType::F16),
+            TableDType::Bf16 => Some(crate::dtype::DType::BF16),
+            TableDType::U32 => None,
+        }
+    }
+}
+
+/// A tensor stored in a dense section (offsets are into the decompressed bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: TableDType,
+    pub shape: Vec<u64>,
+    pub section: String,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// One part of a neuron bundle, in bundle order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BundlePart {
+    /// Row i of the gate projection (gated FFNs).
+    Gate,
+    /// Row i of the up projection (`fc1` in OPT).
+    Up,
+    /// Column i of the down projection (`fc2` in OPT).
+    Down,
+}
+
+/// How one layer's FFN is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FfnLayerEntry {
+    pub layer: u64,
+    pub section: String,
+    pub neurons: u64,
+    pub hidden: u64,
+    pub dtype: TableDType,
+    pub parts: Vec<BundlePart>,
+    /// `parts.len() * hidden * dtype size`: the fixed stride between bundles.
+    pub bundle_bytes: u64,
+    /// Name of the u32 tensor that maps packed position -> checkpoint neuron index.
+    pub order_tensor: String,
+}
+
+/// A source file the pack was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The options `convert` ran with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackOptions {
+    /// `keep`, `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    pub zstd_level: i32,
+    pub alignment: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub flashpack_version: String,
+    pub source_files: Vec<SourceFile>,
+    pub options: PackOptions,
+}
+
+/// The manifest: everything needed to find and check every byte of the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub alignment: u64,
+    /// The checkpoint's `config.json`, verbatim as JSON.
+    pub config: serde_json::Value,
+    pub generation_config: Option<serde_json::Value>,
+    pub tokenizer_config: Option<serde_json::Value>,
+    pub sections: Vec<SectionEntry>,
+    pub tensors: Vec<TensorEntry>,
+    pub ffn_layers: Vec<FfnLayerEntry>,
+    pub provenance: Provenance,
+}
+
+/// Name of the dense section.
+pub const DENSE_SECTION: &str = "dense";
+/// Name of the section holding `tokenizer.json`.
+pub const TOKENIZER_SECTION: &str = "tokenizer.json";
+
+pub fn ffn_section_name(layer: usize) -> String {
+    format!("ffn.{layer}")
+}
+
+pub fn order_tensor_name(layer: usize) -> String {
+    format!("flashpack.ffn.{layer}.order")
+}
+
+pub fn align_up(value: u64, alignment: u64) -> Option<u64> {
+    value.checked_add(alignment - 1).map(|v| v / alignment * alignment)
+}

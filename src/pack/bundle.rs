@@ -1,0 +1,80 @@
+//! Neuron bundles: for packed neuron p (checkpoint neuron `order[p]`), its gate row,
+//! up row and down column side by side, so one read brings everything that neuron
+//! needs. Also the element conversions between stored dtypes.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::dtype::DType;
+use crate::input::TensorRef;
+
+/// Reads element `i` of little-endian `bytes` of `dtype` as f32.
+#[inline]
+pub fn get_element(bytes: &[u8], dtype: DType, i: usize) -> f32 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]),
+        DType::F16 => f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
+        DType::BF16 => bf16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
+    }
+}
+
+/// Writes `value` as element `i` of `out`, narrowing with round-to-nearest-even as
+/// torch's `.to(dtype)` does.
+#[inline]
+pub fn put_element(out: &mut [u8], dtype: DType, i: usize, value: f32) {
+    match dtype {
+        DType::F32 => out[4 * i..4 * i + 4].copy_from_slice(&value.to_le_bytes()),
+        DType::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes()),
+        DType::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(value).to_le_bytes()),
+    }
+}
+
+/// Copies elements `range` of `src` into `out` (which holds exactly that many
+/// elements of `dst`), converting the dtype if it differs.
+pub fn convert_range(src: &TensorRef<'_>, start: usize, count: usize, dst: DType, out: &mut [u8]) {
+    if src.dtype == dst {
+        let s = src.dtype.size_bytes();
+        out.copy_from_slice(&src.bytes[start * s..(start + count) * s]);
+    } else {
+        for j in 0..count {
+            put_element(out, dst, j, get_element(src.bytes, src.dtype, start + j));
+        }
+    }
+}
+
+/// The FFN matrices of one layer as the checkpoint stores them.
+pub struct LayerFfn<'a> {
+    /// `[neurons, hidden]`, gated FFNs only.
+    pub gate: Option<TensorRef<'a>>,
+    /// `[neurons, hidden]`.
+    pub up: TensorRef<'a>,
+    /// `[hidden, neurons]`.
+    pub down: TensorRef<'a>,
+    pub neurons: usize,
+    pub hidden: usize,
+}
+
+/// All bundles of a layer in packed order, `order.len() * bundle_bytes` bytes.
+pub fn build_layer_bundles(ffn: &LayerFfn<'_>, order: &[u32], dtype: DType) -> Vec<u8> {
+    let h = ffn.hidden;
+    let part_bytes = h * dtype.size_bytes();
+    let parts = if ffn.gate.is_some() { 3 } else { 2 };
+    let stride = parts * part_bytes;
+    let mut out = vec![0u8; order.len() * stride];
+    out.par_chunks_mut(stride).zip(order.par_iter()).for_each(|(bundle, &neuron)| {
+        let neuron = neuron as usize;
+        let mut at = 0;
+        if let Some(gate) = &ffn.gate {
+            convert_range(gate, neuron * h, h, dtype, &mut bundle[..part_bytes]);
+            at = part_bytes;
+        }
+        convert_range(&ffn.up, neuron * h, h, dtype, &mut bundle[at..at + part_bytes]);
+        at += part_bytes;
+        // Column `neuron` of down: element (r, neuron) for each output row r.
+        let column = &mut bundle[at..at + part_bytes];
+        for r in 0..h {
+            put_element(column, dtype, r, get_element(ffn.down.bytes, ffn.down.dtype, r * ffn.neurons + neuron));
+        }
+    });
+    out
+}

@@ -1,0 +1,314 @@
+//! `convert`: a Hugging Face checkpoint directory to a flashpack file, streamed
+//! tensor by tensor from the memory-mapped checkpoint (memory: a few chunk batches
+//! plus one layer's FFN), written atomically and deterministically.
+//!
+//! File order: preamble (written last), `tokenizer.json`, the dense section, one
+//! FFN section per layer, the manifest.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::format::layout::*;
+use crate::input::tensors::FfnNames;
+use crate::input::{Checkpoint, TensorRef};
+use crate::pack::bundle::{build_layer_bundles, convert_range, LayerFfn};
+use crate::pack::output::AtomicOutput;
+use crate::pack::section::SectionWriter;
+
+/// Which dtype the packed weights take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetDType {
+    /// Each tensor as stored in the checkpoint (an FFN layer takes its up projection's).
+    Keep,
+    To(DType),
+}
+
+impl TargetDType {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetDType::Keep => "keep",
+            TargetDType::To(d) => d.name(),
+        }
+    }
+
+    fn resolve(self, stored: DType) -> DType {
+        match self {
+            TargetDType::Keep => stored,
+            TargetDType::To(d) => d,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub dtype: TargetDType,
+    /// zstd level for the dense and file sections (1-22).
+    pub zstd_level: i32,
+    /// Alignment of every section (a power of two, 512 B to 1 MiB).
+    pub alignment: u64,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions { dtype: TargetDType::Keep, zstd_level: 3, alignment: 4096 }
+    }
+}
+
+/// What a finished conversion wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertSummary {
+    pub output: PathBuf,
+    pub file_bytes: u64,
+    pub dense_bytes: u64,
+    pub dense_raw_bytes: u64,
+    pub ffn_bytes: u64,
+    pub tokenizer_bytes: u64,
+    pub sections: usize,
+    pub manifest_bytes: u64,
+    pub manifest_sha256: String,
+}
+
+/// Progress callback: bytes of weights processed so far, of the total.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+const SIDE_FILES: [&str; 3] = ["generation_config.json", "tokenizer_config.json", "tokenizer.json"];
+
+/// Converts the checkpoint at `src` into a flashpack file at `out`.
+pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progress<'_>) -> Result<ConvertSummary> {
+    let a = options.alignment;
+    if !(a.is_power_of_two() && (MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&a)) {
+        return Err(Error::InvalidArgument(format!(
+            "--align {a} must be a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}"
+        )));
+    }
+    if !(1..=22).contains(&options.zstd_level) {
+        return Err(Error::InvalidArgument(format!("--zstd-level {} must be 1-22", options.zstd_level)));
+    }
+    let ckpt = Checkpoint::open(src)?;
+    // Fail before writing anything if the tokenizer is unusable.
+    ckpt.tokenizer()?;
+    let config_json: serde_json::Value = crate::input::read_json(&src.join(crate::input::CONFIG_FILE), "config.json")?;
+    let optional_json = |name: &'static str| -> Result<Option<serde_json::Value>> {
+        let p = src.join(name);
+        if p.is_file() {
+            crate::input::read_json(&p, name).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let generation_config = optional_json("generation_config.json")?;
+    let tokenizer_config = optional_json("tokenizer_config.json")?;
+    let source_files = hash_sources(&ckpt)?;
+
+    let total_weight_bytes: u64 = ckpt.names.specs().iter().filter_map(|s| ckpt.tensor(&s.name).ok()).map(|t| t.bytes.len() as u64).sum();
+    let mut done = 0u64;
+
+    let mut file = AtomicOutput::create(out)?;
+    file.write_all(&[0u8; PREAMBLE_BYTES as usize])?;
+    let mut sections = Vec::new();
+
+    // tokenizer.json, carried verbatim.
+    file.pad_to(a)?;
+    let tokenizer_path = src.join(crate::input::tokenizer::TOKENIZER_FILE);
+    let tokenizer_bytes = std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+    let mut w = SectionWriter::new(&file, TOKENIZER_SECTION, SectionKind::File, Some(options.zstd_level), DENSE_CHUNK_BYTES);
+    w.write(&mut file, &tokenizer_bytes)?;
+    sections.push(w.finish(&mut file)?);
+
+    // The dense section: everything but the FFN weight matrices, per-neuron FFN
+    // biases in packed order, and the neuron orders.
+    let orders: Vec<Vec<u32>> = (0..ckpt.config.num_layers).map(|_| (0..ckpt.config.ffn_width as u32).collect()).collect();
+    let ffn_weight_names: HashSet<String> = ckpt
+        .names
+        .layers
+        .iter()
+        .flat_map(|l| match &l.ffn {
+            FfnNames::Plain { up, down } => vec![up.weight.clone(), down.weight.clone()],
+            FfnNames::Gated { gate, up, down } => vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()],
+        })
+        .collect();
+    // Per-neuron biases (of the up and gate projections) follow the packed order.
+    let per_neuron_bias: std::collections::HashMap<String, usize> = ckpt
+        .names
+        .layers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| {
+            let biases = match &l.ffn {
+                FfnNames::Plain { up, .. } => vec![up.bias.clone()],
+                FfnNames::Gated { gate, up, .. } => vec![gate.bias.clone(), up.bias.clone()],
+            };
+            biases.into_iter().flatten().map(move |b| (b, i))
+        })
+        .collect();
+
+    file.pad_to(a)?;
+    let mut dense = SectionWriter::new(&file, DENSE_SECTION, SectionKind::Dense, Some(options.zstd_level), DENSE_CHUNK_BYTES);
+    let mut tensors = Vec::new();
+    for spec in ckpt.names.specs().iter().filter(|s| !ffn_weight_names.contains(&s.name)) {
+        let t = ckpt.tensor(&spec.name)?;
+        let dtype = options.dtype.resolve(t.dtype);
+        dense.pad_raw(&mut file, TENSOR_ALIGN)?;
+        let offset = dense.raw_position();
+        match per_neuron_bias.get(&spec.name) {
+            Some(&layer) => {
+                let mut buf = vec![0u8; t.numel() * dtype.size_bytes()];
+                for (p, &neuron) in orders[layer].iter().enumerate() {
+                    let v = crate::pack::bundle::get_element(t.bytes, t.dtype, neuron as usize);
+                    crate::pack::bundle::put_element(&mut buf, dtype, p, v);
+                }
+                dense.write(&mut file, &buf)?;
+            }
+            None => write_converted(&mut dense, &mut file, &t, dtype)?,
+        }
+        tensors.push(TensorEntry {
+            name: spec.name.clone(),
+            dtype: TableDType::from_weight(dtype),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            section: DENSE_SECTION.into(),
+            offset,
+            length: (t.numel() * dtype.size_bytes()) as u64,
+        });
+        done += t.bytes.len() as u64;
+        progress(done, total_weight_bytes);
+    }
+    for (layer, order) in orders.iter().enumerate() {
+        dense.pad_raw(&mut file, TENSOR_ALIGN)?;
+        let offset = dense.raw_position();
+        let bytes: Vec<u8> = order.iter().flat_map(|v| v.to_le_bytes()).collect();
+        dense.write(&mut file, &bytes)?;
+        tensors.push(TensorEntry {
+            name: order_tensor_name(layer),
+            dtype: TableDType::U32,
+            shape: vec![order.len() as u64],
+            section: DENSE_SECTION.into(),
+            offset,
+            length: bytes.len() as u64,
+        });
+    }
+    sections.push(dense.finish(&mut file)?);
+
+    // One FFN section per layer: fixed-stride bundles, uncompressed.
+    let mut ffn_layers = Vec::new();
+    for (i, names) in ckpt.names.layers.iter().enumerate() {
+        let (gate, up, down) = match &names.ffn {
+            FfnNames::Plain { up, down } => (None, up, down),
+            FfnNames::Gated { gate, up, down } => (Some(gate), up, down),
+        };
+        let layer = LayerFfn {
+            gate: gate.map(|g| ckpt.tensor(&g.weight)).transpose()?,
+            up: ckpt.tensor(&up.weight)?,
+            down: ckpt.tensor(&down.weight)?,
+            neurons: ckpt.config.ffn_width,
+            hidden: ckpt.config.hidden_size,
+        };
+        let dtype = options.dtype.resolve(layer.up.dtype);
+        let bundles = build_layer_bundles(&layer, &orders[i], dtype);
+        let parts = if gate.is_some() { vec![BundlePart::Gate, BundlePart::Up, BundlePart::Down] } else { vec![BundlePart::Up, BundlePart::Down] };
+        let stride = (parts.len() * layer.hidden * dtype.size_bytes()) as u64;
+        let chunk = FFN_CHUNK_TARGET_BYTES.max(stride) / stride * stride;
+        file.pad_to(a)?;
+        let name = ffn_section_name(i);
+        let mut w = SectionWriter::new(&file, &name, SectionKind::Ffn, None, chunk);
+        w.write(&mut file, &bundles)?;
+        sections.push(w.finish(&mut file)?);
+        ffn_layers.push(FfnLayerEntry {
+            layer: i as u64,
+            section: name,
+            neurons: layer.neurons as u64,
+            hidden: layer.hidden as u64,
+            dtype: TableDType::from_weight(dtype),
+            parts,
+            bundle_bytes: stride,
+            order_tensor: order_tensor_name(i),
+        });
+        done += [Some(&layer.up), Some(&layer.down), layer.gate.as_ref()].iter().flatten().map(|t| t.bytes.len() as u64).sum::<u64>();
+        progress(done, total_weight_bytes);
+    }
+
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        alignment: a,
+        config: config_json,
+        generation_config,
+        tokenizer_config,
+        sections,
+        tensors,
+        ffn_layers,
+        provenance: Provenance {
+            flashpack_version: env!("CARGO_PKG_VERSION").to_string(),
+            source_files,
+            options: PackOptions { dtype: options.dtype.name().into(), zstd_level: options.zstd_level, alignment: a },
+        },
+    };
+    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
+    let manifest_offset = file.position;
+    file.write_all(&manifest_bytes)?;
+    let manifest_sha: [u8; 32] = Sha256::digest(&manifest_bytes).into();
+    let preamble = Preamble {
+        magic: MAGIC,
+        version: FORMAT_VERSION,
+        flags: 0,
+        manifest_offset,
+        manifest_length: manifest_bytes.len() as u64,
+        manifest_sha256: manifest_sha,
+    };
+    file.write_at(0, &preamble.to_bytes())?;
+    let file_bytes = file.position;
+    file.commit()?;
+
+    let section_bytes = |kind: SectionKind| manifest.sections.iter().filter(|s| s.kind == kind).map(|s| s.length).sum::<u64>();
+    Ok(ConvertSummary {
+        output: out.to_path_buf(),
+        file_bytes,
+        dense_bytes: section_bytes(SectionKind::Dense),
+        dense_raw_bytes: manifest.sections.iter().filter(|s| s.kind == SectionKind::Dense).map(|s| s.raw_length).sum(),
+        ffn_bytes: section_bytes(SectionKind::Ffn),
+        tokenizer_bytes: section_bytes(SectionKind::File),
+        sections: manifest.sections.len(),
+        manifest_bytes: manifest_bytes.len() as u64,
+        manifest_sha256: hex::encode(manifest_sha),
+    })
+}
+
+/// Streams a tensor into the section in the target dtype, a bounded piece at a time.
+fn write_converted(w: &mut SectionWriter, out: &mut AtomicOutput, t: &TensorRef<'_>, dtype: DType) -> Result<()> {
+    const PIECE: usize = 1 << 20;
+    let n = t.numel();
+    let mut buf = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let count = PIECE.min(n - start);
+        buf.resize(count * dtype.size_bytes(), 0);
+        convert_range(t, start, count, dtype, &mut buf);
+        w.write(out, &buf)?;
+        start += count;
+    }
+    Ok(())
+}
+
+/// sha256 of every file the pack is made from, by name, in parallel.
+fn hash_sources(ckpt: &Checkpoint) -> Result<Vec<SourceFile>> {
+    let mut names: Vec<String> = vec![crate::input::CONFIG_FILE.to_string()];
+    names.extend(SIDE_FILES.iter().filter(|n| ckpt.dir.join(n).is_file()).map(|n| n.to_string()));
+    if ckpt.weights.index.is_some() {
+        names.push(crate::input::weights::INDEX_FILE.to_string());
+    }
+    names.extend(ckpt.weights.file_names().map(str::to_string));
+    names.sort();
+    names
+        .par_iter()
+        .map(|name| {
+            let path = ckpt.dir.join(name);
+            let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let mut hasher = Sha256::new();
+            let bytes = std::io::copy(&mut f, &mut hasher).map_err(|e| Error::io(&path, e))?;
+            Ok(SourceFile { name: name.clone(), bytes, sha256: hex::encode(hasher.finalize()) })
+        })
+        .collect()
+}

@@ -1,0 +1,89 @@
+//! Writing a file so that nothing half-written is ever visible at the output path:
+//! a temporary file beside it, fsynced, then renamed into place. An interrupted or
+//! failed write leaves the previous output (if any) untouched and removes the
+//! temporary file (on error or drop; a SIGKILL can leave a `.tmp` file behind,
+//! never a file at the output path).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+pub struct AtomicOutput {
+    target: PathBuf,
+    temp: PathBuf,
+    file: Option<File>,
+    /// Bytes written so far: the offset of the next write.
+    pub position: u64,
+}
+
+impl AtomicOutput {
+    pub fn create(target: &Path) -> Result<AtomicOutput> {
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::InvalidArgument(format!("output {} has no file name", target.display())))?;
+        // pid + time make concurrent writers of one output use distinct temporaries;
+        // create_new refuses to reuse an existing one.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let temp = dir.join(format!(".{}.tmp-{}-{nonce}", name.to_string_lossy(), std::process::id()));
+        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| Error::io(&temp, e))?;
+        Ok(AtomicOutput { target: target.to_path_buf(), temp, file: Some(file), position: 0 })
+    }
+
+    fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("file is present until commit")
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let temp = self.temp.clone();
+        self.file().write_all(bytes).map_err(|e| Error::io(&temp, e))?;
+        self.position += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes zero bytes up to the next multiple of `alignment`.
+    pub fn pad_to(&mut self, alignment: u64) -> Result<()> {
+        let target = crate::format::layout::align_up(self.position, alignment)
+            .ok_or_else(|| Error::InvalidArgument("file offset overflow".into()))?;
+        let zeros = vec![0u8; (target - self.position) as usize];
+        self.write_all(&zeros)
+    }
+
+    /// Overwrites bytes at `offset` (used once, for the preamble).
+    pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let temp = self.temp.clone();
+        self.file().write_all_at(bytes, offset).map_err(|e| Error::io(&temp, e))
+    }
+
+    /// Makes the file durable and moves it to the output path.
+    pub fn commit(mut self) -> Result<()> {
+        let file = self.file.take().expect("commit once");
+        file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
+        drop(file);
+        std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        // Make the rename itself durable.
+        if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicOutput {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
