@@ -7,7 +7,10 @@
 //! - Exit codes: 0 success, 1 a check failed, 2 bad usage or invalid input,
 //!   3 an I/O or environment failure.
 
+mod bench;
+mod eval;
 mod inspect;
+mod run;
 
 use std::process::ExitCode;
 
@@ -45,6 +48,12 @@ pub struct Cli {
 pub enum Command {
     /// Describe a Hugging Face checkpoint: architecture, sizes, parameter counts, dtypes.
     Inspect(inspect::InspectArgs),
+    /// Generate text from a prompt, streamed to stdout.
+    Run(run::RunArgs),
+    /// Perplexity of a text file.
+    Eval(eval::EvalArgs),
+    /// Prefill / decode speed and memory bandwidth (a measurement, not a test).
+    Bench(bench::BenchArgs),
 }
 
 /// Output destination shared by commands: human text or one JSON object.
@@ -84,6 +93,9 @@ pub fn main() -> ExitCode {
     let out = Output { json: cli.json };
     let result = match &cli.command {
         Command::Inspect(args) => inspect::run(args, &out),
+        Command::Run(args) => run::run(args, &out),
+        Command::Eval(args) => eval::run(args, &out),
+        Command::Bench(args) => bench::run(args, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,8 +8,10 @@
 //! - [`model`]: the one forward pass (prefill batch and decode step).
 //! - [`sampling`], [`generate`]: token choice and the generation loop.
 //! - [`perplexity`]: the perplexity definition of the foundation issue.
+//! - [`bench`]: speed and memory-bandwidth measurements, a random-weight model.
 
 pub mod attention;
+pub mod bench;
 pub mod ffn;
 pub mod generate;
 pub mod kernels;

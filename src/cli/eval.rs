@@ -1,0 +1,73 @@
+//! `flashpack eval <MODEL> --text FILE`: perplexity of a text file, as the
+//! foundation issue defines it (see `runtime::perplexity`).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cli::Output;
+use crate::error::Error;
+use crate::input::Checkpoint;
+use crate::runtime::perplexity::perplexity;
+use crate::runtime::{with_threads, Model};
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  flashpack eval fixtures/models/opt-relu --text fixtures/text/heldout.txt --json"
+)]
+pub struct EvalArgs {
+    /// A Hugging Face checkpoint directory.
+    pub model: PathBuf,
+    /// A UTF-8 text file to score.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Window length in tokens; each window starts from an empty KV cache.
+    #[arg(long, default_value_t = 256)]
+    pub ctx: usize,
+    /// Worker threads (default: one per core). Results do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(serde::Serialize)]
+struct EvalReport {
+    model: String,
+    text: String,
+    perplexity: f64,
+    nll_sum: f64,
+    tokens_scored: usize,
+    windows: usize,
+    ctx: usize,
+    seconds: f64,
+    tokens_per_s: f64,
+    threads: usize,
+}
+
+pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.text).map_err(|e| Error::io(&args.text, e))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display()))
+    })?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let ids = ckpt.tokenizer()?.encode(&text)?;
+    let model = Model::from_checkpoint(&ckpt)?;
+    let (r, threads) = with_threads(args.threads, || {
+        perplexity(&model, &ids, args.ctx).map(|r| (r, rayon::current_num_threads()))
+    })??;
+    out.human(format_args!(
+        "perplexity {:.4} over {} tokens ({} windows of up to {}), {:.2} s",
+        r.perplexity, r.tokens_scored, r.windows, r.ctx, r.seconds
+    ));
+    out.json_result(&EvalReport {
+        model: args.model.display().to_string(),
+        text: args.text.display().to_string(),
+        perplexity: r.perplexity,
+        nll_sum: r.nll_sum,
+        tokens_scored: r.tokens_scored,
+        windows: r.windows,
+        ctx: r.ctx,
+        seconds: r.seconds,
+        tokens_per_s: r.tokens_scored as f64 / r.seconds.max(1e-9),
+        threads,
+    })
+}

@@ -1,0 +1,142 @@
+//! Measurements for `flashpack bench`: prefill and decode speed of a model, a
+//! streaming memory-read bandwidth to compare decode's weight traffic with, and
+//! a random-weight model of a realistic size (no download needed).
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::input::config::{ModelConfig, RawConfig};
+use crate::input::ModelNames;
+use crate::runtime::model::{Logits, Model};
+use crate::runtime::weights::{Storage, TensorSource};
+
+/// Speed of one model on the current rayon pool.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpeedResult {
+    pub prefill_tokens: usize,
+    pub prefill_ms: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_ms: f64,
+    pub decode_tokens_per_s: f64,
+    /// Weight bytes one decode step reads.
+    pub decode_weight_bytes: usize,
+    /// `decode_weight_bytes * decode_tokens_per_s`, GB/s (1e9 bytes).
+    pub decode_weight_gb_per_s: f64,
+}
+
+/// Runs a prefill of `prefill` tokens, then `decode` single-token steps.
+pub fn measure_speed(model: &Model, prefill: usize, decode: usize) -> Result<SpeedResult> {
+    let vocab = model.config.vocab_size as u32;
+    // Deterministic, spread-out token ids.
+    let ids: Vec<u32> = (0..prefill as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
+        .collect();
+    let mut cache = model.new_cache();
+    let t0 = Instant::now();
+    model.forward(&mut cache, &ids, Logits::Last, None)?;
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    for i in 0..decode as u32 {
+        model.forward(&mut cache, &[(i * 7919) % vocab], Logits::Last, None)?;
+    }
+    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let bytes = model.decode_weight_bytes();
+    let decode_tps = decode as f64 / (decode_ms / 1e3).max(1e-12);
+    Ok(SpeedResult {
+        prefill_tokens: prefill,
+        prefill_ms,
+        prefill_tokens_per_s: prefill as f64 / (prefill_ms / 1e3).max(1e-12),
+        decode_tokens: decode,
+        decode_ms,
+        decode_tokens_per_s: decode_tps,
+        decode_weight_bytes: bytes,
+        decode_weight_gb_per_s: bytes as f64 * decode_tps / 1e9,
+    })
+}
+
+/// Streaming read bandwidth of DRAM on the current rayon pool, GB/s (1e9 bytes):
+/// the best of `reps` parallel passes summing a `bytes`-sized buffer, split into
+/// per-thread contiguous chunks as the matvec splits weight rows.
+pub fn stream_read_gb_per_s(bytes: usize, reps: usize) -> f64 {
+    let words = (bytes / 8).max(1);
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = 1 << 14; // 128 KiB per task, like a matvec task's rows.
+    let mut best = 0.0f64;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let sum: u64 = buf
+            .par_chunks(chunk)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        let s = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / s / 1e9);
+    }
+    best
+}
+
+/// A Llama-shaped config with random weights: TinyLlama-like widths (hidden 2048,
+/// FFN 5632, 32 heads, 4 KV heads, vocab 32000), `layers` layers, SiLU.
+pub fn synthetic_config(layers: usize) -> Result<ModelConfig> {
+    let raw = RawConfig {
+        architectures: Some(vec!["LlamaForCausalLM".into()]),
+        vocab_size: Some(32000),
+        hidden_size: Some(2048),
+        intermediate_size: Some(5632),
+        num_hidden_layers: Some(layers),
+        num_attention_heads: Some(32),
+        num_key_value_heads: Some(4),
+        max_position_embeddings: Some(2048),
+        hidden_act: Some("silu".into()),
+        tie_word_embeddings: Some(false),
+        ..RawConfig::default()
+    };
+    ModelConfig::from_raw(&raw, std::path::Path::new("<synthetic>"))
+}
+
+/// Random f16 weights (uniform, scaled by 1/sqrt(fan-in)) and unit norms.
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl TensorSource for RandomWeights {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Storage> {
+        let n: usize = shape.iter().product();
+        if shape.len() == 1 {
+            return Ok(Storage::F32(vec![1.0; n]));
+        }
+        let scale = 1.0 / (shape[shape.len() - 1] as f32).sqrt();
+        let salt = name
+            .bytes()
+            .fold(self.seed ^ 0x9e37_79b9_7f4a_7c15, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+        let mut data = vec![half::f16::ZERO; n];
+        data.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                // splitmix64 per chunk: fast and reproducible.
+                let mut s = salt ^ (ci as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                for v in chunk {
+                    s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    let mut z = s;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    z ^= z >> 31;
+                    let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    *v = half::f16::from_f32(u * scale);
+                }
+            });
+        Ok(Storage::F16(data))
+    }
+}
+
+/// The synthetic model of [`synthetic_config`] with [`RandomWeights`].
+pub fn synthetic_model(layers: usize) -> Result<Model> {
+    let config = synthetic_config(layers)?;
+    let names = ModelNames::for_config(&config);
+    Model::load(&config, &names, &RandomWeights { seed: 1 })
+}
