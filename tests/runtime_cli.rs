@@ -26,10 +26,9 @@ fn a_model() -> (PathBuf, usize) {
     refs.sort();
     let r: Value = serde_json::from_slice(&std::fs::read(&refs[0]).expect("read")).expect("json");
     let model = fixtures().join(r["model_dir"].as_str().expect("model_dir"));
-    let cfg: Value = serde_json::from_slice(
-        &std::fs::read(model.join("config.json")).expect("config.json"),
-    )
-    .expect("config json");
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).expect("config.json"))
+            .expect("config json");
     let positions = cfg["max_position_embeddings"].as_u64().expect("positions") as usize;
     (model, positions)
 }
@@ -109,8 +108,14 @@ fn eval_json_has_perplexity_and_tokens_scored() {
         "--json",
     ]);
     assert_eq!(code, 0, "{stdout}");
-    assert!(json["perplexity"].as_f64().is_some_and(|p| p > 1.0), "{stdout}");
-    assert!(json["tokens_scored"].as_u64().is_some_and(|n| n > 0), "{stdout}");
+    assert!(
+        json["perplexity"].as_f64().is_some_and(|p| p > 1.0),
+        "{stdout}"
+    );
+    assert!(
+        json["tokens_scored"].as_u64().is_some_and(|n| n > 0),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -120,7 +125,12 @@ fn too_long_prompt_or_window_exits_2() {
     let long_prompt = "word ".repeat(positions * 2);
     let (code, json, stdout) = flashpack(&["run", m, "--prompt", &long_prompt, "--json"]);
     assert_eq!(code, 2, "{stdout}");
-    assert!(json["error"].as_str().is_some_and(|e| e.contains("context")), "{stdout}");
+    assert!(
+        json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("context")),
+        "{stdout}"
+    );
 
     let text = fixtures().join("text/heldout.txt");
     let ctx = (positions + 1).to_string();

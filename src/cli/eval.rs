@@ -45,9 +45,8 @@ struct EvalReport {
 
 pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.text).map_err(|e| Error::io(&args.text, e))?;
-    let text = String::from_utf8(bytes).map_err(|_| {
-        Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display()))
-    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display())))?;
     let ckpt = Checkpoint::open(&args.model)?;
     let ids = ckpt.tokenizer()?.encode(&text)?;
     let model = Model::from_checkpoint(&ckpt)?;
