@@ -134,6 +134,13 @@ pub enum Error {
         needed: usize,
         max: usize,
     },
+
+    /// A flashpack file that breaks a numbered rule of `formats/flashpack-v1.md`.
+    #[error("{}: {source}", path.display())]
+    Format {
+        path: PathBuf,
+        source: crate::format::FormatError,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -143,6 +150,8 @@ impl Error {
     pub fn exit_class(&self) -> ExitClass {
         match self {
             Error::Io { source, .. } => io_exit_class(source),
+            Error::Format { source, .. } if source.is_integrity() => ExitClass::CheckFailed,
+            Error::Format { .. } => ExitClass::InvalidInput,
             Error::MissingFile { .. }
             | Error::Json { .. }
             | Error::InvalidConfig { .. }

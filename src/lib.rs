@@ -7,13 +7,17 @@
 //!
 //! The library is organised as the data flows:
 //! - [`input`]: Hugging Face checkpoint directories (config, safetensors, tokenizer).
+//! - [`format`]: the packed file format (spec: `formats/flashpack-v1.md`), reader and checks.
+//! - [`pack`]: writing packed files (`convert`).
 //! - [`runtime`]: the forward pass, KV cache, FFN and sampling.
 //! - [`cli`]: the `flashpack` command line, a thin layer over the library.
 
 pub mod cli;
 pub mod dtype;
 pub mod error;
+pub mod format;
 pub mod input;
+pub mod pack;
 pub mod runtime;
 
 pub use error::{Error, ExitClass, Result};

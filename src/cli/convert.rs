@@ -19,9 +19,11 @@ pub enum DTypeArg {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "The output is written to a temporary file beside OUT and renamed into place \
+#[command(
+    after_help = "The output is written to a temporary file beside OUT and renamed into place \
 only when complete and fsynced: an interrupted convert never leaves a file at OUT.\n\n\
-Example:\n  flashpack convert fixtures/models/opt-relu -o opt-relu.flashpack --verify")]
+Example:\n  flashpack convert fixtures/models/opt-relu -o opt-relu.flashpack --verify"
+)]
 pub struct ConvertArgs {
     /// A Hugging Face checkpoint directory.
     pub model: PathBuf,
@@ -31,7 +33,8 @@ pub struct ConvertArgs {
     /// Storage dtype of the packed weights.
     #[arg(long, value_enum, default_value = "keep")]
     pub dtype: DTypeArg,
-    /// zstd level (1-22) for the sections read whole (dense weights, tokenizer).
+    /// zstd level (1-22) for the sections read whole (dense weights, tokenizer);
+    /// 0 stores them uncompressed.
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
     /// Alignment of every section in bytes (power of two, 512 to 1 MiB); 16384 suits
@@ -58,9 +61,11 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-                .expect("static template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         bar.set_message("converting");
         Some(bar)
@@ -94,8 +99,16 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
     let verified = if args.verify {
         let report = crate::cli::verify::verify_file(&args.output, Some(&args.model), out)?;
         if !report.ok {
-            let message = format!("{} written but verification failed: {}", args.output.display(), report.failures.join("; "));
-            return Err(crate::cli::CheckFailed { message, reported: false }.into());
+            let message = format!(
+                "{} written but verification failed: {}",
+                args.output.display(),
+                report.failures.join("; ")
+            );
+            return Err(crate::cli::CheckFailed {
+                message,
+                reported: false,
+            }
+            .into());
         }
         Some(report)
     } else {

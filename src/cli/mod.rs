@@ -8,9 +8,11 @@
 //!   3 an I/O or environment failure.
 
 mod bench;
+mod convert;
 mod eval;
 mod inspect;
 mod run;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -54,7 +56,27 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Prefill / decode speed and memory bandwidth (a measurement, not a test).
     Bench(bench::BenchArgs),
+    /// Convert a Hugging Face checkpoint into a flashpack file.
+    Convert(convert::ConvertArgs),
+    /// Check a flashpack file: every hash and rule, optionally its weights against the source.
+    Verify(verify::VerifyArgs),
 }
+
+/// A check that ran and failed (exit 1). `reported`: the command already printed
+/// its JSON result, so no error object follows it.
+#[derive(Debug)]
+pub struct CheckFailed {
+    pub message: String,
+    pub reported: bool,
+}
+
+impl std::fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CheckFailed {}
 
 /// Output destination shared by commands: human text or one JSON object.
 pub struct Output {
@@ -96,13 +118,18 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args, &out),
         Command::Eval(args) => eval::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
+        Command::Convert(args) => convert::run(args, &out),
+        Command::Verify(args) => verify::run(args, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = exit_code_of(&err);
             eprintln!("error: {err:#}");
-            if out.json {
+            let reported = err
+                .downcast_ref::<CheckFailed>()
+                .is_some_and(|c| c.reported);
+            if out.json && !reported {
                 let object = serde_json::json!({ "error": format!("{err:#}"), "exit_code": code });
                 println!("{object}");
             }
@@ -115,6 +142,9 @@ pub fn main() -> ExitCode {
 /// came from the library, 3 for raw I/O, 2 for anything else (usage).
 fn exit_code_of(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if cause.downcast_ref::<CheckFailed>().is_some() {
+            return ExitClass::CheckFailed.code();
+        }
         if let Some(e) = cause.downcast_ref::<Error>() {
             return e.exit_class().code();
         }

@@ -17,9 +17,11 @@ use crate::pack::bundle::get_element;
 pub use crate::cli::CheckFailed;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Exit codes: 0 all checks hold; 1 a check failed (the failure names the section \
+#[command(
+    after_help = "Exit codes: 0 all checks hold; 1 a check failed (the failure names the section \
 and chunk); 2 the file cannot be parsed or breaks a structural rule; 3 an I/O failure.\n\n\
-Example:\n  flashpack verify opt-relu.flashpack --against fixtures/models/opt-relu --json")]
+Example:\n  flashpack verify opt-relu.flashpack --against fixtures/models/opt-relu --json"
+)]
 pub struct VerifyArgs {
     /// A flashpack file.
     pub file: PathBuf,
@@ -46,15 +48,27 @@ pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
     let report = verify_file(&args.file, args.against.as_deref(), out)?;
     out.json_result(&report)?;
     if !report.ok {
-        let message = format!("{} check(s) failed: {}", report.failures.len(), report.failures.join("; "));
-        return Err(CheckFailed { message, reported: true }.into());
+        let message = format!(
+            "{} check(s) failed: {}",
+            report.failures.len(),
+            report.failures.join("; ")
+        );
+        return Err(CheckFailed {
+            message,
+            reported: true,
+        }
+        .into());
     }
     Ok(())
 }
 
 /// Runs every check on `path`; structural errors and I/O errors are returned as
 /// errors, failed checks are listed in the report.
-pub fn verify_file(path: &Path, against: Option<&Path>, out: &Output) -> anyhow::Result<VerifyReport> {
+pub fn verify_file(
+    path: &Path,
+    against: Option<&Path>,
+    out: &Output,
+) -> anyhow::Result<VerifyReport> {
     let started = std::time::Instant::now();
     let file = PackedFile::open(path)?;
     let integrity = check_integrity(&file)?;
@@ -68,7 +82,9 @@ pub fn verify_file(path: &Path, against: Option<&Path>, out: &Output) -> anyhow:
             mismatched = r.1;
             failures.extend(r.2);
         } else {
-            failures.push("weights not compared with the source: the file failed its integrity checks".into());
+            failures.push(
+                "weights not compared with the source: the file failed its integrity checks".into(),
+            );
         }
     }
     for f in &failures {
@@ -81,7 +97,11 @@ pub fn verify_file(path: &Path, against: Option<&Path>, out: &Output) -> anyhow:
         integrity.sections_checked,
         integrity.chunks_checked,
         integrity.bytes_hashed as f64 / (1024.0 * 1024.0),
-        if against.is_some() { format!(", {compared} weights compared with the source") } else { String::new() },
+        if against.is_some() {
+            format!(", {compared} weights compared with the source")
+        } else {
+            String::new()
+        },
         started.elapsed().as_secs_f64(),
         if ok { "OK" } else { "FAILED" }
     ));
@@ -108,7 +128,10 @@ fn same(packed: f32, source: f32, dtype: crate::dtype::DType) -> bool {
 
 /// Every packed weight against the source: dense tensors element by element,
 /// per-neuron biases and bundles through the recorded neuron order.
-fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<(u64, u64, Vec<String>)> {
+fn compare_weights(
+    file: &PackedFile,
+    ckpt: &Checkpoint,
+) -> anyhow::Result<(u64, u64, Vec<String>)> {
     let mut failures = Vec::new();
     let (mut compared, mut mismatched) = (0u64, 0u64);
     if file.config != ckpt.config {
@@ -117,7 +140,9 @@ fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<(u64,
     }
     let dense = file.read_section(DENSE_SECTION)?;
     let order_of = |layer: usize| -> Vec<usize> {
-        let entry = file.tensor_entry(&file.manifest.ffn_layers[layer].order_tensor).expect("checked at open");
+        let entry = file
+            .tensor_entry(&file.manifest.ffn_layers[layer].order_tensor)
+            .expect("checked at open");
         dense[entry.offset as usize..(entry.offset + entry.length) as usize]
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -135,23 +160,32 @@ fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<(u64,
         }
     }
     for entry in &file.manifest.tensors {
-        let Some(dtype) = entry.dtype.weight() else { continue };
+        let Some(dtype) = entry.dtype.weight() else {
+            continue;
+        };
         let src = ckpt.tensor(&entry.name)?;
         let bytes = &dense[entry.offset as usize..(entry.offset + entry.length) as usize];
-        let mut bad = 0u64;
-        for p in 0..src.numel() {
-            let s = match per_neuron.get(&entry.name) {
-                Some(&layer) => orders[layer][p],
-                None => p,
-            };
-            if !same(get_element(bytes, dtype, p), get_element(src.bytes, src.dtype, s), dtype) {
-                bad += 1;
-            }
-        }
+        // Per-neuron biases are stored in packed order.
+        let order = per_neuron
+            .get(&entry.name)
+            .map(|&layer| orders[layer].as_slice());
+        let source_index = |p: usize| order.map_or(p, |o| o[p]);
+        let bad = (0..src.numel())
+            .filter(|&p| {
+                !same(
+                    get_element(bytes, dtype, p),
+                    get_element(src.bytes, src.dtype, source_index(p)),
+                    dtype,
+                )
+            })
+            .count() as u64;
         compared += src.numel() as u64;
         if bad > 0 {
             mismatched += bad;
-            failures.push(format!("tensor {:?}: {bad} values differ from the source", entry.name));
+            failures.push(format!(
+                "tensor {:?}: {bad} values differ from the source",
+                entry.name
+            ));
         }
     }
     for (i, layer) in file.manifest.ffn_layers.iter().enumerate() {
@@ -168,13 +202,18 @@ fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<(u64,
         let down = ckpt.tensor(&down.weight)?;
         let mut bad = 0u64;
         for (p, &neuron) in orders[i].iter().enumerate() {
-            let bundle = &section[p * layer.bundle_bytes as usize..(p + 1) * layer.bundle_bytes as usize];
+            let bundle =
+                &section[p * layer.bundle_bytes as usize..(p + 1) * layer.bundle_bytes as usize];
             for (k, part) in layer.parts.iter().enumerate() {
                 for j in 0..h {
                     let source = match part {
-                        BundlePart::Gate => gate.as_ref().map(|g| get_element(g.bytes, g.dtype, neuron * h + j)),
+                        BundlePart::Gate => gate
+                            .as_ref()
+                            .map(|g| get_element(g.bytes, g.dtype, neuron * h + j)),
                         BundlePart::Up => Some(get_element(up.bytes, up.dtype, neuron * h + j)),
-                        BundlePart::Down => Some(get_element(down.bytes, down.dtype, j * n + neuron)),
+                        BundlePart::Down => {
+                            Some(get_element(down.bytes, down.dtype, j * n + neuron))
+                        }
                     };
                     let packed = get_element(bundle, dtype, k * h + j);
                     if !source.is_some_and(|s| same(packed, s, dtype)) {
@@ -186,7 +225,10 @@ fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<(u64,
         compared += (n * h * layer.parts.len()) as u64;
         if bad > 0 {
             mismatched += bad;
-            failures.push(format!("section {:?}: {bad} bundle values differ from the source", layer.section));
+            failures.push(format!(
+                "section {:?}: {bad} bundle values differ from the source",
+                layer.section
+            ));
         }
     }
     Ok((compared, mismatched, failures))

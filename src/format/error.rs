@@ -10,14 +10,21 @@ pub enum FormatError {
     #[error("rule 1: not a flashpack file (magic bytes {found:02x?})")]
     BadMagic { found: Vec<u8> },
 
-    #[error("rule 2: unsupported format version {found} (this flashpack reads version {supported})")]
+    #[error(
+        "rule 2: unsupported format version {found} (this flashpack reads version {supported})"
+    )]
     UnsupportedVersion { found: u32, supported: u32 },
 
     #[error("rule 3: reserved preamble flags are {found:#x}, must be 0")]
     ReservedFlags { found: u32 },
 
     #[error("rule 4: manifest at {offset}+{length} does not end exactly at the end of the {file_length}-byte file (or exceeds {cap} bytes)")]
-    ManifestPlacement { offset: u64, length: u64, file_length: u64, cap: u64 },
+    ManifestPlacement {
+        offset: u64,
+        length: u64,
+        file_length: u64,
+        cap: u64,
+    },
 
     #[error("rule 5: manifest sha256 does not match the preamble")]
     ManifestHash,
@@ -29,13 +36,27 @@ pub enum FormatError {
     Alignment { found: u64, min: u64, max: u64 },
 
     #[error("rule 8: section {section:?} at offset {offset} is not aligned to {alignment}")]
-    SectionMisaligned { section: String, offset: u64, alignment: u64 },
+    SectionMisaligned {
+        section: String,
+        offset: u64,
+        alignment: u64,
+    },
 
     #[error("rule 9: section {section:?} overlaps the region before it (starts at {offset}, previous ends at {previous_end})")]
-    SectionOverlap { section: String, offset: u64, previous_end: u64 },
+    SectionOverlap {
+        section: String,
+        offset: u64,
+        previous_end: u64,
+    },
 
-    #[error("rule 10: gap before {what} (starts at {offset}, expected {expected}): the file has a hole")]
-    Hole { what: String, offset: u64, expected: u64 },
+    #[error(
+        "rule 10: gap before {what} (starts at {offset}, expected {expected}): the file has a hole"
+    )]
+    Hole {
+        what: String,
+        offset: u64,
+        expected: u64,
+    },
 
     #[error("rule 11: padding byte at offset {offset} is not zero")]
     NonZeroPadding { offset: u64 },
@@ -47,10 +68,19 @@ pub enum FormatError {
     ChunkTable { section: String, message: String },
 
     #[error("rule 14: section {section:?} chunk {chunk} (file offset {offset}) sha256 mismatch")]
-    ChunkHash { section: String, chunk: usize, offset: u64 },
+    ChunkHash {
+        section: String,
+        chunk: usize,
+        offset: u64,
+    },
 
     #[error("rule 15: section {section:?} chunk {chunk} does not decompress to its {raw_length} bytes: {message}")]
-    Decompress { section: String, chunk: usize, raw_length: u64, message: String },
+    Decompress {
+        section: String,
+        chunk: usize,
+        raw_length: u64,
+        message: String,
+    },
 
     #[error("rule 16: section table is invalid: {message}")]
     SectionTable { message: String },

@@ -29,8 +29,10 @@ const READ_BLOCK: u64 = 8 << 20;
 /// I/O errors abort; rule failures are collected in the report.
 pub fn check_integrity(file: &PackedFile) -> Result<IntegrityReport> {
     let sections = &file.manifest.sections;
-    let results: Vec<Result<(usize, u64, Vec<FormatError>)>> =
-        sections.par_iter().map(|s| check_section(file, s)).collect();
+    let results: Vec<Result<(usize, u64, Vec<FormatError>)>> = sections
+        .par_iter()
+        .map(|s| check_section(file, s))
+        .collect();
     let mut report = IntegrityReport::default();
     for r in results {
         let (chunks, bytes, failures) = r?;
@@ -53,7 +55,11 @@ fn check_section(file: &PackedFile, s: &SectionEntry) -> Result<(usize, u64, Vec
     let mut scratch = Vec::new();
     for (i, chunk) in s.chunks.iter().enumerate() {
         let mut chunk_hash = Sha256::new();
-        let mut stored = Vec::with_capacity(if s.compression == Compression::Zstd { chunk.length as usize } else { 0 });
+        let mut stored = Vec::with_capacity(if s.compression == Compression::Zstd {
+            chunk.length as usize
+        } else {
+            0
+        });
         let mut left = chunk.length;
         let mut pos = s.offset + at;
         while left > 0 {
@@ -68,7 +74,11 @@ fn check_section(file: &PackedFile, s: &SectionEntry) -> Result<(usize, u64, Vec
             left -= n;
         }
         if hex::encode(chunk_hash.finalize()) != chunk.sha256 {
-            failures.push(FormatError::ChunkHash { section: s.name.clone(), chunk: i, offset: s.offset + at });
+            failures.push(FormatError::ChunkHash {
+                section: s.name.clone(),
+                chunk: i,
+                offset: s.offset + at,
+            });
         } else if s.compression == Compression::Zstd {
             scratch.clear();
             if let Err(e) = decode_chunk(s, i, &stored, chunk_raw_length(s, i), &mut scratch) {
@@ -78,7 +88,9 @@ fn check_section(file: &PackedFile, s: &SectionEntry) -> Result<(usize, u64, Vec
         at += chunk.length;
     }
     if hex::encode(section_hash.finalize()) != s.sha256 {
-        failures.push(FormatError::SectionHash { section: s.name.clone() });
+        failures.push(FormatError::SectionHash {
+            section: s.name.clone(),
+        });
     }
     Ok((s.chunks.len(), s.length, failures))
 }
@@ -90,7 +102,9 @@ fn check_padding(file: &PackedFile) -> Result<Vec<FormatError>> {
     for s in &file.manifest.sections {
         let gap = file.read_at(previous_end, s.offset - previous_end)?;
         if let Some(i) = gap.iter().position(|&b| b != 0) {
-            failures.push(FormatError::NonZeroPadding { offset: previous_end + i as u64 });
+            failures.push(FormatError::NonZeroPadding {
+                offset: previous_end + i as u64,
+            });
         }
         previous_end = s.offset + s.length;
     }
@@ -102,10 +116,15 @@ fn check_orders(file: &PackedFile) -> Result<Vec<FormatError>> {
     let dense = file.read_section(DENSE_SECTION)?;
     let mut failures = Vec::new();
     for layer in &file.manifest.ffn_layers {
-        let Some(entry) = file.tensor_entry(&layer.order_tensor) else { continue };
+        let Some(entry) = file.tensor_entry(&layer.order_tensor) else {
+            continue;
+        };
         let bytes = &dense[entry.offset as usize..(entry.offset + entry.length) as usize];
         if !is_permutation(bytes, layer.neurons) {
-            failures.push(FormatError::NeuronOrder { layer: layer.layer, neurons: layer.neurons });
+            failures.push(FormatError::NeuronOrder {
+                layer: layer.layer,
+                neurons: layer.neurons,
+            });
         }
     }
     Ok(failures)

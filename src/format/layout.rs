@@ -253,5 +253,7 @@ pub fn order_tensor_name(layer: usize) -> String {
 }
 
 pub fn align_up(value: u64, alignment: u64) -> Option<u64> {
-    value.checked_add(alignment - 1).map(|v| v / alignment * alignment)
+    value
+        .checked_add(alignment - 1)
+        .map(|v| v / alignment * alignment)
 }

@@ -34,7 +34,10 @@ pub struct PackedFile {
 }
 
 fn rule(e: FormatError, path: &Path) -> Error {
-    Error::Format { path: path.to_path_buf(), source: e }
+    Error::Format {
+        path: path.to_path_buf(),
+        source: e,
+    }
 }
 
 impl PackedFile {
@@ -46,22 +49,37 @@ impl PackedFile {
         let mut pre = [0u8; PREAMBLE_BYTES as usize];
         if file_length < PREAMBLE_BYTES {
             let mut head = vec![0u8; file_length as usize];
-            file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
+            file.read_exact_at(&mut head, 0)
+                .map_err(|e| Error::io(path, e))?;
             return Err(rule(FormatError::BadMagic { found: head }, path));
         }
-        file.read_exact_at(&mut pre, 0).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut pre, 0)
+            .map_err(|e| Error::io(path, e))?;
         let preamble = Preamble::from_bytes(&pre);
         if preamble.magic != MAGIC {
-            return Err(rule(FormatError::BadMagic { found: preamble.magic.to_vec() }, path));
+            return Err(rule(
+                FormatError::BadMagic {
+                    found: preamble.magic.to_vec(),
+                },
+                path,
+            ));
         }
         if preamble.version != FORMAT_VERSION {
             return Err(rule(
-                FormatError::UnsupportedVersion { found: preamble.version, supported: FORMAT_VERSION },
+                FormatError::UnsupportedVersion {
+                    found: preamble.version,
+                    supported: FORMAT_VERSION,
+                },
                 path,
             ));
         }
         if preamble.flags != 0 {
-            return Err(rule(FormatError::ReservedFlags { found: preamble.flags }, path));
+            return Err(rule(
+                FormatError::ReservedFlags {
+                    found: preamble.flags,
+                },
+                path,
+            ));
         }
         let placement = FormatError::ManifestPlacement {
             offset: preamble.manifest_offset,
@@ -69,7 +87,10 @@ impl PackedFile {
             file_length,
             cap: MAX_MANIFEST_BYTES,
         };
-        let ends_at_eof = preamble.manifest_offset.checked_add(preamble.manifest_length) == Some(file_length);
+        let ends_at_eof = preamble
+            .manifest_offset
+            .checked_add(preamble.manifest_length)
+            == Some(file_length);
         if !ends_at_eof
             || preamble.manifest_offset < PREAMBLE_BYTES
             || preamble.manifest_length > MAX_MANIFEST_BYTES
@@ -82,8 +103,14 @@ impl PackedFile {
         if Sha256::digest(&manifest_bytes).as_slice() != preamble.manifest_sha256 {
             return Err(rule(FormatError::ManifestHash, path));
         }
-        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-            .map_err(|e| rule(FormatError::ManifestSchema { message: e.to_string() }, path))?;
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|e| {
+            rule(
+                FormatError::ManifestSchema {
+                    message: e.to_string(),
+                },
+                path,
+            )
+        })?;
         if manifest.format_version != preamble.version {
             return Err(rule(
                 FormatError::ManifestSchema {
@@ -95,9 +122,12 @@ impl PackedFile {
                 path,
             ));
         }
-        let checked = Checker { manifest: &manifest, manifest_offset: preamble.manifest_offset }
-            .check()
-            .map_err(|e| rule(e, path))?;
+        let checked = Checker {
+            manifest: &manifest,
+            manifest_offset: preamble.manifest_offset,
+        }
+        .check()
+        .map_err(|e| rule(e, path))?;
         Ok(PackedFile {
             path: path.to_path_buf(),
             file,
@@ -112,17 +142,23 @@ impl PackedFile {
     }
 
     pub fn section(&self, name: &str) -> Option<&SectionEntry> {
-        self.section_index.get(name).map(|&i| &self.manifest.sections[i])
+        self.section_index
+            .get(name)
+            .map(|&i| &self.manifest.sections[i])
     }
 
     pub fn tensor_entry(&self, name: &str) -> Option<&TensorEntry> {
-        self.tensor_index.get(name).map(|&i| &self.manifest.tensors[i])
+        self.tensor_index
+            .get(name)
+            .map(|&i| &self.manifest.tensors[i])
     }
 
     /// Reads `length` bytes at absolute `offset` (positioned read, thread-safe).
     pub fn read_at(&self, offset: u64, length: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; length as usize];
-        self.file.read_exact_at(&mut buf, offset).map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| Error::io(&self.path, e))?;
         Ok(buf)
     }
 
@@ -133,9 +169,14 @@ impl PackedFile {
     /// Reads a whole section, checking every chunk's hash (rule 14) and
     /// decompressing it (rule 15); returns the raw bytes.
     pub fn read_section(&self, name: &str) -> Result<Vec<u8>> {
-        let section = self
-            .section(name)
-            .ok_or_else(|| rule(FormatError::SectionTable { message: format!("no section {name:?}") }, &self.path))?;
+        let section = self.section(name).ok_or_else(|| {
+            rule(
+                FormatError::SectionTable {
+                    message: format!("no section {name:?}"),
+                },
+                &self.path,
+            )
+        })?;
         let stored = self.read_at(section.offset, section.length)?;
         let mut raw = Vec::with_capacity(section.raw_length as usize);
         let mut at = 0usize;
@@ -143,12 +184,17 @@ impl PackedFile {
             let bytes = &stored[at..at + chunk.length as usize];
             if hex_sha256(bytes) != chunk.sha256 {
                 return Err(rule(
-                    FormatError::ChunkHash { section: name.into(), chunk: i, offset: section.offset + at as u64 },
+                    FormatError::ChunkHash {
+                        section: name.into(),
+                        chunk: i,
+                        offset: section.offset + at as u64,
+                    },
                     &self.path,
                 ));
             }
             let expected_raw = chunk_raw_length(section, i);
-            decode_chunk(section, i, bytes, expected_raw, &mut raw).map_err(|e| rule(e, &self.path))?;
+            decode_chunk(section, i, bytes, expected_raw, &mut raw)
+                .map_err(|e| rule(e, &self.path))?;
             at += chunk.length as usize;
         }
         Ok(raw)
@@ -214,8 +260,14 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn check(&self) -> std::result::Result<Checked, FormatError> {
         let m = self.manifest;
-        if !(m.alignment.is_power_of_two() && (MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&m.alignment)) {
-            return Err(FormatError::Alignment { found: m.alignment, min: MIN_ALIGNMENT, max: MAX_ALIGNMENT });
+        if !(m.alignment.is_power_of_two()
+            && (MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&m.alignment))
+        {
+            return Err(FormatError::Alignment {
+                found: m.alignment,
+                min: MIN_ALIGNMENT,
+                max: MAX_ALIGNMENT,
+            });
         }
         let section_index = self.check_section_placement()?;
         for s in &m.sections {
@@ -223,7 +275,12 @@ impl Checker<'_> {
         }
         let tensor_index = self.check_tensors(&section_index)?;
         let (config, names) = self.check_model(&section_index, &tensor_index)?;
-        Ok(Checked { config, names, section_index, tensor_index })
+        Ok(Checked {
+            config,
+            names,
+            section_index,
+            tensor_index,
+        })
     }
 
     /// Rules 8, 9, 10 and 16: sections in file order, aligned, no overlaps, no holes,
@@ -234,10 +291,14 @@ impl Checker<'_> {
         let mut previous_end = PREAMBLE_BYTES;
         for (i, s) in m.sections.iter().enumerate() {
             if index.insert(s.name.clone(), i).is_some() {
-                return Err(FormatError::SectionTable { message: format!("section {:?} appears twice", s.name) });
+                return Err(FormatError::SectionTable {
+                    message: format!("section {:?} appears twice", s.name),
+                });
             }
             if s.kind == SectionKind::Ffn && s.compression != Compression::None {
-                return Err(FormatError::SectionTable { message: format!("FFN section {:?} is compressed", s.name) });
+                return Err(FormatError::SectionTable {
+                    message: format!("FFN section {:?} is compressed", s.name),
+                });
             }
             if s.offset % m.alignment != 0 {
                 return Err(FormatError::SectionMisaligned {
@@ -247,17 +308,28 @@ impl Checker<'_> {
                 });
             }
             if s.offset < previous_end {
-                return Err(FormatError::SectionOverlap { section: s.name.clone(), offset: s.offset, previous_end });
+                return Err(FormatError::SectionOverlap {
+                    section: s.name.clone(),
+                    offset: s.offset,
+                    previous_end,
+                });
             }
             let expected = align_up(previous_end, m.alignment).unwrap_or(u64::MAX);
             if s.offset != expected {
-                return Err(FormatError::Hole { what: format!("section {:?}", s.name), offset: s.offset, expected });
+                return Err(FormatError::Hole {
+                    what: format!("section {:?}", s.name),
+                    offset: s.offset,
+                    expected,
+                });
             }
-            previous_end = s.offset.checked_add(s.length).ok_or_else(|| FormatError::SectionOverlap {
-                section: s.name.clone(),
-                offset: s.offset,
-                previous_end,
-            })?;
+            previous_end =
+                s.offset
+                    .checked_add(s.length)
+                    .ok_or_else(|| FormatError::SectionOverlap {
+                        section: s.name.clone(),
+                        offset: s.offset,
+                        previous_end,
+                    })?;
         }
         if previous_end > self.manifest_offset {
             return Err(FormatError::SectionOverlap {
@@ -267,11 +339,17 @@ impl Checker<'_> {
             });
         }
         if previous_end != self.manifest_offset {
-            return Err(FormatError::Hole { what: "the manifest".into(), offset: self.manifest_offset, expected: previous_end });
+            return Err(FormatError::Hole {
+                what: "the manifest".into(),
+                offset: self.manifest_offset,
+                expected: previous_end,
+            });
         }
         for required in [DENSE_SECTION, TOKENIZER_SECTION] {
             if !index.contains_key(required) {
-                return Err(FormatError::SectionTable { message: format!("required section {required:?} is missing") });
+                return Err(FormatError::SectionTable {
+                    message: format!("required section {required:?} is missing"),
+                });
             }
         }
         Ok(index)
@@ -279,12 +357,18 @@ impl Checker<'_> {
 
     /// Rule 17: every tensor lies inside a dense section, has the byte length its
     /// shape and dtype imply, and overlaps no other tensor.
-    fn check_tensors(&self, sections: &HashMap<String, usize>) -> std::result::Result<HashMap<String, usize>, FormatError> {
+    fn check_tensors(
+        &self,
+        sections: &HashMap<String, usize>,
+    ) -> std::result::Result<HashMap<String, usize>, FormatError> {
         let m = self.manifest;
         let mut index = HashMap::new();
         let mut extents: Vec<(&str, u64, u64)> = Vec::new();
         for (i, t) in m.tensors.iter().enumerate() {
-            let bad = |message: String| FormatError::TensorTable { tensor: t.name.clone(), message };
+            let bad = |message: String| FormatError::TensorTable {
+                tensor: t.name.clone(),
+                message,
+            };
             if index.insert(t.name.clone(), i).is_some() {
                 return Err(bad("appears twice".into()));
             }
@@ -296,17 +380,29 @@ impl Checker<'_> {
             let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let bytes = numel.and_then(|n| n.checked_mul(t.dtype.size_bytes()));
             if bytes != Some(t.length) {
-                return Err(bad(format!("length {} does not match shape {:?} of {:?}", t.length, t.shape, t.dtype)));
+                return Err(bad(format!(
+                    "length {} does not match shape {:?} of {:?}",
+                    t.length, t.shape, t.dtype
+                )));
             }
             match t.offset.checked_add(t.length) {
                 Some(end) if end <= section.raw_length => extents.push((&t.section, t.offset, end)),
-                _ => return Err(bad(format!("extends past the end of section {:?}", t.section))),
+                _ => {
+                    return Err(bad(format!(
+                        "extends past the end of section {:?}",
+                        t.section
+                    )))
+                }
             }
         }
         extents.sort();
         for pair in extents.windows(2) {
             if pair[0].0 == pair[1].0 && pair[1].1 < pair[0].2 {
-                let name = m.tensors.iter().find(|t| t.section == pair[1].0 && t.offset == pair[1].1).map(|t| t.name.clone());
+                let name = m
+                    .tensors
+                    .iter()
+                    .find(|t| t.section == pair[1].0 && t.offset == pair[1].1)
+                    .map(|t| t.name.clone());
                 return Err(FormatError::TensorTable {
                     tensor: name.unwrap_or_default(),
                     message: "overlaps another tensor".into(),
@@ -325,26 +421,44 @@ impl Checker<'_> {
     ) -> std::result::Result<(ModelConfig, ModelNames), FormatError> {
         let m = self.manifest;
         let model = |message: String| FormatError::Model { message };
-        let raw: RawConfig = serde_json::from_value(m.config.clone()).map_err(|e| model(format!("config: {e}")))?;
-        let config = ModelConfig::from_raw(&raw, Path::new("manifest config")).map_err(|e| model(e.to_string()))?;
+        let raw: RawConfig =
+            serde_json::from_value(m.config.clone()).map_err(|e| model(format!("config: {e}")))?;
+        let config = ModelConfig::from_raw(&raw, Path::new("manifest config"))
+            .map_err(|e| model(e.to_string()))?;
         let names = ModelNames::for_config(&config);
         let ffn_weights: HashSet<String> = names
             .layers
             .iter()
             .flat_map(|l| match &l.ffn {
                 FfnNames::Plain { up, down } => vec![up.weight.clone(), down.weight.clone()],
-                FfnNames::Gated { gate, up, down } => vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()],
+                FfnNames::Gated { gate, up, down } => {
+                    vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()]
+                }
             })
             .collect();
-        for spec in names.specs().iter().filter(|s| !ffn_weights.contains(&s.name)) {
-            let entry = tensors.get(&spec.name).map(|&i| &m.tensors[i]).ok_or_else(|| model(format!("tensor {:?} is missing", spec.name)))?;
+        for spec in names
+            .specs()
+            .iter()
+            .filter(|s| !ffn_weights.contains(&s.name))
+        {
+            let entry = tensors
+                .get(&spec.name)
+                .map(|&i| &m.tensors[i])
+                .ok_or_else(|| model(format!("tensor {:?} is missing", spec.name)))?;
             let shape: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
             if shape != spec.shape || entry.dtype == TableDType::U32 {
-                return Err(model(format!("tensor {:?} has shape {:?} ({:?}), the config implies {:?}", spec.name, entry.shape, entry.dtype, spec.shape)));
+                return Err(model(format!(
+                    "tensor {:?} has shape {:?} ({:?}), the config implies {:?}",
+                    spec.name, entry.shape, entry.dtype, spec.shape
+                )));
             }
         }
         if m.ffn_layers.len() != config.num_layers {
-            return Err(model(format!("{} FFN layers for a {}-layer model", m.ffn_layers.len(), config.num_layers)));
+            return Err(model(format!(
+                "{} FFN layers for a {}-layer model",
+                m.ffn_layers.len(),
+                config.num_layers
+            )));
         }
         for (i, (layer, names)) in m.ffn_layers.iter().zip(&names.layers).enumerate() {
             let bad = |message: String| model(format!("FFN layer {i}: {message}"));
@@ -353,17 +467,27 @@ impl Checker<'_> {
                 FfnNames::Gated { .. } => &[BundlePart::Gate, BundlePart::Up, BundlePart::Down],
             };
             if layer.layer != i as u64 || layer.parts != parts {
-                return Err(bad(format!("layer {} with parts {:?}, expected {parts:?}", layer.layer, layer.parts)));
+                return Err(bad(format!(
+                    "layer {} with parts {:?}, expected {parts:?}",
+                    layer.layer, layer.parts
+                )));
             }
-            if layer.neurons != config.ffn_width as u64 || layer.hidden != config.hidden_size as u64 {
-                return Err(bad(format!("{} neurons of width {}", layer.neurons, layer.hidden)));
+            if layer.neurons != config.ffn_width as u64 || layer.hidden != config.hidden_size as u64
+            {
+                return Err(bad(format!(
+                    "{} neurons of width {}",
+                    layer.neurons, layer.hidden
+                )));
             }
             if layer.dtype == TableDType::U32 {
                 return Err(bad("bundles must be f32, f16 or bf16".into()));
             }
             let stride = parts.len() as u64 * layer.hidden * layer.dtype.size_bytes();
             if layer.bundle_bytes != stride {
-                return Err(bad(format!("bundle_bytes {} should be {stride}", layer.bundle_bytes)));
+                return Err(bad(format!(
+                    "bundle_bytes {} should be {stride}",
+                    layer.bundle_bytes
+                )));
             }
             let section = sections
                 .get(&layer.section)
@@ -371,7 +495,12 @@ impl Checker<'_> {
                 .filter(|s| s.kind == SectionKind::Ffn)
                 .ok_or_else(|| bad(format!("section {:?} is not an FFN section", layer.section)))?;
             if section.raw_length != layer.neurons * stride {
-                return Err(bad(format!("section holds {} bytes, {} bundles of {stride} need {}", section.raw_length, layer.neurons, layer.neurons * stride)));
+                return Err(bad(format!(
+                    "section holds {} bytes, {} bundles of {stride} need {}",
+                    section.raw_length,
+                    layer.neurons,
+                    layer.neurons * stride
+                )));
             }
             let max_chunk = FFN_CHUNK_TARGET_BYTES.max(stride);
             if section.chunk_raw_bytes % stride != 0 || section.chunk_raw_bytes > max_chunk {
@@ -382,7 +511,10 @@ impl Checker<'_> {
             }
             let order = tensors.get(&layer.order_tensor).map(|&t| &m.tensors[t]);
             if !order.is_some_and(|o| o.dtype == TableDType::U32 && o.shape == [layer.neurons]) {
-                return Err(bad(format!("order tensor {:?} must be u32 of shape [{}]", layer.order_tensor, layer.neurons)));
+                return Err(bad(format!(
+                    "order tensor {:?} must be u32 of shape [{}]",
+                    layer.order_tensor, layer.neurons
+                )));
             }
         }
         Ok((config, names))
@@ -392,29 +524,51 @@ impl Checker<'_> {
 /// Rule 13: the chunks cover the section exactly, without gaps, in raw pieces of
 /// `chunk_raw_bytes`.
 fn check_chunks(s: &SectionEntry) -> std::result::Result<(), FormatError> {
-    let bad = |message: String| FormatError::ChunkTable { section: s.name.clone(), message };
+    let bad = |message: String| FormatError::ChunkTable {
+        section: s.name.clone(),
+        message,
+    };
     if s.chunk_raw_bytes == 0 || s.chunk_raw_bytes > MAX_CHUNK_RAW_BYTES {
-        return Err(bad(format!("chunk_raw_bytes {} is 0 or above the cap {MAX_CHUNK_RAW_BYTES}", s.chunk_raw_bytes)));
+        return Err(bad(format!(
+            "chunk_raw_bytes {} is 0 or above the cap {MAX_CHUNK_RAW_BYTES}",
+            s.chunk_raw_bytes
+        )));
     }
     let expected_chunks = s.raw_length.div_ceil(s.chunk_raw_bytes);
     if s.chunks.len() as u64 != expected_chunks {
-        return Err(bad(format!("{} chunks, {} raw bytes need {expected_chunks}", s.chunks.len(), s.raw_length)));
+        return Err(bad(format!(
+            "{} chunks, {} raw bytes need {expected_chunks}",
+            s.chunks.len(),
+            s.raw_length
+        )));
     }
     let mut total = 0u64;
     for (i, c) in s.chunks.iter().enumerate() {
         if s.compression == Compression::None && c.length != chunk_raw_length(s, i) {
-            return Err(bad(format!("uncompressed chunk {i} is {} bytes, expected {}", c.length, chunk_raw_length(s, i))));
+            return Err(bad(format!(
+                "uncompressed chunk {i} is {} bytes, expected {}",
+                c.length,
+                chunk_raw_length(s, i)
+            )));
         }
         if c.sha256.len() != 64 || !c.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad(format!("chunk {i} sha256 is not 64 hex digits")));
         }
-        total = total.checked_add(c.length).ok_or_else(|| bad("chunk lengths overflow".into()))?;
+        total = total
+            .checked_add(c.length)
+            .ok_or_else(|| bad("chunk lengths overflow".into()))?;
     }
     if total != s.length {
-        return Err(bad(format!("chunks hold {total} bytes, the section {}", s.length)));
+        return Err(bad(format!(
+            "chunks hold {total} bytes, the section {}",
+            s.length
+        )));
     }
     if s.compression == Compression::None && s.raw_length != s.length {
-        return Err(bad(format!("uncompressed section with raw_length {} != length {}", s.raw_length, s.length)));
+        return Err(bad(format!(
+            "uncompressed section with raw_length {} != length {}",
+            s.raw_length, s.length
+        )));
     }
     Ok(())
 }

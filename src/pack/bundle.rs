@@ -12,7 +12,12 @@ use crate::input::TensorRef;
 #[inline]
 pub fn get_element(bytes: &[u8], dtype: DType, i: usize) -> f32 {
     match dtype {
-        DType::F32 => f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]),
+        DType::F32 => f32::from_le_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ]),
         DType::F16 => f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
         DType::BF16 => bf16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
     }
@@ -61,20 +66,33 @@ pub fn build_layer_bundles(ffn: &LayerFfn<'_>, order: &[u32], dtype: DType) -> V
     let parts = if ffn.gate.is_some() { 3 } else { 2 };
     let stride = parts * part_bytes;
     let mut out = vec![0u8; order.len() * stride];
-    out.par_chunks_mut(stride).zip(order.par_iter()).for_each(|(bundle, &neuron)| {
-        let neuron = neuron as usize;
-        let mut at = 0;
-        if let Some(gate) = &ffn.gate {
-            convert_range(gate, neuron * h, h, dtype, &mut bundle[..part_bytes]);
-            at = part_bytes;
-        }
-        convert_range(&ffn.up, neuron * h, h, dtype, &mut bundle[at..at + part_bytes]);
-        at += part_bytes;
-        // Column `neuron` of down: element (r, neuron) for each output row r.
-        let column = &mut bundle[at..at + part_bytes];
-        for r in 0..h {
-            put_element(column, dtype, r, get_element(ffn.down.bytes, ffn.down.dtype, r * ffn.neurons + neuron));
-        }
-    });
+    out.par_chunks_mut(stride)
+        .zip(order.par_iter())
+        .for_each(|(bundle, &neuron)| {
+            let neuron = neuron as usize;
+            let mut at = 0;
+            if let Some(gate) = &ffn.gate {
+                convert_range(gate, neuron * h, h, dtype, &mut bundle[..part_bytes]);
+                at = part_bytes;
+            }
+            convert_range(
+                &ffn.up,
+                neuron * h,
+                h,
+                dtype,
+                &mut bundle[at..at + part_bytes],
+            );
+            at += part_bytes;
+            // Column `neuron` of down: element (r, neuron) for each output row r.
+            let column = &mut bundle[at..at + part_bytes];
+            for r in 0..h {
+                put_element(
+                    column,
+                    dtype,
+                    r,
+                    get_element(ffn.down.bytes, ffn.down.dtype, r * ffn.neurons + neuron),
+                );
+            }
+        });
     out
 }

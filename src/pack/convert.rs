@@ -47,7 +47,7 @@ impl TargetDType {
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
     pub dtype: TargetDType,
-    /// zstd level for the dense and file sections (1-22).
+    /// zstd level for the dense and file sections (1-22; 0 stores them uncompressed).
     pub zstd_level: i32,
     /// Alignment of every section (a power of two, 512 B to 1 MiB).
     pub alignment: u64,
@@ -55,7 +55,11 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { dtype: TargetDType::Keep, zstd_level: 3, alignment: 4096 }
+        ConvertOptions {
+            dtype: TargetDType::Keep,
+            zstd_level: 3,
+            alignment: 4096,
+        }
     }
 }
 
@@ -76,23 +80,37 @@ pub struct ConvertSummary {
 /// Progress callback: bytes of weights processed so far, of the total.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-const SIDE_FILES: [&str; 3] = ["generation_config.json", "tokenizer_config.json", "tokenizer.json"];
+const SIDE_FILES: [&str; 3] = [
+    "generation_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+];
 
 /// Converts the checkpoint at `src` into a flashpack file at `out`.
-pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progress<'_>) -> Result<ConvertSummary> {
+pub fn convert(
+    src: &Path,
+    out: &Path,
+    options: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<ConvertSummary> {
     let a = options.alignment;
     if !(a.is_power_of_two() && (MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&a)) {
         return Err(Error::InvalidArgument(format!(
             "--align {a} must be a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}"
         )));
     }
-    if !(1..=22).contains(&options.zstd_level) {
-        return Err(Error::InvalidArgument(format!("--zstd-level {} must be 1-22", options.zstd_level)));
+    if !(0..=22).contains(&options.zstd_level) {
+        return Err(Error::InvalidArgument(format!(
+            "--zstd-level {} must be 0-22",
+            options.zstd_level
+        )));
     }
+    let zstd = (options.zstd_level > 0).then_some(options.zstd_level);
     let ckpt = Checkpoint::open(src)?;
     // Fail before writing anything if the tokenizer is unusable.
     ckpt.tokenizer()?;
-    let config_json: serde_json::Value = crate::input::read_json(&src.join(crate::input::CONFIG_FILE), "config.json")?;
+    let config_json: serde_json::Value =
+        crate::input::read_json(&src.join(crate::input::CONFIG_FILE), "config.json")?;
     let optional_json = |name: &'static str| -> Result<Option<serde_json::Value>> {
         let p = src.join(name);
         if p.is_file() {
@@ -105,7 +123,13 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
     let tokenizer_config = optional_json("tokenizer_config.json")?;
     let source_files = hash_sources(&ckpt)?;
 
-    let total_weight_bytes: u64 = ckpt.names.specs().iter().filter_map(|s| ckpt.tensor(&s.name).ok()).map(|t| t.bytes.len() as u64).sum();
+    let total_weight_bytes: u64 = ckpt
+        .names
+        .specs()
+        .iter()
+        .filter_map(|s| ckpt.tensor(&s.name).ok())
+        .map(|t| t.bytes.len() as u64)
+        .sum();
     let mut done = 0u64;
 
     let mut file = AtomicOutput::create(out)?;
@@ -115,21 +139,32 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
     // tokenizer.json, carried verbatim.
     file.pad_to(a)?;
     let tokenizer_path = src.join(crate::input::tokenizer::TOKENIZER_FILE);
-    let tokenizer_bytes = std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-    let mut w = SectionWriter::new(&file, TOKENIZER_SECTION, SectionKind::File, Some(options.zstd_level), DENSE_CHUNK_BYTES);
+    let tokenizer_bytes =
+        std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+    let mut w = SectionWriter::new(
+        &file,
+        TOKENIZER_SECTION,
+        SectionKind::File,
+        zstd,
+        DENSE_CHUNK_BYTES,
+    );
     w.write(&mut file, &tokenizer_bytes)?;
     sections.push(w.finish(&mut file)?);
 
     // The dense section: everything but the FFN weight matrices, per-neuron FFN
     // biases in packed order, and the neuron orders.
-    let orders: Vec<Vec<u32>> = (0..ckpt.config.num_layers).map(|_| (0..ckpt.config.ffn_width as u32).collect()).collect();
+    let orders: Vec<Vec<u32>> = (0..ckpt.config.num_layers)
+        .map(|_| (0..ckpt.config.ffn_width as u32).collect())
+        .collect();
     let ffn_weight_names: HashSet<String> = ckpt
         .names
         .layers
         .iter()
         .flat_map(|l| match &l.ffn {
             FfnNames::Plain { up, down } => vec![up.weight.clone(), down.weight.clone()],
-            FfnNames::Gated { gate, up, down } => vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()],
+            FfnNames::Gated { gate, up, down } => {
+                vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()]
+            }
         })
         .collect();
     // Per-neuron biases (of the up and gate projections) follow the packed order.
@@ -148,9 +183,20 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
         .collect();
 
     file.pad_to(a)?;
-    let mut dense = SectionWriter::new(&file, DENSE_SECTION, SectionKind::Dense, Some(options.zstd_level), DENSE_CHUNK_BYTES);
+    let mut dense = SectionWriter::new(
+        &file,
+        DENSE_SECTION,
+        SectionKind::Dense,
+        zstd,
+        DENSE_CHUNK_BYTES,
+    );
     let mut tensors = Vec::new();
-    for spec in ckpt.names.specs().iter().filter(|s| !ffn_weight_names.contains(&s.name)) {
+    for spec in ckpt
+        .names
+        .specs()
+        .iter()
+        .filter(|s| !ffn_weight_names.contains(&s.name))
+    {
         let t = ckpt.tensor(&spec.name)?;
         let dtype = options.dtype.resolve(t.dtype);
         dense.pad_raw(&mut file, TENSOR_ALIGN)?;
@@ -209,7 +255,11 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
         };
         let dtype = options.dtype.resolve(layer.up.dtype);
         let bundles = build_layer_bundles(&layer, &orders[i], dtype);
-        let parts = if gate.is_some() { vec![BundlePart::Gate, BundlePart::Up, BundlePart::Down] } else { vec![BundlePart::Up, BundlePart::Down] };
+        let parts = if gate.is_some() {
+            vec![BundlePart::Gate, BundlePart::Up, BundlePart::Down]
+        } else {
+            vec![BundlePart::Up, BundlePart::Down]
+        };
         let stride = (parts.len() * layer.hidden * dtype.size_bytes()) as u64;
         let chunk = FFN_CHUNK_TARGET_BYTES.max(stride) / stride * stride;
         file.pad_to(a)?;
@@ -227,7 +277,11 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
             bundle_bytes: stride,
             order_tensor: order_tensor_name(i),
         });
-        done += [Some(&layer.up), Some(&layer.down), layer.gate.as_ref()].iter().flatten().map(|t| t.bytes.len() as u64).sum::<u64>();
+        done += [Some(&layer.up), Some(&layer.down), layer.gate.as_ref()]
+            .iter()
+            .flatten()
+            .map(|t| t.bytes.len() as u64)
+            .sum::<u64>();
         progress(done, total_weight_bytes);
     }
 
@@ -243,10 +297,15 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
         provenance: Provenance {
             flashpack_version: env!("CARGO_PKG_VERSION").to_string(),
             source_files,
-            options: PackOptions { dtype: options.dtype.name().into(), zstd_level: options.zstd_level, alignment: a },
+            options: PackOptions {
+                dtype: options.dtype.name().into(),
+                zstd_level: options.zstd_level,
+                alignment: a,
+            },
         },
     };
-    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
+    let manifest_bytes = serde_json::to_vec(&manifest)
+        .map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
     let manifest_offset = file.position;
     file.write_all(&manifest_bytes)?;
     let manifest_sha: [u8; 32] = Sha256::digest(&manifest_bytes).into();
@@ -262,12 +321,24 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
     let file_bytes = file.position;
     file.commit()?;
 
-    let section_bytes = |kind: SectionKind| manifest.sections.iter().filter(|s| s.kind == kind).map(|s| s.length).sum::<u64>();
+    let section_bytes = |kind: SectionKind| {
+        manifest
+            .sections
+            .iter()
+            .filter(|s| s.kind == kind)
+            .map(|s| s.length)
+            .sum::<u64>()
+    };
     Ok(ConvertSummary {
         output: out.to_path_buf(),
         file_bytes,
         dense_bytes: section_bytes(SectionKind::Dense),
-        dense_raw_bytes: manifest.sections.iter().filter(|s| s.kind == SectionKind::Dense).map(|s| s.raw_length).sum(),
+        dense_raw_bytes: manifest
+            .sections
+            .iter()
+            .filter(|s| s.kind == SectionKind::Dense)
+            .map(|s| s.raw_length)
+            .sum(),
         ffn_bytes: section_bytes(SectionKind::Ffn),
         tokenizer_bytes: section_bytes(SectionKind::File),
         sections: manifest.sections.len(),
@@ -277,7 +348,12 @@ pub fn convert(src: &Path, out: &Path, options: &ConvertOptions, progress: Progr
 }
 
 /// Streams a tensor into the section in the target dtype, a bounded piece at a time.
-fn write_converted(w: &mut SectionWriter, out: &mut AtomicOutput, t: &TensorRef<'_>, dtype: DType) -> Result<()> {
+fn write_converted(
+    w: &mut SectionWriter,
+    out: &mut AtomicOutput,
+    t: &TensorRef<'_>,
+    dtype: DType,
+) -> Result<()> {
     const PIECE: usize = 1 << 20;
     let n = t.numel();
     let mut buf = Vec::new();
@@ -295,7 +371,12 @@ fn write_converted(w: &mut SectionWriter, out: &mut AtomicOutput, t: &TensorRef<
 /// sha256 of every file the pack is made from, by name, in parallel.
 fn hash_sources(ckpt: &Checkpoint) -> Result<Vec<SourceFile>> {
     let mut names: Vec<String> = vec![crate::input::CONFIG_FILE.to_string()];
-    names.extend(SIDE_FILES.iter().filter(|n| ckpt.dir.join(n).is_file()).map(|n| n.to_string()));
+    names.extend(
+        SIDE_FILES
+            .iter()
+            .filter(|n| ckpt.dir.join(n).is_file())
+            .map(|n| n.to_string()),
+    );
     if ckpt.weights.index.is_some() {
         names.push(crate::input::weights::INDEX_FILE.to_string());
     }
@@ -308,7 +389,11 @@ fn hash_sources(ckpt: &Checkpoint) -> Result<Vec<SourceFile>> {
             let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             let mut hasher = Sha256::new();
             let bytes = std::io::copy(&mut f, &mut hasher).map_err(|e| Error::io(&path, e))?;
-            Ok(SourceFile { name: name.clone(), bytes, sha256: hex::encode(hasher.finalize()) })
+            Ok(SourceFile {
+                name: name.clone(),
+                bytes,
+                sha256: hex::encode(hasher.finalize()),
+            })
         })
         .collect()
 }

@@ -24,18 +24,31 @@ impl AtomicOutput {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::InvalidArgument(format!("output {} has no file name", target.display())))?;
+        let name = target.file_name().ok_or_else(|| {
+            Error::InvalidArgument(format!("output {} has no file name", target.display()))
+        })?;
         // pid + time make concurrent writers of one output use distinct temporaries;
         // create_new refuses to reuse an existing one.
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let temp = dir.join(format!(".{}.tmp-{}-{nonce}", name.to_string_lossy(), std::process::id()));
-        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| Error::io(&temp, e))?;
-        Ok(AtomicOutput { target: target.to_path_buf(), temp, file: Some(file), position: 0 })
+        let temp = dir.join(format!(
+            ".{}.tmp-{}-{nonce}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| Error::io(&temp, e))?;
+        Ok(AtomicOutput {
+            target: target.to_path_buf(),
+            temp,
+            file: Some(file),
+            position: 0,
+        })
     }
 
     fn file(&mut self) -> &mut File {
@@ -44,7 +57,9 @@ impl AtomicOutput {
 
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         let temp = self.temp.clone();
-        self.file().write_all(bytes).map_err(|e| Error::io(&temp, e))?;
+        self.file()
+            .write_all(bytes)
+            .map_err(|e| Error::io(&temp, e))?;
         self.position += bytes.len() as u64;
         Ok(())
     }
@@ -61,7 +76,9 @@ impl AtomicOutput {
     pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let temp = self.temp.clone();
-        self.file().write_all_at(bytes, offset).map_err(|e| Error::io(&temp, e))
+        self.file()
+            .write_all_at(bytes, offset)
+            .map_err(|e| Error::io(&temp, e))
     }
 
     /// Makes the file durable and moves it to the output path.

@@ -27,7 +27,13 @@ pub struct SectionWriter {
 
 impl SectionWriter {
     /// Starts a section at the output's current position (already aligned).
-    pub fn new(out: &AtomicOutput, name: &str, kind: SectionKind, zstd_level: Option<i32>, chunk_raw_bytes: u64) -> SectionWriter {
+    pub fn new(
+        out: &AtomicOutput,
+        name: &str,
+        kind: SectionKind,
+        zstd_level: Option<i32>,
+        chunk_raw_bytes: u64,
+    ) -> SectionWriter {
         SectionWriter {
             name: name.to_string(),
             kind,
@@ -66,7 +72,11 @@ impl SectionWriter {
     /// Writes every complete chunk (and the final partial one when `last`).
     fn flush(&mut self, out: &mut AtomicOutput, last: bool) -> Result<()> {
         let chunk = self.chunk_raw_bytes as usize;
-        let complete = if last { self.pending.len() } else { self.pending.len() / chunk * chunk };
+        let complete = if last {
+            self.pending.len()
+        } else {
+            self.pending.len() / chunk * chunk
+        };
         if complete == 0 {
             return Ok(());
         }
@@ -83,11 +93,17 @@ impl SectionWriter {
             })
             .collect();
         for item in encoded {
-            let (stored, sha256) = item.map_err(|e| Error::Io { path: format!("zstd ({})", self.name).into(), source: e })?;
+            let (stored, sha256) = item.map_err(|e| Error::Io {
+                path: format!("zstd ({})", self.name).into(),
+                source: e,
+            })?;
             out.write_all(&stored)?;
             self.hasher.update(&stored);
             self.length += stored.len() as u64;
-            self.chunks.push(ChunkEntry { length: stored.len() as u64, sha256 });
+            self.chunks.push(ChunkEntry {
+                length: stored.len() as u64,
+                sha256,
+            });
         }
         self.raw_length += complete as u64;
         self.pending.drain(..complete);
@@ -102,7 +118,11 @@ impl SectionWriter {
             offset: self.offset,
             length: self.length,
             raw_length: self.raw_length,
-            compression: if self.zstd_level.is_some() { Compression::Zstd } else { Compression::None },
+            compression: if self.zstd_level.is_some() {
+                Compression::Zstd
+            } else {
+                Compression::None
+            },
             chunk_raw_bytes: self.chunk_raw_bytes,
             sha256: hex::encode(self.hasher.finalize()),
             chunks: self.chunks,

@@ -1,0 +1,408 @@
+//! One test per numbered MUST rule of formats/flashpack-v1.md: each builds a real
+//! packed file, breaks exactly that rule, and checks the reader reports that rule
+//! (and never panics). Test names carry the rule number.
+
+use std::path::{Path, PathBuf};
+
+use flashpack::format::integrity::check_integrity;
+use flashpack::format::layout::{Preamble, PREAMBLE_BYTES};
+use flashpack::format::{FormatError, PackedFile};
+use flashpack::pack::{convert, ConvertOptions};
+use flashpack::Error;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const MODEL: &str = "opt-relu";
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/models")
+        .join(name)
+}
+
+/// A freshly converted file in a temporary directory.
+fn packed(zstd_level: i32) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model.flashpack");
+    let options = ConvertOptions {
+        zstd_level,
+        ..ConvertOptions::default()
+    };
+    convert(&fixture(MODEL), &out, &options, &|_, _| {}).unwrap();
+    (tmp, out)
+}
+
+fn preamble(bytes: &[u8]) -> Preamble {
+    Preamble::from_bytes(bytes[..PREAMBLE_BYTES as usize].try_into().unwrap())
+}
+
+fn manifest(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap();
+    let p = preamble(&bytes);
+    serde_json::from_slice(&bytes[p.manifest_offset as usize..]).unwrap()
+}
+
+/// Replaces the manifest with an edited one, fixing up the preamble so that only
+/// the edit is wrong.
+fn rewrite_manifest(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut p = preamble(&bytes);
+    let mut m: Value = serde_json::from_slice(&bytes[p.manifest_offset as usize..]).unwrap();
+    edit(&mut m);
+    let new = serde_json::to_vec(&m).unwrap();
+    write_manifest_bytes(path, &bytes[..p.manifest_offset as usize], &mut p, &new);
+}
+
+fn write_manifest_bytes(path: &Path, body: &[u8], p: &mut Preamble, manifest: &[u8]) {
+    p.manifest_length = manifest.len() as u64;
+    p.manifest_sha256 = Sha256::digest(manifest).into();
+    let mut out = body.to_vec();
+    out[..PREAMBLE_BYTES as usize].copy_from_slice(&p.to_bytes());
+    out.extend_from_slice(manifest);
+    std::fs::write(path, out).unwrap();
+}
+
+fn patch(path: &Path, offset: u64, new: &[u8]) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset as usize..offset as usize + new.len()].copy_from_slice(new);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The rule `PackedFile::open` reports.
+fn open_error(path: &Path) -> FormatError {
+    match PackedFile::open(path) {
+        Err(Error::Format { source, .. }) => source,
+        Err(other) => panic!("expected a format error, got {other}"),
+        Ok(_) => panic!("file was accepted"),
+    }
+}
+
+/// The rules a full integrity check reports on a file that opens.
+fn integrity_failures(path: &Path) -> Vec<FormatError> {
+    let file = PackedFile::open(path).unwrap_or_else(|e| panic!("should open: {e}"));
+    check_integrity(&file).unwrap().failures
+}
+
+fn section<'a>(m: &'a Value, name: &str) -> &'a Value {
+    m["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap()
+}
+
+fn section_index(m: &Value, name: &str) -> usize {
+    m["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|s| s["name"] == name)
+        .unwrap()
+}
+
+fn hex_sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[test]
+fn a_fresh_file_passes_every_rule() {
+    let (_t, path) = packed(3);
+    assert!(integrity_failures(&path).is_empty());
+}
+
+#[test]
+fn rule_01_bad_magic() {
+    let (_t, path) = packed(3);
+    patch(&path, 0, b"GGUF");
+    assert_eq!(open_error(&path).rule(), 1);
+    std::fs::write(&path, b"FLASH").unwrap();
+    assert_eq!(
+        open_error(&path).rule(),
+        1,
+        "a file shorter than the preamble"
+    );
+}
+
+#[test]
+fn rule_02_unknown_version_has_its_own_error() {
+    let (_t, path) = packed(3);
+    patch(&path, 8, &2u32.to_le_bytes());
+    let err = open_error(&path);
+    assert_eq!(
+        err,
+        FormatError::UnsupportedVersion {
+            found: 2,
+            supported: 1
+        }
+    );
+    assert!(err.to_string().contains("version 2"));
+}
+
+#[test]
+fn rule_03_reserved_flags() {
+    let (_t, path) = packed(3);
+    patch(&path, 12, &1u32.to_le_bytes());
+    assert_eq!(open_error(&path).rule(), 3);
+}
+
+#[test]
+fn rule_04_truncated_file_and_trailing_bytes() {
+    let (_t, path) = packed(3);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    assert_eq!(open_error(&path).rule(), 4);
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&[0; 7]);
+    std::fs::write(&path, longer).unwrap();
+    assert_eq!(open_error(&path).rule(), 4);
+    // A manifest pointing past the end.
+    let mut p = preamble(&bytes);
+    p.manifest_offset = u64::MAX - 3;
+    let mut bad = bytes.clone();
+    bad[..64].copy_from_slice(&p.to_bytes());
+    std::fs::write(&path, bad).unwrap();
+    assert_eq!(open_error(&path).rule(), 4);
+}
+
+#[test]
+fn rule_05_manifest_hash() {
+    let (_t, path) = packed(3);
+    let len = std::fs::metadata(&path).unwrap().len();
+    patch(&path, len - 2, b"!");
+    let err = open_error(&path);
+    assert_eq!(err.rule(), 5);
+    assert!(
+        err.is_integrity(),
+        "a damaged manifest is a failed check (exit 1)"
+    );
+}
+
+#[test]
+fn rule_06_manifest_schema() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        m.as_object_mut().unwrap().remove("sections");
+    });
+    assert_eq!(open_error(&path).rule(), 6);
+    rewrite_manifest(&path, |m| *m = serde_json::json!([1, 2]));
+    assert_eq!(open_error(&path).rule(), 6);
+}
+
+#[test]
+fn rule_07_alignment() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| m["alignment"] = 1000.into());
+    assert_eq!(open_error(&path).rule(), 7);
+}
+
+#[test]
+fn rule_08_misaligned_section() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let off = m["sections"][1]["offset"].as_u64().unwrap();
+        m["sections"][1]["offset"] = (off + 8).into();
+    });
+    assert_eq!(open_error(&path).rule(), 8);
+}
+
+#[test]
+fn rule_09_overlapping_sections() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let first = m["sections"][0]["offset"].clone();
+        m["sections"][1]["offset"] = first;
+    });
+    assert_eq!(open_error(&path).rule(), 9);
+}
+
+#[test]
+fn rule_10_hole_between_sections() {
+    let (_t, path) = packed(3);
+    // Insert one alignment unit of zeros before the last section and move it (and
+    // the manifest) along: everything stays aligned and hash-correct, with a hole.
+    let bytes = std::fs::read(&path).unwrap();
+    let mut p = preamble(&bytes);
+    let mut m: Value = serde_json::from_slice(&bytes[p.manifest_offset as usize..]).unwrap();
+    let align = m["alignment"].as_u64().unwrap();
+    let last = m["sections"].as_array().unwrap().len() - 1;
+    let at = m["sections"][last]["offset"].as_u64().unwrap();
+    m["sections"][last]["offset"] = (at + align).into();
+    let mut body = bytes[..at as usize].to_vec();
+    body.extend(std::iter::repeat_n(0u8, align as usize));
+    body.extend_from_slice(&bytes[at as usize..p.manifest_offset as usize]);
+    p.manifest_offset += align;
+    write_manifest_bytes(&path, &body, &mut p, &serde_json::to_vec(&m).unwrap());
+    let err = open_error(&path);
+    assert_eq!(err.rule(), 10, "{err}");
+}
+
+#[test]
+fn rule_11_nonzero_padding() {
+    let (_t, path) = packed(3);
+    patch(&path, 100, &[0xAB]);
+    let failures = integrity_failures(&path);
+    assert_eq!(failures, vec![FormatError::NonZeroPadding { offset: 100 }]);
+}
+
+#[test]
+fn rule_12_section_hash() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        m["sections"][2]["sha256"] = "0".repeat(64).into()
+    });
+    let name = manifest(&path)["sections"][2]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        integrity_failures(&path),
+        vec![FormatError::SectionHash { section: name }]
+    );
+}
+
+#[test]
+fn rule_13_chunk_table() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        m["sections"][2]["chunks"].as_array_mut().unwrap().pop();
+    });
+    assert_eq!(open_error(&path).rule(), 13);
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "ffn.0");
+        // Chunks must be whole bundles.
+        m["sections"][i]["chunk_raw_bytes"] = 1000.into();
+    });
+    assert_eq!(open_error(&path).rule(), 13);
+}
+
+#[test]
+fn rule_14_chunk_hash_names_section_and_chunk() {
+    let (_t, path) = packed(3);
+    let m = manifest(&path);
+    let ffn = section(&m, "ffn.1");
+    let chunk_len = ffn["chunks"][0]["length"].as_u64().unwrap();
+    let offset = ffn["offset"].as_u64().unwrap() + chunk_len + 5; // inside chunk 1
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset as usize] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let failures = integrity_failures(&path);
+    assert!(failures.contains(&FormatError::ChunkHash {
+        section: "ffn.1".into(),
+        chunk: 1,
+        offset: ffn["offset"].as_u64().unwrap() + chunk_len
+    }));
+    assert!(failures.contains(&FormatError::SectionHash {
+        section: "ffn.1".into()
+    }));
+}
+
+#[test]
+fn rule_15_chunk_that_does_not_decompress() {
+    let (_t, path) = packed(3);
+    let m = manifest(&path);
+    let i = section_index(&m, "dense");
+    let dense = &m["sections"][i];
+    let offset = dense["offset"].as_u64().unwrap();
+    let len = dense["chunks"][0]["length"].as_u64().unwrap() as usize;
+    // Garbage with correct hashes: only the decompression can tell.
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in &mut bytes[offset as usize + 8..offset as usize + len] {
+        *b = 0x5A;
+    }
+    let chunk_sha = hex_sha(&bytes[offset as usize..offset as usize + len]);
+    let total = dense["length"].as_u64().unwrap() as usize;
+    let section_sha = hex_sha(&bytes[offset as usize..offset as usize + total]);
+    std::fs::write(&path, bytes).unwrap();
+    rewrite_manifest(&path, |m| {
+        m["sections"][i]["chunks"][0]["sha256"] = chunk_sha.into();
+        m["sections"][i]["sha256"] = section_sha.into();
+    });
+    let failures = integrity_failures(&path);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].rule(), 15);
+}
+
+#[test]
+fn rule_16_section_table() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "tokenizer.json");
+        m["sections"][i]["name"] = "vocab.json".into();
+    });
+    assert_eq!(open_error(&path).rule(), 16);
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "ffn.0");
+        m["sections"][i]["compression"] = "zstd".into();
+    });
+    assert_eq!(open_error(&path).rule(), 16);
+}
+
+#[test]
+fn rule_17_tensor_table() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let len = m["tensors"][0]["length"].as_u64().unwrap();
+        m["tensors"][0]["length"] = (len + 2).into();
+    });
+    assert_eq!(open_error(&path).rule(), 17);
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let off = m["tensors"][0]["offset"].clone();
+        m["tensors"][1]["offset"] = off;
+    });
+    assert_eq!(open_error(&path).rule(), 17, "overlapping tensors");
+}
+
+#[test]
+fn rule_18_model_consistency() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        m["ffn_layers"].as_array_mut().unwrap().pop();
+    });
+    assert_eq!(open_error(&path).rule(), 18);
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| m["config"]["ffn_dim"] = 96.into());
+    assert_eq!(open_error(&path).rule(), 18);
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        m["config"]["architectures"] = serde_json::json!(["GPTJForCausalLM"])
+    });
+    assert_eq!(open_error(&path).rule(), 18);
+}
+
+#[test]
+fn rule_19_neuron_order_must_be_a_permutation() {
+    // Uncompressed dense part, so the order bytes can be edited in place.
+    let (_t, path) = packed(0);
+    let m = manifest(&path);
+    let i = section_index(&m, "dense");
+    let dense = &m["sections"][i];
+    let order = m["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "flashpack.ffn.0.order")
+        .unwrap();
+    let at = dense["offset"].as_u64().unwrap() + order["offset"].as_u64().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Neuron 1 listed twice, neuron 0 never.
+    bytes[at as usize..at as usize + 4].copy_from_slice(&1u32.to_le_bytes());
+    let chunk_raw = dense["chunk_raw_bytes"].as_u64().unwrap();
+    let chunk = ((at - dense["offset"].as_u64().unwrap()) / chunk_raw) as usize;
+    let start = dense["offset"].as_u64().unwrap() as usize + chunk * chunk_raw as usize;
+    let chunk_len = dense["chunks"][chunk]["length"].as_u64().unwrap() as usize;
+    let chunk_sha = hex_sha(&bytes[start..start + chunk_len]);
+    let s0 = dense["offset"].as_u64().unwrap() as usize;
+    let section_sha = hex_sha(&bytes[s0..s0 + dense["length"].as_u64().unwrap() as usize]);
+    std::fs::write(&path, bytes).unwrap();
+    rewrite_manifest(&path, |m| {
+        m["sections"][i]["chunks"][chunk]["sha256"] = chunk_sha.into();
+        m["sections"][i]["sha256"] = section_sha.into();
+    });
+    let failures = integrity_failures(&path);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].rule(), 19);
+}
