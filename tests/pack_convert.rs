@@ -71,6 +71,13 @@ fn every_fixture_round_trips_through_convert_and_verify() {
         assert_eq!(r.json["verified"], true);
         assert_eq!(r.json["verify"]["weights_mismatched"], 0);
         assert!(r.json["verify"]["weights_compared"].as_u64().unwrap() > 0);
+        assert_eq!(r.json["verify"]["logit_nmse_gated"], true);
+        let nmse = r.json["verify"]["logit_nmse"].as_f64().unwrap();
+        println!(
+            "{}: logit NMSE against the source {nmse:.3e}",
+            dir.display()
+        );
+        assert!(nmse < 1e-10, "{}: {nmse}", dir.display());
         assert_eq!(
             r.json["file_bytes"].as_u64().unwrap(),
             std::fs::metadata(&out).unwrap().len()

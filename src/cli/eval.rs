@@ -7,16 +7,15 @@ use clap::Args;
 
 use crate::cli::Output;
 use crate::error::Error;
-use crate::input::Checkpoint;
 use crate::runtime::perplexity::perplexity;
-use crate::runtime::{with_threads, Model};
+use crate::runtime::{open_model, with_threads, LoadedModel};
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "Example:\n  flashpack eval fixtures/models/opt-relu --text fixtures/text/heldout.txt --json"
 )]
 pub struct EvalArgs {
-    /// A Hugging Face checkpoint directory.
+    /// A Hugging Face checkpoint directory or a flashpack file.
     pub model: PathBuf,
     /// A UTF-8 text file to score.
     #[arg(long)]
@@ -47,9 +46,10 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.text).map_err(|e| Error::io(&args.text, e))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display())))?;
-    let ckpt = Checkpoint::open(&args.model)?;
-    let ids = ckpt.tokenizer()?.encode(&text)?;
-    let model = Model::from_checkpoint(&ckpt)?;
+    let LoadedModel {
+        model, tokenizer, ..
+    } = open_model(&args.model)?;
+    let ids = tokenizer.encode(&text)?;
     let (r, threads) = with_threads(args.threads, || {
         perplexity(&model, &ids, args.ctx).map(|r| (r, rayon::current_num_threads()))
     })??;

@@ -6,17 +6,16 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::Output;
-use crate::input::Checkpoint;
 use crate::runtime::generate::{generate, GenerateOptions, TextStream};
 use crate::runtime::sampling::SamplingParams;
-use crate::runtime::{with_threads, Model};
+use crate::runtime::{open_model, with_threads, LoadedModel};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     flashpack run fixtures/models/opt-relu --prompt 'To be, or not to be'\n  \
     flashpack run fixtures/models/llama-silu --prompt 'ROMEO.' --temperature 0.8 --top-p 0.95 --seed 1 --json")]
 pub struct RunArgs {
-    /// A Hugging Face checkpoint directory.
+    /// A Hugging Face checkpoint directory or a flashpack file.
     pub model: PathBuf,
     /// The text to continue (tokenized with the model's tokenizer, BOS included).
     #[arg(long)]
@@ -75,14 +74,14 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         seed,
     };
     sampling.validate()?;
-    let ckpt = Checkpoint::open(&args.model)?;
-    let tokenizer = ckpt.tokenizer()?;
+    let LoadedModel {
+        model, tokenizer, ..
+    } = open_model(&args.model)?;
     let prompt_ids = tokenizer.encode(&args.prompt)?;
-    let mut stop_ids = ckpt.config.eos_token_ids.clone();
+    let mut stop_ids = model.config.eos_token_ids.clone();
     stop_ids.extend(tokenizer.special.eos.iter().copied());
     stop_ids.sort_unstable();
     stop_ids.dedup();
-    let model = Model::from_checkpoint(&ckpt)?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,

@@ -42,7 +42,23 @@ pub struct VerifyReport {
     /// Weights compared with the source checkpoint (0 without `--against`).
     pub weights_compared: u64,
     pub weights_mismatched: u64,
+    /// Largest final-position logit NMSE between the packed model and the source
+    /// checkpoint over the fixed prompts (`--against` only).
+    pub logit_nmse: Option<f64>,
+    /// Whether the NMSE was held to [`LOGIT_NMSE_LIMIT`]: only when the weights kept
+    /// their dtype (a narrowing conversion changes the model by design).
+    pub logit_nmse_gated: bool,
 }
+
+/// The packed model computes what the checkpoint computes, up to summation order.
+pub const LOGIT_NMSE_LIMIT: f64 = 1e-10;
+
+/// Prompts whose final-position logits `--against` compares.
+const CHECK_PROMPTS: [&str; 3] = [
+    "",
+    "The quick brown fox jumps over the lazy dog.",
+    "Now is the winter of our discontent\nMade glorious summer by this sun of York;",
+];
 
 pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
     let report = verify_file(&args.file, args.against.as_deref(), out)?;
@@ -74,6 +90,8 @@ pub fn verify_file(
     let integrity = check_integrity(&file)?;
     let mut failures: Vec<String> = integrity.failures.iter().map(|f| f.to_string()).collect();
     let (mut compared, mut mismatched) = (0, 0);
+    let mut logit_nmse = None;
+    let gated = file.manifest.provenance.options.dtype == "keep";
     if let Some(dir) = against {
         if failures.is_empty() {
             let ckpt = Checkpoint::open(dir)?;
@@ -81,6 +99,25 @@ pub fn verify_file(
             compared = r.0;
             mismatched = r.1;
             failures.extend(r.2);
+            if failures.is_empty() {
+                let e = compare_logits(&file, &ckpt)?;
+                out.human(format_args!(
+                    "logits against the source: max NMSE {e:.3e} over {} prompts{}",
+                    CHECK_PROMPTS.len(),
+                    if gated {
+                        String::new()
+                    } else {
+                        " (not gated: the weights changed dtype)".into()
+                    }
+                ));
+                let within = e.partial_cmp(&LOGIT_NMSE_LIMIT).is_some_and(|o| o.is_le());
+                if gated && !within {
+                    failures.push(format!(
+                        "logit NMSE {e:.3e} against the source exceeds {LOGIT_NMSE_LIMIT:e}"
+                    ));
+                }
+                logit_nmse = Some(e);
+            }
         } else {
             failures.push(
                 "weights not compared with the source: the file failed its integrity checks".into(),
@@ -113,6 +150,8 @@ pub fn verify_file(
         failures,
         weights_compared: compared,
         weights_mismatched: mismatched,
+        logit_nmse,
+        logit_nmse_gated: gated && against.is_some(),
     })
 }
 
@@ -232,4 +271,31 @@ fn compare_weights(
         }
     }
     Ok((compared, mismatched, failures))
+}
+
+/// Largest final-position logit NMSE between the packed model (all bundles in DRAM)
+/// and the checkpoint, through the one dense runtime, over [`CHECK_PROMPTS`].
+fn compare_logits(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<f64> {
+    use crate::runtime::{packed::PackedWeights, Logits, Model};
+    let source = Model::from_checkpoint(ckpt)?;
+    let packed = Model::load(&file.config, &file.names, &PackedWeights::read_all(file)?)?;
+    let tokenizer = ckpt.tokenizer()?;
+    let mut worst = 0.0f64;
+    for text in CHECK_PROMPTS {
+        let ids = tokenizer.encode(text)?;
+        if ids.is_empty() || ids.len() > source.config.max_context {
+            continue;
+        }
+        let r = source.forward(&mut source.new_cache(), &ids, Logits::Last, None)?;
+        let x = packed.forward(&mut packed.new_cache(), &ids, Logits::Last, None)?;
+        let num: f64 = x
+            .iter()
+            .zip(&r)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum();
+        let den: f64 = r.iter().map(|&b| (b as f64).powi(2)).sum();
+        let e = num / den;
+        worst = if e.is_nan() { e } else { worst.max(e) };
+    }
+    Ok(worst)
 }

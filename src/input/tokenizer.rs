@@ -80,22 +80,52 @@ impl TextTokenizer {
                 what: "tokenizer.json",
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let tok_cfg_path = dir.join(TOKENIZER_CONFIG_FILE);
-        let tok_cfg: RawTokenizerConfig = if tok_cfg_path.is_file() {
-            crate::input::read_json(&tok_cfg_path, TOKENIZER_CONFIG_FILE)?
-        } else {
-            RawTokenizerConfig::default()
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let optional = |name: &'static str| -> Result<Option<serde_json::Value>> {
+            let p = dir.join(name);
+            if p.is_file() {
+                crate::input::read_json(&p, name).map(Some)
+            } else {
+                Ok(None)
+            }
         };
-        let gen_path = dir.join(GENERATION_CONFIG_FILE);
-        let gen: RawGenerationConfig = if gen_path.is_file() {
-            crate::input::read_json(&gen_path, GENERATION_CONFIG_FILE)?
-        } else {
-            RawGenerationConfig::default()
-        };
+        let tok_cfg = optional(TOKENIZER_CONFIG_FILE)?;
+        let gen_cfg = optional(GENERATION_CONFIG_FILE)?;
+        TextTokenizer::from_parts(&path, &bytes, tok_cfg.as_ref(), gen_cfg.as_ref(), config)
+    }
+
+    /// Builds the tokenizer from the contents of `tokenizer.json` and of the
+    /// optional `tokenizer_config.json` / `generation_config.json` (as a packed
+    /// file carries them). `path` names the source in errors.
+    pub fn from_parts(
+        path: &Path,
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&serde_json::Value>,
+        generation_config: Option<&serde_json::Value>,
+        config: &ModelConfig,
+    ) -> Result<TextTokenizer> {
+        let path = path.to_path_buf();
+        let inner =
+            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        fn parse<T: serde::de::DeserializeOwned + Default>(
+            value: Option<&serde_json::Value>,
+            path: &Path,
+            name: &str,
+        ) -> Result<T> {
+            match value {
+                None => Ok(T::default()),
+                Some(v) => serde_json::from_value(v.clone()).map_err(|source| Error::Json {
+                    path: path.with_file_name(name),
+                    source,
+                }),
+            }
+        }
+        let tok_cfg: RawTokenizerConfig = parse(tokenizer_config, &path, TOKENIZER_CONFIG_FILE)?;
+        let gen: RawGenerationConfig = parse(generation_config, &path, GENERATION_CONFIG_FILE)?;
+        let gen_path = path.with_file_name(GENERATION_CONFIG_FILE);
 
         let token_id =
             |t: &Option<SpecialToken>| t.as_ref().and_then(|t| inner.token_to_id(t.content()));

@@ -8,6 +8,7 @@
 //! - [`model`]: the one forward pass (prefill batch and decode step).
 //! - [`sampling`], [`generate`]: token choice and the generation loop.
 //! - [`perplexity`]: the perplexity definition of the foundation issue.
+//! - [`packed`], [`open`]: a flashpack file as a tensor source; opening either kind of model.
 //! - [`bench`]: speed and memory-bandwidth measurements, a random-weight model.
 
 pub mod attention;
@@ -16,6 +17,8 @@ pub mod ffn;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod open;
+pub mod packed;
 pub mod perplexity;
 pub mod rope;
 pub mod sampling;
@@ -24,6 +27,7 @@ pub mod weights;
 pub use attention::KvCache;
 pub use ffn::{ActiveSet, DenseFfn, Ffn, Fired};
 pub use model::{Logits, Model, Observer};
+pub use open::{open_model, LoadedModel, ModelSource};
 
 /// Runs `f` on a rayon pool of `threads` threads (`None`: rayon's default).
 /// Results do not depend on the count; only speed does.
