@@ -10,13 +10,12 @@ use rayon::prelude::*;
 
 use crate::runtime::weights::{Linear, Matrix, NormWeights, Storage};
 
-/// Independent accumulators in [`dot`]: enough to hide FMA latency and let the
-/// compiler vectorise; the lane a product goes to depends only on its index.
-const LANES: usize = 16;
-/// Elements widened at a time into a stack buffer before the multiply-add loop.
-const CHUNK: usize = 256;
+/// Independent accumulators in a dot product: enough to hide FMA latency and
+/// fill four 8-wide vector registers; the lane a product goes to depends only on
+/// its index, so the summation order is fixed.
+const LANES: usize = 32;
 
-/// Sums 16 lanes in a fixed pairwise order.
+/// Sums the lanes in a fixed pairwise order.
 #[inline]
 fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
     let mut a = *acc;
@@ -30,60 +29,198 @@ fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
     a[0]
 }
 
-/// Accumulates `w[i] * x[i]` into lane `i % LANES` of `acc` (`len % LANES == 0`).
-#[inline(always)]
-fn fma_lanes(acc: &mut [f32; LANES], w: &[f32], x: &[f32]) {
-    for (wc, xc) in w.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+/// Portable dot product of `w` (widened element by element) with `x`.
+#[inline]
+fn dot_portable(w: impl Fn(usize) -> f32, x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let main = x.len() - x.len() % LANES;
+    for c in (0..main).step_by(LANES) {
         for l in 0..LANES {
-            acc[l] += wc[l] * xc[l];
+            acc[l] += w(c + l) * x[c + l];
         }
     }
+    for i in main..x.len() {
+        acc[i % LANES] += w(i) * x[i];
+    }
+    reduce_lanes(&acc)
+}
+
+/// AVX2 + FMA + F16C kernels, chosen at run time. Each output is still one
+/// fixed-order reduction (lane `i % 32`, then [`reduce_lanes`]); only the
+/// rounding of fused multiply-adds differs from the portable path, and one
+/// machine always takes the same path, so results do not depend on threads.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{reduce_lanes, LANES};
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// Loads 8 weights at `i` as f32.
+    trait Load {
+        unsafe fn load8(&self, i: usize) -> __m256;
+        fn get(&self, i: usize) -> f32;
+        fn len(&self) -> usize;
+    }
+
+    impl Load for &[f32] {
+        #[inline(always)]
+        unsafe fn load8(&self, i: usize) -> __m256 {
+            _mm256_loadu_ps(self.as_ptr().add(i))
+        }
+        #[inline(always)]
+        fn get(&self, i: usize) -> f32 {
+            self[i]
+        }
+        #[inline(always)]
+        fn len(&self) -> usize {
+            <[f32]>::len(self)
+        }
+    }
+
+    impl Load for &[half::f16] {
+        #[inline(always)]
+        unsafe fn load8(&self, i: usize) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(self.as_ptr().add(i) as *const __m128i))
+        }
+        #[inline(always)]
+        fn get(&self, i: usize) -> f32 {
+            self[i].to_f32()
+        }
+        #[inline(always)]
+        fn len(&self) -> usize {
+            <[half::f16]>::len(self)
+        }
+    }
+
+    impl Load for &[half::bf16] {
+        #[inline(always)]
+        unsafe fn load8(&self, i: usize) -> __m256 {
+            // bf16 is the top half of an f32: widen to 32 bits and shift.
+            let h = _mm_loadu_si128(self.as_ptr().add(i) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+        #[inline(always)]
+        fn get(&self, i: usize) -> f32 {
+            self[i].to_f32()
+        }
+        #[inline(always)]
+        fn len(&self) -> usize {
+            <[half::bf16]>::len(self)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_impl<W: Load>(w: W, x: &[f32]) -> f32 {
+        let n = w.len();
+        debug_assert_eq!(n, x.len());
+        let main = n - n % LANES;
+        let xp = x.as_ptr();
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut i = 0;
+        while i < main {
+            a0 = _mm256_fmadd_ps(w.load8(i), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(w.load8(i + 8), _mm256_loadu_ps(xp.add(i + 8)), a1);
+            a2 = _mm256_fmadd_ps(w.load8(i + 16), _mm256_loadu_ps(xp.add(i + 16)), a2);
+            a3 = _mm256_fmadd_ps(w.load8(i + 24), _mm256_loadu_ps(xp.add(i + 24)), a3);
+            i += LANES;
+        }
+        let mut acc = [0.0f32; LANES];
+        _mm256_storeu_ps(acc.as_mut_ptr(), a0);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), a1);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(16), a2);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(24), a3);
+        for j in main..n {
+            acc[j % LANES] += w.get(j) * x[j];
+        }
+        reduce_lanes(&acc)
+    }
+
+    /// # Safety
+    /// [`available`] must be true; `w.len() == x.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        dot_impl(w, x)
+    }
+
+    /// # Safety
+    /// As [`dot_f32`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
+        dot_impl(w, x)
+    }
+
+    /// # Safety
+    /// As [`dot_f32`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_bf16(w: &[half::bf16], x: &[f32]) -> f32 {
+        dot_impl(w, x)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(x86::available)
 }
 
 /// f32 dot product with a fixed summation order.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0.0f32; LANES];
-    let main = a.len() - a.len() % LANES;
-    fma_lanes(&mut acc, &a[..main], &b[..main]);
-    for i in main..a.len() {
-        acc[i % LANES] += a[i] * b[i];
+    assert_eq!(a.len(), b.len(), "dot: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has the features; lengths are equal.
+        return unsafe { x86::dot_f32(a, b) };
     }
-    reduce_lanes(&acc)
+    dot_portable(|i| a[i], b)
 }
 
-/// Dot product of row `r` of `m` with `x`, widening the row chunk by chunk.
+/// Dot product of row `r` of `m` with `x`, widening the weights as they are
+/// read (decode is memory-bound: the weights stream once, in their dtype).
 #[inline]
 pub fn row_dot(m: &Matrix, r: usize, x: &[f32]) -> f32 {
     let cols = m.cols;
-    let base = r * cols;
-    if let Storage::F32(v) = &m.data {
-        return dot(&v[base..base + cols], x);
-    }
-    let mut acc = [0.0f32; LANES];
-    let mut buf = [0.0f32; CHUNK];
-    let mut c = 0;
-    while c < cols {
-        let n = CHUNK.min(cols - c);
-        let w = &mut buf[..n];
-        m.data.widen_range(base + c, w);
-        let main = n - n % LANES;
-        fma_lanes(&mut acc, &w[..main], &x[c..c + main]);
-        for i in main..n {
-            // Same lane assignment as `dot`: lane of the global column index.
-            acc[(c + i) % LANES] += w[i] * x[c + i];
+    assert_eq!(x.len(), cols, "row_dot: length mismatch");
+    let range = r * cols..(r + 1) * cols;
+    match &m.data {
+        Storage::F32(v) => dot(&v[range], x),
+        Storage::F16(v) => {
+            let w = &v[range];
+            #[cfg(target_arch = "x86_64")]
+            if simd() {
+                // SAFETY: the CPU has the features; lengths are equal.
+                return unsafe { x86::dot_f16(w, x) };
+            }
+            dot_portable(|i| w[i].to_f32(), x)
         }
-        c += n;
+        Storage::BF16(v) => {
+            let w = &v[range];
+            #[cfg(target_arch = "x86_64")]
+            if simd() {
+                // SAFETY: as above.
+                return unsafe { x86::dot_bf16(w, x) };
+            }
+            dot_portable(|i| w[i].to_f32(), x)
+        }
     }
-    reduce_lanes(&acc)
 }
 
-/// Rows handled by one rayon task in a matvec: enough bytes per task (~64 KiB)
+/// Rows handled by one rayon task in a matvec: enough bytes per task (~256 KiB)
 /// that scheduling overhead stays small.
 fn rows_per_task(m: &Matrix) -> usize {
     let row_bytes = (m.cols * m.dtype().size_bytes()).max(1);
-    (65536 / row_bytes).clamp(1, 4096)
+    (262_144 / row_bytes).clamp(1, 4096)
 }
 
 /// `out = W x (+ b)` for one input vector, rows in parallel.
@@ -105,6 +242,49 @@ pub fn matvec(lin: &Linear, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Up to this many vectors, [`linear`] streams each weight row once and dots it
+/// with every vector (memory-bound, like decode); beyond it a GEMM on widened
+/// row blocks is faster.
+const SMALL_BATCH: usize = 16;
+
+/// `out[t] = W x[t] (+ b)` for a few vectors: each weight row is read once (it
+/// stays in L1 across the vectors) and every output is the same fixed-order
+/// [`row_dot`] that [`matvec`] computes.
+fn matvec_batch(lin: &Linear, x: &[f32], n: usize, out: &mut [f32]) {
+    let m = &lin.weight;
+    let (k, rows) = (m.cols, m.rows);
+    let per = rows_per_task(m);
+    // Outputs computed row-major per task ([row][token]), scattered afterwards.
+    let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(per))
+        .into_par_iter()
+        .map(|b| {
+            let r0 = b * per;
+            let br = per.min(rows - r0);
+            let mut c = vec![0.0f32; br * n];
+            for i in 0..br {
+                for t in 0..n {
+                    c[i * n + t] = row_dot(m, r0 + i, &x[t * k..(t + 1) * k]);
+                }
+            }
+            (r0, c)
+        })
+        .collect();
+    for (r0, c) in blocks {
+        for (i, vals) in c.chunks_exact(n).enumerate() {
+            for (t, v) in vals.iter().enumerate() {
+                out[t * rows + r0 + i] = *v;
+            }
+        }
+    }
+    if let Some(b) = &lin.bias {
+        for row in out.chunks_exact_mut(rows) {
+            for (o, b) in row.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    }
+}
+
 /// Output rows per GEMM task: the widened block stays cache-sized and the
 /// block boundaries (hence results) do not depend on the thread count.
 const GEMM_ROWS: usize = 64;
@@ -118,6 +298,10 @@ pub fn linear(lin: &Linear, x: &[f32], n: usize, out: &mut [f32]) {
     debug_assert_eq!(out.len(), n * rows);
     if n == 1 {
         matvec(lin, x, out);
+        return;
+    }
+    if n <= SMALL_BATCH {
+        matvec_batch(lin, x, n, out);
         return;
     }
     let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(GEMM_ROWS))
@@ -274,7 +458,13 @@ mod tests {
 
     #[test]
     fn gemm_matches_matvec_closely() {
-        let (rows, k, n) = (130, 70, 5);
+        for n in [2, 5, 20] {
+            check_batch(n);
+        }
+    }
+
+    fn check_batch(n: usize) {
+        let (rows, k) = (130, 70);
         let w: Vec<f32> = (0..rows * k).map(|i| ((i * 7 % 13) as f32) - 6.0).collect();
         let lin = Linear {
             weight: Matrix::new(rows, k, Storage::F32(w)).unwrap(),
