@@ -281,3 +281,50 @@ fn bad_convert_options_are_usage_errors() {
     assert!(r.json["error"].as_str().unwrap().contains("--align"));
     assert!(!out.exists());
 }
+
+#[test]
+fn inspect_describes_a_packed_file_as_it_does_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.flashpack");
+    let src = fixtures().join("opt-relu");
+    assert_eq!(
+        flashpack(
+            &[
+                "convert",
+                src.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--dtype",
+                "bf16"
+            ],
+            None
+        )
+        .code,
+        0
+    );
+    let packed = flashpack(&["inspect", out.to_str().unwrap()], None);
+    let source = flashpack(&["inspect", src.to_str().unwrap()], None);
+    assert_eq!(packed.code, 0, "{}", packed.stderr);
+    assert_eq!(packed.json["format"], "flashpack");
+    assert_eq!(source.json["format"], "hf_checkpoint");
+    for key in [
+        "architecture",
+        "num_layers",
+        "hidden_size",
+        "ffn_width",
+        "activation",
+        "params_total",
+        "params_ffn",
+    ] {
+        assert_eq!(packed.json[key], source.json[key], "{key}");
+    }
+    assert_eq!(
+        packed.json["params_by_dtype"]["bf16"],
+        source.json["params_total"]
+    );
+    assert_eq!(
+        packed.json["file_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
+    assert_eq!(packed.json["ffn_dtype"], "bf16");
+}

@@ -1,24 +1,30 @@
-//! `flashpack inspect <DIR>`: what a checkpoint holds.
+//! `flashpack inspect <DIR|FILE>`: what a checkpoint or a packed file holds.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
 use crate::cli::Output;
+use crate::format::PackedFile;
 use crate::input::summary::CheckpointSummary;
+use crate::input::tensors::FfnNames;
 use crate::input::Checkpoint;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  flashpack inspect fixtures/models/opt-relu --json")]
 pub struct InspectArgs {
     /// A Hugging Face checkpoint directory (config.json, model.safetensors or shards
-    /// with model.safetensors.index.json, tokenizer.json).
+    /// with model.safetensors.index.json, tokenizer.json), or a flashpack file.
     pub model: PathBuf,
 }
 
 pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
-    let ckpt = Checkpoint::open(&args.model)?;
-    let s = CheckpointSummary::of(&ckpt);
+    let (s, packed) = if args.model.is_file() {
+        let (s, p) = packed_summary(&args.model)?;
+        (s, Some(p))
+    } else {
+        (CheckpointSummary::of(&Checkpoint::open(&args.model)?), None)
+    };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let m = |n: u64| n as f64 / 1e6;
     out.human(format_args!(
@@ -64,5 +70,107 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
             s.unused_tensors.join(", ")
         ));
     }
-    out.json_result(&s)
+    let mut json = serde_json::to_value(&s)?;
+    json["format"] = if packed.is_some() {
+        "flashpack"
+    } else {
+        "hf_checkpoint"
+    }
+    .into();
+    if let Some(p) = packed {
+        out.human(format_args!(
+            "  flashpack v{}: {:.2} MiB, alignment {}, dense {:.2} MiB (raw {:.2}), ffn {:.2} MiB ({} bundles of {} bytes per layer), manifest sha256 {}",
+            p.format_version,
+            mib(p.file_bytes),
+            p.alignment,
+            mib(p.dense_bytes),
+            mib(p.dense_raw_bytes),
+            mib(p.ffn_bytes),
+            s.ffn_width,
+            p.bundle_bytes,
+            p.manifest_sha256
+        ));
+        for (k, v) in serde_json::to_value(&p)?
+            .as_object()
+            .expect("a struct")
+            .iter()
+        {
+            json[k] = v.clone();
+        }
+    }
+    out.json_result(&json)
+}
+
+/// What a packed file adds to the model summary.
+#[derive(serde::Serialize)]
+struct PackedLayout {
+    format_version: u32,
+    file_bytes: u64,
+    alignment: u64,
+    sections: usize,
+    dense_bytes: u64,
+    dense_raw_bytes: u64,
+    ffn_bytes: u64,
+    ffn_dtype: String,
+    bundle_bytes: u64,
+    has_predictors: bool,
+    manifest_sha256: String,
+    flashpack_version: String,
+    convert_dtype: String,
+    zstd_level: i32,
+}
+
+fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, PackedLayout)> {
+    use crate::format::layout::SectionKind;
+    let file = PackedFile::open(path)?;
+    let m = &file.manifest;
+    let ffn_dtype = |name: &str| {
+        let layer = file.names.layers.iter().position(|l| match &l.ffn {
+            FfnNames::Plain { up, down } => [up, down].iter().any(|x| x.weight == name),
+            FfnNames::Gated { gate, up, down } => [gate, up, down].iter().any(|x| x.weight == name),
+        })?;
+        m.ffn_layers[layer].dtype.weight()
+    };
+    let dtype_of = |name: &str| {
+        file.tensor_entry(name)
+            .and_then(|t| t.dtype.weight())
+            .or_else(|| ffn_dtype(name))
+    };
+    let mut s = CheckpointSummary::from_model(&file.config, &file.names, &dtype_of);
+    s.bytes_on_disk = file.file_length;
+    s.weight_files = vec![path.display().to_string()];
+    let bytes = |kind: SectionKind| {
+        m.sections
+            .iter()
+            .filter(|x| x.kind == kind)
+            .map(|x| x.length)
+            .sum::<u64>()
+    };
+    let layout = PackedLayout {
+        format_version: m.format_version,
+        file_bytes: file.file_length,
+        alignment: m.alignment,
+        sections: m.sections.len(),
+        dense_bytes: bytes(SectionKind::Dense),
+        dense_raw_bytes: m
+            .sections
+            .iter()
+            .filter(|x| x.kind == SectionKind::Dense)
+            .map(|x| x.raw_length)
+            .sum(),
+        ffn_bytes: bytes(SectionKind::Ffn),
+        ffn_dtype: m
+            .ffn_layers
+            .first()
+            .and_then(|l| l.dtype.weight())
+            .map_or("none", |d| d.name())
+            .into(),
+        bundle_bytes: m.ffn_layers.first().map_or(0, |l| l.bundle_bytes),
+        has_predictors: m.sections.iter().any(|x| x.kind == SectionKind::Predictor),
+        manifest_sha256: hex::encode(file.preamble.manifest_sha256),
+        flashpack_version: m.provenance.flashpack_version.clone(),
+        convert_dtype: m.provenance.options.dtype.clone(),
+        zstd_level: m.provenance.options.zstd_level,
+    };
+    Ok((s, layout))
 }

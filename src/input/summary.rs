@@ -1,11 +1,13 @@
-//! What `flashpack inspect` reports about a checkpoint: shape of the model,
-//! parameter counts by group, dtypes and bytes on disk.
+//! What `flashpack inspect` reports about a model: shape, parameter counts by
+//! group, dtypes and bytes on disk (a packed file adds its layout in the CLI).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::input::tensors::ParamGroup;
+use crate::dtype::DType;
+use crate::input::config::ModelConfig;
+use crate::input::tensors::{ModelNames, ParamGroup};
 use crate::input::Checkpoint;
 
 /// A flat, serialisable description of a checkpoint.
@@ -39,11 +41,32 @@ pub struct CheckpointSummary {
 
 impl CheckpointSummary {
     pub fn of(ckpt: &Checkpoint) -> CheckpointSummary {
-        let cfg = &ckpt.config;
+        let dtype_of = |name: &str| ckpt.weights.get(name).ok().map(|t| t.dtype);
+        let mut s = CheckpointSummary::from_model(&ckpt.config, &ckpt.names, &dtype_of);
+        let used: std::collections::HashSet<String> =
+            ckpt.names.specs().into_iter().map(|s| s.name).collect();
+        s.weight_files = ckpt.weights.file_names().map(str::to_string).collect();
+        s.sharded = ckpt.weights.index.is_some();
+        s.bytes_on_disk = ckpt.weights.bytes_on_disk;
+        s.unused_tensors = ckpt
+            .weights
+            .names()
+            .filter(|n| !used.contains(*n))
+            .map(str::to_string)
+            .collect();
+        s
+    }
+
+    /// The parts every model has, whatever holds it; `dtype_of` gives a tensor's
+    /// stored dtype.
+    pub fn from_model(
+        cfg: &ModelConfig,
+        names: &ModelNames,
+        dtype_of: &dyn Fn(&str) -> Option<DType>,
+    ) -> CheckpointSummary {
         let mut by_group: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut by_dtype: BTreeMap<String, u64> = BTreeMap::new();
-        let specs = ckpt.names.specs();
-        for spec in &specs {
+        for spec in names.specs() {
             let numel: u64 = spec.shape.iter().map(|&d| d as u64).product();
             let group = match spec.group {
                 ParamGroup::Embeddings => "embeddings",
@@ -52,12 +75,10 @@ impl CheckpointSummary {
                 ParamGroup::Other => "other",
             };
             *by_group.entry(group).or_default() += numel;
-            // Specs were validated at open: the tensor exists with a readable dtype.
-            if let Ok(t) = ckpt.weights.get(&spec.name) {
-                *by_dtype.entry(t.dtype.name().to_string()).or_default() += numel;
+            if let Some(dtype) = dtype_of(&spec.name) {
+                *by_dtype.entry(dtype.name().to_string()).or_default() += numel;
             }
         }
-        let used: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let group = |g: &str| by_group.get(g).copied().unwrap_or(0);
         CheckpointSummary {
             architecture: cfg.architecture.hf_name().to_string(),
@@ -78,15 +99,10 @@ impl CheckpointSummary {
             params_other: group("other"),
             params_by_dtype: by_dtype,
             declared_dtype: cfg.declared_dtype.clone(),
-            weight_files: ckpt.weights.file_names().map(str::to_string).collect(),
-            sharded: ckpt.weights.index.is_some(),
-            bytes_on_disk: ckpt.weights.bytes_on_disk,
-            unused_tensors: ckpt
-                .weights
-                .names()
-                .filter(|n| !used.contains(n))
-                .map(str::to_string)
-                .collect(),
+            weight_files: Vec::new(),
+            sharded: false,
+            bytes_on_disk: 0,
+            unused_tensors: Vec::new(),
         }
     }
 }
