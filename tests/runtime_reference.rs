@@ -248,3 +248,90 @@ fn a_seed_reproduces_sampled_output() {
         r.name
     );
 }
+
+/// Counts FFN zeros per layer, as the fixture script's activation hook does.
+struct ZeroCounter {
+    zeros: Vec<usize>,
+    total: Vec<usize>,
+}
+
+impl flashpack::runtime::Observer for ZeroCounter {
+    fn ffn(&mut self, layer: usize, _input: &[f32], n: usize, fired: &flashpack::runtime::Fired) {
+        let count: usize = fired.per_token.iter().map(Vec::len).sum();
+        self.zeros[layer] += n * fired.width - count;
+        self.total[layer] += n * fired.width;
+    }
+}
+
+#[test]
+fn fired_neurons_match_the_reference_sparsity() {
+    let mut checked = 0;
+    for r in references() {
+        let Some(want) = r.json["ffn_zero_fraction_per_layer"]
+            .as_array()
+            .map(|_| floats(&r.json["ffn_zero_fraction_per_layer"]))
+        else {
+            continue;
+        };
+        let p = &r.json["perplexity"];
+        let text = std::fs::read_to_string(fixtures().join(p["text_file"].as_str().expect("file")))
+            .expect("held-out text");
+        let ctx = p["ctx"].as_u64().expect("ctx") as usize;
+        let model = Model::from_checkpoint(&r.ckpt).expect("load model");
+        let ids = r
+            .ckpt
+            .tokenizer()
+            .expect("tokenizer")
+            .encode(&text)
+            .expect("encode");
+        let layers = model.layers.len();
+        let mut counter = ZeroCounter {
+            zeros: vec![0; layers],
+            total: vec![0; layers],
+        };
+        flashpack::runtime::perplexity::perplexity_observed(&model, &ids, ctx, Some(&mut counter))
+            .expect("perplexity");
+        for (l, w) in want.iter().enumerate() {
+            let got = counter.zeros[l] as f64 / counter.total[l] as f64;
+            println!(
+                "{} layer {l}: FFN zeros {got:.4} vs reference {w:.4}",
+                r.name
+            );
+            // A neuron fires when act(gate) * up != 0; the reference counts
+            // act(gate) == 0. They differ only where up is exactly 0 or where a
+            // pre-activation within rounding of 0 flips sign.
+            assert!((got - w).abs() < 2e-3, "{} layer {l}: {got} vs {w}", r.name);
+        }
+        checked += 1;
+    }
+    println!("checked the sparsity of {checked} ReLU models");
+}
+
+#[test]
+fn ffn_restricted_to_its_fired_neurons_gives_the_same_output() {
+    use flashpack::runtime::{ActiveSet, Fired};
+    for r in references() {
+        let model = Model::from_checkpoint(&r.ckpt).expect("load model");
+        let ffn = &model.layers[0].ffn;
+        let h = ffn.hidden_size();
+        for n in [1usize, 3] {
+            let x: Vec<f32> = (0..n * h)
+                .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+                .collect();
+            let mut dense = vec![0.0; n * h];
+            let mut fired = Fired::default();
+            ffn.forward(&x, n, ActiveSet::All, &mut dense, Some(&mut fired))
+                .expect("dense");
+            let mut sparse = vec![0.0; n * h];
+            ffn.forward(
+                &x,
+                n,
+                ActiveSet::PerToken(&fired.per_token),
+                &mut sparse,
+                None,
+            )
+            .expect("sparse");
+            assert_eq!(dense, sparse, "{}: n={n}", r.name);
+        }
+    }
+}

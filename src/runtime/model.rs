@@ -180,7 +180,7 @@ impl Model {
         cache: &mut KvCache,
         tokens: &[u32],
         want: Logits,
-        mut observer: Option<&mut dyn Observer>,
+        mut observer: Option<&mut (dyn Observer + '_)>,
     ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let n = tokens.len();

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::runtime::model::{Logits, Model};
+use crate::runtime::model::{Logits, Model, Observer};
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct PerplexityResult {
@@ -27,6 +27,17 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
 
 /// Perplexity of `ids` with windows of `ctx` tokens.
 pub fn perplexity(model: &Model, ids: &[u32], ctx: usize) -> Result<PerplexityResult> {
+    perplexity_observed(model, ids, ctx, None)
+}
+
+/// [`perplexity`], with an observer that sees every window's forward pass
+/// (FFN sparsity statistics, calibration data).
+pub fn perplexity_observed(
+    model: &Model,
+    ids: &[u32],
+    ctx: usize,
+    mut observer: Option<&mut (dyn Observer + '_)>,
+) -> Result<PerplexityResult> {
     let max = model.config.max_context;
     if ctx > max {
         return Err(Error::ContextTooLong {
@@ -49,7 +60,7 @@ pub fn perplexity(model: &Model, ids: &[u32], ctx: usize) -> Result<PerplexityRe
             continue;
         }
         cache.clear();
-        let logits = model.forward(&mut cache, window, Logits::All, None)?;
+        let logits = model.forward(&mut cache, window, Logits::All, observer.as_deref_mut())?;
         for (i, &target) in window[1..].iter().enumerate() {
             nll_sum += nll(&logits[i * vocab..(i + 1) * vocab], target);
         }
