@@ -75,6 +75,12 @@ pub struct ConvertSummary {
     pub sections: usize,
     pub manifest_bytes: u64,
     pub manifest_sha256: String,
+    /// Where the time went, in milliseconds: hashing the source files, the dense
+    /// section, the FFN sections, and the final fsync and rename.
+    pub hash_sources_ms: f64,
+    pub dense_ms: f64,
+    pub ffn_ms: f64,
+    pub commit_ms: f64,
 }
 
 /// Progress callback: bytes of weights processed so far, of the total.
@@ -105,7 +111,6 @@ pub fn convert(
             options.zstd_level
         )));
     }
-    let zstd = (options.zstd_level > 0).then_some(options.zstd_level);
     let ckpt = Checkpoint::open(src)?;
     // Fail before writing anything if the tokenizer is unusable.
     ckpt.tokenizer()?;
@@ -121,7 +126,47 @@ pub fn convert(
     };
     let generation_config = optional_json("generation_config.json")?;
     let tokenizer_config = optional_json("tokenizer_config.json")?;
-    let source_files = hash_sources(&ckpt)?;
+    // Hashing the sources reads every weight byte once more; it runs beside the
+    // conversion, which leaves cores idle while it writes.
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| {
+            let clock = std::time::Instant::now();
+            hash_sources(&ckpt).map(|files| (files, clock.elapsed().as_secs_f64() * 1e3))
+        });
+        write_pack(
+            &ckpt,
+            out,
+            options,
+            progress,
+            config_json,
+            generation_config,
+            tokenizer_config,
+            || {
+                hashing
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            },
+        )
+    })
+}
+
+/// Writes the packed file; `source_hashes` yields the provenance hashes (computed
+/// concurrently) when the manifest needs them.
+#[allow(clippy::too_many_arguments)]
+fn write_pack(
+    ckpt: &Checkpoint,
+    out: &Path,
+    options: &ConvertOptions,
+    progress: Progress<'_>,
+    config_json: serde_json::Value,
+    generation_config: Option<serde_json::Value>,
+    tokenizer_config: Option<serde_json::Value>,
+    source_hashes: impl FnOnce() -> Result<(Vec<SourceFile>, f64)>,
+) -> Result<ConvertSummary> {
+    let a = options.alignment;
+    let src = &ckpt.dir;
+    let zstd = (options.zstd_level > 0).then_some(options.zstd_level);
+    let ms_since = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
 
     let total_weight_bytes: u64 = ckpt
         .names
@@ -182,6 +227,7 @@ pub fn convert(
         })
         .collect();
 
+    let dense_clock = std::time::Instant::now();
     file.pad_to(a)?;
     let mut dense = SectionWriter::new(
         &file,
@@ -238,6 +284,8 @@ pub fn convert(
         });
     }
     sections.push(dense.finish(&mut file)?);
+    let dense_ms = ms_since(dense_clock);
+    let ffn_clock = std::time::Instant::now();
 
     // One FFN section per layer: fixed-stride bundles, uncompressed.
     let mut ffn_layers = Vec::new();
@@ -285,6 +333,8 @@ pub fn convert(
         progress(done, total_weight_bytes);
     }
 
+    let ffn_ms = ms_since(ffn_clock);
+    let (source_files, hash_sources_ms) = source_hashes()?;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         alignment: a,
@@ -319,7 +369,9 @@ pub fn convert(
     };
     file.write_at(0, &preamble.to_bytes())?;
     let file_bytes = file.position;
+    let commit_clock = std::time::Instant::now();
     file.commit()?;
+    let commit_ms = ms_since(commit_clock);
 
     let section_bytes = |kind: SectionKind| {
         manifest
@@ -344,6 +396,10 @@ pub fn convert(
         sections: manifest.sections.len(),
         manifest_bytes: manifest_bytes.len() as u64,
         manifest_sha256: hex::encode(manifest_sha),
+        hash_sources_ms,
+        dense_ms,
+        ffn_ms,
+        commit_ms,
     })
 }
 

@@ -54,9 +54,16 @@ impl SectionWriter {
     }
 
     pub fn write(&mut self, out: &mut AtomicOutput, bytes: &[u8]) -> Result<()> {
+        let chunk = self.chunk_raw_bytes as usize;
+        if self.pending.is_empty() && bytes.len() >= chunk {
+            // Whole chunks straight from the caller's buffer: no copy of an FFN layer.
+            let whole = bytes.len() / chunk * chunk;
+            self.emit(out, &bytes[..whole])?;
+            self.pending.extend_from_slice(&bytes[whole..]);
+            return Ok(());
+        }
         self.pending.extend_from_slice(bytes);
-        let batch = self.chunk_raw_bytes as usize * BATCH_CHUNKS;
-        if self.pending.len() >= batch {
+        if self.pending.len() >= chunk * BATCH_CHUNKS {
             self.flush(out, false)?;
         }
         Ok(())
@@ -69,7 +76,7 @@ impl SectionWriter {
         self.write(out, &vec![0u8; (padded - pos) as usize])
     }
 
-    /// Writes every complete chunk (and the final partial one when `last`).
+    /// Writes every complete pending chunk (and the final partial one when `last`).
     fn flush(&mut self, out: &mut AtomicOutput, last: bool) -> Result<()> {
         let chunk = self.chunk_raw_bytes as usize;
         let complete = if last {
@@ -80,33 +87,46 @@ impl SectionWriter {
         if complete == 0 {
             return Ok(());
         }
+        let pending = std::mem::take(&mut self.pending);
+        self.emit(out, &pending[..complete])?;
+        self.pending = pending[complete..].to_vec();
+        Ok(())
+    }
+
+    /// Writes `raw` as consecutive chunks (all full but possibly the last), a batch
+    /// at a time: compressed and hashed in parallel, written in order.
+    fn emit(&mut self, out: &mut AtomicOutput, raw: &[u8]) -> Result<()> {
+        let chunk = self.chunk_raw_bytes as usize;
         let level = self.zstd_level;
-        let encoded: Vec<std::io::Result<(Vec<u8>, String)>> = self.pending[..complete]
-            .par_chunks(chunk)
-            .map(|raw| {
-                let stored = match level {
-                    Some(level) => zstd::bulk::compress(raw, level)?,
-                    None => raw.to_vec(),
-                };
-                let hash = hex::encode(Sha256::digest(&stored));
-                Ok((stored, hash))
-            })
-            .collect();
-        for item in encoded {
-            let (stored, sha256) = item.map_err(|e| Error::Io {
-                path: format!("zstd ({})", self.name).into(),
-                source: e,
-            })?;
-            out.write_all(&stored)?;
-            self.hasher.update(&stored);
-            self.length += stored.len() as u64;
-            self.chunks.push(ChunkEntry {
-                length: stored.len() as u64,
-                sha256,
-            });
+        for batch in raw.chunks(chunk * BATCH_CHUNKS) {
+            // `None`: stored bytes are the raw bytes (uncompressed), not copied.
+            let encoded: Vec<std::io::Result<(Option<Vec<u8>>, String)>> = batch
+                .par_chunks(chunk)
+                .map(|piece| match level {
+                    Some(level) => {
+                        let stored = zstd::bulk::compress(piece, level)?;
+                        let hash = hex::encode(Sha256::digest(&stored));
+                        Ok((Some(stored), hash))
+                    }
+                    None => Ok((None, hex::encode(Sha256::digest(piece)))),
+                })
+                .collect();
+            for (item, piece) in encoded.into_iter().zip(batch.chunks(chunk)) {
+                let (stored, sha256) = item.map_err(|e| Error::Io {
+                    path: format!("zstd compression of section {}", self.name).into(),
+                    source: e,
+                })?;
+                let stored = stored.as_deref().unwrap_or(piece);
+                out.write_all(stored)?;
+                self.hasher.update(stored);
+                self.length += stored.len() as u64;
+                self.chunks.push(ChunkEntry {
+                    length: stored.len() as u64,
+                    sha256,
+                });
+            }
+            self.raw_length += batch.len() as u64;
         }
-        self.raw_length += complete as u64;
-        self.pending.drain(..complete);
         Ok(())
     }
 
