@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Decode steps measured after the prefill.
     #[arg(long, default_value_t = 32)]
     pub decode_tokens: usize,
+    /// Rounds of decode steps; the fastest round is reported.
+    #[arg(long, default_value_t = 3)]
+    pub decode_reps: usize,
     /// Buffer size of the streaming-read bandwidth measurement, MiB.
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
@@ -72,21 +75,24 @@ pub fn run(args: &BenchArgs, out: &Output) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     for &threads in &args.threads {
-        let bw = with_threads(Some(threads), || {
-            stream_read_gb_per_s(args.bandwidth_mib << 20, 5)
-        })?;
-        out.human(format_args!(
-            "threads {threads}: streaming read {bw:.2} GB/s"
-        ));
         for (name, model) in &models {
-            let speed = with_threads(Some(threads), || {
-                // One untimed warm-up pass faults in pages and warms caches.
-                measure_speed(model, args.prefill_tokens.min(16), 2)?;
-                measure_speed(model, args.prefill_tokens, args.decode_tokens)
+            let (bw, speed) = with_threads(Some(threads), || {
+                // An untimed warm-up pass faults in pages and warms caches.
+                measure_speed(model, args.prefill_tokens.min(16), 2, 1)?;
+                let speed = measure_speed(
+                    model,
+                    args.prefill_tokens,
+                    args.decode_tokens,
+                    args.decode_reps,
+                )?;
+                // Measured right after the decode, on the same pool, so both
+                // numbers see the same machine state.
+                let bw = stream_read_gb_per_s(args.bandwidth_mib << 20, 5);
+                Ok::<_, crate::Error>((bw, speed))
             })??;
             let frac = speed.decode_weight_gb_per_s / bw;
             out.human(format_args!(
-                "  {name}: prefill {:.1} tok/s, decode {:.2} tok/s, weights {:.1} MB/token -> {:.2} GB/s ({:.0}% of streaming)",
+                "{name} threads {threads}: prefill {:.1} tok/s, decode {:.2} tok/s, weights {:.1} MB/token -> {:.2} GB/s = {:.0}% of streaming read {bw:.2} GB/s",
                 speed.prefill_tokens_per_s,
                 speed.decode_tokens_per_s,
                 speed.decode_weight_bytes as f64 / 1e6,
