@@ -237,6 +237,57 @@ pub struct Manifest {
     pub tensors: Vec<TensorEntry>,
     pub ffn_layers: Vec<FfnLayerEntry>,
     pub provenance: Provenance,
+    /// What calibration measured (absent without `--calib`).
+    #[serde(default)]
+    pub calibration: Option<CalibrationInfo>,
+    /// One low-rank sparsity predictor per layer (empty without `--calib`).
+    #[serde(default)]
+    pub predictors: Vec<PredictorEntry>,
+}
+
+/// Calibration facts the runtime sizes itself from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationInfo {
+    pub tokens: u64,
+    /// The calibration text files, as the provenance lists sources.
+    pub files: Vec<SourceFile>,
+    /// SiLU models: the fraction of activations the thresholds zero.
+    pub target_sparsity: Option<f64>,
+    pub layers: Vec<LayerCalibrationEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCalibrationEntry {
+    /// Most distinct neurons fired within any K consecutive tokens, K = 1, 2, 4, 8.
+    pub window_max: Vec<u64>,
+    pub mean_active_fraction: f64,
+    /// SiLU: `|silu(gate . x)|` at or below this counts as not fired.
+    pub silu_threshold: Option<f32>,
+}
+
+/// A layer's predictor: `logits = (x A) B + bias` over packed neuron indices;
+/// neuron p is predicted active when `logits[p] >= threshold`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictorEntry {
+    pub layer: u64,
+    pub rank: u64,
+    /// `[hidden, rank]`, `[rank, neurons]` (columns in packed order), `[neurons]`.
+    pub a_tensor: String,
+    pub b_tensor: String,
+    pub bias_tensor: String,
+    pub threshold: f32,
+    /// Held-out metrics measured when training.
+    pub recall: f64,
+    pub precision: f64,
+    pub frac_predicted: f64,
+    pub frac_true: f64,
+}
+
+/// Name of the predictor section.
+pub const PREDICTOR_SECTION: &str = "predictors";
+
+pub fn predictor_tensor_name(layer: usize, part: &str) -> String {
+    format!("flashpack.predictor.{layer}.{part}")
 }
 
 /// Name of the dense section.

@@ -375,8 +375,13 @@ impl Checker<'_> {
             let section = sections
                 .get(&t.section)
                 .map(|&s| &m.sections[s])
-                .filter(|s| s.kind == SectionKind::Dense)
-                .ok_or_else(|| bad(format!("section {:?} is not a dense section", t.section)))?;
+                .filter(|s| matches!(s.kind, SectionKind::Dense | SectionKind::Predictor))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "section {:?} is not a dense or predictor section",
+                        t.section
+                    ))
+                })?;
             let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let bytes = numel.and_then(|n| n.checked_mul(t.dtype.size_bytes()));
             if bytes != Some(t.length) {
@@ -517,7 +522,61 @@ impl Checker<'_> {
                 )));
             }
         }
+        self.check_predictors(&config, tensors)?;
         Ok((config, names))
+    }
+
+    /// Rule 18, predictors and calibration: at most one predictor per layer, its
+    /// tensors floating point with the shapes its rank implies.
+    fn check_predictors(
+        &self,
+        config: &ModelConfig,
+        tensors: &HashMap<String, usize>,
+    ) -> std::result::Result<(), FormatError> {
+        let m = self.manifest;
+        let model = |message: String| FormatError::Model { message };
+        if let Some(cal) = &m.calibration {
+            if cal.layers.len() != config.num_layers
+                || cal.layers.iter().any(|l| l.window_max.len() != 4)
+            {
+                return Err(model(
+                    "calibration must list one entry with 4 window maxima per layer".into(),
+                ));
+            }
+        }
+        let mut seen = HashSet::new();
+        for p in &m.predictors {
+            let bad = |message: String| model(format!("predictor of layer {}: {message}", p.layer));
+            if p.layer >= config.num_layers as u64 || !seen.insert(p.layer) {
+                return Err(bad("layer out of range or listed twice".into()));
+            }
+            if p.rank == 0
+                || p.rank > config.hidden_size.max(config.ffn_width) as u64
+                || !p.threshold.is_finite()
+            {
+                return Err(bad(format!(
+                    "rank {} or threshold {} is invalid",
+                    p.rank, p.threshold
+                )));
+            }
+            let (h, r, n) = (config.hidden_size as u64, p.rank, config.ffn_width as u64);
+            for (name, shape) in [
+                (&p.a_tensor, vec![h, r]),
+                (&p.b_tensor, vec![r, n]),
+                (&p.bias_tensor, vec![n]),
+            ] {
+                let ok = tensors
+                    .get(name)
+                    .map(|&i| &m.tensors[i])
+                    .is_some_and(|t| t.shape == shape && t.dtype != TableDType::U32);
+                if !ok {
+                    return Err(bad(format!(
+                        "tensor {name:?} must be floating point of shape {shape:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

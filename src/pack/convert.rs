@@ -353,6 +353,8 @@ fn write_pack(
                 alignment: a,
             },
         },
+        calibration: None,
+        predictors: Vec::new(),
     };
     let manifest_bytes = serde_json::to_vec(&manifest)
         .map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
