@@ -335,3 +335,51 @@ fn ffn_restricted_to_its_fired_neurons_gives_the_same_output() {
         }
     }
 }
+
+#[test]
+fn generation_stops_at_an_eos_id() {
+    let r = references().into_iter().next().expect("a reference");
+    let model = Model::from_checkpoint(&r.ckpt).expect("load model");
+    let prompt = ids(&r.json["prompts"][0]["ids"]);
+    let want = ids(&r.json["prompts"][0]["greedy_ids"]);
+    // Declare the third greedy token an EOS: generation must end right after it.
+    let opts = GenerateOptions {
+        max_new_tokens: 32,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![want[2]],
+    };
+    let got = generate(&model, &prompt, &opts, |_| Ok(())).expect("generate");
+    let first = want.iter().position(|&t| t == want[2]).expect("present");
+    assert_eq!(got.generated_ids, want[..=first], "{}", r.name);
+    assert_eq!(
+        got.stop_reason,
+        flashpack::runtime::generate::StopReason::Eos
+    );
+}
+
+#[test]
+fn streamed_text_equals_the_decoded_text_with_multibyte_characters() {
+    use flashpack::runtime::generate::TextStream;
+    let r = references().into_iter().next().expect("a reference");
+    let tok = r.ckpt.tokenizer().expect("tokenizer");
+    let prompt = tok.encode("Café").expect("encode");
+    let all = tok
+        .encode("Café — naïve “quotes”, ✓ 日本語 and 🙂 too")
+        .expect("encode");
+    // The continuation: whatever follows the prompt's ids in the longer text.
+    let rest = &all[prompt.len()..];
+    let mut stream = TextStream::new(&tok, &prompt).expect("stream");
+    let mut streamed = String::new();
+    for &id in rest {
+        let piece = stream.push(id).expect("push");
+        assert!(
+            !piece.contains('\u{FFFD}'),
+            "printed a partial character: {piece:?}"
+        );
+        streamed.push_str(&piece);
+    }
+    streamed.push_str(&stream.finish().expect("finish"));
+    let whole = tok.decode(&all).expect("decode");
+    let head = tok.decode(&prompt).expect("decode");
+    assert_eq!(format!("{head}{streamed}"), whole);
+}
