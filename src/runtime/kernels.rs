@@ -457,6 +457,25 @@ mod tests {
     }
 
     #[test]
+    fn portable_and_simd_paths_agree() {
+        // The portable path is what CPUs without AVX2/FMA/F16C run; only the
+        // rounding of fused multiply-adds may differ from the SIMD path.
+        let cols = 1000;
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let f16s: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let bf16s: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+        let m = Matrix::new(1, cols, Storage::F16(f16s.clone())).unwrap();
+        assert!(close(row_dot(&m, 0, &x), dot_portable(|i| f16s[i].to_f32(), &x)));
+        let m = Matrix::new(1, cols, Storage::BF16(bf16s.clone())).unwrap();
+        assert!(close(row_dot(&m, 0, &x), dot_portable(|i| bf16s[i].to_f32(), &x)));
+        assert!(close(dot(&w, &x), dot_portable(|i| w[i], &x)));
+        let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+        assert!(close(dot(&w, &x), exact as f32));
+    }
+
+    #[test]
     fn gemm_matches_matvec_closely() {
         for n in [2, 5, 20] {
             check_batch(n);
