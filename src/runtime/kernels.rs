@@ -467,9 +467,15 @@ mod tests {
         let bf16s: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
         let m = Matrix::new(1, cols, Storage::F16(f16s.clone())).unwrap();
-        assert!(close(row_dot(&m, 0, &x), dot_portable(|i| f16s[i].to_f32(), &x)));
+        assert!(close(
+            row_dot(&m, 0, &x),
+            dot_portable(|i| f16s[i].to_f32(), &x)
+        ));
         let m = Matrix::new(1, cols, Storage::BF16(bf16s.clone())).unwrap();
-        assert!(close(row_dot(&m, 0, &x), dot_portable(|i| bf16s[i].to_f32(), &x)));
+        assert!(close(
+            row_dot(&m, 0, &x),
+            dot_portable(|i| bf16s[i].to_f32(), &x)
+        ));
         assert!(close(dot(&w, &x), dot_portable(|i| w[i], &x)));
         let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
         assert!(close(dot(&w, &x), exact as f32));
