@@ -18,6 +18,7 @@ pub mod error;
 pub mod format;
 pub mod input;
 pub mod pack;
+pub mod predictor;
 pub mod runtime;
 
 pub use error::{Error, ExitClass, Result};

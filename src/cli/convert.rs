@@ -8,6 +8,9 @@ use clap::{Args, ValueEnum};
 use crate::cli::Output;
 use crate::dtype::DType;
 use crate::pack::{convert, ConvertOptions, TargetDType};
+use crate::predictor::calibrate::CalibrationOptions;
+use crate::predictor::pipeline::CalibrationPlan;
+use crate::predictor::train::{RankChoice, TrainOptions};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DTypeArg {
@@ -45,6 +48,79 @@ pub struct ConvertArgs {
     /// checkpoint) before reporting success.
     #[arg(long)]
     pub verify: bool,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+}
+
+/// Calibration and predictor training (shared by `convert` and `predictors train`).
+#[derive(Debug, Clone, Args)]
+pub struct CalibArgs {
+    /// Calibration text files: run the model over them, order neurons hottest
+    /// first and train one sparsity predictor per layer.
+    #[arg(long = "calib", value_name = "FILE", num_args = 1..)]
+    pub calib: Vec<PathBuf>,
+    /// Most calibration tokens to use.
+    #[arg(long, default_value_t = 16384)]
+    pub calib_tokens: usize,
+    /// Predictor rank for every layer, or `auto`: grow each layer's rank until it
+    /// predicts at most 2x the neurons that truly fire.
+    #[arg(long, default_value = "auto")]
+    pub rank: String,
+    /// Recall the per-layer thresholds must reach on held-out calibration tokens.
+    #[arg(long, default_value_t = 0.99)]
+    pub target_recall: f64,
+    /// SiLU models: fraction of activations the calibrated threshold zeroes.
+    #[arg(long, default_value_t = 0.5)]
+    pub target_sparsity: f64,
+    /// Seed of predictor training (same seed, same bytes, whatever the thread count).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep the calibration activation store (FFN inputs, per-token firing masks) here.
+    #[arg(long, value_name = "DIR")]
+    pub keep_trace: Option<PathBuf>,
+}
+
+impl CalibArgs {
+    /// The calibration plan, or `None` without `--calib`.
+    pub fn plan(&self) -> anyhow::Result<Option<CalibrationPlan>> {
+        if self.calib.is_empty() {
+            return Ok(None);
+        }
+        let rank = match self.rank.as_str() {
+            "auto" => TrainOptions::default().rank,
+            r => match r.parse::<usize>() {
+                Ok(r) if r > 0 => RankChoice::Fixed(r),
+                _ => {
+                    return Err(crate::Error::InvalidArgument(format!(
+                        "--rank {r:?} must be a positive number or auto"
+                    ))
+                    .into())
+                }
+            },
+        };
+        if !(self.target_recall > 0.0 && self.target_recall <= 1.0) {
+            return Err(crate::Error::InvalidArgument(format!(
+                "--target-recall {} must be in (0, 1]",
+                self.target_recall
+            ))
+            .into());
+        }
+        Ok(Some(CalibrationPlan {
+            files: self.calib.clone(),
+            calibrate: CalibrationOptions {
+                max_tokens: self.calib_tokens,
+                target_sparsity: self.target_sparsity,
+                keep_trace: self.keep_trace.clone(),
+                ..CalibrationOptions::default()
+            },
+            train: TrainOptions {
+                rank,
+                target_recall: self.target_recall,
+                seed: self.seed,
+                ..TrainOptions::default()
+            },
+        }))
+    }
 }
 
 pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
@@ -57,6 +133,7 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         },
         zstd_level: args.zstd_level,
         alignment: args.align,
+        calibration: args.calib.plan()?,
     };
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
@@ -96,6 +173,33 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         convert_s
     ));
     out.human(format_args!("manifest sha256 {}", summary.manifest_sha256));
+    if let (Some(tokens), Some(cal_ms), Some(train_ms)) = (
+        summary.calibration_tokens,
+        summary.calibrate_ms,
+        summary.train_ms,
+    ) {
+        out.human(format_args!(
+            "calibrated on {tokens} tokens in {:.1}s ({:.0} tokens/s); predictors trained in {:.1}s",
+            cal_ms / 1e3,
+            tokens as f64 / (cal_ms / 1e3),
+            train_ms / 1e3
+        ));
+        out.human("  layer  rank  threshold  recall  precision  predicted  truly active  size/FFN  window max (1,2,4,8)");
+        for p in &summary.predictors {
+            out.human(format_args!(
+                "  {:>5}  {:>4}  {:>9.3}  {:>6.4}  {:>9.3}  {:>8.1}%  {:>11.1}%  {:>7.2}%  {:?}",
+                p.layer,
+                p.rank,
+                p.threshold,
+                p.recall,
+                p.precision,
+                100.0 * p.frac_predicted,
+                100.0 * p.frac_true,
+                p.bytes_percent_of_ffn,
+                p.window_max
+            ));
+        }
+    }
     let verified = if args.verify {
         let report = crate::cli::verify::verify_file(&args.output, Some(&args.model), out)?;
         if !report.ok {

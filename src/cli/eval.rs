@@ -8,6 +8,7 @@ use clap::Args;
 use crate::cli::Output;
 use crate::error::Error;
 use crate::runtime::perplexity::perplexity;
+use crate::runtime::sparse::FfnMode;
 use crate::runtime::{open_model, with_threads, LoadedModel};
 
 #[derive(Debug, Args)]
@@ -26,6 +27,11 @@ pub struct EvalArgs {
     /// Worker threads (default: one per core). Results do not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Which FFN neurons to compute: all (`dense`, the exact model), exactly those
+    /// that fire (`oracle`), or those the packed file's predictors choose
+    /// (`predicted`).
+    #[arg(long, value_enum, default_value = "dense")]
+    pub ffn: FfnMode,
 }
 
 #[derive(serde::Serialize)]
@@ -40,15 +46,20 @@ struct EvalReport {
     seconds: f64,
     tokens_per_s: f64,
     threads: usize,
+    ffn: FfnMode,
+    /// Fraction of FFN neurons computed (1.0 for dense).
+    ffn_active_fraction: f64,
 }
 
 pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.text).map_err(|e| Error::io(&args.text, e))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display())))?;
+    let mut loaded = open_model(&args.model)?;
+    let counter = loaded.set_ffn_mode(args.ffn)?;
     let LoadedModel {
         model, tokenizer, ..
-    } = open_model(&args.model)?;
+    } = loaded;
     let ids = tokenizer.encode(&text)?;
     let (r, threads) = with_threads(args.threads, || {
         perplexity(&model, &ids, args.ctx).map(|r| (r, rayon::current_num_threads()))
@@ -68,5 +79,7 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
         seconds: r.seconds,
         tokens_per_s: r.tokens_scored as f64 / r.seconds.max(1e-9),
         threads,
+        ffn: args.ffn,
+        ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
     })
 }

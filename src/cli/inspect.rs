@@ -118,6 +118,9 @@ struct PackedLayout {
     flashpack_version: String,
     convert_dtype: String,
     zstd_level: i32,
+    calibration_tokens: Option<u64>,
+    /// Per layer: predictor rank, threshold and held-out metrics, calibration maxima.
+    layers: Vec<serde_json::Value>,
 }
 
 fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, PackedLayout)> {
@@ -171,6 +174,26 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
         flashpack_version: m.provenance.flashpack_version.clone(),
         convert_dtype: m.provenance.options.dtype.clone(),
         zstd_level: m.provenance.options.zstd_level,
+        calibration_tokens: m.calibration.as_ref().map(|c| c.tokens),
+        layers: (0..file.config.num_layers)
+            .map(|i| {
+                let mut layer = serde_json::json!({ "layer": i });
+                if let Some(p) = m.predictors.iter().find(|p| p.layer == i as u64) {
+                    layer["rank"] = p.rank.into();
+                    layer["threshold"] = p.threshold.into();
+                    layer["recall"] = p.recall.into();
+                    layer["precision"] = p.precision.into();
+                    layer["frac_predicted"] = p.frac_predicted.into();
+                    layer["frac_true"] = p.frac_true.into();
+                }
+                if let Some(c) = m.calibration.as_ref().and_then(|c| c.layers.get(i)) {
+                    layer["window_max"] = c.window_max.clone().into();
+                    layer["mean_active_fraction"] = c.mean_active_fraction.into();
+                    layer["silu_threshold"] = c.silu_threshold.into();
+                }
+                layer
+            })
+            .collect(),
     };
     Ok((s, layout))
 }

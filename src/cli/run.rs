@@ -8,6 +8,7 @@ use clap::Args;
 use crate::cli::Output;
 use crate::runtime::generate::{generate, GenerateOptions, TextStream};
 use crate::runtime::sampling::SamplingParams;
+use crate::runtime::sparse::FfnMode;
 use crate::runtime::{open_model, with_threads, LoadedModel};
 
 #[derive(Debug, Args)]
@@ -38,6 +39,11 @@ pub struct RunArgs {
     /// Worker threads (default: one per core). Output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Which FFN neurons to compute: all (`dense`, the exact model), exactly those
+    /// that fire (`oracle`), or those the packed file's predictors choose
+    /// (`predicted`).
+    #[arg(long, value_enum, default_value = "dense")]
+    pub ffn: FfnMode,
 }
 
 #[derive(serde::Serialize)]
@@ -58,6 +64,9 @@ struct RunReport {
     top_p: Option<f32>,
     seed: u64,
     threads: usize,
+    ffn: FfnMode,
+    /// Fraction of FFN neurons computed (1.0 for dense).
+    ffn_active_fraction: f64,
 }
 
 pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
@@ -74,9 +83,11 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         seed,
     };
     sampling.validate()?;
+    let mut loaded = open_model(&args.model)?;
+    let counter = loaded.set_ffn_mode(args.ffn)?;
     let LoadedModel {
         model, tokenizer, ..
-    } = open_model(&args.model)?;
+    } = loaded;
     let prompt_ids = tokenizer.encode(&args.prompt)?;
     let mut stop_ids = model.config.eos_token_ids.clone();
     stop_ids.extend(tokenizer.special.eos.iter().copied());
@@ -140,5 +151,7 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         top_p: args.top_p,
         seed,
         threads,
+        ffn: args.ffn,
+        ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
     })
 }

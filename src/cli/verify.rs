@@ -198,7 +198,14 @@ fn compare_weights(
             per_neuron.insert(b.clone(), i);
         }
     }
-    for entry in &file.manifest.tensors {
+    // Predictor tensors are made by flashpack, not copied: only the dense part
+    // has a source to compare with.
+    for entry in file
+        .manifest
+        .tensors
+        .iter()
+        .filter(|t| t.section == DENSE_SECTION)
+    {
         let Some(dtype) = entry.dtype.weight() else {
             continue;
         };

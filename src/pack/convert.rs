@@ -19,6 +19,8 @@ use crate::input::{Checkpoint, TensorRef};
 use crate::pack::bundle::{build_layer_bundles, convert_range, LayerFfn};
 use crate::pack::output::AtomicOutput;
 use crate::pack::section::SectionWriter;
+use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan};
+use crate::predictor::train::{LowRankPredictor, PredictorMetrics};
 
 /// Which dtype the packed weights take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,9 @@ pub struct ConvertOptions {
     pub zstd_level: i32,
     /// Alignment of every section (a power of two, 512 B to 1 MiB).
     pub alignment: u64,
+    /// Calibrate on text and train predictors (hot-first neuron order, predictor
+    /// section); `None` packs the checkpoint's neuron order without predictors.
+    pub calibration: Option<CalibrationPlan>,
 }
 
 impl Default for ConvertOptions {
@@ -59,6 +64,7 @@ impl Default for ConvertOptions {
             dtype: TargetDType::Keep,
             zstd_level: 3,
             alignment: 4096,
+            calibration: None,
         }
     }
 }
@@ -81,6 +87,37 @@ pub struct ConvertSummary {
     pub dense_ms: f64,
     pub ffn_ms: f64,
     pub commit_ms: f64,
+    /// Calibration tokens and time, and per-layer predictor metrics (with `--calib`).
+    pub calibration_tokens: Option<u64>,
+    pub calibrate_ms: Option<f64>,
+    pub train_ms: Option<f64>,
+    pub predictors: Vec<PredictorReport>,
+}
+
+/// One layer's predictor as `convert` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PredictorReport {
+    pub layer: usize,
+    pub rank: usize,
+    pub threshold: f32,
+    pub recall: f64,
+    pub precision: f64,
+    pub frac_predicted: f64,
+    pub frac_true: f64,
+    /// Predictor size (f16) as a percentage of the layer's FFN weights.
+    pub bytes_percent_of_ffn: f64,
+    pub window_max: Vec<u64>,
+    pub train_ms: f64,
+}
+
+/// What calibration adds to a pack: neuron orders, predictors, statistics.
+struct PackExtras {
+    orders: Vec<Vec<u32>>,
+    predictors: Vec<(LowRankPredictor, PredictorMetrics)>,
+    calibration: Option<CalibrationInfo>,
+    reports: Vec<PredictorReport>,
+    calibrate_ms: Option<f64>,
+    train_ms: Option<f64>,
 }
 
 /// Progress callback: bytes of weights processed so far, of the total.
@@ -126,6 +163,19 @@ pub fn convert(
     };
     let generation_config = optional_json("generation_config.json")?;
     let tokenizer_config = optional_json("tokenizer_config.json")?;
+    let extras = match &options.calibration {
+        Some(plan) => calibrated_extras(&ckpt, plan)?,
+        None => PackExtras {
+            orders: (0..ckpt.config.num_layers)
+                .map(|_| (0..ckpt.config.ffn_width as u32).collect())
+                .collect(),
+            predictors: Vec::new(),
+            calibration: None,
+            reports: Vec::new(),
+            calibrate_ms: None,
+            train_ms: None,
+        },
+    };
     // Hashing the sources reads every weight byte once more; it runs beside the
     // conversion, which leaves cores idle while it writes.
     std::thread::scope(|scope| {
@@ -141,6 +191,7 @@ pub fn convert(
             config_json,
             generation_config,
             tokenizer_config,
+            extras,
             || {
                 hashing
                     .join()
@@ -161,6 +212,7 @@ fn write_pack(
     config_json: serde_json::Value,
     generation_config: Option<serde_json::Value>,
     tokenizer_config: Option<serde_json::Value>,
+    extras: PackExtras,
     source_hashes: impl FnOnce() -> Result<(Vec<SourceFile>, f64)>,
 ) -> Result<ConvertSummary> {
     let a = options.alignment;
@@ -198,9 +250,7 @@ fn write_pack(
 
     // The dense section: everything but the FFN weight matrices, per-neuron FFN
     // biases in packed order, and the neuron orders.
-    let orders: Vec<Vec<u32>> = (0..ckpt.config.num_layers)
-        .map(|_| (0..ckpt.config.ffn_width as u32).collect())
-        .collect();
+    let orders = &extras.orders;
     let ffn_weight_names: HashSet<String> = ckpt
         .names
         .layers
@@ -284,6 +334,8 @@ fn write_pack(
         });
     }
     sections.push(dense.finish(&mut file)?);
+    let predictor_entries =
+        write_predictors(&mut file, &mut sections, &mut tensors, &extras, zstd, a)?;
     let dense_ms = ms_since(dense_clock);
     let ffn_clock = std::time::Instant::now();
 
@@ -353,8 +405,8 @@ fn write_pack(
                 alignment: a,
             },
         },
-        calibration: None,
-        predictors: Vec::new(),
+        calibration: extras.calibration.clone(),
+        predictors: predictor_entries,
     };
     let manifest_bytes = serde_json::to_vec(&manifest)
         .map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
@@ -402,6 +454,158 @@ fn write_pack(
         dense_ms,
         ffn_ms,
         commit_ms,
+        calibration_tokens: extras.calibration.as_ref().map(|c| c.tokens),
+        calibrate_ms: extras.calibrate_ms,
+        train_ms: extras.train_ms,
+        predictors: extras.reports,
+    })
+}
+
+/// The predictor section: per layer A `[hidden, rank]`, B `[rank, neurons]` and the
+/// bias, f16, with B's columns and the bias permuted into packed neuron order so
+/// that the predictor names packed positions directly.
+fn write_predictors(
+    file: &mut AtomicOutput,
+    sections: &mut Vec<SectionEntry>,
+    tensors: &mut Vec<TensorEntry>,
+    extras: &PackExtras,
+    zstd: Option<i32>,
+    alignment: u64,
+) -> Result<Vec<PredictorEntry>> {
+    if extras.predictors.is_empty() {
+        return Ok(Vec::new());
+    }
+    file.pad_to(alignment)?;
+    let mut w = SectionWriter::new(
+        file,
+        PREDICTOR_SECTION,
+        SectionKind::Predictor,
+        zstd,
+        DENSE_CHUNK_BYTES,
+    );
+    let mut entries = Vec::new();
+    let f16_bytes = |values: &mut dyn Iterator<Item = f32>| -> Vec<u8> {
+        values
+            .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+            .collect()
+    };
+    for (layer, ((p, m), order)) in extras.predictors.iter().zip(&extras.orders).enumerate() {
+        let permuted_b =
+            (0..p.rank).flat_map(|r| order.iter().map(move |&j| p.b[r * p.ffn + j as usize]));
+        let permuted_bias = order.iter().map(|&j| p.bias[j as usize]);
+        let parts: [(&str, Vec<u64>, Vec<u8>); 3] = [
+            (
+                "a",
+                vec![p.d as u64, p.rank as u64],
+                f16_bytes(&mut p.a.iter().copied()),
+            ),
+            (
+                "b",
+                vec![p.rank as u64, p.ffn as u64],
+                f16_bytes(&mut permuted_b.into_iter()),
+            ),
+            (
+                "bias",
+                vec![p.ffn as u64],
+                f16_bytes(&mut permuted_bias.into_iter()),
+            ),
+        ];
+        for (part, shape, bytes) in parts {
+            w.pad_raw(file, TENSOR_ALIGN)?;
+            tensors.push(TensorEntry {
+                name: predictor_tensor_name(layer, part),
+                dtype: TableDType::F16,
+                shape,
+                section: PREDICTOR_SECTION.into(),
+                offset: w.raw_position(),
+                length: bytes.len() as u64,
+            });
+            w.write(file, &bytes)?;
+        }
+        entries.push(PredictorEntry {
+            layer: layer as u64,
+            rank: p.rank as u64,
+            a_tensor: predictor_tensor_name(layer, "a"),
+            b_tensor: predictor_tensor_name(layer, "b"),
+            bias_tensor: predictor_tensor_name(layer, "bias"),
+            threshold: p.threshold,
+            recall: m.recall,
+            precision: m.precision,
+            frac_predicted: m.frac_predicted,
+            frac_true: m.frac_true,
+        });
+    }
+    sections.push(w.finish(file)?);
+    Ok(entries)
+}
+
+/// Calibrates on the plan's text with the dense model, trains the predictors, and
+/// turns the result into what the writer records.
+fn calibrated_extras(ckpt: &Checkpoint, plan: &CalibrationPlan) -> Result<PackExtras> {
+    let model = crate::runtime::Model::from_checkpoint(ckpt)?;
+    let tokenizer = ckpt.tokenizer()?;
+    let trained = calibrate_and_train(&model, &ckpt.names, ckpt, &tokenizer, plan, &|_| {})?;
+    drop(model);
+    let cal = &trained.calibration;
+    let files = plan
+        .files
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            Ok(SourceFile {
+                name: path
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                bytes: bytes.len() as u64,
+                sha256: hex::encode(Sha256::digest(&bytes)),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let silu = ckpt.config.activation == crate::input::config::Activation::Silu;
+    let info = CalibrationInfo {
+        tokens: cal.tokens as u64,
+        files,
+        target_sparsity: silu.then_some(plan.calibrate.target_sparsity),
+        layers: cal
+            .layers
+            .iter()
+            .map(|l| LayerCalibrationEntry {
+                window_max: l.window_max.iter().map(|&w| w as u64).collect(),
+                mean_active_fraction: l.mean_active_fraction,
+                silu_threshold: l.silu_threshold,
+            })
+            .collect(),
+    };
+    let parts = if ckpt.config.architecture.is_llama_family() {
+        3
+    } else {
+        2
+    };
+    let ffn_params = (parts * ckpt.config.hidden_size * ckpt.config.ffn_width) as f64;
+    let reports = trained
+        .predictors
+        .iter()
+        .enumerate()
+        .map(|(layer, (p, m))| PredictorReport {
+            layer,
+            rank: m.rank,
+            threshold: p.threshold,
+            recall: m.recall,
+            precision: m.precision,
+            frac_predicted: m.frac_predicted,
+            frac_true: m.frac_true,
+            bytes_percent_of_ffn: 100.0 * (p.size_bytes_f16() as f64 / 2.0) / ffn_params,
+            window_max: info.layers[layer].window_max.clone(),
+            train_ms: trained.train_seconds[layer] * 1e3,
+        })
+        .collect();
+    Ok(PackExtras {
+        orders: trained.orders,
+        predictors: trained.predictors,
+        calibration: Some(info),
+        reports,
+        calibrate_ms: Some(trained.calibrate_seconds * 1e3),
+        train_ms: Some(trained.train_seconds.iter().sum::<f64>() * 1e3),
     })
 }
 

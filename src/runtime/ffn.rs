@@ -56,6 +56,10 @@ pub trait Ffn: Send + Sync {
     fn width(&self) -> usize;
     /// Bytes of weights a dense evaluation of one token reads.
     fn weight_bytes(&self) -> usize;
+    /// The activation that decides whether each neuron fires (`n x width`):
+    /// `act(gate . x)` for a gated FFN, `act(up . x + b)` for a plain one. Oracle
+    /// modes pick neurons from it.
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32>;
     /// Computes `out = FFN(x)` for `n` row-major input vectors (`x`: `n x hidden`,
     /// `out`: `n x hidden`). When `fired` is given, it is filled with the neurons
     /// that fired for each token.
@@ -187,6 +191,20 @@ impl Ffn for DenseFfn {
             FfnWeights::Plain { up, down } => up.size_bytes() + down.size_bytes(),
             FfnWeights::Gated { gate, up, down } => {
                 gate.size_bytes() + up.size_bytes() + down.size_bytes()
+            }
+        }
+    }
+
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        match &self.weights {
+            FfnWeights::Plain { .. } => self.neurons_all(x, n),
+            FfnWeights::Gated { gate, .. } => {
+                let mut g = vec![0.0f32; n * self.width()];
+                kernels::linear(gate, x, n, &mut g);
+                for v in &mut g {
+                    *v = self.act(*v);
+                }
+                g
             }
         }
     }

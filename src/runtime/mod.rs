@@ -8,6 +8,7 @@
 //! - [`model`]: the one forward pass (prefill batch and decode step).
 //! - [`sampling`], [`generate`]: token choice and the generation loop.
 //! - [`perplexity`]: the perplexity definition of the foundation issue.
+//! - [`sparse`]: the `oracle` and `predicted` FFN modes (chosen neurons only).
 //! - [`packed`], [`open`]: a flashpack file as a tensor source; opening either kind of model.
 //! - [`bench`]: speed and memory-bandwidth measurements, a random-weight model.
 
@@ -22,6 +23,7 @@ pub mod packed;
 pub mod perplexity;
 pub mod rope;
 pub mod sampling;
+pub mod sparse;
 pub mod weights;
 
 pub use attention::KvCache;

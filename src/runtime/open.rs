@@ -2,11 +2,15 @@
 //! flashpack file, as the same [`Model`] and tokenizer, so every command accepts both.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::Result;
+use crate::format::layout::PREDICTOR_SECTION;
 use crate::format::PackedFile;
 use crate::input::{Checkpoint, TextTokenizer};
+use crate::predictor::train::LowRankPredictor;
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
+use crate::runtime::sparse::{apply_ffn_mode, FfnMode, NeuronCounter, SparsityData};
 use crate::runtime::Model;
 
 /// Where a loaded model came from.
@@ -21,6 +25,15 @@ pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: TextTokenizer,
     pub source: ModelSource,
+    /// Predictors and SiLU thresholds of a calibrated packed file.
+    pub sparsity: Option<SparsityData>,
+}
+
+impl LoadedModel {
+    /// Switches the model's FFNs to `mode` (see [`apply_ffn_mode`]).
+    pub fn set_ffn_mode(&mut self, mode: FfnMode) -> Result<Option<Arc<NeuronCounter>>> {
+        apply_ffn_mode(&mut self.model, mode, self.sparsity.as_ref())
+    }
 }
 
 /// Loads a checkpoint directory or a packed file (all weights in DRAM).
@@ -33,6 +46,7 @@ pub fn open_model(path: &Path) -> Result<LoadedModel> {
             model,
             tokenizer: packed_tokenizer(&file)?,
             source: ModelSource::Packed,
+            sparsity: sparsity_data(&file)?,
         })
     } else {
         let ckpt = Checkpoint::open(path)?;
@@ -41,6 +55,50 @@ pub fn open_model(path: &Path) -> Result<LoadedModel> {
             model,
             tokenizer: ckpt.tokenizer()?,
             source: ModelSource::Checkpoint,
+            sparsity: None,
         })
     }
+}
+
+/// The predictors (f16 in the file, widened) and SiLU thresholds of a packed
+/// file, or `None` when it was not calibrated.
+fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
+    let m = &file.manifest;
+    if m.calibration.is_none() && m.predictors.is_empty() {
+        return Ok(None);
+    }
+    let layers = file.config.num_layers;
+    let mut predictors: Vec<Option<LowRankPredictor>> = vec![None; layers];
+    if !m.predictors.is_empty() {
+        let raw = file.read_section(PREDICTOR_SECTION)?;
+        let values = |name: &str| -> Vec<f32> {
+            let t = file
+                .tensor_entry(name)
+                .expect("checked at open: predictor tensors exist");
+            let dtype = t.dtype.weight().expect("checked at open: floating point");
+            crate::dtype::widen(
+                dtype,
+                &raw[t.offset as usize..(t.offset + t.length) as usize],
+            )
+        };
+        for p in &m.predictors {
+            predictors[p.layer as usize] = Some(LowRankPredictor {
+                d: file.config.hidden_size,
+                rank: p.rank as usize,
+                ffn: file.config.ffn_width,
+                a: values(&p.a_tensor),
+                b: values(&p.b_tensor),
+                bias: values(&p.bias_tensor),
+                threshold: p.threshold,
+            });
+        }
+    }
+    let silu_thresholds = match &m.calibration {
+        Some(c) => c.layers.iter().map(|l| l.silu_threshold).collect(),
+        None => vec![None; layers],
+    };
+    Ok(Some(SparsityData {
+        predictors,
+        silu_thresholds,
+    }))
 }

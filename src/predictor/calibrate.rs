@@ -1,0 +1,466 @@
+//! Calibration: run the dense model over calibration text and record, per layer,
+//! the exact vector each FFN consumes (to an on-disk activation store, f16) and
+//! which neurons fire, then derive what packing and the runtime need: per-neuron
+//! firing frequency (the hot-first order), the largest number of distinct neurons
+//! fired within any K consecutive tokens (K = 1, 2, 4, 8: the window cache's size),
+//! and for SiLU models a magnitude threshold that defines "fired".
+//!
+//! Firing, ReLU FFNs: the neuron's output is exactly 0 or not, as the runtime's own
+//! FFN reports it. SiLU: `|silu(gate . x)| > threshold`, the threshold reaching
+//! the target sparsity on a sample of calibration tokens.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::input::config::Activation;
+use crate::input::tensors::{FfnNames, ModelNames};
+use crate::input::TextTokenizer;
+use crate::runtime::ffn::Fired;
+use crate::runtime::weights::TensorSource;
+use crate::runtime::{Logits, Model, Observer};
+
+/// Window lengths whose distinct-neuron maxima are recorded.
+pub const WINDOW_SIZES: [usize; 4] = [1, 2, 4, 8];
+/// Tokens whose activation magnitudes set a SiLU threshold: enough for a stable
+/// quantile, few enough that `tokens x width` floats stay small.
+const THRESHOLD_SAMPLE_TOKENS: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct CalibrationOptions {
+    /// Stop after this many tokens.
+    pub max_tokens: usize,
+    /// Tokens per forward pass (each from an empty KV cache).
+    pub ctx: usize,
+    /// SiLU models: fraction of neuron activations the threshold should zero.
+    pub target_sparsity: f64,
+    /// Keep the activation store (inputs and firing masks) in this directory
+    /// instead of a temporary one that is removed.
+    pub keep_trace: Option<PathBuf>,
+}
+
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        CalibrationOptions {
+            max_tokens: 16384,
+            ctx: 256,
+            target_sparsity: 0.5,
+            keep_trace: None,
+        }
+    }
+}
+
+/// What calibration learned about one layer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerStats {
+    /// Tokens on which each neuron (checkpoint index) fired.
+    #[serde(skip)]
+    pub frequency: Vec<u32>,
+    /// Most distinct neurons fired within any K consecutive tokens, K in [`WINDOW_SIZES`].
+    pub window_max: [usize; 4],
+    /// Mean fraction of neurons firing per token.
+    pub mean_active_fraction: f64,
+    /// SiLU only: `|silu(gate . x)|` at or below this counts as not fired.
+    pub silu_threshold: Option<f32>,
+}
+
+/// The calibration result, backed by the on-disk activation store.
+pub struct Calibration {
+    pub tokens: usize,
+    /// Token count of each forward pass (window), in order.
+    pub windows: Vec<usize>,
+    pub layers: Vec<LayerStats>,
+    pub hidden: usize,
+    pub width: usize,
+    store: Store,
+}
+
+/// Where the per-layer inputs (f16) and firing bitsets live.
+enum StoreDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+struct Store {
+    dir: StoreDir,
+}
+
+impl Store {
+    fn path(&self) -> &Path {
+        match &self.dir {
+            StoreDir::Temp(t) => t.path(),
+            StoreDir::Kept(p) => p,
+        }
+    }
+    fn inputs(&self, layer: usize) -> PathBuf {
+        self.path().join(format!("layer{layer}.inputs.f16"))
+    }
+    fn fired(&self, layer: usize) -> PathBuf {
+        self.path().join(format!("layer{layer}.fired.bits"))
+    }
+}
+
+/// Bitset words per token for `width` neurons.
+pub fn words(width: usize) -> usize {
+    width.div_ceil(64)
+}
+
+impl Calibration {
+    /// One layer's FFN inputs (`tokens x hidden`) and firing bitsets
+    /// (`tokens x words(width)`), in token order.
+    pub fn layer_data(&self, layer: usize) -> Result<(Vec<f32>, Vec<u64>)> {
+        let inputs = read_f16_file(&self.store.inputs(layer))?;
+        let fired = read_u64_file(&self.store.fired(layer))?;
+        if inputs.len() != self.tokens * self.hidden
+            || fired.len() != self.tokens * words(self.width)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "activation store of layer {layer} is incomplete ({} inputs, {} mask words)",
+                inputs.len(),
+                fired.len()
+            )));
+        }
+        Ok((inputs, fired))
+    }
+
+    /// Hot-first neuron order of a layer: by firing frequency, descending, ties by
+    /// index (so the order is deterministic).
+    pub fn neuron_order(&self, layer: usize) -> Vec<u32> {
+        let freq = &self.layers[layer].frequency;
+        let mut order: Vec<u32> = (0..freq.len() as u32).collect();
+        order.sort_by(|&a, &b| freq[b as usize].cmp(&freq[a as usize]).then(a.cmp(&b)));
+        order
+    }
+
+    /// Where the activation store is (removed on drop unless kept).
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+}
+
+/// Records FFN inputs (and, for ReLU, firing masks) during forward passes.
+struct Recorder {
+    inputs: Vec<BufWriter<File>>,
+    fired: Vec<BufWriter<File>>,
+    record_fired: bool,
+    width: usize,
+    error: Option<Error>,
+    paths: Vec<PathBuf>,
+}
+
+impl Observer for Recorder {
+    fn ffn(&mut self, layer: usize, input: &[f32], n: usize, fired: &Fired) {
+        if self.error.is_some() {
+            return;
+        }
+        let mut bytes = Vec::with_capacity(input.len() * 2);
+        for v in input {
+            bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+        }
+        let result = self.inputs[layer].write_all(&bytes).and_then(|_| {
+            if !self.record_fired {
+                return Ok(());
+            }
+            let w = words(self.width);
+            let mut bits = vec![0u64; n * w];
+            for (t, set) in fired.per_token.iter().enumerate() {
+                for &j in set {
+                    bits[t * w + j as usize / 64] |= 1 << (j % 64);
+                }
+            }
+            let raw: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            self.fired[layer].write_all(&raw)
+        });
+        if let Err(e) = result {
+            self.error = Some(Error::io(&self.paths[layer], e));
+        }
+    }
+}
+
+/// Runs calibration over the text files. `weights` gives the checkpoint's tensors
+/// (SiLU thresholds need the gate projections).
+pub fn calibrate(
+    model: &Model,
+    names: &ModelNames,
+    weights: &dyn TensorSource,
+    tokenizer: &TextTokenizer,
+    files: &[PathBuf],
+    opts: &CalibrationOptions,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Calibration> {
+    let cfg = &model.config;
+    if files.is_empty() {
+        return Err(Error::InvalidArgument(
+            "calibration needs at least one text file".into(),
+        ));
+    }
+    if opts.ctx < 2 || opts.ctx > cfg.max_context {
+        return Err(Error::ContextTooLong {
+            what: format!("calibration windows of {}", opts.ctx),
+            needed: opts.ctx,
+            max: cfg.max_context,
+        });
+    }
+    if !(0.0..1.0).contains(&opts.target_sparsity) {
+        return Err(Error::InvalidArgument(format!(
+            "--target-sparsity {} must be in [0, 1)",
+            opts.target_sparsity
+        )));
+    }
+    let store = match &opts.keep_trace {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            Store {
+                dir: StoreDir::Kept(dir.clone()),
+            }
+        }
+        None => Store {
+            dir: StoreDir::Temp(
+                tempfile::tempdir().map_err(|e| Error::io(Path::new("temporary directory"), e))?,
+            ),
+        },
+    };
+    let layers = cfg.num_layers;
+    let open = |p: PathBuf| -> Result<BufWriter<File>> {
+        File::create(&p)
+            .map(BufWriter::new)
+            .map_err(|e| Error::io(&p, e))
+    };
+    let relu = cfg.activation == Activation::Relu;
+    let mut recorder = Recorder {
+        inputs: (0..layers)
+            .map(|l| open(store.inputs(l)))
+            .collect::<Result<_>>()?,
+        fired: if relu {
+            (0..layers)
+                .map(|l| open(store.fired(l)))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        },
+        record_fired: relu,
+        width: cfg.ffn_width,
+        error: None,
+        paths: (0..layers).map(|l| store.inputs(l)).collect(),
+    };
+
+    // Phase 1: forward passes over windows of the calibration text.
+    let mut windows = Vec::new();
+    let mut tokens = 0usize;
+    let mut cache = model.new_cache();
+    'files: for file in files {
+        let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", file.display())))?;
+        let ids = tokenizer.encode(&text)?;
+        for window in ids.chunks(opts.ctx) {
+            let take = window.len().min(opts.max_tokens - tokens);
+            if take == 0 {
+                break 'files;
+            }
+            cache.clear();
+            model.forward(
+                &mut cache,
+                &window[..take],
+                Logits::None,
+                Some(&mut recorder),
+            )?;
+            if let Some(e) = recorder.error.take() {
+                return Err(e);
+            }
+            windows.push(take);
+            tokens += take;
+            progress(tokens, opts.max_tokens);
+        }
+    }
+    if tokens == 0 {
+        return Err(Error::InvalidArgument(
+            "the calibration text encodes to no tokens".into(),
+        ));
+    }
+    for (l, w) in recorder
+        .inputs
+        .iter_mut()
+        .chain(recorder.fired.iter_mut())
+        .enumerate()
+    {
+        w.flush()
+            .map_err(|e| Error::io(&store.path().join(format!("store file {l}")), e))?;
+    }
+    drop(recorder);
+
+    // Phase 2, per layer: SiLU labels from a threshold, then statistics.
+    let mut calibration = Calibration {
+        tokens,
+        windows,
+        layers: Vec::new(),
+        hidden: cfg.hidden_size,
+        width: cfg.ffn_width,
+        store,
+    };
+    for layer in 0..layers {
+        let threshold = if relu {
+            None
+        } else {
+            Some(silu_labels(
+                &calibration,
+                layer,
+                names,
+                weights,
+                opts.target_sparsity,
+            )?)
+        };
+        let (_, fired) = calibration.layer_data(layer)?;
+        let mut stats = firing_stats(&fired, &calibration.windows, cfg.ffn_width);
+        stats.silu_threshold = threshold;
+        calibration.layers.push(stats);
+    }
+    Ok(calibration)
+}
+
+/// Computes `|silu(gate . x)|` for the layer's stored inputs, picks the threshold
+/// at the target sparsity (on the first tokens), and writes the firing bitsets.
+fn silu_labels(
+    cal: &Calibration,
+    layer: usize,
+    names: &ModelNames,
+    weights: &dyn TensorSource,
+    target_sparsity: f64,
+) -> Result<f32> {
+    let FfnNames::Gated { gate, .. } = &names.layers[layer].ffn else {
+        return Err(Error::InvalidArgument(
+            "SiLU calibration needs a gated FFN".into(),
+        ));
+    };
+    let gate = crate::runtime::weights::load_linear(weights, gate)?;
+    let inputs = read_f16_file(&cal.store.inputs(layer))?;
+    let (n, d, width) = (cal.tokens, cal.hidden, cal.width);
+    let act = |x: &[f32], rows: usize| -> Vec<f32> {
+        let mut g = vec![0.0f32; rows * width];
+        crate::runtime::kernels::linear(&gate, x, rows, &mut g);
+        g.iter_mut()
+            .for_each(|v| *v = crate::runtime::kernels::silu(*v).abs());
+        g
+    };
+    let sample = n.min(THRESHOLD_SAMPLE_TOKENS);
+    let mut magnitudes = act(&inputs[..sample * d], sample);
+    let k = ((magnitudes.len() as f64 * target_sparsity) as usize).min(magnitudes.len() - 1);
+    let (_, &mut threshold, _) = magnitudes.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+    let w = words(width);
+    let mut out = BufWriter::new(
+        File::create(cal.store.fired(layer)).map_err(|e| Error::io(&cal.store.fired(layer), e))?,
+    );
+    // Bounded memory: a block of tokens at a time.
+    for start in (0..n).step_by(256) {
+        let rows = (n - start).min(256);
+        let a = act(&inputs[start * d..(start + rows) * d], rows);
+        let mut bits = vec![0u64; rows * w];
+        for t in 0..rows {
+            for (j, &v) in a[t * width..(t + 1) * width].iter().enumerate() {
+                if v > threshold {
+                    bits[t * w + j / 64] |= 1 << (j % 64);
+                }
+            }
+        }
+        let raw: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        out.write_all(&raw)
+            .map_err(|e| Error::io(&cal.store.fired(layer), e))?;
+    }
+    out.flush()
+        .map_err(|e| Error::io(&cal.store.fired(layer), e))?;
+    Ok(threshold)
+}
+
+/// Firing frequency per neuron and the window maxima, from a layer's bitsets.
+/// Windows never span two forward passes (each starts from an empty cache).
+pub fn firing_stats(fired: &[u64], windows: &[usize], width: usize) -> LayerStats {
+    let w = words(width);
+    let mut frequency = vec![0u32; width];
+    let mut window_max = [0usize; 4];
+    let mut total_fired = 0u64;
+    let tokens: usize = windows.iter().sum();
+    let neurons_of = |t: usize| {
+        let row = &fired[t * w..(t + 1) * w];
+        row.iter().enumerate().flat_map(|(k, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(k * 64 + b)
+            })
+        })
+    };
+    for t in 0..tokens {
+        for j in neurons_of(t) {
+            frequency[j] += 1;
+            total_fired += 1;
+        }
+    }
+    // Sliding windows: counts of each neuron within the last K tokens.
+    for (slot, &k) in WINDOW_SIZES.iter().enumerate() {
+        let mut count = vec![0u32; width];
+        let mut distinct = 0usize;
+        let mut best = 0usize;
+        let mut start = 0usize;
+        for &len in windows {
+            for t in start..start + len {
+                for j in neurons_of(t) {
+                    count[j] += 1;
+                    if count[j] == 1 {
+                        distinct += 1;
+                    }
+                }
+                if t >= start + k {
+                    for j in neurons_of(t - k) {
+                        count[j] -= 1;
+                        if count[j] == 0 {
+                            distinct -= 1;
+                        }
+                    }
+                }
+                best = best.max(distinct);
+            }
+            // Reset between forward passes.
+            count.iter_mut().for_each(|c| *c = 0);
+            distinct = 0;
+            start += len;
+        }
+        window_max[slot] = best;
+    }
+    LayerStats {
+        frequency,
+        window_max,
+        mean_active_fraction: if tokens == 0 {
+            0.0
+        } else {
+            total_fired as f64 / (tokens * width) as f64
+        },
+        silu_threshold: None,
+    }
+}
+
+fn read_f16_file(path: &Path) -> Result<Vec<f32>> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes
+        .chunks_exact(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect())
+}
+
+fn read_u64_file(path: &Path) -> Result<Vec<u64>> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect())
+}

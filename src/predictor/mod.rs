@@ -1,0 +1,14 @@
+//! Sparsity predictors (PAPER.md section 1, issue 5): per layer, a low-rank map from
+//! the FFN input to one logit per FFN neuron, trained by flashpack itself on
+//! calibration data, with a threshold chosen for a target recall.
+//!
+//! - [`calibrate`]: running the dense model over calibration text: FFN inputs and
+//!   firing masks to an on-disk store, firing frequencies, window maxima, SiLU
+//!   thresholds.
+//! - [`pipeline`]: calibrate, then train every layer (what `convert --calib` runs).
+//! - [`train`]: training one layer's predictor from (FFN input, fired neurons)
+//!   pairs: balanced loss, AdamW, held-out threshold and metrics, rank choice.
+
+pub mod calibrate;
+pub mod pipeline;
+pub mod train;

@@ -1,0 +1,99 @@
+//! Calibrate, then train one predictor per layer: what `convert --calib` and
+//! `predictors train` run. The result carries everything the packed file records:
+//! the hot-first neuron orders, the predictors (in checkpoint neuron order; the
+//! writer permutes them) and the calibration statistics.
+
+use std::path::PathBuf;
+
+use crate::error::Result;
+use crate::input::tensors::ModelNames;
+use crate::input::TextTokenizer;
+use crate::predictor::calibrate::{calibrate, Calibration, CalibrationOptions};
+use crate::predictor::train::{
+    train_layer, LowRankPredictor, PredictorMetrics, TrainOptions, TrainingSet,
+};
+use crate::runtime::weights::TensorSource;
+use crate::runtime::Model;
+
+/// What to calibrate on and how to train.
+#[derive(Debug, Clone)]
+pub struct CalibrationPlan {
+    pub files: Vec<PathBuf>,
+    pub calibrate: CalibrationOptions,
+    pub train: TrainOptions,
+}
+
+pub struct Trained {
+    pub calibration: Calibration,
+    /// Per layer, in checkpoint neuron order.
+    pub predictors: Vec<(LowRankPredictor, PredictorMetrics)>,
+    /// Per layer: packed position -> checkpoint neuron, hottest first.
+    pub orders: Vec<Vec<u32>>,
+    pub calibrate_seconds: f64,
+    pub train_seconds: Vec<f64>,
+}
+
+/// Runs calibration over `plan.files` with the dense model, then trains each
+/// layer's predictor from the activation store (one layer in memory at a time).
+pub fn calibrate_and_train(
+    model: &Model,
+    names: &ModelNames,
+    weights: &dyn TensorSource,
+    tokenizer: &TextTokenizer,
+    plan: &CalibrationPlan,
+    say: &dyn Fn(String),
+) -> Result<Trained> {
+    let started = std::time::Instant::now();
+    let calibration = calibrate(
+        model,
+        names,
+        weights,
+        tokenizer,
+        &plan.files,
+        &plan.calibrate,
+        &|_, _| {},
+    )?;
+    let calibrate_seconds = started.elapsed().as_secs_f64();
+    say(format!(
+        "calibrated on {} tokens in {:.1}s ({:.0} tokens/s)",
+        calibration.tokens,
+        calibrate_seconds,
+        calibration.tokens as f64 / calibrate_seconds
+    ));
+    let mut predictors = Vec::new();
+    let mut train_seconds = Vec::new();
+    for layer in 0..model.config.num_layers {
+        let t = std::time::Instant::now();
+        let (inputs, fired) = calibration.layer_data(layer)?;
+        let set = TrainingSet {
+            inputs: &inputs,
+            fired: &fired,
+            n: calibration.tokens,
+            d: calibration.hidden,
+            ffn: calibration.width,
+        };
+        let (predictor, metrics) = train_layer(&set, &plan.train)?;
+        let seconds = t.elapsed().as_secs_f64();
+        say(format!(
+            "layer {layer}: rank {} recall {:.4} precision {:.3} predicted {:.1}% of neurons, truly active {:.1}% ({:.1}s)",
+            metrics.rank,
+            metrics.recall,
+            metrics.precision,
+            100.0 * metrics.frac_predicted,
+            100.0 * metrics.frac_true,
+            seconds
+        ));
+        train_seconds.push(seconds);
+        predictors.push((predictor, metrics));
+    }
+    let orders = (0..model.config.num_layers)
+        .map(|l| calibration.neuron_order(l))
+        .collect();
+    Ok(Trained {
+        calibration,
+        predictors,
+        orders,
+        calibrate_seconds,
+        train_seconds,
+    })
+}

@@ -1,0 +1,206 @@
+//! FFN modes that compute only some neurons, with all weights in DRAM:
+//! - `oracle`: exactly the neurons that fire (ReLU: non-zero activation; SiLU:
+//!   `|silu(gate . x)|` above the calibrated threshold) and no others;
+//! - `predicted`: exactly the neurons the layer's predictor picks.
+//!
+//! Both wrap the layer's FFN and hand it per-token active sets, so the model's
+//! forward pass is unchanged. Each counts the neurons it computed, so callers
+//! can report (and tests can check) how sparse the run was.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::predictor::train::LowRankPredictor;
+use crate::runtime::ffn::{ActiveSet, Ffn, Fired};
+use crate::runtime::model::Layer;
+use crate::runtime::Model;
+
+/// Which neurons the FFN computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnMode {
+    /// Every neuron: the exact model.
+    Dense,
+    /// Exactly the neurons that fire (the best any predictor could do).
+    Oracle,
+    /// The neurons the packed file's predictors choose.
+    Predicted,
+}
+
+/// Neurons computed over a run, summed over layers and tokens.
+#[derive(Debug, Default)]
+pub struct NeuronCounter {
+    /// (layer, token) pairs evaluated.
+    pub evaluations: AtomicU64,
+    /// Neurons computed over those evaluations.
+    pub computed: AtomicU64,
+    /// Neurons the layers have over those evaluations (the dense count).
+    pub total: AtomicU64,
+}
+
+impl NeuronCounter {
+    /// Fraction of neurons computed (1.0 when dense).
+    pub fn active_fraction(&self) -> f64 {
+        let total = self.total.load(Ordering::Relaxed);
+        if total == 0 {
+            return 1.0;
+        }
+        self.computed.load(Ordering::Relaxed) as f64 / total as f64
+    }
+
+    fn add(&self, sets: &[Vec<u32>], width: usize) {
+        let computed: usize = sets.iter().map(Vec::len).sum();
+        self.evaluations
+            .fetch_add(sets.len() as u64, Ordering::Relaxed);
+        self.computed.fetch_add(computed as u64, Ordering::Relaxed);
+        self.total
+            .fetch_add((sets.len() * width) as u64, Ordering::Relaxed);
+    }
+}
+
+/// How a neuron is chosen.
+enum Chooser {
+    /// Activation magnitude above this (0 for ReLU: exactly non-zero).
+    Oracle {
+        threshold: f32,
+    },
+    Predicted(LowRankPredictor),
+}
+
+/// A layer's FFN restricted to chosen neurons.
+pub struct SparseFfn {
+    inner: Box<dyn Ffn>,
+    chooser: Chooser,
+    counter: Arc<NeuronCounter>,
+}
+
+impl SparseFfn {
+    fn choose(&self, x: &[f32], n: usize) -> Vec<Vec<u32>> {
+        let (hidden, width) = (self.inner.hidden_size(), self.inner.width());
+        match &self.chooser {
+            Chooser::Oracle { threshold } => {
+                let act = self.inner.firing_activations(x, n);
+                act.chunks_exact(width)
+                    .map(|row| {
+                        (0..width as u32)
+                            .filter(|&j| row[j as usize].abs() > *threshold)
+                            .collect()
+                    })
+                    .collect()
+            }
+            Chooser::Predicted(p) => {
+                let (mut scratch, mut logits) = (Vec::new(), Vec::new());
+                x.chunks_exact(hidden)
+                    .map(|xt| {
+                        let mut active = Vec::new();
+                        p.predict(xt, &mut scratch, &mut logits, &mut active);
+                        active
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl Ffn for SparseFfn {
+    fn hidden_size(&self) -> usize {
+        self.inner.hidden_size()
+    }
+
+    fn width(&self) -> usize {
+        self.inner.width()
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
+
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.inner.firing_activations(x, n)
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        match active {
+            // A caller's explicit sets win (tests, experiments).
+            ActiveSet::PerToken(_) => self.inner.forward(x, n, active, out, fired),
+            ActiveSet::All => {
+                let sets = self.choose(x, n);
+                self.counter.add(&sets, self.inner.width());
+                self.inner
+                    .forward(x, n, ActiveSet::PerToken(&sets), out, fired)
+            }
+        }
+    }
+}
+
+/// What a mode needs beyond the model: predictors (packed neuron order, as the
+/// model's FFN when loaded from the same packed file) and SiLU thresholds.
+pub struct SparsityData {
+    pub predictors: Vec<Option<LowRankPredictor>>,
+    pub silu_thresholds: Vec<Option<f32>>,
+}
+
+/// Switches every layer of `model` to `mode`; returns the counter of computed
+/// neurons (`None` for dense).
+pub fn apply_ffn_mode(
+    model: &mut Model,
+    mode: FfnMode,
+    data: Option<&SparsityData>,
+) -> Result<Option<Arc<NeuronCounter>>> {
+    if mode == FfnMode::Dense {
+        return Ok(None);
+    }
+    let silu = model.config.activation == crate::input::config::Activation::Silu;
+    let counter = Arc::new(NeuronCounter::default());
+    let layers = std::mem::take(&mut model.layers);
+    let mut wrapped = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.into_iter().enumerate() {
+        let chooser = match mode {
+            FfnMode::Dense => unreachable!("handled above"),
+            FfnMode::Oracle => {
+                let threshold = match (silu, data.and_then(|d| d.silu_thresholds.get(i).copied().flatten())) {
+                    (false, _) => 0.0,
+                    (true, Some(t)) => t,
+                    (true, None) => {
+                        return Err(Error::InvalidArgument(
+                            "--ffn oracle on a SiLU model needs the calibrated thresholds of a packed file made with --calib".into(),
+                        ))
+                    }
+                };
+                Chooser::Oracle { threshold }
+            }
+            FfnMode::Predicted => {
+                let p = data.and_then(|d| d.predictors.get(i).cloned().flatten()).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "--ffn predicted needs a packed file with predictors (convert --calib); layer {i} has none"
+                    ))
+                })?;
+                if p.d != layer.ffn.hidden_size() || p.ffn != layer.ffn.width() {
+                    return Err(Error::InvalidArgument(format!(
+                        "predictor of layer {i} does not fit the layer"
+                    )));
+                }
+                Chooser::Predicted(p)
+            }
+        };
+        let counter = Arc::clone(&counter);
+        wrapped.push(Layer {
+            ffn: Box::new(SparseFfn {
+                inner: layer.ffn,
+                chooser,
+                counter,
+            }),
+            ..layer
+        });
+    }
+    model.layers = wrapped;
+    Ok(Some(counter))
+}
