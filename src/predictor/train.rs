@@ -24,8 +24,8 @@
 //!   is what one global threshold over pooled recall needs. Per-neuron weights would
 //!   shift each neuron's logits by its own constant and make a global threshold
 //!   waste predictions on rare neurons.
-//! - Mini-batch AdamW (decoupled weight decay on `A` and `B`, not on the bias),
-//!   deterministic initialisation and shuffling from the seed (ChaCha8), early
+//! - Mini-batch AdamW (decoupled weight decay on `A` and `B`, not on the bias) with
+//!   a cosine learning-rate decay over `max_epochs` (to a tenth), deterministic initialisation and shuffling from the seed (ChaCha8), early
 //!   stopping after `patience` epochs without a held-out loss at least
 //!   [`MIN_IMPROVEMENT`] (relative) below the last such improvement, keeping the
 //!   best-on-held-out weights.
@@ -155,6 +155,7 @@ pub struct TrainOptions {
     pub target_recall: f64,
     pub max_epochs: usize,
     pub batch_size: usize,
+    /// Base rate; epoch `e` uses `lr * (0.1 + 0.45 * (1 + cos(pi * e / max_epochs)))`.
     pub learning_rate: f32,
     /// AdamW decoupled weight decay on `A` and `B` (not the bias).
     pub weight_decay: f32,
@@ -167,7 +168,7 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     /// `Auto { start: 8, max: usize::MAX }` (the cap becomes d_model), recall 0.99,
-    /// up to 30 epochs of batches of 256, AdamW lr 3e-3 and weight decay 1e-4,
+    /// up to 30 epochs of batches of 256, AdamW lr 1e-2 and weight decay 1e-4,
     /// 10% held out, patience 3, seed 0.
     fn default() -> Self {
         TrainOptions {
@@ -178,7 +179,7 @@ impl Default for TrainOptions {
             target_recall: 0.99,
             max_epochs: 30,
             batch_size: 256,
-            learning_rate: 3e-3,
+            learning_rate: 1e-2,
             weight_decay: 1e-4,
             holdout_fraction: 0.1,
             patience: 3,
@@ -657,12 +658,15 @@ fn train_rank(
     let rows = opts.batch_size.min(data.train_idx.len());
     let mut batch = Batch::new(data, rank, rows);
     let mut held_batch = Batch::new(data, rank, rows);
-    let mut adam = [
-        Adam::new(d * rank),
-        Adam::new(ffn * rank),
-        Adam::new(ffn),
-    ];
+    let mut adam = [Adam::new(d * rank), Adam::new(ffn * rank), Adam::new(ffn)];
     let mut step = 0i32;
+    // Cosine decay over the epoch budget, to a tenth of the base rate.
+    let epoch_lr: Vec<f32> = (0..opts.max_epochs)
+        .map(|e| {
+            let c = (std::f64::consts::PI * e as f64 / opts.max_epochs as f64).cos();
+            (opts.learning_rate as f64 * (0.1 + 0.45 * (1.0 + c))) as f32
+        })
+        .collect();
 
     let first_loss = heldout_loss(&params, data, set.fired, &mut held_batch);
     let mut best = (params.clone(), first_loss, f64::NAN);
@@ -670,7 +674,7 @@ fn train_rank(
     let mut patience_ref = first_loss;
     let mut epochs = 0usize;
     let mut order = data.train_idx.clone();
-    for _ in 0..opts.max_epochs {
+    for epoch in 0..opts.max_epochs {
         epochs += 1;
         for i in (1..order.len()).rev() {
             let k = shuffle_rng.random_range(0..=i as u64) as usize;
@@ -682,7 +686,7 @@ fn train_rank(
             let loss = forward_backward(&params, data, &mut batch, tokens.len());
             train_sum += loss * tokens.len() as f64;
             step += 1;
-            let lr = opts.learning_rate;
+            let lr = epoch_lr[epoch];
             let lr_t = lr * (1.0 - ADAM_BETA2.powi(step)).sqrt() / (1.0 - ADAM_BETA1.powi(step));
             let decay = lr * opts.weight_decay;
             adam[0].step(&mut params.a, &batch.da, lr_t, decay);
@@ -751,12 +755,7 @@ fn forward_backward(p: &Params, data: &Prepared, batch: &mut Batch, m: usize) ->
         .for_each(|(blk, out)| {
             let j0 = blk * NEURON_BLOCK;
             let cols = out.len() / r;
-            gemm(
-                (cols, m, r),
-                (&g[j0..], 1, ffn),
-                (h, r, 1),
-                (out, r, 1),
-            );
+            gemm((cols, m, r), (&g[j0..], 1, ffn), (h, r, 1), (out, r, 1));
         });
     // dbias = column sums of G, tokens in order.
     dbias
@@ -776,7 +775,12 @@ fn forward_backward(p: &Params, data: &Prepared, batch: &mut Batch, m: usize) ->
     dh.par_chunks_mut(ROW_BLOCK * r)
         .zip(g.par_chunks(ROW_BLOCK * ffn))
         .for_each(|(out, gb)| {
-            gemm((out.len() / r, ffn, r), (gb, ffn, 1), (&p.bt, r, 1), (out, r, 1));
+            gemm(
+                (out.len() / r, ffn, r),
+                (gb, ffn, 1),
+                (&p.bt, r, 1),
+                (out, r, 1),
+            );
         });
     // dA (d x r) = X^T · dH, by blocks of features, each summing all m tokens.
     let dh = &*dh;
@@ -784,7 +788,12 @@ fn forward_backward(p: &Params, data: &Prepared, batch: &mut Batch, m: usize) ->
         .enumerate()
         .for_each(|(blk, out)| {
             let i0 = blk * FEATURE_BLOCK;
-            gemm((out.len() / r, m, r), (&x[i0..], 1, d), (dh, r, 1), (out, r, 1));
+            gemm(
+                (out.len() / r, m, r),
+                (&x[i0..], 1, d),
+                (dh, r, 1),
+                (out, r, 1),
+            );
         });
     loss_sum * norm as f64
 }
@@ -792,7 +801,13 @@ fn forward_backward(p: &Params, data: &Prepared, batch: &mut Batch, m: usize) ->
 /// Logits of the first `m` rows of `batch.x` into `batch.g`, then the weighted
 /// loss summed over them. With `grad_norm`, `batch.g` is overwritten with
 /// `grad_norm * dLoss/dlogit`.
-fn forward(p: &Params, data: &Prepared, batch: &mut Batch, m: usize, grad_norm: Option<f32>) -> f64 {
+fn forward(
+    p: &Params,
+    data: &Prepared,
+    batch: &mut Batch,
+    m: usize,
+    grad_norm: Option<f32>,
+) -> f64 {
     let (d, r, ffn, words) = (data.d, p.rank, data.ffn, data.words);
     let w = data.pos_weight;
     let x = &batch.x[..m * d];
@@ -1105,7 +1120,10 @@ mod tests {
             assert!((got - want).abs() <= tol, "exp(-{a}): {got} vs {want}");
             let e = exp_neg(a);
             let (l, lw) = (ln_1p_unit(e) as f64, (e as f64).ln_1p());
-            assert!((l - lw).abs() <= 1e-7 + 4e-7 * lw, "ln_1p({e}): {l} vs {lw}");
+            assert!(
+                (l - lw).abs() <= 1e-7 + 4e-7 * lw,
+                "ln_1p({e}): {l} vs {lw}"
+            );
         }
         assert!(exp_neg(1000.0) < 1e-37);
     }
