@@ -674,7 +674,7 @@ fn train_rank(
     let mut patience_ref = first_loss;
     let mut epochs = 0usize;
     let mut order = data.train_idx.clone();
-    for epoch in 0..opts.max_epochs {
+    for &lr in &epoch_lr {
         epochs += 1;
         for i in (1..order.len()).rev() {
             let k = shuffle_rng.random_range(0..=i as u64) as usize;
@@ -686,7 +686,6 @@ fn train_rank(
             let loss = forward_backward(&params, data, &mut batch, tokens.len());
             train_sum += loss * tokens.len() as f64;
             step += 1;
-            let lr = epoch_lr[epoch];
             let lr_t = lr * (1.0 - ADAM_BETA2.powi(step)).sqrt() / (1.0 - ADAM_BETA1.powi(step));
             let decay = lr * opts.weight_decay;
             adam[0].step(&mut params.a, &batch.da, lr_t, decay);
