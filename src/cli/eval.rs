@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::cli::run::{open_for_mode, FlashArgs, IoSummary, Opened};
 use crate::cli::Output;
 use crate::error::Error;
 use crate::runtime::perplexity::perplexity;
 use crate::runtime::sparse::FfnMode;
-use crate::runtime::{open_model, with_threads, LoadedModel};
+use crate::runtime::{with_threads, LoadedModel};
 
 #[derive(Debug, Args)]
 #[command(
@@ -32,6 +33,8 @@ pub struct EvalArgs {
     /// (`predicted`).
     #[arg(long, value_enum, default_value = "dense")]
     pub ffn: FfnMode,
+    #[command(flatten)]
+    pub flash: FlashArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -49,21 +52,32 @@ struct EvalReport {
     ffn: FfnMode,
     /// Fraction of FFN neurons computed (1.0 for dense).
     ffn_active_fraction: f64,
+    #[serde(flatten)]
+    io: IoSummary,
 }
 
 pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.text).map_err(|e| Error::io(&args.text, e))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display())))?;
-    let mut loaded = open_model(&args.model)?;
-    let counter = loaded.set_ffn_mode(args.ffn)?;
+    let Opened {
+        loaded,
+        counter,
+        flash,
+    } = open_for_mode(&args.model, args.ffn, &args.flash, args.ctx)?;
     let LoadedModel {
         model, tokenizer, ..
     } = loaded;
     let ids = tokenizer.encode(&text)?;
+    let proc_before = crate::runtime::flash::proc_read_bytes();
     let (r, threads) = with_threads(args.threads, || {
         perplexity(&model, &ids, args.ctx).map(|r| (r, rayon::current_num_threads()))
     })??;
+    let proc_read = proc_before
+        .zip(crate::runtime::flash::proc_read_bytes())
+        .map(|(a, b)| b - a);
+    let io = IoSummary::new(flash.as_ref(), proc_read);
+    io.print_human();
     out.human(format_args!(
         "perplexity {:.4} over {} tokens ({} windows of up to {}), {:.2} s",
         r.perplexity, r.tokens_scored, r.windows, r.ctx, r.seconds
@@ -81,5 +95,6 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
         threads,
         ffn: args.ffn,
         ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
+        io,
     })
 }

@@ -6,10 +6,131 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::Output;
+use crate::runtime::flash::{self, DiskMode, FlashOptions, FlashReport, FlashRuntime};
 use crate::runtime::generate::{generate, GenerateOptions, TextStream};
 use crate::runtime::sampling::SamplingParams;
-use crate::runtime::sparse::FfnMode;
+use crate::runtime::sparse::{FfnMode, NeuronCounter};
 use crate::runtime::{open_model, with_threads, LoadedModel};
+
+/// Options of the disk-backed FFN modes (`--ffn naive|flash`), shared by `run` and `eval`.
+#[derive(Debug, Clone, Args)]
+pub struct FlashArgs {
+    /// Tokens before the current one whose neurons stay in DRAM (`--ffn flash`).
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    /// Reads in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub io_threads: usize,
+    /// Read wanted bundles at most this many bundles apart in one operation.
+    #[arg(long, default_value_t = 1)]
+    pub coalesce_gap: usize,
+    /// DRAM budget for `--ffn flash|naive`: bytes, `512MiB`, `1.5GB`, or a
+    /// percentage of the packed file such as `50%`. Below the minimum the
+    /// command stops with exit 2 and says the minimum.
+    #[arg(long)]
+    pub dram_budget: Option<String>,
+}
+
+/// A model opened for a mode, with whatever the mode reports.
+pub(crate) struct Opened {
+    pub loaded: LoadedModel,
+    pub counter: Option<std::sync::Arc<NeuronCounter>>,
+    pub flash: Option<FlashRuntime>,
+}
+
+/// Opens `path` for `mode`: in DRAM, or with the FFN on disk.
+pub(crate) fn open_for_mode(
+    path: &std::path::Path,
+    mode: FfnMode,
+    args: &FlashArgs,
+    context: usize,
+) -> anyhow::Result<Opened> {
+    if !mode.on_disk() {
+        let mut loaded = open_model(path)?;
+        let counter = loaded.set_ffn_mode(mode)?;
+        return Ok(Opened {
+            loaded,
+            counter,
+            flash: None,
+        });
+    }
+    if !path.is_file() {
+        return Err(crate::Error::InvalidArgument(format!(
+            "--ffn {} needs a packed file (flashpack convert), not a checkpoint directory",
+            if mode == FfnMode::Naive {
+                "naive"
+            } else {
+                "flash"
+            }
+        ))
+        .into());
+    }
+    let file_bytes = std::fs::metadata(path)
+        .map_err(|e| crate::Error::io(path, e))?
+        .len();
+    let dram_budget = args
+        .dram_budget
+        .as_deref()
+        .map(|b| flash::parse_size(b, file_bytes))
+        .transpose()?;
+    let opts = FlashOptions {
+        mode: if mode == FfnMode::Naive {
+            DiskMode::Naive
+        } else {
+            DiskMode::Flash
+        },
+        window: args.window,
+        io_threads: args.io_threads,
+        coalesce_gap: args.coalesce_gap,
+        dram_budget,
+        context,
+        capacity: None,
+    };
+    let (loaded, rt) = flash::open_flash(path, &opts)?;
+    Ok(Opened {
+        loaded,
+        counter: None,
+        flash: Some(rt),
+    })
+}
+
+/// The I/O fields every report carries (zeros and null outside disk modes).
+#[derive(serde::Serialize)]
+pub(crate) struct IoSummary {
+    pub bytes_read: u64,
+    pub read_ops: u64,
+    pub io_mode: Option<&'static str>,
+    pub peak_rss_bytes: Option<u64>,
+    /// `read_bytes` of /proc/self/io over the measured part of the run.
+    pub proc_read_bytes: Option<u64>,
+    pub flash: Option<FlashReport>,
+}
+
+impl IoSummary {
+    pub fn new(rt: Option<&FlashRuntime>, proc_read_bytes: Option<u64>) -> IoSummary {
+        let report = rt.map(FlashRuntime::report);
+        IoSummary {
+            bytes_read: report.as_ref().map_or(0, |r| r.bytes_read),
+            read_ops: report.as_ref().map_or(0, |r| r.read_ops),
+            io_mode: report.as_ref().map(|r| r.io_mode.as_str()),
+            peak_rss_bytes: flash::peak_rss_bytes(),
+            proc_read_bytes,
+            flash: report,
+        }
+    }
+
+    pub fn print_human(&self) {
+        if let Some(r) = &self.flash {
+            eprintln!("{}", r.human());
+        }
+        if let Some(p) = self.peak_rss_bytes {
+            eprintln!(
+                "peak resident memory {:.1} MiB",
+                p as f64 / (1u64 << 20) as f64
+            );
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
@@ -44,6 +165,8 @@ pub struct RunArgs {
     /// (`predicted`).
     #[arg(long, value_enum, default_value = "dense")]
     pub ffn: FfnMode,
+    #[command(flatten)]
+    pub flash: FlashArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -67,6 +190,8 @@ struct RunReport {
     ffn: FfnMode,
     /// Fraction of FFN neurons computed (1.0 for dense).
     ffn_active_fraction: f64,
+    #[serde(flatten)]
+    io: IoSummary,
 }
 
 pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
@@ -83,12 +208,17 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         seed,
     };
     sampling.validate()?;
-    let mut loaded = open_model(&args.model)?;
-    let counter = loaded.set_ffn_mode(args.ffn)?;
+    let context = args.prompt.len() + args.max_new_tokens + 16;
+    let Opened {
+        loaded,
+        counter,
+        flash,
+    } = open_for_mode(&args.model, args.ffn, &args.flash, context)?;
     let LoadedModel {
         model, tokenizer, ..
     } = loaded;
     let prompt_ids = tokenizer.encode(&args.prompt)?;
+    let proc_before = flash::proc_read_bytes();
     let mut stop_ids = model.config.eos_token_ids.clone();
     stop_ids.extend(tokenizer.special.eos.iter().copied());
     stop_ids.sort_unstable();
@@ -119,6 +249,11 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         }
         Ok::<_, crate::Error>((g, rayon::current_num_threads()))
     })??;
+    let proc_read = proc_before
+        .zip(flash::proc_read_bytes())
+        .map(|(a, b)| b - a);
+    let io = IoSummary::new(flash.as_ref(), proc_read);
+    io.print_human();
     let text = tokenizer.decode(&generation.generated_ids)?;
     let prefill_tps = if generation.prefill_ms > 0.0 {
         prompt_ids.len() as f64 / (generation.prefill_ms / 1000.0)
@@ -153,5 +288,6 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         threads,
         ffn: args.ffn,
         ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
+        io,
     })
 }

@@ -94,12 +94,24 @@ pub struct DenseFfn {
     pub activation: Activation,
 }
 
+/// The value of one neuron from its pre-activations (biases included): plain
+/// `act(up)`, gated `act(gate) * up`. Every FFN implementation computes a
+/// neuron with this, so sparse paths agree bit for bit.
+#[inline]
+pub fn neuron_value(activation: Activation, gate: Option<f32>, up: f32) -> f32 {
+    let act = |v: f32| match activation {
+        Activation::Relu => relu(v),
+        Activation::Silu => silu(v),
+    };
+    match gate {
+        None => act(up),
+        Some(g) => act(g) * up,
+    }
+}
+
 impl DenseFfn {
     fn act(&self, v: f32) -> f32 {
-        match self.activation {
-            Activation::Relu => relu(v),
-            Activation::Silu => silu(v),
-        }
+        neuron_value(self.activation, None, v)
     }
 
     fn down(&self) -> &Linear {
@@ -161,16 +173,17 @@ impl DenseFfn {
                 if let Some(b) = &up.bias {
                     u += b[i];
                 }
-                h[t * width + i] = match &self.weights {
-                    FfnWeights::Plain { .. } => self.act(u),
+                let g = match &self.weights {
+                    FfnWeights::Plain { .. } => None,
                     FfnWeights::Gated { gate, .. } => {
                         let mut g = kernels::row_dot(&gate.weight, i, xt);
                         if let Some(b) = &gate.bias {
                             g += b[i];
                         }
-                        self.act(g) * u
+                        Some(g)
                     }
                 };
+                h[t * width + i] = neuron_value(self.activation, g, u);
             }
         }
         Ok(h)
@@ -218,9 +231,9 @@ impl Ffn for DenseFfn {
         fired: Option<&mut Fired>,
     ) -> Result<()> {
         let width = self.width();
-        let h = match active {
-            ActiveSet::All => self.neurons_all(x, n),
-            ActiveSet::PerToken(sets) => self.neurons_sparse(x, n, sets)?,
+        let (h, sets) = match active {
+            ActiveSet::All => (self.neurons_all(x, n), None),
+            ActiveSet::PerToken(sets) => (self.neurons_sparse(x, n, sets)?, Some(sets)),
         };
         if let Some(fired) = fired {
             fired.width = width;
@@ -235,9 +248,38 @@ impl Ffn for DenseFfn {
                 })
                 .collect();
         }
-        // The dense down projection reads every column even for a sparse set:
-        // unfired neurons are exact zeros, so the result is the same.
-        kernels::linear(self.down(), &h, n, out);
+        match sets {
+            None => kernels::linear(self.down(), &h, n, out),
+            Some(sets) => {
+                // Only the chosen columns, in ascending neuron order: the same
+                // sum as a dense matvec (see `ColumnAccumulator`) whatever the
+                // batch size, and what the flash runtime computes from bundles.
+                let down = self.down();
+                let hidden = self.hidden_size();
+                let columns = kernels::Weights::of(&down.weight.data);
+                let mut acc = kernels::ColumnAccumulator::new(hidden, width);
+                let mut sorted = Vec::new();
+                for (t, set) in sets.iter().enumerate() {
+                    let set = if set.windows(2).all(|w| w[0] < w[1]) {
+                        set
+                    } else {
+                        sorted.clear();
+                        sorted.extend_from_slice(set);
+                        sorted.sort_unstable();
+                        sorted.dedup();
+                        &sorted
+                    };
+                    acc.clear();
+                    for &i in set {
+                        let v = h[t * width + i as usize];
+                        if v != 0.0 {
+                            acc.add(i as usize, v, columns, i as usize, width);
+                        }
+                    }
+                    acc.finish(down.bias.as_deref(), &mut out[t * hidden..(t + 1) * hidden]);
+                }
+            }
+        }
         Ok(())
     }
 }

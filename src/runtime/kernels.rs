@@ -186,17 +186,113 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(|i| a[i], b)
 }
 
-/// Dot product of row `r` of `m` with `x`, widening the weights as they are
-/// read (decode is memory-bound: the weights stream once, in their dtype).
+/// A run of weights in their stored dtype, borrowed from a [`Matrix`] or from
+/// bundle bytes read from flash.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    BF16(&'a [half::bf16]),
+}
+
+impl<'a> Weights<'a> {
+    /// Row `r` of `m`.
+    #[inline]
+    pub fn row(m: &'a Matrix, r: usize) -> Weights<'a> {
+        Weights::of(&m.data).range(r * m.cols, (r + 1) * m.cols)
+    }
+
+    /// All of `s`.
+    #[inline]
+    pub fn of(s: &'a Storage) -> Weights<'a> {
+        match s {
+            Storage::F32(v) => Weights::F32(v),
+            Storage::F16(v) => Weights::F16(v),
+            Storage::BF16(v) => Weights::BF16(v),
+        }
+    }
+
+    /// Little-endian `bytes` of `dtype` seen as weights, without copying; `None`
+    /// when `bytes` is not aligned to the element size or not a whole number of
+    /// elements (bundle buffers always are: sections start aligned and every part
+    /// is a whole number of elements).
+    pub fn from_le_bytes(dtype: crate::dtype::DType, bytes: &'a [u8]) -> Option<Weights<'a>> {
+        use crate::dtype::DType;
+        if cfg!(target_endian = "big") {
+            return None;
+        }
+        // SAFETY: f32, f16 and bf16 accept any bit pattern; align_to only yields a
+        // middle slice of correctly aligned elements, and we require no remainder.
+        unsafe {
+            match dtype {
+                DType::F32 => match bytes.align_to::<f32>() {
+                    ([], v, []) => Some(Weights::F32(v)),
+                    _ => None,
+                },
+                DType::F16 => match bytes.align_to::<half::f16>() {
+                    ([], v, []) => Some(Weights::F16(v)),
+                    _ => None,
+                },
+                DType::BF16 => match bytes.align_to::<half::bf16>() {
+                    ([], v, []) => Some(Weights::BF16(v)),
+                    _ => None,
+                },
+            }
+        }
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::F32(v) => v.len(),
+            Weights::F16(v) => v.len(),
+            Weights::BF16(v) => v.len(),
+        }
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    pub fn range(self, start: usize, end: usize) -> Weights<'a> {
+        match self {
+            Weights::F32(v) => Weights::F32(&v[start..end]),
+            Weights::F16(v) => Weights::F16(&v[start..end]),
+            Weights::BF16(v) => Weights::BF16(&v[start..end]),
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Weights::F32(v) => v[i],
+            Weights::F16(v) => v[i].to_f32(),
+            Weights::BF16(v) => v[i].to_f32(),
+        }
+    }
+
+    /// Widens elements `start..start + out.len()` into `out`.
+    #[inline]
+    fn widen_into(&self, start: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let end = start + out.len();
+        match self {
+            Weights::F32(v) => out.copy_from_slice(&v[start..end]),
+            Weights::F16(v) => v[start..end].convert_to_f32_slice(out),
+            Weights::BF16(v) => v[start..end].convert_to_f32_slice(out),
+        }
+    }
+}
+
+/// Dot product of stored weights `w` with `x`, widening as they are read.
 #[inline]
-pub fn row_dot(m: &Matrix, r: usize, x: &[f32]) -> f32 {
-    let cols = m.cols;
-    assert_eq!(x.len(), cols, "row_dot: length mismatch");
-    let range = r * cols..(r + 1) * cols;
-    match &m.data {
-        Storage::F32(v) => dot(&v[range], x),
-        Storage::F16(v) => {
-            let w = &v[range];
+pub fn dot_weights(w: Weights<'_>, x: &[f32]) -> f32 {
+    assert_eq!(x.len(), w.len(), "dot: length mismatch");
+    match w {
+        Weights::F32(v) => dot(v, x),
+        Weights::F16(w) => {
             #[cfg(target_arch = "x86_64")]
             if simd() {
                 // SAFETY: the CPU has the features; lengths are equal.
@@ -204,8 +300,7 @@ pub fn row_dot(m: &Matrix, r: usize, x: &[f32]) -> f32 {
             }
             dot_portable(|i| w[i].to_f32(), x)
         }
-        Storage::BF16(v) => {
-            let w = &v[range];
+        Weights::BF16(w) => {
             #[cfg(target_arch = "x86_64")]
             if simd() {
                 // SAFETY: as above.
@@ -213,6 +308,127 @@ pub fn row_dot(m: &Matrix, r: usize, x: &[f32]) -> f32 {
             }
             dot_portable(|i| w[i].to_f32(), x)
         }
+    }
+}
+
+/// Dot product of row `r` of `m` with `x`, widening the weights as they are
+/// read (decode is memory-bound: the weights stream once, in their dtype).
+#[inline]
+pub fn row_dot(m: &Matrix, r: usize, x: &[f32]) -> f32 {
+    assert_eq!(x.len(), m.cols, "row_dot: length mismatch");
+    dot_weights(Weights::row(m, r), x)
+}
+
+/// `out = W h` for a `[dim, neurons]` matrix given column by column, for the
+/// neurons with non-zero `h` only, in ascending neuron order.
+///
+/// The arithmetic is exactly that of [`matvec`] (one [`row_dot`] per output):
+/// neuron `i` goes to lane `i % LANES` of each output, fused multiply-add where
+/// the SIMD dot fuses (the neurons below the last whole block of `LANES`),
+/// plain multiply and add elsewhere, then [`reduce_lanes`] and the bias. A
+/// neuron left out contributes an exact zero in [`matvec`] (`acc + w * 0 ==
+/// acc`; the accumulators start at +0 and never become -0), so the sparse sum is
+/// bit-identical to the dense one, whichever memory (DRAM matrix or bundles read
+/// from flash) the columns come from.
+#[derive(Debug, Clone)]
+pub struct ColumnAccumulator {
+    dim: usize,
+    /// Neurons below this index are fused on the SIMD path.
+    fused_below: usize,
+    fused: bool,
+    /// `LANES` accumulators of `dim` values, lane-major.
+    acc: Vec<f32>,
+}
+
+/// Columns are widened through a stack buffer of this many values.
+const WIDEN_CHUNK: usize = 256;
+
+impl ColumnAccumulator {
+    /// For outputs of `dim` values and a matrix of `neurons` columns.
+    pub fn new(dim: usize, neurons: usize) -> ColumnAccumulator {
+        #[cfg(target_arch = "x86_64")]
+        let fused = simd();
+        #[cfg(not(target_arch = "x86_64"))]
+        let fused = false;
+        ColumnAccumulator {
+            dim,
+            fused_below: neurons - neurons % LANES,
+            fused,
+            acc: vec![0.0; LANES * dim],
+        }
+    }
+
+    /// Starts a new sum.
+    pub fn clear(&mut self) {
+        self.acc.fill(0.0);
+    }
+
+    /// Adds `h * column` for neuron `neuron`; element `r` of the column is
+    /// `w[start + r * stride]`. Neurons must come in ascending order.
+    #[inline]
+    pub fn add(&mut self, neuron: usize, h: f32, w: Weights<'_>, start: usize, stride: usize) {
+        let dim = self.dim;
+        let lane = neuron % LANES;
+        let acc = &mut self.acc[lane * dim..(lane + 1) * dim];
+        let fused = self.fused && neuron < self.fused_below;
+        let mut buf = [0.0f32; WIDEN_CHUNK];
+        let mut r0 = 0;
+        while r0 < dim {
+            let len = WIDEN_CHUNK.min(dim - r0);
+            let col = &mut buf[..len];
+            if stride == 1 {
+                w.widen_into(start + r0, col);
+            } else {
+                for (k, c) in col.iter_mut().enumerate() {
+                    *c = w.get(start + (r0 + k) * stride);
+                }
+            }
+            let a = &mut acc[r0..r0 + len];
+            if fused {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `fused` is only set when the CPU has the features.
+                unsafe {
+                    fma_axpy(a, h, col)
+                };
+            } else {
+                for (a, c) in a.iter_mut().zip(col.iter()) {
+                    *a += *c * h;
+                }
+            }
+            r0 += len;
+        }
+    }
+
+    /// Writes the sum (plus `bias`) to `out` and leaves the accumulator spent
+    /// (call [`ColumnAccumulator::clear`] before the next sum).
+    pub fn finish(&mut self, bias: Option<&[f32]>, out: &mut [f32]) {
+        let dim = self.dim;
+        let mut width = LANES / 2;
+        while width > 0 {
+            let (low, high) = self.acc.split_at_mut(width * dim);
+            for (a, b) in low.iter_mut().zip(&high[..width * dim]) {
+                *a += *b;
+            }
+            width /= 2;
+        }
+        out.copy_from_slice(&self.acc[..dim]);
+        if let Some(b) = bias {
+            for (o, b) in out.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    }
+}
+
+/// `a[r] = fma(c[r], h, a[r])`, as the SIMD dot's `_mm256_fmadd_ps(w, x, acc)`.
+///
+/// # Safety
+/// The CPU must have FMA (and AVX2).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_axpy(a: &mut [f32], h: f32, c: &[f32]) {
+    for (a, c) in a.iter_mut().zip(c) {
+        *a = c.mul_add(h, *a);
     }
 }
 

@@ -9,12 +9,14 @@
 //! - [`sampling`], [`generate`]: token choice and the generation loop.
 //! - [`perplexity`]: the perplexity definition of the foundation issue.
 //! - [`sparse`]: the `oracle` and `predicted` FFN modes (chosen neurons only).
+//! - [`flash`]: the FFN read from disk (`naive`, `flash`), under a DRAM budget.
 //! - [`packed`], [`open`]: a flashpack file as a tensor source; opening either kind of model.
 //! - [`bench`]: speed and memory-bandwidth measurements, a random-weight model.
 
 pub mod attention;
 pub mod bench;
 pub mod ffn;
+pub mod flash;
 pub mod generate;
 pub mod kernels;
 pub mod model;

@@ -46,6 +46,9 @@ pub trait Observer {
     fn ffn(&mut self, layer: usize, input: &[f32], n: usize, fired: &Fired);
 }
 
+/// Builds layer `i`'s FFN from its tensor names (see [`Model::load_with_ffn`]).
+pub type MakeFfn<'a> = dyn FnMut(usize, &FfnNames) -> Result<Box<dyn Ffn>> + 'a;
+
 /// A loaded model, ready to run.
 pub struct Model {
     pub config: ModelConfig,
@@ -69,6 +72,33 @@ impl Model {
 
     /// Builds a model from any tensor source (a checkpoint, random weights).
     pub fn load(config: &ModelConfig, names: &ModelNames, src: &dyn TensorSource) -> Result<Model> {
+        Model::load_with_ffn(config, names, src, &mut |_, ffn| {
+            let weights = match ffn {
+                FfnNames::Plain { up, down } => FfnWeights::Plain {
+                    up: load_linear(src, up)?,
+                    down: load_linear(src, down)?,
+                },
+                FfnNames::Gated { gate, up, down } => FfnWeights::Gated {
+                    gate: load_linear(src, gate)?,
+                    up: load_linear(src, up)?,
+                    down: load_linear(src, down)?,
+                },
+            };
+            Ok(Box::new(DenseFfn {
+                weights,
+                activation: config.activation,
+            }))
+        })
+    }
+
+    /// As [`Model::load`], with each layer's FFN built by `make_ffn(layer,
+    /// names)` (the flash runtime's FFNs keep their weights on disk).
+    pub fn load_with_ffn(
+        config: &ModelConfig,
+        names: &ModelNames,
+        src: &dyn TensorSource,
+        make_ffn: &mut MakeFfn<'_>,
+    ) -> Result<Model> {
         let lm_head = load_linear(src, &names.lm_head)?;
         let embed = if names.lm_head.weight == names.embed_tokens {
             None
@@ -99,18 +129,7 @@ impl Model {
             .map(|n| load_norm(src, n))
             .transpose()?;
         let mut layers = Vec::with_capacity(names.layers.len());
-        for l in &names.layers {
-            let weights = match &l.ffn {
-                FfnNames::Plain { up, down } => FfnWeights::Plain {
-                    up: load_linear(src, up)?,
-                    down: load_linear(src, down)?,
-                },
-                FfnNames::Gated { gate, up, down } => FfnWeights::Gated {
-                    gate: load_linear(src, gate)?,
-                    up: load_linear(src, up)?,
-                    down: load_linear(src, down)?,
-                },
-            };
+        for (i, l) in names.layers.iter().enumerate() {
             layers.push(Layer {
                 attn_norm: load_norm(src, &l.attn_norm)?,
                 q: load_linear(src, &l.q)?,
@@ -118,10 +137,7 @@ impl Model {
                 v: load_linear(src, &l.v)?,
                 o: load_linear(src, &l.o)?,
                 ffn_norm: load_norm(src, &l.ffn_norm)?,
-                ffn: Box::new(DenseFfn {
-                    weights,
-                    activation: config.activation,
-                }),
+                ffn: make_ffn(i, &l.ffn)?,
             });
         }
         let rope = config

@@ -62,7 +62,7 @@ pub fn open_model(path: &Path) -> Result<LoadedModel> {
 
 /// The predictors (f16 in the file, widened) and SiLU thresholds of a packed
 /// file, or `None` when it was not calibrated.
-fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
+pub(crate) fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
     let m = &file.manifest;
     if m.calibration.is_none() && m.predictors.is_empty() {
         return Ok(None);

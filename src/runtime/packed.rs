@@ -27,13 +27,23 @@ pub struct PackedWeights<'a> {
 impl<'a> PackedWeights<'a> {
     /// Reads the dense section and every FFN section, checking each chunk's hash.
     pub fn read_all(file: &'a PackedFile) -> Result<PackedWeights<'a>> {
-        let dense = file.read_section(DENSE_SECTION)?;
         let ffn = file
             .manifest
             .ffn_layers
             .iter()
             .map(|l| file.read_section(&l.section))
             .collect::<Result<Vec<_>>>()?;
+        Self::with_ffn(file, ffn)
+    }
+
+    /// Reads the dense section only (FFN biases included); asking for an FFN
+    /// projection matrix is an error. The flash runtime reads bundles itself.
+    pub fn read_dense(file: &'a PackedFile) -> Result<PackedWeights<'a>> {
+        Self::with_ffn(file, Vec::new())
+    }
+
+    fn with_ffn(file: &'a PackedFile, ffn: Vec<Vec<u8>>) -> Result<PackedWeights<'a>> {
+        let dense = file.read_section(DENSE_SECTION)?;
         let mut ffn_parts = HashMap::new();
         for (i, layer) in file.names.layers.iter().enumerate() {
             let parts = match &layer.ffn {
@@ -79,7 +89,11 @@ impl<'a> PackedWeights<'a> {
             .iter()
             .position(|p| *p == part)
             .expect("checked at open: parts match the architecture");
-        let bundles = &self.ffn[layer];
+        let bundles = self.ffn.get(layer).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "FFN weights of layer {layer} were not loaded (flash mode reads bundles from disk)"
+            ))
+        })?;
         let part_of =
             |p: usize| &bundles[p * stride + k * h * size..p * stride + (k + 1) * h * size];
         let mut bytes = vec![0u8; n * h * size];

@@ -26,6 +26,19 @@ pub enum FfnMode {
     Oracle,
     /// The neurons the packed file's predictors choose.
     Predicted,
+    /// Every neuron, the whole FFN read from disk for every token (the
+    /// paper's baseline; see `runtime::flash`).
+    Naive,
+    /// The predictors' neurons read from disk through the window cache
+    /// (bit-identical to `predicted`; see `runtime::flash`).
+    Flash,
+}
+
+impl FfnMode {
+    /// Whether the FFN is read from disk (opened with `runtime::flash::open_flash`).
+    pub fn on_disk(self) -> bool {
+        matches!(self, FfnMode::Naive | FfnMode::Flash)
+    }
 }
 
 /// Neurons computed over a run, summed over layers and tokens.
@@ -165,6 +178,11 @@ pub fn apply_ffn_mode(
     for (i, layer) in layers.into_iter().enumerate() {
         let chooser = match mode {
             FfnMode::Dense => unreachable!("handled above"),
+            FfnMode::Naive | FfnMode::Flash => {
+                return Err(Error::InvalidArgument(format!(
+                    "--ffn {mode:?} reads the FFN from disk: open the packed file with runtime::flash::open_flash"
+                )))
+            }
             FfnMode::Oracle => {
                 let threshold = match (silu, data.and_then(|d| d.silu_thresholds.get(i).copied().flatten())) {
                     (false, _) => 0.0,

@@ -1,0 +1,575 @@
+//! [`FlashFfn`]: one layer's FFN with its bundles on disk.
+//!
+//! - `flash`: per token the predictor picks neurons (ascending packed indices);
+//!   neurons used in the last `window` tokens stay in the layer's
+//!   [`BundleCache`]; only missing bundles are read, coalesced into runs; those
+//!   that left the window are evicted. Exactly the chosen neurons are computed,
+//!   summed in ascending neuron order with [`ColumnAccumulator`], so the output
+//!   is bit-identical to the in-DRAM `predicted` mode.
+//! - `naive`: the whole FFN section is read for every token in large reads and
+//!   every neuron computed (the paper's baseline).
+//!
+//! A batch (prefill) goes token by token through the same path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::format::layout::BundlePart;
+use crate::input::config::Activation;
+use crate::predictor::train::LowRankPredictor;
+use crate::runtime::ffn::{neuron_value, ActiveSet, Ffn, Fired};
+use crate::runtime::flash::cache::BundleCache;
+use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
+use crate::runtime::kernels::{dot_weights, ColumnAccumulator, Weights};
+
+/// Where a layer's bundles are and how they are laid out.
+#[derive(Debug, Clone)]
+pub struct LayerSpec {
+    pub layer: usize,
+    /// File offset of bundle 0.
+    pub offset: u64,
+    pub neurons: usize,
+    pub hidden: usize,
+    pub dtype: DType,
+    pub parts: Vec<BundlePart>,
+    /// Bytes per bundle.
+    pub stride: usize,
+}
+
+impl LayerSpec {
+    fn part_index(&self, part: BundlePart) -> Option<usize> {
+        self.parts.iter().position(|p| *p == part)
+    }
+}
+
+/// How a layer gets its bundles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Whole section every token, every neuron.
+    Naive,
+    /// Chosen neurons through the window cache.
+    Flash { window: usize },
+}
+
+/// Counters over a run, summed over layers (relaxed atomics: statistics only).
+#[derive(Debug, Default)]
+pub struct FlashStats {
+    /// (layer, token) evaluations.
+    pub evaluations: AtomicU64,
+    /// Neurons chosen over those evaluations.
+    pub needed: AtomicU64,
+    /// Chosen neurons that were already resident.
+    pub hits: AtomicU64,
+    /// Bundles read into the cache or its scratch area.
+    pub loaded: AtomicU64,
+    /// Bundles evicted.
+    pub evicted: AtomicU64,
+    /// Bundles that did not fit the cache and went through scratch.
+    pub overflow: AtomicU64,
+    pub ns_predict: AtomicU64,
+    pub ns_io: AtomicU64,
+    pub ns_memory: AtomicU64,
+    pub ns_compute: AtomicU64,
+}
+
+fn add_ns(c: &AtomicU64, since: Instant) -> Instant {
+    let now = Instant::now();
+    c.fetch_add((now - since).as_nanos() as u64, Ordering::Relaxed);
+    now
+}
+
+/// Buffers shared by every layer (layers run one after another): staging for
+/// reads, the down-projection accumulator, predictor scratch, index lists.
+pub struct Workspace {
+    staging: Staging,
+    acc: ColumnAccumulator,
+    scratch: Vec<f32>,
+    logits: Vec<f32>,
+    set: Vec<u32>,
+    missing: Vec<u32>,
+    ops: Vec<ReadOp>,
+    op_ranges: Vec<(usize, usize)>,
+}
+
+impl Workspace {
+    /// For layers of `hidden` x `neurons`: `slots` reads of `slot_bytes` in
+    /// flight; every buffer reserved up front so that tokens do not allocate.
+    pub fn new(
+        hidden: usize,
+        neurons: usize,
+        max_rank: usize,
+        slots: usize,
+        slot_bytes: usize,
+        align: usize,
+    ) -> Result<Workspace> {
+        Ok(Workspace {
+            staging: Staging::new(slots, slot_bytes, align)?,
+            acc: ColumnAccumulator::new(hidden, neurons),
+            scratch: Vec::with_capacity(max_rank),
+            logits: Vec::with_capacity(neurons),
+            set: Vec::with_capacity(neurons),
+            missing: Vec::with_capacity(neurons),
+            ops: Vec::with_capacity(slots),
+            op_ranges: Vec::with_capacity(slots),
+        })
+    }
+
+    /// DRAM it holds.
+    pub fn size_bytes(&self, hidden: usize, neurons: usize) -> usize {
+        self.staging.size_bytes() + 32 * hidden * 4 + neurons * 16
+    }
+}
+
+/// The part of a layer that changes per token.
+pub struct LayerState {
+    pub cache: BundleCache,
+    /// Token (from 1) at which each neuron was last chosen; 0: never.
+    last_seen: Vec<u64>,
+    token: u64,
+}
+
+impl LayerState {
+    pub fn new(cache: BundleCache, neurons: usize) -> LayerState {
+        LayerState {
+            cache,
+            last_seen: vec![0; neurons],
+            token: 0,
+        }
+    }
+}
+
+/// One layer's FFN read from flash.
+pub struct FlashFfn {
+    pub spec: LayerSpec,
+    pub activation: Activation,
+    pub gate_bias: Option<Vec<f32>>,
+    pub up_bias: Option<Vec<f32>>,
+    pub down_bias: Option<Vec<f32>>,
+    pub predictor: Option<LowRankPredictor>,
+    pub strategy: Strategy,
+    /// Wanted bundles this many or fewer apart are read in one operation.
+    pub coalesce_gap: usize,
+    pub reader: Arc<FlashReader>,
+    pub workspace: Arc<Mutex<Workspace>>,
+    pub state: Mutex<LayerState>,
+    pub stats: Arc<FlashStats>,
+}
+
+impl FlashFfn {
+    /// Neurons resident in this layer's cache now.
+    pub fn resident(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cache
+            .used()
+    }
+
+    fn part<'b>(&self, bundle: &'b [u8], k: usize) -> Result<Weights<'b>> {
+        let len = self.spec.hidden * self.spec.dtype.size_bytes();
+        Weights::from_le_bytes(self.spec.dtype, &bundle[k * len..(k + 1) * len]).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer {}: bundle bytes not aligned to their dtype",
+                self.spec.layer
+            ))
+        })
+    }
+
+    /// The value of neuron `i` and its down column, from its bundle.
+    #[inline]
+    fn neuron<'b>(&self, i: usize, bundle: &'b [u8], x: &[f32]) -> Result<(f32, Weights<'b>)> {
+        let spec = &self.spec;
+        let up_k = spec.part_index(BundlePart::Up).unwrap_or(0);
+        let down_k = spec.parts.len() - 1;
+        let mut u = dot_weights(self.part(bundle, up_k)?, x);
+        if let Some(b) = &self.up_bias {
+            u += b[i];
+        }
+        let g = match spec.part_index(BundlePart::Gate) {
+            None => None,
+            Some(k) => {
+                let mut g = dot_weights(self.part(bundle, k)?, x);
+                if let Some(b) = &self.gate_bias {
+                    g += b[i];
+                }
+                Some(g)
+            }
+        };
+        Ok((
+            neuron_value(self.activation, g, u),
+            self.part(bundle, down_k)?,
+        ))
+    }
+
+    /// Reads the bundles of `neurons` (ascending, each with a row in the
+    /// cache) into their rows.
+    fn read_into_rows(
+        &self,
+        ws: &mut Workspace,
+        cache: &mut BundleCache,
+        neurons: &[u32],
+    ) -> Result<()> {
+        let spec = &self.spec;
+        let stride = spec.stride as u64;
+        let Workspace {
+            staging,
+            ops,
+            op_ranges,
+            ..
+        } = ws;
+        let mut i = 0;
+        while i < neurons.len() {
+            let t0 = Instant::now();
+            ops.clear();
+            op_ranges.clear();
+            while ops.len() < staging.slots && i < neurons.len() {
+                let first = neurons[i] as u64;
+                let start = spec.offset + first * stride;
+                let mut j = i + 1;
+                while j < neurons.len() {
+                    let gap = (neurons[j] - neurons[j - 1] - 1) as usize;
+                    let end = spec.offset + (neurons[j] as u64 + 1) * stride;
+                    if gap > self.coalesce_gap
+                        || self.reader.round_out(start, end).len > staging.slot_bytes
+                    {
+                        break;
+                    }
+                    j += 1;
+                }
+                let end = spec.offset + (neurons[j - 1] as u64 + 1) * stride;
+                ops.push(self.reader.round_out(start, end));
+                op_ranges.push((i, j));
+                i = j;
+            }
+            let t1 = add_ns(&self.stats.ns_memory, t0);
+            self.reader.read_batch(staging, ops)?;
+            let t2 = add_ns(&self.stats.ns_io, t1);
+            for (k, (&op, &(a, b))) in ops.iter().zip(op_ranges.iter()).enumerate() {
+                let slot = staging.slot(k);
+                for &p in &neurons[a..b] {
+                    let at = (spec.offset + p as u64 * stride - op.offset) as usize;
+                    let row = cache.row_of(p).expect("rows assigned before reading");
+                    cache
+                        .row_mut(row)
+                        .copy_from_slice(&slot[at..at + spec.stride]);
+                }
+            }
+            add_ns(&self.stats.ns_memory, t2);
+        }
+        self.stats
+            .loaded
+            .fetch_add(neurons.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Adds the neurons `set` (ascending, each with a row) to the sum.
+    fn compute(
+        &self,
+        acc: &mut ColumnAccumulator,
+        cache: &BundleCache,
+        set: &[u32],
+        x: &[f32],
+        mut fired: Option<&mut Vec<u32>>,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        for &i in set {
+            let row = cache.row_of(i).expect("chosen neurons are in DRAM");
+            let (v, down) = self.neuron(i as usize, cache.row(row), x)?;
+            if v != 0.0 {
+                acc.add(i as usize, v, down, 0, 1);
+                if let Some(f) = fired.as_deref_mut() {
+                    f.push(i);
+                }
+            }
+        }
+        add_ns(&self.stats.ns_compute, t0);
+        Ok(())
+    }
+
+    /// One token through the window cache: `ws.set` holds the chosen neurons.
+    fn flash_token(
+        &self,
+        ws: &mut Workspace,
+        st: &mut LayerState,
+        window: usize,
+        x: &[f32],
+        out: &mut [f32],
+        mut fired: Option<&mut Vec<u32>>,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        st.token += 1;
+        let t = st.token;
+        let set = std::mem::take(&mut ws.set);
+        for &i in &set {
+            st.last_seen[i as usize] = t;
+        }
+        // Keep the neurons chosen in the last `window` tokens and this one.
+        let last_seen = &st.last_seen;
+        let mut evicted = st
+            .cache
+            .retain(|n| last_seen[n as usize] + window as u64 >= t);
+        ws.missing.clear();
+        ws.missing.extend(
+            set.iter()
+                .copied()
+                .filter(|&i| st.cache.row_of(i).is_none()),
+        );
+        let hits = set.len() - ws.missing.len();
+        if ws.missing.len() > st.cache.free() {
+            // Over capacity: older window members make room for this token's.
+            evicted += st.cache.retain(|n| last_seen[n as usize] == t);
+        }
+        let fit = ws.missing.len().min(st.cache.free());
+        for &i in &ws.missing[..fit] {
+            st.cache.insert(i);
+        }
+        add_ns(&self.stats.ns_memory, t0);
+        let missing = std::mem::take(&mut ws.missing);
+        let result = (|| {
+            self.read_into_rows(ws, &mut st.cache, &missing[..fit])?;
+            ws.acc.clear();
+            // The rest goes through scratch, in ascending chunks; the sum
+            // still visits neurons in ascending order.
+            let mut done = 0;
+            let scratch = st.cache.scratch_rows();
+            for chunk in missing[fit..].chunks(scratch.max(1)) {
+                if scratch == 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "layer {}: no scratch rows for neurons beyond the cache",
+                        self.spec.layer
+                    )));
+                }
+                for (k, &i) in chunk.iter().enumerate() {
+                    st.cache.place_scratch(i, k);
+                }
+                self.read_into_rows(ws, &mut st.cache, chunk)?;
+                let last = *chunk.last().expect("chunks are not empty");
+                let upto = done + set[done..].partition_point(|&i| i <= last);
+                self.compute(
+                    &mut ws.acc,
+                    &st.cache,
+                    &set[done..upto],
+                    x,
+                    fired.as_deref_mut(),
+                )?;
+                st.cache.clear_scratch(chunk.len());
+                done = upto;
+            }
+            self.compute(
+                &mut ws.acc,
+                &st.cache,
+                &set[done..],
+                x,
+                fired.as_deref_mut(),
+            )?;
+            ws.acc.finish(self.down_bias.as_deref(), out);
+            Ok(())
+        })();
+        let s = &self.stats;
+        s.overflow
+            .fetch_add((missing.len() - fit) as u64, Ordering::Relaxed);
+        s.needed.fetch_add(set.len() as u64, Ordering::Relaxed);
+        s.hits.fetch_add(hits as u64, Ordering::Relaxed);
+        s.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+        ws.missing = missing;
+        ws.set = set;
+        result
+    }
+
+    /// One token with the whole section read and every neuron computed.
+    fn naive_token(
+        &self,
+        ws: &mut Workspace,
+        only: Option<&[u32]>,
+        x: &[f32],
+        out: &mut [f32],
+        mut fired: Option<&mut Vec<u32>>,
+    ) -> Result<()> {
+        let spec = &self.spec;
+        let stride = spec.stride;
+        let align = self.reader.align();
+        // Whole bundles per read, as many as a slot holds.
+        let per_read = ((ws.staging.slot_bytes - align) / stride).max(1);
+        ws.acc.clear();
+        let mut p = 0;
+        while p < spec.neurons {
+            let t0 = Instant::now();
+            ws.ops.clear();
+            ws.op_ranges.clear();
+            while ws.ops.len() < ws.staging.slots && p < spec.neurons {
+                let q = (p + per_read).min(spec.neurons);
+                ws.ops.push(self.reader.round_out(
+                    spec.offset + (p * stride) as u64,
+                    spec.offset + (q * stride) as u64,
+                ));
+                ws.op_ranges.push((p, q));
+                p = q;
+            }
+            self.reader.read_batch(&mut ws.staging, &ws.ops)?;
+            let t1 = add_ns(&self.stats.ns_io, t0);
+            for (k, (&op, &(a, b))) in ws.ops.iter().zip(ws.op_ranges.iter()).enumerate() {
+                let slot = ws.staging.slot(k);
+                for i in a..b {
+                    if let Some(only) = only {
+                        if only.binary_search(&(i as u32)).is_err() {
+                            continue;
+                        }
+                    }
+                    let at = (spec.offset + (i * stride) as u64 - op.offset) as usize;
+                    let (v, down) = self.neuron(i, &slot[at..at + stride], x)?;
+                    if v != 0.0 {
+                        ws.acc.add(i, v, down, 0, 1);
+                        if let Some(f) = fired.as_deref_mut() {
+                            f.push(i as u32);
+                        }
+                    }
+                }
+            }
+            add_ns(&self.stats.ns_compute, t1);
+        }
+        ws.acc.finish(self.down_bias.as_deref(), out);
+        let s = &self.stats;
+        s.needed.fetch_add(spec.neurons as u64, Ordering::Relaxed);
+        s.loaded.fetch_add(spec.neurons as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fills `ws.set` with this token's neurons: the caller's set (sorted), or
+    /// the predictor's.
+    fn choose(&self, ws: &mut Workspace, x: &[f32], given: Option<&[u32]>) -> Result<()> {
+        match given {
+            Some(set) => {
+                ws.set.clear();
+                ws.set.extend_from_slice(set);
+                if !ws.set.windows(2).all(|w| w[0] < w[1]) {
+                    ws.set.sort_unstable();
+                    ws.set.dedup();
+                }
+                if let Some(&bad) = ws.set.last().filter(|&&i| i as usize >= self.spec.neurons) {
+                    return Err(Error::InvalidArgument(format!(
+                        "active neuron {bad} is outside the FFN width {}",
+                        self.spec.neurons
+                    )));
+                }
+            }
+            None => {
+                let p = self.predictor.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "--ffn flash needs a predictor for layer {}",
+                        self.spec.layer
+                    ))
+                })?;
+                let t0 = Instant::now();
+                p.predict(x, &mut ws.scratch, &mut ws.logits, &mut ws.set);
+                add_ns(&self.stats.ns_predict, t0);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Ffn for FlashFfn {
+    fn hidden_size(&self) -> usize {
+        self.spec.hidden
+    }
+
+    fn width(&self) -> usize {
+        self.spec.neurons
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.spec.neurons * self.spec.stride
+    }
+
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        // Not on the flash path (oracle modes use an in-DRAM copy): computed
+        // from a full scan, gate part only for gated FFNs.
+        let (h, w) = (self.spec.hidden, self.spec.neurons);
+        let mut acts = vec![0.0f32; n * w];
+        let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let stride = self.spec.stride;
+        // Part 0 decides firing: the gate of a gated FFN, the up row otherwise.
+        let bias = if self.spec.part_index(BundlePart::Gate).is_some() {
+            &self.gate_bias
+        } else {
+            &self.up_bias
+        };
+        for p in 0..w {
+            let op = self.reader.round_out(
+                self.spec.offset + (p * stride) as u64,
+                self.spec.offset + ((p + 1) * stride) as u64,
+            );
+            if self.reader.read_batch(&mut ws.staging, &[op]).is_err() {
+                continue;
+            }
+            let at = (self.spec.offset + (p * stride) as u64 - op.offset) as usize;
+            let bundle = &ws.staging.slot(0)[at..at + stride];
+            for t in 0..n {
+                let xt = &x[t * h..(t + 1) * h];
+                let Ok(part) = self.part(bundle, 0) else {
+                    continue;
+                };
+                let mut v = dot_weights(part, xt);
+                if let Some(b) = bias {
+                    v += b[p];
+                }
+                acts[t * w + p] = neuron_value(self.activation, None, v);
+            }
+        }
+        acts
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        mut fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        let h = self.spec.hidden;
+        if let ActiveSet::PerToken(sets) = active {
+            if sets.len() != n {
+                return Err(Error::InvalidArgument(format!(
+                    "active sets for {} tokens given for a batch of {n}",
+                    sets.len()
+                )));
+            }
+        }
+        if let Some(f) = fired.as_deref_mut() {
+            f.width = self.spec.neurons;
+            f.per_token = vec![Vec::new(); n];
+        }
+        let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for t in 0..n {
+            let xt = &x[t * h..(t + 1) * h];
+            let ot = &mut out[t * h..(t + 1) * h];
+            let f = fired.as_deref_mut().map(|f| &mut f.per_token[t]);
+            match (self.strategy, active) {
+                (Strategy::Naive, ActiveSet::All) => self.naive_token(&mut ws, None, xt, ot, f)?,
+                (Strategy::Naive, ActiveSet::PerToken(sets)) => {
+                    // Still the whole section read; only the given neurons summed.
+                    self.choose(&mut ws, xt, Some(&sets[t]))?;
+                    let set = std::mem::take(&mut ws.set);
+                    let r = self.naive_token(&mut ws, Some(&set), xt, ot, f);
+                    ws.set = set;
+                    r?;
+                }
+                (Strategy::Flash { window }, active) => {
+                    let given = match active {
+                        ActiveSet::All => None,
+                        ActiveSet::PerToken(sets) => Some(sets[t].as_slice()),
+                    };
+                    self.choose(&mut ws, xt, given)?;
+                    self.flash_token(&mut ws, &mut st, window, xt, ot, f)?;
+                }
+            }
+            self.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,576 @@
+//! The flash runtime: a packed model whose FFN bundles stay on disk, under a
+//! DRAM budget ("LLM in a flash", `../shared/PAPER.md` sections 2-5).
+//!
+//! Embeddings, attention, norms, FFN biases, predictors and the KV cache are in
+//! DRAM (the packed file's dense part, read as for every other mode); each
+//! layer's FFN is a [`FlashFfn`] reading bundles through one [`FlashReader`].
+//! The model's forward pass is the same one every mode uses.
+//!
+//! - [`io`]: direct-I/O reader, aligned buffers, read counters.
+//! - [`cache`]: one layer's resident-bundle matrix.
+//! - [`ffn`]: [`FlashFfn`] (`flash` and `naive`).
+//!
+//! Bundles read from disk are not hash-checked on the way (that would cost a
+//! SHA-256 per chunk per token); `flashpack verify` checks the whole file.
+
+pub mod cache;
+pub mod ffn;
+pub mod io;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::format::layout::{Compression, DENSE_SECTION};
+use crate::format::PackedFile;
+use crate::input::tensors::FfnNames;
+use crate::runtime::packed::{packed_tokenizer, PackedWeights};
+use crate::runtime::weights::TensorSource;
+use crate::runtime::{LoadedModel, Model, ModelSource};
+
+pub use cache::BundleCache;
+pub use ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Strategy, Workspace};
+pub use io::{peak_rss_bytes, proc_read_bytes, FlashReader, IoMode};
+
+/// Which disk-backed mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskMode {
+    /// Whole FFN read per token.
+    Naive,
+    /// Predictor + window cache.
+    Flash,
+}
+
+/// How to run a packed file from flash.
+#[derive(Debug, Clone)]
+pub struct FlashOptions {
+    pub mode: DiskMode,
+    /// Tokens before the current one whose neurons stay resident.
+    pub window: usize,
+    /// Reads in flight.
+    pub io_threads: usize,
+    /// Wanted bundles at most this many apart are read in one operation.
+    pub coalesce_gap: usize,
+    /// DRAM budget in bytes (`None`: size the caches from calibration only).
+    pub dram_budget: Option<u64>,
+    /// Most positions the KV cache will hold (counts toward the budget).
+    pub context: usize,
+    /// Rows of every layer's cache, overriding calibration (tests).
+    pub capacity: Option<usize>,
+}
+
+impl Default for FlashOptions {
+    fn default() -> Self {
+        FlashOptions {
+            mode: DiskMode::Flash,
+            window: 4,
+            io_threads: 4,
+            coalesce_gap: 1,
+            dram_budget: None,
+            context: 2048,
+            capacity: None,
+        }
+    }
+}
+
+/// Fixed overhead counted in every budget: the program, its allocator, the
+/// tokenizer and the thread stacks (measured VmHWM of a tiny model is below).
+pub const FIXED_OVERHEAD_BYTES: u64 = 64 << 20;
+
+/// Reads at least this big in naive mode (the paper's baseline is not slowed
+/// by small reads).
+pub const NAIVE_READ_BYTES: usize = 1 << 20;
+
+/// Coalesced flash reads are at most this big.
+pub const FLASH_READ_BYTES: usize = 256 << 10;
+
+/// What the flash mode holds in DRAM, in bytes.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MemoryPlan {
+    pub dense: u64,
+    pub predictors: u64,
+    pub kv_cache: u64,
+    pub staging: u64,
+    pub caches: u64,
+    pub fixed_overhead: u64,
+    /// With the smallest caches that work (scratch only).
+    pub minimum: u64,
+    pub total: u64,
+    pub capacity_per_layer: Vec<usize>,
+    pub scratch_per_layer: Vec<usize>,
+}
+
+/// A running flash model's shared parts, for statistics.
+pub struct FlashRuntime {
+    pub options: FlashOptions,
+    pub reader: Arc<FlashReader>,
+    pub stats: Arc<FlashStats>,
+    pub plan: MemoryPlan,
+    pub layers: usize,
+    /// Each layer's state (resident counts).
+    states: Vec<Arc<dyn Fn() -> usize + Send + Sync>>,
+}
+
+/// Statistics of a run, as reported by `run`/`eval --json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlashReport {
+    pub mode: DiskMode,
+    pub io_mode: IoMode,
+    pub window: usize,
+    pub io_threads: usize,
+    pub tokens: u64,
+    pub bytes_read: u64,
+    pub read_ops: u64,
+    pub mean_read_bytes: f64,
+    pub bytes_read_per_token: f64,
+    pub window_hit_rate: f64,
+    pub neurons_chosen_per_token: f64,
+    pub bundles_loaded: u64,
+    pub bundles_evicted: u64,
+    pub bundles_overflowed: u64,
+    pub resident_per_layer: Vec<usize>,
+    pub capacity_per_layer: Vec<usize>,
+    pub ms_predictor: f64,
+    pub ms_io: f64,
+    pub ms_memory: f64,
+    pub ms_compute: f64,
+    pub dram_plan: MemoryPlan,
+}
+
+impl FlashRuntime {
+    pub fn report(&self) -> FlashReport {
+        let s = &self.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let evaluations = get(&s.evaluations);
+        let tokens = evaluations / self.layers.max(1) as u64;
+        let bytes = get(&self.reader.counters.bytes);
+        let ops = get(&self.reader.counters.ops);
+        let needed = get(&s.needed);
+        let ms = |c: &std::sync::atomic::AtomicU64| get(c) as f64 / 1e6;
+        FlashReport {
+            mode: self.options.mode,
+            io_mode: self.reader.mode(),
+            window: self.options.window,
+            io_threads: self.reader.threads(),
+            tokens,
+            bytes_read: bytes,
+            read_ops: ops,
+            mean_read_bytes: bytes as f64 / ops.max(1) as f64,
+            bytes_read_per_token: bytes as f64 / tokens.max(1) as f64,
+            window_hit_rate: get(&s.hits) as f64 / needed.max(1) as f64,
+            neurons_chosen_per_token: needed as f64 / tokens.max(1) as f64,
+            bundles_loaded: get(&s.loaded),
+            bundles_evicted: get(&s.evicted),
+            bundles_overflowed: get(&s.overflow),
+            resident_per_layer: self.states.iter().map(|f| f()).collect(),
+            capacity_per_layer: self.plan.capacity_per_layer.clone(),
+            ms_predictor: ms(&s.ns_predict),
+            ms_io: ms(&s.ns_io),
+            ms_memory: ms(&s.ns_memory),
+            ms_compute: ms(&s.ns_compute),
+            dram_plan: self.plan.clone(),
+        }
+    }
+}
+
+impl FlashReport {
+    /// Human lines for stderr.
+    pub fn human(&self) -> String {
+        let mib = |b: f64| b / (1 << 20) as f64;
+        let resident: usize = self.resident_per_layer.iter().sum();
+        format!(
+            "flash I/O ({:?}, {} reads, window {}, {} I/O threads): {:.2} MiB read in {} reads (mean {:.1} KiB), {:.3} MiB/token over {} tokens\n\
+             window hit rate {:.1}%, {:.1} neurons chosen per token, {} resident now ({} bundles loaded, {} evicted, {} via scratch)\n\
+             time: predictor {:.1} ms, I/O {:.1} ms, memory management {:.1} ms, FFN compute {:.1} ms",
+            self.mode,
+            self.io_mode.as_str(),
+            self.window,
+            self.io_threads,
+            mib(self.bytes_read as f64),
+            self.read_ops,
+            self.mean_read_bytes / 1024.0,
+            mib(self.bytes_read_per_token),
+            self.tokens,
+            100.0 * self.window_hit_rate,
+            self.neurons_chosen_per_token,
+            resident,
+            self.bundles_loaded,
+            self.bundles_evicted,
+            self.bundles_overflowed,
+            self.ms_predictor,
+            self.ms_io,
+            self.ms_memory,
+            self.ms_compute
+        )
+    }
+}
+
+/// Parses a DRAM budget: bytes (`1000000`), units (`512MiB`, `1.5GB`, `2G`,
+/// binary for `K`/`M`/`G`/`T` with or without `iB`, decimal for `kB`/`MB`/`GB`/`TB`),
+/// or a percentage of `file_bytes` (`50%`).
+pub fn parse_size(text: &str, file_bytes: u64) -> Result<u64> {
+    let bad = || {
+        Error::InvalidArgument(format!(
+            "--dram-budget {text:?}: expected bytes, a size such as 512MiB or 1.5GB, or a percentage such as 50%"
+        ))
+    };
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(bad());
+    }
+    let scale = match unit.trim() {
+        "" | "B" => 1.0,
+        "%" => file_bytes as f64 / 100.0,
+        "k" | "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "K" | "KiB" => 1024.0,
+        "M" | "MiB" => 1024.0 * 1024.0,
+        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "T" | "TiB" => 1024.0f64.powi(4),
+        _ => return Err(bad()),
+    };
+    Ok((value * scale).round() as u64)
+}
+
+/// Rows a window of `tokens` consecutive tokens needed on calibration text,
+/// from the maxima at K = 1, 2, 4, 8 (linear in between, proportional beyond).
+pub fn window_rows(window_max: &[u64], tokens: usize) -> f64 {
+    let points = [1usize, 2, 4, 8];
+    let wm: Vec<f64> = window_max.iter().map(|&v| v as f64).collect();
+    if wm.len() < 4 {
+        return 0.0;
+    }
+    let k = tokens.max(1);
+    if k >= 8 {
+        return wm[3] * k as f64 / 8.0;
+    }
+    let j = points.iter().rposition(|&p| p <= k).unwrap_or(0);
+    if points[j] == k {
+        return wm[j];
+    }
+    let (k0, k1) = (points[j] as f64, points[j + 1] as f64);
+    wm[j] + (wm[j + 1] - wm[j]) * (k as f64 - k0) / (k1 - k0)
+}
+
+/// Opens a packed file for `naive` or `flash` execution: the dense part in
+/// DRAM, the FFN on disk. Refuses (an error naming the minimum) when the
+/// budget is below what the mode needs.
+pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, FlashRuntime)> {
+    let file = PackedFile::open(path)?;
+    let m = &file.manifest;
+    let cfg = &file.config;
+    let align = (m.alignment as usize).max(512);
+    let (hidden, neurons) = (cfg.hidden_size, cfg.ffn_width);
+    let layers = cfg.num_layers;
+    let mut specs = Vec::with_capacity(layers);
+    for entry in &m.ffn_layers {
+        let section = file
+            .section(&entry.section)
+            .ok_or_else(|| Error::InvalidArgument(format!("no section {}", entry.section)))?;
+        if section.compression != Compression::None {
+            return Err(Error::InvalidArgument(format!(
+                "{}: section {} is compressed; flash reads need uncompressed FFN sections",
+                path.display(),
+                entry.section
+            )));
+        }
+        let dtype: DType = entry
+            .dtype
+            .weight()
+            .expect("checked at open: bundles are floating point");
+        specs.push(LayerSpec {
+            layer: entry.layer as usize,
+            offset: section.offset,
+            neurons: entry.neurons as usize,
+            hidden: entry.hidden as usize,
+            dtype,
+            parts: entry.parts.clone(),
+            stride: entry.bundle_bytes as usize,
+        });
+    }
+    let stride_max = specs.iter().map(|s| s.stride).max().unwrap_or(0);
+    let round = |b: usize| b.div_ceil(align) * align;
+    let slot_bytes = match opts.mode {
+        DiskMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
+        DiskMode::Flash => round(FLASH_READ_BYTES.max(stride_max)) + align,
+    };
+    let mut sparsity = crate::runtime::open::sparsity_data(&file)?;
+
+    // What stays in DRAM whatever the cache size.
+    let mut plan = MemoryPlan {
+        fixed_overhead: FIXED_OVERHEAD_BYTES,
+        ..MemoryPlan::default()
+    };
+    for t in &m.tensors {
+        if t.section == DENSE_SECTION {
+            let numel: u64 = t.shape.iter().product();
+            // Vectors (norms, biases) are widened to f32 at load.
+            plan.dense += if t.shape.len() == 1 {
+                numel * 4
+            } else {
+                t.length
+            };
+        }
+    }
+    if opts.mode == DiskMode::Flash {
+        let data = sparsity.as_ref();
+        for (i, _) in specs.iter().enumerate() {
+            let p = data
+                .and_then(|d| d.predictors.get(i).and_then(Option::as_ref))
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "--ffn flash needs a packed file with predictors (convert --calib); layer {i} has none"
+                    ))
+                })?;
+            plan.predictors += ((p.a.len() + p.b.len() + p.bias.len()) * 4) as u64;
+        }
+    }
+    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    plan.kv_cache = (layers * 2 * opts.context.min(cfg.max_context) * kv_dim * 4) as u64;
+    plan.staging = (opts.io_threads.max(1) * slot_bytes + 32 * hidden * 4 + neurons * 16) as u64;
+
+    // Cache rows per layer: the window's calibration maximum, scaled by how
+    // many more neurons the predictor picks than fire, plus 10% headroom.
+    let index_bytes = |rows: usize| (rows * 4 + neurons * 12) as u64;
+    let mut want_rows = vec![0usize; layers];
+    let mut scratch_rows = vec![0usize; layers];
+    if opts.mode == DiskMode::Flash {
+        for (i, spec) in specs.iter().enumerate() {
+            let wm = m
+                .calibration
+                .as_ref()
+                .and_then(|c| c.layers.get(i))
+                .map(|l| l.window_max.clone())
+                .unwrap_or_default();
+            let over = m
+                .predictors
+                .iter()
+                .find(|p| p.layer as usize == i)
+                .map(|p| {
+                    if p.frac_true > 0.0 {
+                        (p.frac_predicted / p.frac_true).max(1.0)
+                    } else {
+                        1.0
+                    }
+                })
+                .unwrap_or(1.0);
+            let rows = opts.capacity.unwrap_or_else(|| {
+                (window_rows(&wm, opts.window + 1) * over * 1.1).ceil() as usize
+            });
+            want_rows[i] = rows.min(spec.neurons);
+            scratch_rows[i] = if want_rows[i] >= spec.neurons {
+                0
+            } else {
+                (want_rows[i] / 8).clamp(64, spec.neurons)
+            };
+        }
+    }
+    let fixed = plan.dense + plan.predictors + plan.kv_cache + plan.staging + plan.fixed_overhead;
+    let min_caches: u64 = specs
+        .iter()
+        .zip(&scratch_rows)
+        .map(|(s, &sc)| {
+            let sc = if opts.mode == DiskMode::Flash {
+                sc.max(64.min(s.neurons))
+            } else {
+                0
+            };
+            (sc * s.stride) as u64 + index_bytes(sc)
+        })
+        .sum();
+    plan.minimum = fixed + min_caches;
+    let want_caches: u64 = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            ((want_rows[i] + scratch_rows[i]) * s.stride) as u64
+                + index_bytes(want_rows[i] + scratch_rows[i])
+        })
+        .sum();
+    if let Some(budget) = opts.dram_budget {
+        if budget < plan.minimum {
+            return Err(Error::InvalidArgument(format!(
+                "--dram-budget {budget} bytes is below the minimum of {} bytes ({:.1} MiB) that {:?} mode needs for this model \
+                 (dense part {}, predictors {}, KV cache {}, read buffers {}, smallest FFN caches {}, fixed overhead {})",
+                plan.minimum,
+                plan.minimum as f64 / (1u64 << 20) as f64,
+                opts.mode,
+                plan.dense,
+                plan.predictors,
+                plan.kv_cache,
+                plan.staging,
+                min_caches,
+                plan.fixed_overhead
+            )));
+        }
+        if fixed + want_caches > budget && opts.capacity.is_none() {
+            // Shrink every layer's cache alike to fit; what does not fit goes
+            // through scratch (more reads, same output).
+            let room = (budget - plan.minimum) as f64;
+            let extra = (want_caches - min_caches) as f64;
+            let f = (room / extra).clamp(0.0, 1.0);
+            for r in &mut want_rows {
+                *r = (*r as f64 * f).floor() as usize;
+            }
+        }
+    }
+    plan.capacity_per_layer = want_rows.clone();
+    plan.scratch_per_layer = scratch_rows.clone();
+
+    let probe = specs
+        .first()
+        .map_or(0, |s| s.offset / align as u64 * align as u64);
+    let reader = Arc::new(FlashReader::open(path, align, probe, opts.io_threads)?);
+    let workspace = Arc::new(Mutex::new(Workspace::new(
+        hidden,
+        neurons,
+        m.predictors
+            .iter()
+            .map(|p| p.rank as usize)
+            .max()
+            .unwrap_or(0),
+        opts.io_threads.max(1),
+        slot_bytes,
+        align,
+    )?));
+    let stats = Arc::new(FlashStats::default());
+    let weights = PackedWeights::read_dense(&file)?;
+    let strategy = match opts.mode {
+        DiskMode::Naive => Strategy::Naive,
+        DiskMode::Flash => Strategy::Flash {
+            window: opts.window,
+        },
+    };
+    let mut states: Vec<Arc<dyn Fn() -> usize + Send + Sync>> = Vec::new();
+    let mut caches_bytes = 0u64;
+    let model = Model::load_with_ffn(&file.config, &file.names, &weights, &mut |i, names| {
+        let spec = specs[i].clone();
+        let load_bias = |name: &Option<String>, len: usize| -> Result<Option<Vec<f32>>> {
+            match name {
+                Some(n) => Ok(Some(weights.tensor(n, &[len])?.to_f32())),
+                None => Ok(None),
+            }
+        };
+        let (gate_bias, up_bias, down_bias) = match names {
+            FfnNames::Plain { up, down } => (
+                None,
+                load_bias(&up.bias, spec.neurons)?,
+                load_bias(&down.bias, spec.hidden)?,
+            ),
+            FfnNames::Gated { gate, up, down } => (
+                load_bias(&gate.bias, spec.neurons)?,
+                load_bias(&up.bias, spec.neurons)?,
+                load_bias(&down.bias, spec.hidden)?,
+            ),
+        };
+        let predictor = sparsity
+            .as_mut()
+            .and_then(|d| d.predictors.get_mut(i).and_then(Option::take));
+        let cache = BundleCache::new(spec.neurons, spec.stride, want_rows[i], scratch_rows[i])?;
+        caches_bytes += cache.size_bytes() as u64;
+        let state = Mutex::new(LayerState::new(cache, spec.neurons));
+        let ffn = Arc::new(FlashFfn {
+            spec,
+            activation: file.config.activation,
+            gate_bias,
+            up_bias,
+            down_bias,
+            predictor: if opts.mode == DiskMode::Flash {
+                predictor
+            } else {
+                None
+            },
+            strategy,
+            coalesce_gap: opts.coalesce_gap,
+            reader: Arc::clone(&reader),
+            workspace: Arc::clone(&workspace),
+            state,
+            stats: Arc::clone(&stats),
+        });
+        let view = Arc::clone(&ffn);
+        states.push(Arc::new(move || view.resident()));
+        Ok(Box::new(SharedFfn(ffn)))
+    })?;
+    plan.caches = caches_bytes;
+    plan.total = fixed + caches_bytes;
+    let loaded = LoadedModel {
+        model,
+        tokenizer: packed_tokenizer(&file)?,
+        source: ModelSource::Packed,
+        sparsity,
+    };
+    Ok((
+        loaded,
+        FlashRuntime {
+            options: opts.clone(),
+            reader,
+            stats,
+            plan,
+            layers,
+            states,
+        },
+    ))
+}
+
+/// A [`FlashFfn`] the runtime also keeps a handle to (for statistics).
+struct SharedFfn(Arc<FlashFfn>);
+
+impl crate::runtime::Ffn for SharedFfn {
+    fn hidden_size(&self) -> usize {
+        self.0.hidden_size()
+    }
+    fn width(&self) -> usize {
+        self.0.width()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.0.weight_bytes()
+    }
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.0.firing_activations(x, n)
+    }
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: crate::runtime::ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut crate::runtime::Fired>,
+    ) -> Result<()> {
+        self.0.forward(x, n, active, out, fired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512MiB", 0).unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GB", 0).unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("50%", 1000).unwrap(), 500);
+        assert_eq!(parse_size("4096", 0).unwrap(), 4096);
+        assert_eq!(parse_size("2G", 0).unwrap(), 2 << 30);
+        assert!(parse_size("lots", 0).is_err());
+        assert!(parse_size("5 parsecs", 0).is_err());
+    }
+
+    #[test]
+    fn window_rows_interpolate() {
+        let wm = [10, 16, 24, 40];
+        assert_eq!(window_rows(&wm, 1), 10.0);
+        assert_eq!(window_rows(&wm, 3), 20.0);
+        assert_eq!(window_rows(&wm, 5), 28.0);
+        assert_eq!(window_rows(&wm, 16), 80.0);
+    }
+}
