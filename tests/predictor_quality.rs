@@ -340,3 +340,117 @@ fn inspect_lists_predictor_layers() {
     }
     assert_eq!(v["calibration_tokens"], CALIB_TOKENS as u64);
 }
+
+fn flashpack_json(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    (out.status.code().unwrap(), json)
+}
+
+#[test]
+fn predictors_train_adds_predictors_to_an_uncalibrated_file_and_verify_rechecks_recall() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain.flashpack");
+    let trained = tmp.path().join("trained.flashpack");
+    let src = model_dir("llama-silu");
+    let text = fixtures().join("text/train.txt");
+    let heldout = fixtures().join("text/heldout.txt");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    assert_eq!(
+        flashpack_json(&["convert", &s(&src), "-o", &s(&plain)]).0,
+        0
+    );
+    // Without predictors, a recall check has nothing to check: a failed check.
+    assert_eq!(
+        flashpack_json(&["verify", &s(&plain), "--calib", &s(&heldout)]).0,
+        1
+    );
+    let (code, summary) = flashpack_json(&[
+        "predictors",
+        "train",
+        &s(&plain),
+        "-o",
+        &s(&trained),
+        "--calib",
+        &s(&text),
+        "--calib-tokens",
+        "2048",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(summary["predictors"].as_array().unwrap().len(), 4);
+    // Everything else is as converted: weights and logits still match the source.
+    let (code, report) = flashpack_json(&[
+        "verify",
+        &s(&trained),
+        "--against",
+        &s(&src),
+        "--calib",
+        &s(&heldout),
+    ]);
+    assert_eq!(code, 0, "{report}");
+    let recalls = report["predictor_recall"].as_array().unwrap();
+    assert_eq!(recalls.len(), 4);
+    assert!(
+        recalls
+            .iter()
+            .all(|r| r["recall"].as_f64().unwrap() >= 0.95),
+        "{recalls:?}"
+    );
+    // An impossible recall bar is a failed check, exit 1.
+    let (code, _) = flashpack_json(&[
+        "verify",
+        &s(&trained),
+        "--calib",
+        &s(&heldout),
+        "--min-recall",
+        "1.0",
+    ]);
+    assert_eq!(code, 1);
+    // Predicted mode runs from the retrained file.
+    let (code, eval) = flashpack_json(&[
+        "eval",
+        &s(&trained),
+        "--text",
+        &s(&heldout),
+        "--ffn",
+        "predicted",
+    ]);
+    assert_eq!(code, 0);
+    assert!(eval["ffn_active_fraction"].as_f64().unwrap() < 1.0);
+}
+
+#[test]
+fn calibrate_command_keeps_the_trace_it_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("trace");
+    let (code, report) = flashpack_json(&[
+        "calibrate",
+        model_dir("opt-relu").to_str().unwrap(),
+        "--calib",
+        fixtures().join("text/train.txt").to_str().unwrap(),
+        "--calib-tokens",
+        "512",
+        "--keep-trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(report["tokens"], 512);
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    for layer in 0..4 {
+        let bits = std::fs::metadata(trace.join(format!("layer{layer}.fired.bits")))
+            .unwrap()
+            .len();
+        assert_eq!(bits, 512 * 8 * 8, "512 tokens x 512 neurons as bits");
+        let inputs = std::fs::metadata(trace.join(format!("layer{layer}.inputs.f16")))
+            .unwrap()
+            .len();
+        assert_eq!(inputs, 512 * 128 * 2);
+    }
+}

@@ -184,21 +184,7 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
             tokens as f64 / (cal_ms / 1e3),
             train_ms / 1e3
         ));
-        out.human("  layer  rank  threshold  recall  precision  predicted  truly active  size/FFN  window max (1,2,4,8)");
-        for p in &summary.predictors {
-            out.human(format_args!(
-                "  {:>5}  {:>4}  {:>9.3}  {:>6.4}  {:>9.3}  {:>8.1}%  {:>11.1}%  {:>7.2}%  {:?}",
-                p.layer,
-                p.rank,
-                p.threshold,
-                p.recall,
-                p.precision,
-                100.0 * p.frac_predicted,
-                100.0 * p.frac_true,
-                p.bytes_percent_of_ffn,
-                p.window_max
-            ));
-        }
+        print_predictor_table(out, &summary.predictors);
     }
     let verified = if args.verify {
         let report = crate::cli::verify::verify_file(&args.output, Some(&args.model), out)?;
@@ -225,4 +211,26 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         json["verify"] = serde_json::to_value(&report)?;
     }
     out.json_result(&json)
+}
+
+/// The per-layer predictor table `convert --calib` and `predictors train` print.
+pub fn print_predictor_table(out: &Output, predictors: &[crate::pack::convert::PredictorReport]) {
+    if predictors.is_empty() {
+        return;
+    }
+    out.human("  layer  rank  threshold  recall  precision  predicted  truly active  size/FFN  window max (1,2,4,8)");
+    for p in predictors {
+        out.human(format_args!(
+            "  {:>5}  {:>4}  {:>9.3}  {:>6.4}  {:>9.3}  {:>8.1}%  {:>11.1}%  {:>7.2}%  {:?}",
+            p.layer,
+            p.rank,
+            p.threshold,
+            p.recall,
+            p.precision,
+            100.0 * p.frac_predicted,
+            100.0 * p.frac_true,
+            p.bytes_percent_of_ffn,
+            p.window_max
+        ));
+    }
 }

@@ -8,9 +8,11 @@
 //!   3 an I/O or environment failure.
 
 mod bench;
+mod calibrate;
 mod convert;
 mod eval;
 mod inspect;
+mod predictors;
 mod run;
 mod verify;
 
@@ -60,6 +62,10 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Check a flashpack file: every hash and rule, optionally its weights against the source.
     Verify(verify::VerifyArgs),
+    /// Run the model over calibration text and report per-layer FFN sparsity.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Sparsity predictors of a packed file (`predictors train`).
+    Predictors(predictors::PredictorsArgs),
 }
 
 /// A check that ran and failed (exit 1). `reported`: the command already printed
@@ -120,6 +126,8 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args, &out),
         Command::Convert(args) => convert::run(args, &out),
         Command::Verify(args) => verify::run(args, &out),
+        Command::Predictors(args) => predictors::run(args, &out),
+        Command::Calibrate(args) => calibrate::run(args, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,15 @@ pub struct VerifyArgs {
     /// packed weight equals the source's (after the recorded order and dtype).
     #[arg(long)]
     pub against: Option<PathBuf>,
+    /// Calibration text on which to re-measure every predictor's recall.
+    #[arg(long = "calib", value_name = "FILE", num_args = 1..)]
+    pub calib: Vec<PathBuf>,
+    /// With --calib: the recall each layer's predictor must reach on that text.
+    #[arg(long, default_value_t = 0.95)]
+    pub min_recall: f64,
+    /// With --calib: most calibration tokens to use.
+    #[arg(long, default_value_t = 4096)]
+    pub calib_tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +57,8 @@ pub struct VerifyReport {
     /// Whether the NMSE was held to [`LOGIT_NMSE_LIMIT`]: only when the weights kept
     /// their dtype (a narrowing conversion changes the model by design).
     pub logit_nmse_gated: bool,
+    /// Predictor recall per layer re-measured on `--calib` text.
+    pub predictor_recall: Vec<crate::predictor::pipeline::MeasuredRecall>,
 }
 
 /// The packed model computes what the checkpoint computes, up to summation order.
@@ -61,7 +72,10 @@ const CHECK_PROMPTS: [&str; 3] = [
 ];
 
 pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
-    let report = verify_file(&args.file, args.against.as_deref(), out)?;
+    let mut report = verify_file(&args.file, args.against.as_deref(), out)?;
+    if !args.calib.is_empty() {
+        check_recall(args, &mut report, out)?;
+    }
     out.json_result(&report)?;
     if !report.ok {
         let message = format!(
@@ -152,6 +166,7 @@ pub fn verify_file(
         weights_mismatched: mismatched,
         logit_nmse,
         logit_nmse_gated: gated && against.is_some(),
+        predictor_recall: Vec::new(),
     })
 }
 
@@ -305,4 +320,66 @@ fn compare_logits(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<f64> {
         worst = if e.is_nan() { e } else { worst.max(e) };
     }
     Ok(worst)
+}
+
+/// Re-measures each predictor's recall on the `--calib` text (through the packed
+/// model, so labels and predictions use packed neuron indices).
+fn check_recall(args: &VerifyArgs, report: &mut VerifyReport, out: &Output) -> anyhow::Result<()> {
+    if !(args.min_recall > 0.0 && args.min_recall <= 1.0) {
+        return Err(crate::Error::InvalidArgument(format!(
+            "--min-recall {} must be in (0, 1]",
+            args.min_recall
+        ))
+        .into());
+    }
+    if !report.ok {
+        report
+            .failures
+            .push("predictor recall not measured: the file failed its other checks".into());
+        return Ok(());
+    }
+    let file = PackedFile::open(&args.file)?;
+    let weights = crate::runtime::packed::PackedWeights::read_all(&file)?;
+    let loaded = crate::runtime::open_model(&args.file)?;
+    let Some(sparsity) = loaded.sparsity else {
+        report
+            .failures
+            .push("--calib given, but the file has no predictors".into());
+        report.ok = false;
+        return Ok(());
+    };
+    let opts = crate::predictor::calibrate::CalibrationOptions {
+        max_tokens: args.calib_tokens,
+        fixed_silu_thresholds: sparsity.silu_thresholds.to_vec(),
+        ..Default::default()
+    };
+    // SiLU labels must use the thresholds stored in the file, not new ones: the
+    // measured recall is then against the file's own definition of "fired".
+    let measured = crate::predictor::pipeline::measure_recall(
+        &loaded.model,
+        &file.names,
+        &weights,
+        &loaded.tokenizer,
+        &args.calib,
+        &opts,
+        &sparsity.predictors,
+    )?;
+    for m in &measured {
+        out.human(format_args!(
+            "predictor layer {}: recall {:.4} on the given text (predicted {:.1}%, truly active {:.1}%)",
+            m.layer,
+            m.recall,
+            100.0 * m.frac_predicted,
+            100.0 * m.frac_true
+        ));
+        if m.recall < args.min_recall {
+            report.failures.push(format!(
+                "predictor of layer {}: recall {:.4} below --min-recall {}",
+                m.layer, m.recall, args.min_recall
+            ));
+        }
+    }
+    report.ok = report.failures.is_empty();
+    report.predictor_recall = measured;
+    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::input::{Checkpoint, TensorRef};
 use crate::pack::bundle::{build_layer_bundles, convert_range, LayerFfn};
 use crate::pack::output::AtomicOutput;
 use crate::pack::section::SectionWriter;
-use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan};
+use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan, Trained};
 use crate::predictor::train::{LowRankPredictor, PredictorMetrics};
 
 /// Which dtype the packed weights take.
@@ -111,13 +111,13 @@ pub struct PredictorReport {
 }
 
 /// What calibration adds to a pack: neuron orders, predictors, statistics.
-struct PackExtras {
-    orders: Vec<Vec<u32>>,
-    predictors: Vec<(LowRankPredictor, PredictorMetrics)>,
-    calibration: Option<CalibrationInfo>,
-    reports: Vec<PredictorReport>,
-    calibrate_ms: Option<f64>,
-    train_ms: Option<f64>,
+pub(crate) struct PackExtras {
+    pub orders: Vec<Vec<u32>>,
+    pub predictors: Vec<(LowRankPredictor, PredictorMetrics)>,
+    pub calibration: Option<CalibrationInfo>,
+    pub reports: Vec<PredictorReport>,
+    pub calibrate_ms: Option<f64>,
+    pub train_ms: Option<f64>,
 }
 
 /// Progress callback: bytes of weights processed so far, of the total.
@@ -334,8 +334,15 @@ fn write_pack(
         });
     }
     sections.push(dense.finish(&mut file)?);
-    let predictor_entries =
-        write_predictors(&mut file, &mut sections, &mut tensors, &extras, zstd, a)?;
+    let predictor_entries = write_predictors(
+        &mut file,
+        &mut sections,
+        &mut tensors,
+        &extras.predictors,
+        &extras.orders,
+        zstd,
+        a,
+    )?;
     let dense_ms = ms_since(dense_clock);
     let ffn_clock = std::time::Instant::now();
 
@@ -464,15 +471,16 @@ fn write_pack(
 /// The predictor section: per layer A `[hidden, rank]`, B `[rank, neurons]` and the
 /// bias, f16, with B's columns and the bias permuted into packed neuron order so
 /// that the predictor names packed positions directly.
-fn write_predictors(
+pub(crate) fn write_predictors(
     file: &mut AtomicOutput,
     sections: &mut Vec<SectionEntry>,
     tensors: &mut Vec<TensorEntry>,
-    extras: &PackExtras,
+    predictors: &[(LowRankPredictor, PredictorMetrics)],
+    orders: &[Vec<u32>],
     zstd: Option<i32>,
     alignment: u64,
 ) -> Result<Vec<PredictorEntry>> {
-    if extras.predictors.is_empty() {
+    if predictors.is_empty() {
         return Ok(Vec::new());
     }
     file.pad_to(alignment)?;
@@ -489,7 +497,7 @@ fn write_predictors(
             .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
             .collect()
     };
-    for (layer, ((p, m), order)) in extras.predictors.iter().zip(&extras.orders).enumerate() {
+    for (layer, ((p, m), order)) in predictors.iter().zip(orders).enumerate() {
         let permuted_b =
             (0..p.rank).flat_map(|r| order.iter().map(move |&j| p.b[r * p.ffn + j as usize]));
         let permuted_bias = order.iter().map(|&j| p.bias[j as usize]);
@@ -546,6 +554,15 @@ fn calibrated_extras(ckpt: &Checkpoint, plan: &CalibrationPlan) -> Result<PackEx
     let tokenizer = ckpt.tokenizer()?;
     let trained = calibrate_and_train(&model, &ckpt.names, ckpt, &tokenizer, plan, &|_| {})?;
     drop(model);
+    extras_from(trained, plan, &ckpt.config)
+}
+
+/// Turns a calibration and its trained predictors into what the writer records.
+pub(crate) fn extras_from(
+    trained: Trained,
+    plan: &CalibrationPlan,
+    config: &crate::input::ModelConfig,
+) -> Result<PackExtras> {
     let cal = &trained.calibration;
     let files = plan
         .files
@@ -561,7 +578,7 @@ fn calibrated_extras(ckpt: &Checkpoint, plan: &CalibrationPlan) -> Result<PackEx
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let silu = ckpt.config.activation == crate::input::config::Activation::Silu;
+    let silu = config.activation == crate::input::config::Activation::Silu;
     let info = CalibrationInfo {
         tokens: cal.tokens as u64,
         files,
@@ -576,12 +593,12 @@ fn calibrated_extras(ckpt: &Checkpoint, plan: &CalibrationPlan) -> Result<PackEx
             })
             .collect(),
     };
-    let parts = if ckpt.config.architecture.is_llama_family() {
+    let parts = if config.architecture.is_llama_family() {
         3
     } else {
         2
     };
-    let ffn_params = (parts * ckpt.config.hidden_size * ckpt.config.ffn_width) as f64;
+    let ffn_params = (parts * config.hidden_size * config.ffn_width) as f64;
     let reports = trained
         .predictors
         .iter()

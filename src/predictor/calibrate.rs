@@ -38,6 +38,10 @@ pub struct CalibrationOptions {
     /// Keep the activation store (inputs and firing masks) in this directory
     /// instead of a temporary one that is removed.
     pub keep_trace: Option<PathBuf>,
+    /// SiLU models: use these per-layer thresholds instead of calibrating new
+    /// ones (re-measuring a file's predictors against its own definition of
+    /// "fired"). `None` entries, or an empty list, calibrate.
+    pub fixed_silu_thresholds: Vec<Option<f32>>,
 }
 
 impl Default for CalibrationOptions {
@@ -47,6 +51,7 @@ impl Default for CalibrationOptions {
             ctx: 256,
             target_sparsity: 0.5,
             keep_trace: None,
+            fixed_silu_thresholds: Vec::new(),
         }
     }
 }
@@ -303,12 +308,14 @@ pub fn calibrate(
         let threshold = if relu {
             None
         } else {
+            let fixed = opts.fixed_silu_thresholds.get(layer).copied().flatten();
             Some(silu_labels(
                 &calibration,
                 layer,
                 names,
                 weights,
                 opts.target_sparsity,
+                fixed,
             )?)
         };
         let (_, fired) = calibration.layer_data(layer)?;
@@ -327,6 +334,7 @@ fn silu_labels(
     names: &ModelNames,
     weights: &dyn TensorSource,
     target_sparsity: f64,
+    fixed: Option<f32>,
 ) -> Result<f32> {
     let FfnNames::Gated { gate, .. } = &names.layers[layer].ffn else {
         return Err(Error::InvalidArgument(
@@ -343,10 +351,18 @@ fn silu_labels(
             .for_each(|v| *v = crate::runtime::kernels::silu(*v).abs());
         g
     };
-    let sample = n.min(THRESHOLD_SAMPLE_TOKENS);
-    let mut magnitudes = act(&inputs[..sample * d], sample);
-    let k = ((magnitudes.len() as f64 * target_sparsity) as usize).min(magnitudes.len() - 1);
-    let (_, &mut threshold, _) = magnitudes.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+    let threshold = match fixed {
+        Some(t) => t,
+        None => {
+            let sample = n.min(THRESHOLD_SAMPLE_TOKENS);
+            let mut magnitudes = act(&inputs[..sample * d], sample);
+            let k =
+                ((magnitudes.len() as f64 * target_sparsity) as usize).min(magnitudes.len() - 1);
+            let (_, &mut threshold, _) =
+                magnitudes.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+            threshold
+        }
+    };
     let w = words(width);
     let mut out = BufWriter::new(
         File::create(cal.store.fired(layer)).map_err(|e| Error::io(&cal.store.fired(layer), e))?,

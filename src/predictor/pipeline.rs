@@ -97,3 +97,62 @@ pub fn calibrate_and_train(
         train_seconds,
     })
 }
+
+/// A stored predictor's recall measured on new calibration text.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MeasuredRecall {
+    pub layer: usize,
+    pub recall: f64,
+    pub frac_predicted: f64,
+    pub frac_true: f64,
+}
+
+/// Calibrates on `files` and measures each layer's predictor recall over all
+/// calibration tokens (recall pooled over tokens: predicted and fired / fired).
+/// `predictors[l]` must index neurons as the model's FFN does.
+pub fn measure_recall(
+    model: &Model,
+    names: &ModelNames,
+    weights: &dyn TensorSource,
+    tokenizer: &TextTokenizer,
+    files: &[PathBuf],
+    opts: &CalibrationOptions,
+    predictors: &[Option<LowRankPredictor>],
+) -> Result<Vec<MeasuredRecall>> {
+    let cal = calibrate(model, names, weights, tokenizer, files, opts, &|_, _| {})?;
+    let w = crate::predictor::calibrate::words(cal.width);
+    let mut out = Vec::new();
+    for (layer, p) in predictors.iter().enumerate() {
+        let Some(p) = p else { continue };
+        let (inputs, fired) = cal.layer_data(layer)?;
+        let (mut scratch, mut logits, mut active) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut hit, mut truly, mut predicted) = (0u64, 0u64, 0u64);
+        for t in 0..cal.tokens {
+            p.predict(
+                &inputs[t * cal.hidden..(t + 1) * cal.hidden],
+                &mut scratch,
+                &mut logits,
+                &mut active,
+            );
+            let row = &fired[t * w..(t + 1) * w];
+            truly += row.iter().map(|x| x.count_ones() as u64).sum::<u64>();
+            predicted += active.len() as u64;
+            hit += active
+                .iter()
+                .filter(|&&j| row[j as usize / 64] >> (j % 64) & 1 == 1)
+                .count() as u64;
+        }
+        let cells = (cal.tokens * cal.width) as f64;
+        out.push(MeasuredRecall {
+            layer,
+            recall: if truly == 0 {
+                1.0
+            } else {
+                hit as f64 / truly as f64
+            },
+            frac_predicted: predicted as f64 / cells,
+            frac_true: truly as f64 / cells,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,148 @@
+//! `predictors train`: calibrate an existing packed file's model on new text and
+//! replace its predictors and calibration statistics, without reconverting.
+//!
+//! The neuron order stays as packed (re-bundling would be a reconversion), so the
+//! new predictors are trained directly on packed neuron indices. Every other
+//! section is copied byte for byte, its hash checked while copying, into a new
+//! file written atomically (it may replace the input).
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::format::error::FormatError;
+use crate::format::layout::*;
+use crate::format::PackedFile;
+use crate::pack::convert::{extras_from, write_predictors, PredictorReport};
+use crate::pack::output::AtomicOutput;
+use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan};
+use crate::runtime::packed::{packed_tokenizer, PackedWeights};
+use crate::runtime::Model;
+
+/// What a retraining wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RetrainSummary {
+    pub file_bytes: u64,
+    pub calibration_tokens: u64,
+    pub calibrate_ms: f64,
+    pub train_ms: f64,
+    pub manifest_sha256: String,
+    pub predictors: Vec<PredictorReport>,
+}
+
+/// Stored bytes copied per read while copying a section.
+const COPY_BLOCK: u64 = 8 << 20;
+
+/// Retrains the predictors of the packed file `input` on `plan`'s text and writes
+/// the result to `output` (which may be `input`).
+pub fn retrain_predictors(
+    input: &Path,
+    output: &Path,
+    plan: &CalibrationPlan,
+) -> Result<RetrainSummary> {
+    let file = PackedFile::open(input)?;
+    let weights = PackedWeights::read_all(&file)?;
+    let model = Model::load(&file.config, &file.names, &weights)?;
+    let tokenizer = packed_tokenizer(&file)?;
+    let trained = calibrate_and_train(&model, &file.names, &weights, &tokenizer, plan, &|_| {})?;
+    drop((model, weights));
+    let mut extras = extras_from(trained, plan, &file.config)?;
+    // Calibration ran on the packed model: its neuron indices are packed positions.
+    extras.orders = (0..file.config.num_layers)
+        .map(|_| (0..file.config.ffn_width as u32).collect())
+        .collect();
+
+    let m = &file.manifest;
+    let alignment = m.alignment;
+    let zstd = (m.provenance.options.zstd_level > 0).then_some(m.provenance.options.zstd_level);
+    let mut out = AtomicOutput::create(output)?;
+    out.write_all(&[0u8; PREAMBLE_BYTES as usize])?;
+    let mut sections = Vec::new();
+    let mut tensors: Vec<TensorEntry> = m
+        .tensors
+        .iter()
+        .filter(|t| t.section != PREDICTOR_SECTION)
+        .cloned()
+        .collect();
+    let mut predictor_entries = None;
+    for section in m
+        .sections
+        .iter()
+        .filter(|s| s.kind != SectionKind::Predictor)
+    {
+        // The spec's order: predictors come right before the first FFN section.
+        if section.kind == SectionKind::Ffn && predictor_entries.is_none() {
+            predictor_entries = Some(write_predictors(
+                &mut out,
+                &mut sections,
+                &mut tensors,
+                &extras.predictors,
+                &extras.orders,
+                zstd,
+                alignment,
+            )?);
+        }
+        out.pad_to(alignment)?;
+        let offset = out.position;
+        copy_section(&file, section, &mut out)?;
+        sections.push(SectionEntry {
+            offset,
+            ..section.clone()
+        });
+    }
+    let manifest = Manifest {
+        sections,
+        tensors,
+        calibration: extras.calibration.clone(),
+        predictors: predictor_entries.unwrap_or_default(),
+        ..m.clone()
+    };
+    let manifest_bytes = serde_json::to_vec(&manifest)
+        .map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
+    let manifest_offset = out.position;
+    out.write_all(&manifest_bytes)?;
+    let manifest_sha256: [u8; 32] = Sha256::digest(&manifest_bytes).into();
+    let preamble = Preamble {
+        magic: MAGIC,
+        version: FORMAT_VERSION,
+        flags: 0,
+        manifest_offset,
+        manifest_length: manifest_bytes.len() as u64,
+        manifest_sha256,
+    };
+    out.write_at(0, &preamble.to_bytes())?;
+    let file_bytes = out.position;
+    out.commit()?;
+    Ok(RetrainSummary {
+        file_bytes,
+        calibration_tokens: extras.calibration.as_ref().map_or(0, |c| c.tokens),
+        calibrate_ms: extras.calibrate_ms.unwrap_or(0.0),
+        train_ms: extras.train_ms.unwrap_or(0.0),
+        manifest_sha256: hex::encode(manifest_sha256),
+        predictors: extras.reports,
+    })
+}
+
+/// Copies a section's stored bytes, checking them against its hash on the way so
+/// that damage in the input is not carried into a file with fresh hashes.
+fn copy_section(file: &PackedFile, section: &SectionEntry, out: &mut AtomicOutput) -> Result<()> {
+    let mut hasher = Sha256::new();
+    let mut done = 0;
+    while done < section.length {
+        let n = (section.length - done).min(COPY_BLOCK);
+        let block = file.read_at(section.offset + done, n)?;
+        hasher.update(&block);
+        out.write_all(&block)?;
+        done += n;
+    }
+    if hex::encode(hasher.finalize()) != section.sha256 {
+        return Err(Error::Format {
+            path: file.path.clone(),
+            source: FormatError::SectionHash {
+                section: section.name.clone(),
+            },
+        });
+    }
+    Ok(())
+}
