@@ -303,14 +303,15 @@ impl FlashFfn {
         st.token += 1;
         let t = st.token;
         let set = std::mem::take(&mut ws.set);
-        for &i in &set {
-            st.last_seen[i as usize] = t;
-        }
-        // Keep the neurons chosen in the last `window` tokens and this one.
+        // Keep the neurons chosen in the last `window` tokens (before this one).
         let last_seen = &st.last_seen;
         let mut evicted = st
             .cache
             .retain(|n| last_seen[n as usize] + window as u64 >= t);
+        for &i in &set {
+            st.last_seen[i as usize] = t;
+        }
+        let last_seen = &st.last_seen;
         ws.missing.clear();
         ws.missing.extend(
             set.iter()

@@ -208,6 +208,16 @@ impl FlashReport {
     }
 }
 
+/// Scratch rows beside a cache of `capacity` rows: none when the cache holds
+/// the whole layer, else an eighth of it but at least 64 (or the layer).
+fn scratch_for(capacity: usize, neurons: usize) -> usize {
+    if capacity >= neurons {
+        0
+    } else {
+        (capacity / 8).clamp(64.min(neurons), neurons)
+    }
+}
+
 /// Parses a DRAM budget: bytes (`1000000`), units (`512MiB`, `1.5GB`, `2G`,
 /// binary for `K`/`M`/`G`/`T` with or without `iB`, decimal for `kB`/`MB`/`GB`/`TB`),
 /// or a percentage of `file_bytes` (`50%`).
@@ -368,20 +378,15 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 (window_rows(&wm, opts.window + 1) * over * 1.1).ceil() as usize
             });
             want_rows[i] = rows.min(spec.neurons);
-            scratch_rows[i] = if want_rows[i] >= spec.neurons {
-                0
-            } else {
-                (want_rows[i] / 8).clamp(64, spec.neurons)
-            };
+            scratch_rows[i] = scratch_for(want_rows[i], spec.neurons);
         }
     }
     let fixed = plan.dense + plan.predictors + plan.kv_cache + plan.staging + plan.fixed_overhead;
     let min_caches: u64 = specs
         .iter()
-        .zip(&scratch_rows)
-        .map(|(s, &sc)| {
+        .map(|s| {
             let sc = if opts.mode == DiskMode::Flash {
-                sc.max(64.min(s.neurons))
+                scratch_for(0, s.neurons)
             } else {
                 0
             };
@@ -418,9 +423,11 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             // through scratch (more reads, same output).
             let room = (budget - plan.minimum) as f64;
             let extra = (want_caches - min_caches) as f64;
-            let f = (room / extra).clamp(0.0, 1.0);
-            for r in &mut want_rows {
+            // Scratch grows with the cache (up to 1/8 of it): leave room for it.
+            let f = (room / extra / 1.125).clamp(0.0, 1.0);
+            for (i, r) in want_rows.iter_mut().enumerate() {
                 *r = (*r as f64 * f).floor() as usize;
+                scratch_rows[i] = scratch_for(*r, specs[i].neurons);
             }
         }
     }

@@ -1,0 +1,276 @@
+//! The flash runtime on calibrated fixtures: `flash` is bit-identical to
+//! `predicted` (any window, cache size and thread count), `naive` equals
+//! `dense`, flash reads less than naive, the byte counts agree with the kernel's,
+//! and a budget below the minimum is refused with exit 2 and the number.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use flashpack::pack::{convert, ConvertOptions};
+use flashpack::predictor::calibrate::CalibrationOptions;
+use flashpack::predictor::pipeline::CalibrationPlan;
+use flashpack::predictor::train::TrainOptions;
+use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashRuntime};
+use flashpack::runtime::sparse::FfnMode;
+use flashpack::runtime::{open_model, with_threads, Logits, Model};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// A calibrated packed file of a fixture, made once per test binary.
+fn calibrated(name: &'static str) -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static FILES: OnceLock<std::sync::Mutex<Vec<(&'static str, &'static Path)>>> = OnceLock::new();
+    // Under target/: a real disk even where /tmp is tmpfs, so direct I/O is tried.
+    let dir = DIR.get_or_init(|| {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        std::fs::create_dir_all(&base).unwrap();
+        tempfile::tempdir_in(base).unwrap()
+    });
+    let files = FILES.get_or_init(Default::default);
+    let mut files = files.lock().unwrap();
+    if let Some((_, p)) = files.iter().find(|(n, _)| *n == name) {
+        return p;
+    }
+    let out: &'static Path = Box::leak(
+        dir.path()
+            .join(format!("{name}.flashpack"))
+            .into_boxed_path(),
+    );
+    let options = ConvertOptions {
+        calibration: Some(CalibrationPlan {
+            files: vec![fixtures().join("text/train.txt")],
+            calibrate: CalibrationOptions {
+                max_tokens: 4096,
+                ..CalibrationOptions::default()
+            },
+            train: TrainOptions::default(),
+        }),
+        ..ConvertOptions::default()
+    };
+    convert(
+        &fixtures().join("models").join(name),
+        out,
+        &options,
+        &|_, _| {},
+    )
+    .unwrap();
+    files.push((name, out));
+    out
+}
+
+fn token_ids(model: &Path) -> Vec<u32> {
+    let loaded = open_model(model).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("text/heldout.txt")).unwrap();
+    loaded.tokenizer.encode(&text).unwrap()[..48].to_vec()
+}
+
+/// Logits of a prefill of 20 tokens (a batch) then single-token steps.
+fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache();
+    let mut all = model
+        .forward(&mut cache, &ids[..20], Logits::All, None)
+        .unwrap();
+    for &id in &ids[20..] {
+        all.extend(
+            model
+                .forward(&mut cache, &[id], Logits::Last, None)
+                .unwrap(),
+        );
+    }
+    all
+}
+
+fn flash(path: &Path, opts: FlashOptions) -> (Model, FlashRuntime) {
+    let (loaded, rt) = open_flash(path, &opts).unwrap();
+    (loaded.model, rt)
+}
+
+fn nmse(x: &[f32], r: &[f32]) -> f64 {
+    let num: f64 = x
+        .iter()
+        .zip(r)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let den: f64 = r.iter().map(|&b| (b as f64).powi(2)).sum();
+    num / den
+}
+
+#[test]
+fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
+    for name in ["opt-relu", "llama-relu-gqa"] {
+        let path = calibrated(name);
+        let ids = token_ids(path);
+        let mut predicted = open_model(path).unwrap();
+        predicted.set_ffn_mode(FfnMode::Predicted).unwrap();
+        let want = logits(&predicted.model, &ids);
+        let cases = [
+            (0, None, 1, 1),
+            (1, None, 2, 2),
+            (4, None, 1, 3),
+            (2, Some(8), 2, 1), // a tiny cache: most neurons go through scratch
+        ];
+        for (window, capacity, threads, io_threads) in cases {
+            let (model, rt) = flash(
+                path,
+                FlashOptions {
+                    window,
+                    capacity,
+                    io_threads,
+                    ..FlashOptions::default()
+                },
+            );
+            let got = with_threads(Some(threads), || logits(&model, &ids)).unwrap();
+            let r = rt.report();
+            assert!(
+                got == want,
+                "{name}: window {window}, capacity {capacity:?}, {threads} threads: flash differs from predicted (NMSE {:.3e})",
+                nmse(&got, &want)
+            );
+            assert!(r.bytes_read > 0 && r.read_ops > 0);
+            if window == 0 {
+                assert_eq!(r.window_hit_rate, 0.0, "{name}: window 0 keeps nothing");
+            }
+            if capacity.is_some() {
+                assert!(r.bundles_overflowed > 0, "{name}: the scratch path ran");
+            }
+            println!(
+                "{name} window {window} cap {capacity:?}: {:.0} B/token, hit {:.2}, overflow {}",
+                r.bytes_read_per_token, r.window_hit_rate, r.bundles_overflowed
+            );
+        }
+    }
+}
+
+#[test]
+fn naive_equals_dense_and_reads_more_than_flash() {
+    let path = calibrated("opt-relu");
+    let ids = token_ids(path);
+    let dense = open_model(path).unwrap();
+    let want = logits(&dense.model, &ids);
+    let (naive, naive_rt) = flash(
+        path,
+        FlashOptions {
+            mode: DiskMode::Naive,
+            ..FlashOptions::default()
+        },
+    );
+    let got = logits(&naive, &ids);
+    let e = nmse(&got, &want);
+    assert!(e < 1e-10, "naive vs dense NMSE {e:.3e}");
+    let (fl, flash_rt) = flash(path, FlashOptions::default());
+    logits(&fl, &ids);
+    let (n, f) = (naive_rt.report(), flash_rt.report());
+    let file = flashpack::format::PackedFile::open(path).unwrap();
+    let ffn_bytes: u64 = file
+        .manifest
+        .ffn_layers
+        .iter()
+        .map(|l| l.neurons * l.bundle_bytes)
+        .sum();
+    assert_eq!(n.tokens, ids.len() as u64);
+    assert!(
+        n.bytes_read >= ffn_bytes * n.tokens,
+        "naive reads the whole FFN per token"
+    );
+    assert!(
+        f.bytes_read > 0 && f.bytes_read < n.bytes_read,
+        "flash {} vs naive {}",
+        f.bytes_read,
+        n.bytes_read
+    );
+    println!(
+        "bytes per token: naive {:.0}, flash {:.0}; io {:?}",
+        n.bytes_read_per_token, f.bytes_read_per_token, f.io_mode
+    );
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bytes_read_agree_with_proc_self_io() {
+    let path = calibrated("opt-relu");
+    let p = path.to_str().unwrap();
+    for mode in ["flash", "naive"] {
+        let out = cli(&[
+            "run",
+            p,
+            "--prompt",
+            "To be, or not to be",
+            "--max-new-tokens",
+            "8",
+            "--ffn",
+            mode,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let bytes = json["bytes_read"].as_u64().unwrap();
+        assert!(bytes > 0 && json["read_ops"].as_u64().unwrap() > 0);
+        assert!(json["peak_rss_bytes"].as_u64().unwrap() > 0);
+        let io_mode = json["io_mode"].as_str().unwrap();
+        let proc = json["proc_read_bytes"].as_u64();
+        println!("{mode}: {bytes} bytes counted, /proc/self/io {proc:?}, {io_mode}");
+        if io_mode == "direct" {
+            // Direct reads all reach the device; nothing else is read while
+            // generating (the dense part was read at open).
+            let proc = proc.expect("/proc/self/io is readable on Linux");
+            assert!(
+                proc >= bytes && proc <= bytes + (1 << 20),
+                "{mode}: counted {bytes}, kernel {proc}"
+            );
+        }
+        // Buffered fallback: the kernel counts only page-cache misses, so the
+        // counts can differ either way (readahead, pages cached before the
+        // run); there is nothing exact to check.
+    }
+}
+
+#[test]
+fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
+    let path = calibrated("opt-relu");
+    let p = path.to_str().unwrap();
+    let args = |budget: &str| {
+        cli(&[
+            "run",
+            p,
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "2",
+            "--ffn",
+            "flash",
+            "--dram-budget",
+            budget,
+        ])
+    };
+    let out = args("1MiB");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let minimum: u64 = err
+        .split("minimum of ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no minimum in: {err}"));
+    assert!(minimum > 1 << 20);
+    let ok = args(&minimum.to_string());
+    assert!(
+        ok.status.success(),
+        "the stated minimum must work: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = args("lots");
+    assert_eq!(out.status.code(), Some(2));
+}
