@@ -12,6 +12,7 @@
 //! - [`runtime`]: the forward pass, KV cache, FFN and sampling.
 //! - [`cli`]: the `flashpack` command line, a thin layer over the library.
 
+pub mod cleanup;
 pub mod cli;
 pub mod dtype;
 pub mod error;

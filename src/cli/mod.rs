@@ -119,6 +119,13 @@ pub fn main() -> ExitCode {
         }
     };
     let out = Output { json: cli.json };
+    // A signal skips destructors: remove temporary outputs and calibration data
+    // ourselves, then exit as a shell expects after SIGINT.
+    let _ = ctrlc::set_handler(|| {
+        crate::cleanup::remove_all();
+        eprintln!("interrupted: temporary files removed");
+        std::process::exit(130);
+    });
     let result = match &cli.command {
         Command::Inspect(args) => inspect::run(args, &out),
         Command::Run(args) => run::run(args, &out),

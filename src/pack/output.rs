@@ -38,6 +38,7 @@ impl AtomicOutput {
             name.to_string_lossy(),
             std::process::id()
         ));
+        crate::cleanup::register(&temp);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -81,12 +82,20 @@ impl AtomicOutput {
             .map_err(|e| Error::io(&temp, e))
     }
 
-    /// Makes the file durable and moves it to the output path.
+    /// Makes the file durable and moves it to the output path. On failure the
+    /// temporary file is removed and the output path is untouched.
     pub fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("commit once");
-        file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
+        let synced = file.sync_all().map_err(|e| Error::io(&self.temp, e));
         drop(file);
-        std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        let renamed = synced.and_then(|()| {
+            std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))
+        });
+        crate::cleanup::unregister(&self.temp);
+        if renamed.is_err() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+        renamed?;
         // Make the rename itself durable.
         if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
@@ -101,6 +110,7 @@ impl Drop for AtomicOutput {
     fn drop(&mut self) {
         if self.file.take().is_some() {
             let _ = std::fs::remove_file(&self.temp);
+            crate::cleanup::unregister(&self.temp);
         }
     }
 }

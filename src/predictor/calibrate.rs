@@ -91,6 +91,15 @@ struct Store {
     dir: StoreDir,
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The TempDir removes itself; it only needs forgetting by the interrupt handler.
+        if let StoreDir::Temp(t) = &self.dir {
+            crate::cleanup::unregister(t.path());
+        }
+    }
+}
+
 impl Store {
     fn path(&self) -> &Path {
         match &self.dir {
@@ -226,6 +235,9 @@ pub fn calibrate(
             ),
         },
     };
+    if let StoreDir::Temp(t) = &store.dir {
+        crate::cleanup::register(t.path());
+    }
     let layers = cfg.num_layers;
     let open = |p: PathBuf| -> Result<BufWriter<File>> {
         File::create(&p)
