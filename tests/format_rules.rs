@@ -406,3 +406,28 @@ fn rule_19_neuron_order_must_be_a_permutation() {
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert_eq!(failures[0].rule(), 19);
 }
+
+#[test]
+fn rule_13_compression_ratio_is_capped() {
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "tokenizer.json");
+        let len = m["sections"][i]["length"].as_u64().unwrap();
+        let chunk = m["sections"][i]["chunk_raw_bytes"].as_u64().unwrap();
+        // Claim a huge raw size with a consistent chunk count.
+        let raw = len * 2048;
+        m["sections"][i]["raw_length"] = raw.into();
+        let n = raw.div_ceil(chunk) as usize;
+        let first = m["sections"][i]["chunks"][0].clone();
+        let mut chunks = vec![first; n];
+        let per = len / n as u64;
+        for c in chunks.iter_mut() {
+            c["length"] = per.into();
+        }
+        chunks[n - 1]["length"] = (len - per * (n as u64 - 1)).into();
+        m["sections"][i]["chunks"] = chunks.into();
+    });
+    let err = open_error(&path);
+    assert_eq!(err.rule(), 13, "{err}");
+    assert!(err.to_string().contains("compression ratio"), "{err}");
+}

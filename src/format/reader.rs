@@ -19,6 +19,10 @@ use crate::input::tensors::{FfnNames, ModelNames};
 /// Raw chunk sizes above this are not what this format writes, and a reader would
 /// have to allocate them whole to decompress one chunk.
 pub const MAX_CHUNK_RAW_BYTES: u64 = 64 << 20;
+/// A zstd section may expand at most this much: weights compress by a few percent
+/// and text by a few times, so a larger claim is a file built to make a reader
+/// allocate far more than the file's size.
+pub const MAX_COMPRESSION_RATIO: u64 = 1024;
 
 /// An opened flashpack file whose structure has been validated.
 pub struct PackedFile {
@@ -591,6 +595,12 @@ fn check_chunks(s: &SectionEntry) -> std::result::Result<(), FormatError> {
         return Err(bad(format!(
             "chunk_raw_bytes {} is 0 or above the cap {MAX_CHUNK_RAW_BYTES}",
             s.chunk_raw_bytes
+        )));
+    }
+    if s.compression == Compression::Zstd && s.raw_length / MAX_COMPRESSION_RATIO > s.length {
+        return Err(bad(format!(
+            "{} raw bytes from {} stored exceeds the compression ratio cap {MAX_COMPRESSION_RATIO}",
+            s.raw_length, s.length
         )));
     }
     let expected_chunks = s.raw_length.div_ceil(s.chunk_raw_bytes);

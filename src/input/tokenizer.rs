@@ -17,6 +17,9 @@ use crate::input::config::{ModelConfig, TokenIds};
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+/// The largest released tokenizer.json files (256k-token vocabularies with merges)
+/// are tens of MiB; it is parsed whole, so anything far larger is refused.
+pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
 
 /// `tokenizer_config.json` fields we use. A special token is a string or an
 /// `AddedToken` object with `content`.
@@ -78,6 +81,15 @@ impl TextTokenizer {
             return Err(Error::MissingFile {
                 path,
                 what: "tokenizer.json",
+            });
+        }
+        let size = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        if size > MAX_TOKENIZER_BYTES {
+            return Err(Error::Tokenizer {
+                path,
+                message: format!("{size} bytes exceeds the cap of {MAX_TOKENIZER_BYTES}"),
             });
         }
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
