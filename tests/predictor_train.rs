@@ -383,6 +383,7 @@ fn fixture_sized_training_time() {
         let opts = TrainOptions {
             rank,
             target_recall,
+            batch_size: std::env::var("PRED_BATCH").map_or(256, |t| t.parse().unwrap()),
             learning_rate: std::env::var("PRED_LR").map_or(1e-2, |t| t.parse().unwrap()),
             ..TrainOptions::default()
         };
