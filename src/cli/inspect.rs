@@ -7,7 +7,6 @@ use clap::Args;
 use crate::cli::Output;
 use crate::format::PackedFile;
 use crate::input::summary::CheckpointSummary;
-use crate::input::tensors::FfnNames;
 use crate::input::Checkpoint;
 
 #[derive(Debug, Args)]
@@ -128,10 +127,11 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
     let file = PackedFile::open(path)?;
     let m = &file.manifest;
     let ffn_dtype = |name: &str| {
-        let layer = file.names.layers.iter().position(|l| match &l.ffn {
-            FfnNames::Plain { up, down } => [up, down].iter().any(|x| x.weight == name),
-            FfnNames::Gated { gate, up, down } => [gate, up, down].iter().any(|x| x.weight == name),
-        })?;
+        let layer = file
+            .names
+            .layers
+            .iter()
+            .position(|l| l.ffn.projections().iter().any(|p| p.weight == name))?;
         m.ffn_layers[layer].dtype.weight()
     };
     let dtype_of = |name: &str| {

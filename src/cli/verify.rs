@@ -10,7 +10,6 @@ use crate::cli::Output;
 use crate::format::integrity::check_integrity;
 use crate::format::layout::{BundlePart, DENSE_SECTION};
 use crate::format::PackedFile;
-use crate::input::tensors::FfnNames;
 use crate::input::Checkpoint;
 use crate::pack::bundle::get_element;
 
@@ -205,11 +204,7 @@ fn compare_weights(
     let orders: Vec<Vec<usize>> = (0..file.manifest.ffn_layers.len()).map(order_of).collect();
     let mut per_neuron = std::collections::HashMap::new();
     for (i, l) in ckpt.names.layers.iter().enumerate() {
-        let biases = match &l.ffn {
-            FfnNames::Plain { up, .. } => vec![&up.bias],
-            FfnNames::Gated { gate, up, .. } => vec![&gate.bias, &up.bias],
-        };
-        for b in biases.into_iter().flatten() {
+        for b in l.ffn.per_neuron_biases() {
             per_neuron.insert(b.clone(), i);
         }
     }
@@ -254,10 +249,7 @@ fn compare_weights(
         let dtype = layer.dtype.weight().expect("checked at open");
         let h = layer.hidden as usize;
         let n = layer.neurons as usize;
-        let (gate, up, down) = match &ckpt.names.layers[i].ffn {
-            FfnNames::Plain { up, down } => (None, up, down),
-            FfnNames::Gated { gate, up, down } => (Some(gate), up, down),
-        };
+        let (gate, up, down) = ckpt.names.layers[i].ffn.parts();
         let gate = gate.map(|g| ckpt.tensor(&g.weight)).transpose()?;
         let up = ckpt.tensor(&up.weight)?;
         let down = ckpt.tensor(&down.weight)?;

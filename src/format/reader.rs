@@ -438,12 +438,7 @@ impl Checker<'_> {
         let ffn_weights: HashSet<String> = names
             .layers
             .iter()
-            .flat_map(|l| match &l.ffn {
-                FfnNames::Plain { up, down } => vec![up.weight.clone(), down.weight.clone()],
-                FfnNames::Gated { gate, up, down } => {
-                    vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()]
-                }
-            })
+            .flat_map(|l| l.ffn.projections().into_iter().map(|p| p.weight.clone()))
             .collect();
         for spec in names
             .specs()

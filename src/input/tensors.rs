@@ -275,3 +275,31 @@ fn llama_names(cfg: &ModelConfig) -> ModelNames {
         layers,
     }
 }
+
+impl FfnNames {
+    /// The projections in bundle order: gate (gated FFNs only), up, down.
+    pub fn projections(&self) -> Vec<&LinearNames> {
+        match self {
+            FfnNames::Plain { up, down } => vec![up, down],
+            FfnNames::Gated { gate, up, down } => vec![gate, up, down],
+        }
+    }
+
+    /// Biases with one value per neuron (of the gate and up projections, where the
+    /// config has them); the down projection's bias is per output feature.
+    pub fn per_neuron_biases(&self) -> Vec<&String> {
+        let (gate, up, _) = self.parts();
+        gate.into_iter()
+            .chain([up])
+            .filter_map(|l| l.bias.as_ref())
+            .collect()
+    }
+
+    /// `(gate, up, down)`; `gate` is `None` for a plain FFN.
+    pub fn parts(&self) -> (Option<&LinearNames>, &LinearNames, &LinearNames) {
+        match self {
+            FfnNames::Plain { up, down } => (None, up, down),
+            FfnNames::Gated { gate, up, down } => (Some(gate), up, down),
+        }
+    }
+}

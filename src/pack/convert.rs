@@ -14,10 +14,9 @@ use sha2::{Digest, Sha256};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::layout::*;
-use crate::input::tensors::FfnNames;
 use crate::input::{Checkpoint, TensorRef};
 use crate::pack::bundle::{build_layer_bundles, convert_range, LayerFfn};
-use crate::pack::output::AtomicOutput;
+use crate::pack::output::{finish_packed_file, AtomicOutput};
 use crate::pack::section::SectionWriter;
 use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan, Trained};
 use crate::predictor::train::{LowRankPredictor, PredictorMetrics};
@@ -255,12 +254,7 @@ fn write_pack(
         .names
         .layers
         .iter()
-        .flat_map(|l| match &l.ffn {
-            FfnNames::Plain { up, down } => vec![up.weight.clone(), down.weight.clone()],
-            FfnNames::Gated { gate, up, down } => {
-                vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()]
-            }
-        })
+        .flat_map(|l| l.ffn.projections().into_iter().map(|p| p.weight.clone()))
         .collect();
     // Per-neuron biases (of the up and gate projections) follow the packed order.
     let per_neuron_bias: std::collections::HashMap<String, usize> = ckpt
@@ -269,11 +263,10 @@ fn write_pack(
         .iter()
         .enumerate()
         .flat_map(|(i, l)| {
-            let biases = match &l.ffn {
-                FfnNames::Plain { up, .. } => vec![up.bias.clone()],
-                FfnNames::Gated { gate, up, .. } => vec![gate.bias.clone(), up.bias.clone()],
-            };
-            biases.into_iter().flatten().map(move |b| (b, i))
+            l.ffn
+                .per_neuron_biases()
+                .into_iter()
+                .map(move |b| (b.clone(), i))
         })
         .collect();
 
@@ -349,10 +342,7 @@ fn write_pack(
     // One FFN section per layer: fixed-stride bundles, uncompressed.
     let mut ffn_layers = Vec::new();
     for (i, names) in ckpt.names.layers.iter().enumerate() {
-        let (gate, up, down) = match &names.ffn {
-            FfnNames::Plain { up, down } => (None, up, down),
-            FfnNames::Gated { gate, up, down } => (Some(gate), up, down),
-        };
+        let (gate, up, down) = names.ffn.parts();
         let layer = LayerFfn {
             gate: gate.map(|g| ckpt.tensor(&g.weight)).transpose()?,
             up: ckpt.tensor(&up.weight)?,
@@ -415,24 +405,8 @@ fn write_pack(
         calibration: extras.calibration.clone(),
         predictors: predictor_entries,
     };
-    let manifest_bytes = serde_json::to_vec(&manifest)
-        .map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
-    let manifest_offset = file.position;
-    file.write_all(&manifest_bytes)?;
-    let manifest_sha: [u8; 32] = Sha256::digest(&manifest_bytes).into();
-    let preamble = Preamble {
-        magic: MAGIC,
-        version: FORMAT_VERSION,
-        flags: 0,
-        manifest_offset,
-        manifest_length: manifest_bytes.len() as u64,
-        manifest_sha256: manifest_sha,
-    };
-    file.write_at(0, &preamble.to_bytes())?;
-    let file_bytes = file.position;
-    let commit_clock = std::time::Instant::now();
-    file.commit()?;
-    let commit_ms = ms_since(commit_clock);
+    let finished = finish_packed_file(file, &manifest)?;
+    let (file_bytes, commit_ms) = (finished.file_bytes, finished.commit_ms);
 
     let section_bytes = |kind: SectionKind| {
         manifest
@@ -455,8 +429,8 @@ fn write_pack(
         ffn_bytes: section_bytes(SectionKind::Ffn),
         tokenizer_bytes: section_bytes(SectionKind::File),
         sections: manifest.sections.len(),
-        manifest_bytes: manifest_bytes.len() as u64,
-        manifest_sha256: hex::encode(manifest_sha),
+        manifest_bytes: finished.manifest_bytes,
+        manifest_sha256: hex::encode(finished.manifest_sha256),
         hash_sources_ms,
         dense_ms,
         ffn_ms,

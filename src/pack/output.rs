@@ -114,3 +114,45 @@ impl Drop for AtomicOutput {
         }
     }
 }
+
+/// What finishing a packed file wrote.
+pub struct Finished {
+    pub file_bytes: u64,
+    pub manifest_bytes: u64,
+    pub manifest_sha256: [u8; 32],
+    /// Time of the fsync and rename.
+    pub commit_ms: f64,
+}
+
+/// Appends the manifest, writes the preamble that points at it, and commits the
+/// file: the last step of every packed-file writer.
+pub fn finish_packed_file(
+    mut out: AtomicOutput,
+    manifest: &crate::format::layout::Manifest,
+) -> Result<Finished> {
+    use crate::format::layout::{Preamble, FORMAT_VERSION, MAGIC};
+    use sha2::{Digest, Sha256};
+    let manifest_bytes = serde_json::to_vec(manifest)
+        .map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
+    let manifest_offset = out.position;
+    out.write_all(&manifest_bytes)?;
+    let manifest_sha256: [u8; 32] = Sha256::digest(&manifest_bytes).into();
+    let preamble = Preamble {
+        magic: MAGIC,
+        version: FORMAT_VERSION,
+        flags: 0,
+        manifest_offset,
+        manifest_length: manifest_bytes.len() as u64,
+        manifest_sha256,
+    };
+    out.write_at(0, &preamble.to_bytes())?;
+    let file_bytes = out.position;
+    let clock = std::time::Instant::now();
+    out.commit()?;
+    Ok(Finished {
+        file_bytes,
+        manifest_bytes: manifest_bytes.len() as u64,
+        manifest_sha256,
+        commit_ms: clock.elapsed().as_secs_f64() * 1e3,
+    })
+}

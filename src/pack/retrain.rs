@@ -15,7 +15,7 @@ use crate::format::error::FormatError;
 use crate::format::layout::*;
 use crate::format::PackedFile;
 use crate::pack::convert::{extras_from, write_predictors, PredictorReport};
-use crate::pack::output::AtomicOutput;
+use crate::pack::output::{finish_packed_file, AtomicOutput};
 use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
 use crate::runtime::Model;
@@ -98,28 +98,13 @@ pub fn retrain_predictors(
         predictors: predictor_entries.unwrap_or_default(),
         ..m.clone()
     };
-    let manifest_bytes = serde_json::to_vec(&manifest)
-        .map_err(|e| Error::InvalidArgument(format!("manifest serialisation: {e}")))?;
-    let manifest_offset = out.position;
-    out.write_all(&manifest_bytes)?;
-    let manifest_sha256: [u8; 32] = Sha256::digest(&manifest_bytes).into();
-    let preamble = Preamble {
-        magic: MAGIC,
-        version: FORMAT_VERSION,
-        flags: 0,
-        manifest_offset,
-        manifest_length: manifest_bytes.len() as u64,
-        manifest_sha256,
-    };
-    out.write_at(0, &preamble.to_bytes())?;
-    let file_bytes = out.position;
-    out.commit()?;
+    let finished = finish_packed_file(out, &manifest)?;
     Ok(RetrainSummary {
-        file_bytes,
+        file_bytes: finished.file_bytes,
         calibration_tokens: extras.calibration.as_ref().map_or(0, |c| c.tokens),
         calibrate_ms: extras.calibrate_ms.unwrap_or(0.0),
         train_ms: extras.train_ms.unwrap_or(0.0),
-        manifest_sha256: hex::encode(manifest_sha256),
+        manifest_sha256: hex::encode(finished.manifest_sha256),
         predictors: extras.reports,
     })
 }
