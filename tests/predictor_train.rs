@@ -171,6 +171,21 @@ fn training_lowers_the_loss_and_reaches_the_target_recall() {
 }
 
 #[test]
+fn widths_that_are_not_multiples_of_the_lanes_or_words() {
+    let data = Synthetic::new(1500, 13, 77, 3, 5);
+    let (pred, m) = train_layer(&data.set(), &fixed(6, 3)).unwrap();
+    assert_eq!(
+        (pred.a.len(), pred.b.len(), pred.bias.len()),
+        (13 * 6, 6 * 77, 77)
+    );
+    assert!(m.recall >= 0.99, "{m:?}");
+    assert!(m.heldout_loss < m.first_loss, "{m:?}");
+    let (mut scratch, mut logits, mut active) = (Vec::new(), Vec::new(), Vec::new());
+    pred.predict(&data.inputs[..13], &mut scratch, &mut logits, &mut active);
+    assert!(active.iter().all(|&j| j < 77));
+}
+
+#[test]
 fn same_seed_same_bytes_with_one_or_two_threads() {
     let data = small();
     let opts = TrainOptions {

@@ -8,9 +8,10 @@
 //! rank on it). Neuron `j` is predicted active when `logit_j >= threshold`.
 //!
 //! Training, all hand-written:
-//! - Held-out split: tokens are cut into blocks of up to [`MAX_HOLDOUT_BLOCK`]
-//!   consecutive tokens and every `round(1 / holdout_fraction)`-th block is held
-//!   out. Blocks rather than single tokens, because neighbouring tokens of one text
+//! - Held-out split: tokens are cut into blocks of consecutive tokens (at most
+//!   [`MAX_HOLDOUT_BLOCK`], fewer for small sets so that at least about 16 blocks
+//!   are held out) and every `round(1 / holdout_fraction)`-th block (the last of
+//!   each period) is held out. Blocks rather than single tokens, because neighbouring tokens of one text
 //!   are alike and would leak; spread over the whole set rather than its tail,
 //!   because the tail is one document.
 //! - Inputs are standardised per feature (mean and standard deviation of the
@@ -457,7 +458,7 @@ impl Prepared {
     fn new(set: &TrainingSet, holdout_fraction: f64) -> Result<Prepared> {
         let (n, d, ffn, words) = (set.n, set.d, set.ffn, set.words());
         let period = ((1.0 / holdout_fraction).round() as usize).max(2);
-        let block = (n / (period * 16)).clamp(1, MAX_HOLDOUT_BLOCK);
+        let block = (n / period.saturating_mul(16)).clamp(1, MAX_HOLDOUT_BLOCK);
         let (held_idx, train_idx): (Vec<usize>, Vec<usize>) =
             (0..n).partition(|&t| (t / block) % period == period - 1);
         if held_idx.is_empty() || train_idx.is_empty() {
