@@ -106,22 +106,31 @@ fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
         let mut predicted = open_model(path).unwrap();
         predicted.set_ffn_mode(FfnMode::Predicted).unwrap();
         let want = logits(&predicted.model, &ids);
+        // (window, cache rows, DRAM budget, compute threads, I/O threads)
         let cases = [
-            (0, None, 1, 1),
-            (1, None, 2, 2),
-            (4, None, 1, 3),
-            (2, Some(8), 2, 1), // a tiny cache: most neurons go through scratch
+            (0, None, None, 1, 1),
+            (1, None, None, 2, 2),
+            (4, None, None, 1, 3),
+            // A tiny cache: most neurons go through scratch.
+            (2, Some(8), None, 2, 1),
+            // Budget to spare: the hottest neurons pinned.
+            (0, None, Some(1 << 30), 1, 2),
         ];
-        for (window, capacity, threads, io_threads) in cases {
+        for (window, capacity, dram_budget, threads, io_threads) in cases {
             let (model, rt) = flash(
                 path,
                 FlashOptions {
                     window,
                     capacity,
+                    dram_budget,
                     io_threads,
                     ..FlashOptions::default()
                 },
             );
+            if dram_budget.is_some() {
+                let pinned = &rt.plan.pinned_per_layer;
+                assert!(pinned.iter().sum::<usize>() > 0, "{name}: {pinned:?}");
+            }
             let got = with_threads(Some(threads), || logits(&model, &ids)).unwrap();
             let r = rt.report();
             assert!(
@@ -130,8 +139,11 @@ fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
                 nmse(&got, &want)
             );
             assert!(r.bytes_read > 0 && r.read_ops > 0);
-            if window == 0 {
+            if window == 0 && dram_budget.is_none() {
                 assert_eq!(r.window_hit_rate, 0.0, "{name}: window 0 keeps nothing");
+            }
+            if dram_budget.is_some() {
+                assert!(r.window_hit_rate > 0.0, "{name}: pinned neurons are hits");
             }
             if capacity.is_some() {
                 assert!(r.bundles_overflowed > 0, "{name}: the scratch path ran");

@@ -204,6 +204,27 @@ impl FlashFfn {
         ))
     }
 
+    /// Reads the `count` hottest neurons (packed order `0..count`) into the
+    /// cache and keeps them there for good.
+    pub fn pin_hottest(&self, count: usize) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = std::mem::take(&mut ws.missing);
+        list.clear();
+        for i in 0..count.min(self.spec.neurons) as u32 {
+            if st.cache.insert(i).is_some() {
+                list.push(i);
+            }
+        }
+        let r = self.read_into_rows(&mut ws, &mut st.cache, &list);
+        st.cache.pin_all();
+        ws.missing = list;
+        r
+    }
+
     /// Reads the bundles of `neurons` (ascending, each with a row in the
     /// cache) into their rows.
     fn read_into_rows(
@@ -232,7 +253,13 @@ impl FlashFfn {
                 while j < neurons.len() {
                     let gap = (neurons[j] - neurons[j - 1] - 1) as usize;
                     let end = spec.offset + (neurons[j] as u64 + 1) * stride;
-                    if gap > self.coalesce_gap
+                    // Bundles whose aligned blocks touch the run's cost no
+                    // extra bytes: one read instead of two (or of the same
+                    // block twice).
+                    let run_end = spec.offset + (neurons[j - 1] as u64 + 1) * stride;
+                    let next = self.reader.round_out(end - stride, end);
+                    let touching = next.offset <= self.reader.round_out(start, run_end).end();
+                    if (gap > self.coalesce_gap && !touching)
                         || self.reader.round_out(start, end).len > staging.slot_bytes
                     {
                         break;

@@ -97,6 +97,13 @@ pub struct ReadOp {
     pub len: usize,
 }
 
+impl ReadOp {
+    /// One past the last byte read.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len as u64
+    }
+}
+
 /// A fixed area of `slots` aligned slots of `slot_bytes` each: one read lands
 /// in each slot.
 pub struct Staging {

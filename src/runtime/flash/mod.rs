@@ -101,6 +101,10 @@ pub struct MemoryPlan {
     pub total: u64,
     pub capacity_per_layer: Vec<usize>,
     pub scratch_per_layer: Vec<usize>,
+    /// Hottest neurons held for the whole run (budget to spare).
+    pub pinned_per_layer: Vec<usize>,
+    /// Bytes read at open to fill the pinned rows (not in `bytes_read`).
+    pub pinned_bytes_read: u64,
 }
 
 /// A running flash model's shared parts, for statistics.
@@ -111,7 +115,7 @@ pub struct FlashRuntime {
     pub plan: MemoryPlan,
     pub layers: usize,
     /// Each layer's state (resident counts).
-    states: Vec<Arc<dyn Fn() -> usize + Send + Sync>>,
+    ffns: Vec<Arc<FlashFfn>>,
 }
 
 /// Statistics of a run, as reported by `run`/`eval --json`.
@@ -165,7 +169,7 @@ impl FlashRuntime {
             bundles_loaded: get(&s.loaded),
             bundles_evicted: get(&s.evicted),
             bundles_overflowed: get(&s.overflow),
-            resident_per_layer: self.states.iter().map(|f| f()).collect(),
+            resident_per_layer: self.ffns.iter().map(|f| f.resident()).collect(),
             capacity_per_layer: self.plan.capacity_per_layer.clone(),
             ms_predictor: ms(&s.ns_predict),
             ms_io: ms(&s.ns_io),
@@ -353,6 +357,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     // many more neurons the predictor picks than fire, plus 10% headroom.
     let index_bytes = |rows: usize| (rows * 4 + neurons * 12) as u64;
     let mut want_rows = vec![0usize; layers];
+    let mut pinned = vec![0usize; layers];
     let mut scratch_rows = vec![0usize; layers];
     if opts.mode == DiskMode::Flash {
         for (i, spec) in specs.iter().enumerate() {
@@ -429,10 +434,22 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 *r = (*r as f64 * f).floor() as usize;
                 scratch_rows[i] = scratch_for(*r, specs[i].neurons);
             }
+        } else if opts.mode == DiskMode::Flash && opts.capacity.is_none() {
+            // Budget to spare: pin the hottest neurons (the first in packed
+            // order) of every layer alike, in extra rows that are never evicted.
+            let spare = budget - (fixed + want_caches);
+            let per_layer = spare / layers.max(1) as u64;
+            for (i, s) in specs.iter().enumerate() {
+                let rows = (per_layer / (s.stride as u64 + 4)) as usize;
+                pinned[i] = rows.min(s.neurons - want_rows[i]);
+                want_rows[i] += pinned[i];
+                scratch_rows[i] = scratch_for(want_rows[i], s.neurons).min(scratch_rows[i]);
+            }
         }
     }
     plan.capacity_per_layer = want_rows.clone();
     plan.scratch_per_layer = scratch_rows.clone();
+    plan.pinned_per_layer = pinned.clone();
 
     let probe = specs
         .first()
@@ -458,7 +475,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             window: opts.window,
         },
     };
-    let mut states: Vec<Arc<dyn Fn() -> usize + Send + Sync>> = Vec::new();
+    let mut ffns: Vec<Arc<FlashFfn>> = Vec::new();
     let mut caches_bytes = 0u64;
     let model = Model::load_with_ffn(&file.config, &file.names, &weights, &mut |i, names| {
         let spec = specs[i].clone();
@@ -504,12 +521,21 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             state,
             stats: Arc::clone(&stats),
         });
-        let view = Arc::clone(&ffn);
-        states.push(Arc::new(move || view.resident()));
+        ffns.push(Arc::clone(&ffn));
         Ok(Box::new(SharedFfn(ffn)))
     })?;
     plan.caches = caches_bytes;
     plan.total = fixed + caches_bytes;
+    for (ffn, &count) in ffns.iter().zip(&pinned) {
+        ffn.pin_hottest(count)?;
+    }
+    // What the run reads is counted from here.
+    plan.pinned_bytes_read = reader.counters.bytes.swap(0, Ordering::Relaxed);
+    reader.counters.ops.store(0, Ordering::Relaxed);
+    stats.loaded.store(0, Ordering::Relaxed);
+    for c in [&stats.ns_io, &stats.ns_memory] {
+        c.store(0, Ordering::Relaxed);
+    }
     let loaded = LoadedModel {
         model,
         tokenizer: packed_tokenizer(&file)?,
@@ -524,7 +550,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             stats,
             plan,
             layers,
-            states,
+            ffns,
         },
     ))
 }
