@@ -13,7 +13,38 @@ use flashpack::predictor::pipeline::CalibrationPlan;
 use flashpack::predictor::train::TrainOptions;
 use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashRuntime};
 use flashpack::runtime::sparse::FfnMode;
-use flashpack::runtime::{open_model, with_threads, Logits, Model};
+use flashpack::runtime::{open_model, with_threads, ActiveSet, Logits, Model};
+
+/// Counts heap allocations made by the current thread while it is counting.
+struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; the bookkeeping touches only
+// const-initialised thread-locals (no allocation, no reentrancy).
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCATIONS.with(|a| a.set(a.get() + 1));
+        }
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCATIONS.with(|a| a.set(a.get() + 1));
+        }
+        std::alloc::System.realloc(ptr, layout, size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -285,4 +316,72 @@ fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
     );
     let out = args("lots");
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn oracle_flash_is_bit_identical_to_oracle_and_reads_no_more_than_flash() {
+    for name in ["opt-relu", "llama-relu-gqa"] {
+        let path = calibrated(name);
+        let ids = token_ids(path);
+        let mut oracle = open_model(path).unwrap();
+        oracle.set_ffn_mode(FfnMode::Oracle).unwrap();
+        let want = logits(&oracle.model, &ids);
+        let (model, rt) = flash(
+            path,
+            FlashOptions {
+                mode: DiskMode::Oracle,
+                ..FlashOptions::default()
+            },
+        );
+        let got = logits(&model, &ids);
+        assert!(got == want, "{name}: NMSE {:.3e}", nmse(&got, &want));
+        let (fl, flash_rt) = flash(path, FlashOptions::default());
+        logits(&fl, &ids);
+        let (o, f) = (rt.report(), flash_rt.report());
+        println!(
+            "{name}: bytes/token oracle {:.0}, flash {:.0}",
+            o.bytes_read_per_token, f.bytes_read_per_token
+        );
+        assert!(o.bytes_read > 0 && o.bytes_read <= f.bytes_read);
+    }
+}
+
+#[test]
+fn a_decode_step_of_the_flash_ffn_does_not_allocate() {
+    let path = calibrated("opt-relu");
+    // One I/O thread: reads happen on this thread, where allocations are counted.
+    let (model, rt) = flash(
+        path,
+        FlashOptions {
+            io_threads: 1,
+            window: 2,
+            ..FlashOptions::default()
+        },
+    );
+    let ffn = &model.layers[1].ffn;
+    let h = ffn.hidden_size();
+    let mut out = vec![0.0f32; h];
+    let inputs: Vec<Vec<f32>> = (0..24)
+        .map(|t| {
+            (0..h)
+                .map(|i| (((i * 31 + t * 17) % 97) as f32 / 24.0 - 2.0) * 0.7)
+                .collect()
+        })
+        .collect();
+    let step = |x: &[f32], out: &mut [f32]| ffn.forward(x, 1, ActiveSet::All, out, None).unwrap();
+    for x in &inputs[..4] {
+        step(x, &mut out); // warm-up: lazily initialised state (SIMD detection)
+    }
+    let loaded_before = rt.report().bundles_loaded;
+    COUNTING.with(|c| c.set(true));
+    for x in &inputs[4..] {
+        step(x, &mut out);
+    }
+    COUNTING.with(|c| c.set(false));
+    let allocations = ALLOCATIONS.with(|a| a.get());
+    assert!(
+        rt.report().bundles_loaded > loaded_before,
+        "the counted steps read bundles"
+    );
+    assert_eq!(allocations, 0, "heap allocations on the per-token path");
 }

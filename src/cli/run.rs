@@ -74,10 +74,10 @@ pub(crate) fn open_for_mode(
         .map(|b| flash::parse_size(b, file_bytes))
         .transpose()?;
     let opts = FlashOptions {
-        mode: if mode == FfnMode::Naive {
-            DiskMode::Naive
-        } else {
-            DiskMode::Flash
+        mode: match mode {
+            FfnMode::Naive => DiskMode::Naive,
+            FfnMode::OracleFlash => DiskMode::Oracle,
+            _ => DiskMode::Flash,
         },
         window: args.window,
         io_threads: args.io_threads,

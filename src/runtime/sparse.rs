@@ -32,12 +32,15 @@ pub enum FfnMode {
     /// The predictors' neurons read from disk through the window cache
     /// (bit-identical to `predicted`; see `runtime::flash`).
     Flash,
+    /// The neurons that fire (known from an in-DRAM copy, not counted) read
+    /// from disk through the window cache: the lower bound on flash reads.
+    OracleFlash,
 }
 
 impl FfnMode {
     /// Whether the FFN is read from disk (opened with `runtime::flash::open_flash`).
     pub fn on_disk(self) -> bool {
-        matches!(self, FfnMode::Naive | FfnMode::Flash)
+        matches!(self, FfnMode::Naive | FfnMode::Flash | FfnMode::OracleFlash)
     }
 }
 
@@ -178,7 +181,7 @@ pub fn apply_ffn_mode(
     for (i, layer) in layers.into_iter().enumerate() {
         let chooser = match mode {
             FfnMode::Dense => unreachable!("handled above"),
-            FfnMode::Naive | FfnMode::Flash => {
+            FfnMode::Naive | FfnMode::Flash | FfnMode::OracleFlash => {
                 return Err(Error::InvalidArgument(format!(
                     "--ffn {mode:?} reads the FFN from disk: open the packed file with runtime::flash::open_flash"
                 )))

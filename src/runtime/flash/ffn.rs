@@ -141,6 +141,29 @@ impl LayerState {
     }
 }
 
+/// The oracle's chooser: an in-DRAM copy of the layer (not counted in the
+/// budget or in bytes read) says which neurons fire.
+pub struct Oracle {
+    pub ffn: Box<dyn Ffn>,
+    /// Activation magnitude above this fires (0 for ReLU).
+    pub threshold: f32,
+}
+
+impl Oracle {
+    /// The firing neurons of each token, as the in-DRAM `oracle` mode picks them.
+    fn sets(&self, x: &[f32], n: usize) -> Vec<Vec<u32>> {
+        let width = self.ffn.width();
+        let act = self.ffn.firing_activations(x, n);
+        act.chunks_exact(width)
+            .map(|row| {
+                (0..width as u32)
+                    .filter(|&j| row[j as usize].abs() > self.threshold)
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 /// One layer's FFN read from flash.
 pub struct FlashFfn {
     pub spec: LayerSpec,
@@ -149,6 +172,8 @@ pub struct FlashFfn {
     pub up_bias: Option<Vec<f32>>,
     pub down_bias: Option<Vec<f32>>,
     pub predictor: Option<LowRankPredictor>,
+    /// When set, chooses instead of the predictor (`--ffn oracle-flash`).
+    pub oracle: Option<Oracle>,
     pub strategy: Strategy,
     /// Wanted bundles this many or fewer apart are read in one operation.
     pub coalesce_gap: usize,
@@ -559,6 +584,16 @@ impl Ffn for FlashFfn {
         mut fired: Option<&mut Fired>,
     ) -> Result<()> {
         let h = self.spec.hidden;
+        let oracle_sets;
+        let active = match (&self.oracle, active) {
+            (Some(o), ActiveSet::All) => {
+                let t0 = Instant::now();
+                oracle_sets = o.sets(x, n);
+                add_ns(&self.stats.ns_predict, t0);
+                ActiveSet::PerToken(&oracle_sets)
+            }
+            (_, a) => a,
+        };
         if let ActiveSet::PerToken(sets) = active {
             if sets.len() != n {
                 return Err(Error::InvalidArgument(format!(

@@ -31,7 +31,7 @@ use crate::runtime::weights::TensorSource;
 use crate::runtime::{LoadedModel, Model, ModelSource};
 
 pub use cache::BundleCache;
-pub use ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Strategy, Workspace};
+pub use ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Oracle, Strategy, Workspace};
 pub use io::{peak_rss_bytes, proc_read_bytes, FlashReader, IoMode};
 
 /// Which disk-backed mode.
@@ -42,6 +42,9 @@ pub enum DiskMode {
     Naive,
     /// Predictor + window cache.
     Flash,
+    /// The neurons that fire (from an in-DRAM copy) + window cache: the
+    /// lower bound on reads for a window.
+    Oracle,
 }
 
 /// How to run a packed file from flash.
@@ -316,7 +319,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     let round = |b: usize| b.div_ceil(align) * align;
     let slot_bytes = match opts.mode {
         DiskMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
-        DiskMode::Flash => round(FLASH_READ_BYTES.max(stride_max)) + align,
+        DiskMode::Flash | DiskMode::Oracle => round(FLASH_READ_BYTES.max(stride_max)) + align,
     };
     let mut sparsity = crate::runtime::open::sparsity_data(&file)?;
 
@@ -359,7 +362,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     let mut want_rows = vec![0usize; layers];
     let mut pinned = vec![0usize; layers];
     let mut scratch_rows = vec![0usize; layers];
-    if opts.mode == DiskMode::Flash {
+    if opts.mode != DiskMode::Naive {
         for (i, spec) in specs.iter().enumerate() {
             let wm = m
                 .calibration
@@ -370,6 +373,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             let over = m
                 .predictors
                 .iter()
+                .filter(|_| opts.mode == DiskMode::Flash)
                 .find(|p| p.layer as usize == i)
                 .map(|p| {
                     if p.frac_true > 0.0 {
@@ -390,7 +394,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     let min_caches: u64 = specs
         .iter()
         .map(|s| {
-            let sc = if opts.mode == DiskMode::Flash {
+            let sc = if opts.mode != DiskMode::Naive {
                 scratch_for(0, s.neurons)
             } else {
                 0
@@ -434,7 +438,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 *r = (*r as f64 * f).floor() as usize;
                 scratch_rows[i] = scratch_for(*r, specs[i].neurons);
             }
-        } else if opts.mode == DiskMode::Flash && opts.capacity.is_none() {
+        } else if opts.mode != DiskMode::Naive && opts.capacity.is_none() {
             // Budget to spare: pin the hottest neurons (the first in packed
             // order) of every layer alike, in extra rows that are never evicted.
             let spare = budget - (fixed + want_caches);
@@ -471,10 +475,34 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     let weights = PackedWeights::read_dense(&file)?;
     let strategy = match opts.mode {
         DiskMode::Naive => Strategy::Naive,
-        DiskMode::Flash => Strategy::Flash {
+        DiskMode::Flash | DiskMode::Oracle => Strategy::Flash {
             window: opts.window,
         },
     };
+    // The oracle's in-DRAM copy of every FFN (outside the budget by definition).
+    let mut oracles: Vec<Option<Oracle>> = Vec::new();
+    if opts.mode == DiskMode::Oracle {
+        let silu = file.config.activation == crate::input::config::Activation::Silu;
+        let full = Model::load(&file.config, &file.names, &PackedWeights::read_all(&file)?)?;
+        for (i, layer) in full.layers.into_iter().enumerate() {
+            let threshold = if silu {
+                sparsity
+                    .as_ref()
+                    .and_then(|d| d.silu_thresholds.get(i).copied().flatten())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(
+                            "--ffn oracle-flash on a SiLU model needs the calibrated thresholds of a packed file made with --calib".into(),
+                        )
+                    })?
+            } else {
+                0.0
+            };
+            oracles.push(Some(Oracle {
+                ffn: layer.ffn,
+                threshold,
+            }));
+        }
+    }
     let mut ffns: Vec<Arc<FlashFfn>> = Vec::new();
     let mut caches_bytes = 0u64;
     let model = Model::load_with_ffn(&file.config, &file.names, &weights, &mut |i, names| {
@@ -514,6 +542,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             } else {
                 None
             },
+            oracle: oracles.get_mut(i).and_then(Option::take),
             strategy,
             coalesce_gap: opts.coalesce_gap,
             reader: Arc::clone(&reader),
