@@ -373,7 +373,8 @@ fn bad_inputs_are_errors() {
 }
 
 /// Fixture-sized layer (d = 128, ffn = 512, 20k tokens): prints the training time.
-/// `cargo test --release --test predictor_train -- --ignored --nocapture`
+/// `cargo test --test predictor_train -- --ignored --nocapture`; knobs (for tuning):
+/// `PRED_RANKS=32,128,auto`, `PRED_TARGET`, `PRED_LR`, `PRED_BATCH`.
 #[test]
 #[ignore]
 fn fixture_sized_training_time() {
@@ -394,13 +395,15 @@ fn fixture_sized_training_time() {
         ])
     {
         let start = std::time::Instant::now();
-        let target_recall = std::env::var("PRED_TARGET").map_or(0.99, |t| t.parse().unwrap());
+        let defaults = TrainOptions::default();
+        let env = |name: &str| std::env::var(name).ok();
         let opts = TrainOptions {
             rank,
-            target_recall,
-            batch_size: std::env::var("PRED_BATCH").map_or(256, |t| t.parse().unwrap()),
-            learning_rate: std::env::var("PRED_LR").map_or(1e-2, |t| t.parse().unwrap()),
-            ..TrainOptions::default()
+            target_recall: env("PRED_TARGET")
+                .map_or(defaults.target_recall, |v| v.parse().unwrap()),
+            batch_size: env("PRED_BATCH").map_or(defaults.batch_size, |v| v.parse().unwrap()),
+            learning_rate: env("PRED_LR").map_or(defaults.learning_rate, |v| v.parse().unwrap()),
+            ..defaults
         };
         let (_, m) = train_layer(&data.set(), &opts).unwrap();
         println!("{rank:?}: {:.2} s, {m:?}", start.elapsed().as_secs_f64());
