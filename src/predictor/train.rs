@@ -9,11 +9,11 @@
 //!
 //! Training, all hand-written:
 //! - Held-out split: tokens are cut into blocks of consecutive tokens (at most
-//!   [`MAX_HOLDOUT_BLOCK`], fewer for small sets so that at least about 16 blocks
-//!   are held out) and every `round(1 / holdout_fraction)`-th block (the last of
-//!   each period) is held out. Blocks rather than single tokens, because neighbouring tokens of one text
-//!   are alike and would leak; spread over the whole set rather than its tail,
-//!   because the tail is one document.
+//!   [`MAX_HOLDOUT_BLOCK`], fewer for small sets so that about 16 or more blocks
+//!   are held out) and the last block of every `round(1 / holdout_fraction)` is
+//!   held out. Blocks rather than single tokens, because neighbouring tokens of
+//!   one text are alike and would leak; spread over the whole set rather than its
+//!   tail, because the tail is one document.
 //! - Inputs are standardised per feature (mean and standard deviation of the
 //!   training split) while training; the standardisation is folded back into `A`
 //!   and `bias` at the end, so the stored predictor consumes raw FFN inputs.
@@ -25,10 +25,11 @@
 //!   is what one global threshold over pooled recall needs. Per-neuron weights would
 //!   shift each neuron's logits by its own constant and make a global threshold
 //!   waste predictions on rare neurons.
-//! - Mini-batch AdamW (decoupled weight decay on `A` and `B`, not on the bias) with
-//!   a cosine learning-rate decay over `max_epochs` (to a tenth), deterministic initialisation and shuffling from the seed (ChaCha8), early
+//! - Mini-batch AdamW (decoupled weight decay on `A` and `B`, not on the bias)
+//!   with a cosine learning-rate decay over `max_epochs` (down to a tenth),
+//!   deterministic initialisation and shuffling from the seed (ChaCha8), early
 //!   stopping after `patience` epochs without a held-out loss at least
-//!   [`MIN_IMPROVEMENT`] (relative) below the last such improvement, keeping the
+//!   `MIN_IMPROVEMENT` (0.1%) below the last such improvement, keeping the
 //!   best-on-held-out weights.
 //! - The kept weights are rounded to f16-representable values (the packed file
 //!   stores them as f16), and the threshold and all metrics are computed with
@@ -42,7 +43,10 @@
 //! rayon thread count. Every parallel loop splits its work into fixed-size blocks
 //! (of tokens, neurons or features) that do not depend on the thread count; each
 //! output element is computed inside one block with a fixed summation order, and
-//! per-block partial sums (the loss) are added in block order.
+//! per-block partial sums (the loss) are added in block order. Products go through
+//! `matrixmultiply::sgemm`, single-threaded per block, so no `k` is ever split. The
+//! loss kernel has an AVX2 build chosen at run time that performs the same IEEE
+//! operations in the same order, hence the same bits.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
