@@ -39,6 +39,13 @@ pub struct BenchArgs {
     /// Buffer size of the streaming-read bandwidth measurement, MiB.
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
+    /// Calibrated packed files to run through naive, flash (window 0 and
+    /// --window), oracle-flash and dense on the same tokens (decode steps:
+    /// --decode-tokens).
+    #[arg(long = "packed")]
+    pub packed: Vec<PathBuf>,
+    #[command(flatten)]
+    pub flash: crate::cli::run::FlashArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -55,6 +62,76 @@ struct Row {
 #[derive(serde::Serialize)]
 struct BenchReport {
     results: Vec<Row>,
+    /// One entry per packed file and mode (`--packed`).
+    flash_modes: Vec<FlashRow>,
+}
+
+#[derive(serde::Serialize)]
+struct FlashRow {
+    file: String,
+    #[serde(flatten)]
+    row: crate::runtime::flash::bench::ModeRow,
+}
+
+/// The paper's Table 2 for each `--packed` file.
+fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> {
+    use crate::runtime::flash::{bench::compare_modes, parse_size, FlashOptions};
+    const TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness. ";
+    let mut rows = Vec::new();
+    for path in &args.packed {
+        let file_bytes = std::fs::metadata(path)
+            .map_err(|e| crate::Error::io(path, e))?
+            .len();
+        let opts = FlashOptions {
+            window: args.flash.window,
+            io_threads: args.flash.io_threads,
+            coalesce_gap: args.flash.coalesce_gap,
+            dram_budget: args
+                .flash
+                .dram_budget
+                .as_deref()
+                .map(|b| parse_size(b, file_bytes))
+                .transpose()?,
+            context: args.decode_tokens + 8,
+            ..FlashOptions::default()
+        };
+        let tokenizer =
+            crate::runtime::packed::packed_tokenizer(&crate::format::PackedFile::open(path)?)?;
+        let mut ids = Vec::new();
+        while ids.len() < args.decode_tokens {
+            ids.extend(tokenizer.encode(TEXT)?);
+        }
+        ids.truncate(args.decode_tokens);
+        let file = path.display().to_string();
+        out.human(format_args!(
+            "{file}: {} tokens decoded per mode\n{:<18} {:>14} {:>10} {:>12} {:>10} {:>10} {:>8}",
+            ids.len(),
+            "mode",
+            "bytes/token",
+            "reads/tok",
+            "read GB/s",
+            "I/O ms/t",
+            "ms/token",
+            "speedup"
+        ));
+        for row in compare_modes(path, &ids, &opts)? {
+            out.human(format_args!(
+                "{:<18} {:>14.0} {:>10.1} {:>12.3} {:>10.3} {:>10.3} {:>7.2}x",
+                row.mode,
+                row.bytes_read_per_token,
+                row.read_ops_per_token,
+                row.read_gb_per_s,
+                row.io_ms_per_token,
+                row.ms_per_token,
+                row.speedup_over_naive
+            ));
+            rows.push(FlashRow {
+                file: file.clone(),
+                row,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 pub fn run(args: &BenchArgs, out: &Output) -> anyhow::Result<()> {
@@ -108,5 +185,9 @@ pub fn run(args: &BenchArgs, out: &Output) -> anyhow::Result<()> {
             });
         }
     }
-    out.json_result(&BenchReport { results: rows })
+    let flash_modes = flash_table(args, out)?;
+    out.json_result(&BenchReport {
+        results: rows,
+        flash_modes,
+    })
 }

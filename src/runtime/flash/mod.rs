@@ -9,10 +9,12 @@
 //! - [`io`]: direct-I/O reader, aligned buffers, read counters.
 //! - [`cache`]: one layer's resident-bundle matrix.
 //! - [`ffn`]: [`FlashFfn`] (`flash` and `naive`).
+//! - [`bench`]: every disk mode and dense on the same tokens (the paper's Table 2).
 //!
 //! Bundles read from disk are not hash-checked on the way (that would cost a
 //! SHA-256 per chunk per token); `flashpack verify` checks the whole file.
 
+pub mod bench;
 pub mod cache;
 pub mod ffn;
 pub mod io;
