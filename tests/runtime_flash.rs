@@ -314,6 +314,52 @@ fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
         "the stated minimum must work: {}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    // The budget holds: the run's own peak RSS (VmHWM, which exec resets),
+    // and where /usr/bin/time exists, the peak its parent measures (a small
+    // process: getrusage(RUSAGE_CHILDREN) here would charge the child with
+    // this large test process's RSS from before exec).
+    let budget = minimum.to_string();
+    let run_args = [
+        "run",
+        p,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "2",
+        "--ffn",
+        "flash",
+        "--dram-budget",
+        budget.as_str(),
+        "--json",
+    ];
+    let json: serde_json::Value = serde_json::from_slice(&cli(&run_args).stdout).unwrap();
+    let peak = json["peak_rss_bytes"].as_u64().unwrap();
+    assert!(
+        peak > 0 && peak <= minimum,
+        "peak RSS {peak} over the budget {minimum}"
+    );
+    if Path::new("/usr/bin/time").exists() {
+        let out = Command::new("/usr/bin/time")
+            .args(["-f", "maxrss_kib=%M", env!("CARGO_BIN_EXE_flashpack")])
+            .args(run_args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let kib: u64 = err
+            .split("maxrss_kib=")
+            .nth(1)
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no maxrss in {err}"));
+        println!(
+            "peak RSS {peak} (own), {} (parent), budget {minimum}",
+            kib * 1024
+        );
+        assert!(
+            kib * 1024 <= minimum,
+            "parent-measured peak {kib} KiB over {minimum}"
+        );
+    }
     let out = args("lots");
     assert_eq!(out.status.code(), Some(2));
 }
@@ -384,4 +430,38 @@ fn a_decode_step_of_the_flash_ffn_does_not_allocate() {
         "the counted steps read bundles"
     );
     assert_eq!(allocations, 0, "heap allocations on the per-token path");
+}
+
+#[test]
+fn buffered_fallback_gives_the_same_tokens_and_says_so() {
+    let path = calibrated("opt-relu");
+    let p = path.to_str().unwrap();
+    let run = |no_direct: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flashpack"));
+        cmd.args([
+            "run",
+            p,
+            "--prompt",
+            "To be, or not to be",
+            "--max-new-tokens",
+            "6",
+            "--ffn",
+            "flash",
+            "--json",
+        ]);
+        if no_direct {
+            // What a file system without O_DIRECT (tmpfs) gets.
+            cmd.env("FLASHPACK_NO_DIRECT_IO", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (json, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (buffered, stderr) = run(true);
+    assert_eq!(buffered["io_mode"], "buffered");
+    assert!(stderr.contains("buffered reads"), "{stderr}");
+    let (direct, _) = run(false);
+    assert_eq!(buffered["generated_ids"], direct["generated_ids"]);
+    assert_eq!(buffered["bytes_read"], direct["bytes_read"]);
 }
