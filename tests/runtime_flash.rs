@@ -465,3 +465,33 @@ fn buffered_fallback_gives_the_same_tokens_and_says_so() {
     assert_eq!(buffered["generated_ids"], direct["generated_ids"]);
     assert_eq!(buffered["bytes_read"], direct["bytes_read"]);
 }
+
+#[test]
+fn flash_is_the_default_for_a_packed_file_with_predictors() {
+    let path = calibrated("opt-relu");
+    let out = cli(&[
+        "run",
+        path.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ffn"], "flash");
+    assert!(json["bytes_read"].as_u64().unwrap() > 0);
+    let dir = fixtures().join("models/opt-relu");
+    let out = cli(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ffn"], "dense");
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::cli::run::{open_for_mode, FlashArgs, IoSummary, Opened};
+use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, IoSummary, Opened};
 use crate::cli::Output;
 use crate::error::Error;
 use crate::runtime::perplexity::perplexity;
@@ -28,11 +28,14 @@ pub struct EvalArgs {
     /// Worker threads (default: one per core). Results do not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Which FFN neurons to compute: all (`dense`, the exact model), exactly those
-    /// that fire (`oracle`), or those the packed file's predictors choose
-    /// (`predicted`).
-    #[arg(long, value_enum, default_value = "dense")]
-    pub ffn: FfnMode,
+    /// Which FFN neurons to compute and where their weights are: all in DRAM
+    /// (`dense`, the exact model), exactly those that fire (`oracle`), those the
+    /// packed file's predictors choose (`predicted`); read from disk: the whole
+    /// FFN every token (`naive`), the predicted neurons through the window cache
+    /// (`flash`, bit-identical to `predicted`), the firing ones (`oracle-flash`).
+    /// Default: `flash` for a packed file with predictors, `dense` otherwise.
+    #[arg(long, value_enum)]
+    pub ffn: Option<FfnMode>,
     #[command(flatten)]
     pub flash: FlashArgs,
 }
@@ -60,11 +63,12 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.text).map_err(|e| Error::io(&args.text, e))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display())))?;
+    let ffn = default_ffn_mode(&args.model, args.ffn);
     let Opened {
         loaded,
         counter,
         flash,
-    } = open_for_mode(&args.model, args.ffn, &args.flash, args.ctx)?;
+    } = open_for_mode(&args.model, ffn, &args.flash, args.ctx)?;
     let LoadedModel {
         model, tokenizer, ..
     } = loaded;
@@ -93,7 +97,7 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
         seconds: r.seconds,
         tokens_per_s: r.tokens_scored as f64 / r.seconds.max(1e-9),
         threads,
-        ffn: args.ffn,
+        ffn,
         ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
         io,
     })

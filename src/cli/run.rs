@@ -38,6 +38,22 @@ pub(crate) struct Opened {
     pub flash: Option<FlashRuntime>,
 }
 
+/// The mode asked for, or the default: `flash` for a packed file with
+/// predictors (what flashpack is for), `dense` otherwise.
+pub(crate) fn default_ffn_mode(path: &std::path::Path, asked: Option<FfnMode>) -> FfnMode {
+    asked.unwrap_or_else(|| {
+        let has_predictors = path.is_file()
+            && crate::format::PackedFile::open(path)
+                .map(|f| !f.manifest.predictors.is_empty())
+                .unwrap_or(false);
+        if has_predictors {
+            FfnMode::Flash
+        } else {
+            FfnMode::Dense
+        }
+    })
+}
+
 /// Opens `path` for `mode`: in DRAM, or with the FFN on disk.
 pub(crate) fn open_for_mode(
     path: &std::path::Path,
@@ -160,11 +176,14 @@ pub struct RunArgs {
     /// Worker threads (default: one per core). Output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Which FFN neurons to compute: all (`dense`, the exact model), exactly those
-    /// that fire (`oracle`), or those the packed file's predictors choose
-    /// (`predicted`).
-    #[arg(long, value_enum, default_value = "dense")]
-    pub ffn: FfnMode,
+    /// Which FFN neurons to compute and where their weights are: all in DRAM
+    /// (`dense`, the exact model), exactly those that fire (`oracle`), those the
+    /// packed file's predictors choose (`predicted`); read from disk: the whole
+    /// FFN every token (`naive`), the predicted neurons through the window cache
+    /// (`flash`, bit-identical to `predicted`), the firing ones (`oracle-flash`).
+    /// Default: `flash` for a packed file with predictors, `dense` otherwise.
+    #[arg(long, value_enum)]
+    pub ffn: Option<FfnMode>,
     #[command(flatten)]
     pub flash: FlashArgs,
 }
@@ -209,11 +228,12 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     let context = args.prompt.len() + args.max_new_tokens + 16;
+    let ffn = default_ffn_mode(&args.model, args.ffn);
     let Opened {
         loaded,
         counter,
         flash,
-    } = open_for_mode(&args.model, args.ffn, &args.flash, context)?;
+    } = open_for_mode(&args.model, ffn, &args.flash, context)?;
     let LoadedModel {
         model, tokenizer, ..
     } = loaded;
@@ -286,7 +306,7 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         top_p: args.top_p,
         seed,
         threads,
-        ffn: args.ffn,
+        ffn,
         ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
         io,
     })
