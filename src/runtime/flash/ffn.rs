@@ -427,6 +427,12 @@ impl FlashFfn {
         s.needed.fetch_add(set.len() as u64, Ordering::Relaxed);
         s.hits.fetch_add(hits as u64, Ordering::Relaxed);
         s.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+        if result.is_err() {
+            // Rows inserted for this token may not have been filled: forget
+            // everything not pinned rather than compute from them later.
+            st.cache.clear_scratch(st.cache.scratch_rows());
+            st.cache.retain(|_| false);
+        }
         ws.missing = missing;
         ws.set = set;
         result
