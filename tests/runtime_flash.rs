@@ -495,3 +495,43 @@ fn flash_is_the_default_for_a_packed_file_with_predictors() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["ffn"], "dense");
 }
+
+#[test]
+fn bench_compares_the_modes_on_a_packed_file() {
+    let path = calibrated("opt-relu");
+    let out = cli(&[
+        "bench",
+        "--no-synthetic",
+        "--threads",
+        "1",
+        "--packed",
+        path.to_str().unwrap(),
+        "--decode-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = json["flash_modes"].as_array().unwrap();
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(
+        modes,
+        [
+            "naive",
+            "flash window 0",
+            "flash window 4",
+            "oracle-flash",
+            "dense (in DRAM)"
+        ]
+    );
+    let bytes = |i: usize| rows[i]["bytes_read_per_token"].as_f64().unwrap();
+    assert!(bytes(2) > 0.0 && bytes(2) < bytes(0) && bytes(3) <= bytes(2));
+    for r in rows {
+        assert!(r["ms_per_token"].as_f64().unwrap() > 0.0);
+        assert!(r["io_ms_per_token"].as_f64().is_some());
+    }
+}

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::Result;
-use crate::runtime::flash::{open_flash, DiskMode, FlashOptions};
+use crate::runtime::flash::io::{ReadOp, Staging};
+use crate::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashReader};
 use crate::runtime::{open_model, Logits, Model};
 
 /// One mode's measurement.
@@ -24,6 +25,10 @@ pub struct ModeRow {
     pub io_ms_per_token: f64,
     pub ms_per_token: f64,
     pub window_hit_rate: f64,
+    /// The disk's own throughput for reads of this mode's mean size, as many
+    /// in flight, at random aligned offsets of the same file, measured right
+    /// after the mode (the physical limit for its read pattern).
+    pub disk_gb_per_s_same_size: f64,
     /// `ms_per_token` of naive over this mode's.
     pub speedup_over_naive: f64,
 }
@@ -37,6 +42,43 @@ fn decode(model: &Model, ids: &[u32]) -> Result<f64> {
         model.forward(&mut cache, &[id], Logits::Last, None)?;
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Throughput of reads of `size` bytes (rounded out to the alignment) at
+/// pseudo-random aligned offsets from `from` to the end of the file, as many
+/// in flight as the reader has threads; about 32 MiB or 4000 reads.
+fn disk_gb_per_s(reader: &FlashReader, from: u64, size: usize) -> Result<f64> {
+    let align = reader.align();
+    let len = size.max(1).div_ceil(align) * align;
+    let file_end = reader.file_len();
+    if file_end <= from + len as u64 {
+        return Ok(0.0);
+    }
+    let blocks = (file_end - from - len as u64) / align as u64;
+    let slots = reader.threads();
+    let mut staging = Staging::new(slots, len, align)?;
+    let reads = ((32usize << 20) / len).clamp(slots, 4000);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut ops = Vec::with_capacity(slots);
+    let t0 = Instant::now();
+    let mut done = 0;
+    while done < reads {
+        ops.clear();
+        for _ in 0..slots.min(reads - done) {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let block = (state >> 11) % blocks.max(1);
+            ops.push(ReadOp {
+                offset: from + block * align as u64,
+                len,
+            });
+        }
+        reader.read_batch(&mut staging, &ops)?;
+        done += ops.len();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((done * len) as f64 / secs.max(1e-9) / 1e9)
 }
 
 /// Measures every mode on `ids` (`base` gives I/O threads, window, budget).
@@ -67,6 +109,8 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         let secs = decode(&loaded.model, ids)?;
         let r = rt.report();
         let io_s = r.ms_io / 1e3;
+        let first = rt.first_ffn_offset();
+        let disk = disk_gb_per_s(&rt.reader, first, r.mean_read_bytes as usize)?;
         rows.push(ModeRow {
             mode: if name == "flash" {
                 format!("flash window {window}")
@@ -86,6 +130,7 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
             io_ms_per_token: r.ms_io / n,
             ms_per_token: secs * 1e3 / n,
             window_hit_rate: r.window_hit_rate,
+            disk_gb_per_s_same_size: disk,
             speedup_over_naive: 0.0,
         });
     }
@@ -102,6 +147,7 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         io_ms_per_token: 0.0,
         ms_per_token: secs * 1e3 / n,
         window_hit_rate: 0.0,
+        disk_gb_per_s_same_size: 0.0,
         speedup_over_naive: 0.0,
     });
     let naive_ms = rows[0].ms_per_token;

@@ -209,6 +209,11 @@ impl FlashReader {
         self.mode
     }
 
+    /// Length of the file in bytes (0 if it cannot be read).
+    pub fn file_len(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+
     pub fn align(&self) -> usize {
         self.align
     }

@@ -151,6 +151,11 @@ pub struct FlashReport {
 }
 
 impl FlashRuntime {
+    /// File offset of layer 0's first bundle.
+    pub fn first_ffn_offset(&self) -> u64 {
+        self.ffns.iter().map(|f| f.spec.offset).min().unwrap_or(0)
+    }
+
     pub fn report(&self) -> FlashReport {
         let s = &self.stats;
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
