@@ -38,6 +38,7 @@ impl AtomicOutput {
             name.to_string_lossy(),
             std::process::id()
         ));
+        remove_stale_temporaries(&dir, &name.to_string_lossy());
         crate::cleanup::register(&temp);
         let file = OpenOptions::new()
             .write(true)
@@ -155,4 +156,26 @@ pub fn finish_packed_file(
         manifest_sha256,
         commit_ms: clock.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Removes temporary files of earlier writers of the same output that were killed
+/// (SIGKILL skips every cleanup): `.NAME.tmp-PID-NONCE` whose process is gone.
+/// Those of live processes (a concurrent convert) are left alone.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
