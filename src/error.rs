@@ -141,15 +141,47 @@ pub enum Error {
         path: PathBuf,
         source: crate::format::FormatError,
     },
+
+    /// Reading FFN bundles failed during a run (a read error, or a file that
+    /// changed after it was opened). Never answered with wrong output.
+    #[error("{}: reading FFN bundles{} failed ({ops} read(s) from offset {offset}): {source}", path.display(), layer.map_or(String::new(), |l| format!(" of layer {l}")))]
+    FlashRead {
+        path: PathBuf,
+        layer: Option<usize>,
+        offset: u64,
+        ops: usize,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Names the layer a flash read belongs to.
+    pub fn in_layer(self, layer: usize) -> Error {
+        match self {
+            Error::FlashRead {
+                path,
+                offset,
+                ops,
+                source,
+                ..
+            } => Error::FlashRead {
+                path,
+                layer: Some(layer),
+                offset,
+                ops,
+                source,
+            },
+            other => other,
+        }
+    }
+
     /// The exit-code class of this error (see README.md, "Exit codes").
     pub fn exit_class(&self) -> ExitClass {
         match self {
             Error::Io { source, .. } => io_exit_class(source),
+            Error::FlashRead { .. } => ExitClass::Environment,
             Error::Format { source, .. } if source.is_integrity() => ExitClass::CheckFailed,
             Error::Format { .. } => ExitClass::InvalidInput,
             Error::MissingFile { .. }

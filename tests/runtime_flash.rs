@@ -535,3 +535,44 @@ fn bench_compares_the_modes_on_a_packed_file() {
         assert!(r["io_ms_per_token"].as_f64().is_some());
     }
 }
+
+#[test]
+fn a_file_truncated_during_a_run_fails_with_an_io_error_naming_the_layer() {
+    // A copy that can be damaged while it is open.
+    let tmp = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
+    let path = tmp.path().join("m.flashpack");
+    std::fs::copy(calibrated("opt-relu"), &path).unwrap();
+    for mode in [DiskMode::Naive, DiskMode::Flash] {
+        let (model, rt) = flash(
+            &path,
+            FlashOptions {
+                mode,
+                window: 0,
+                ..FlashOptions::default()
+            },
+        );
+        let mut cache = model.new_cache();
+        model
+            .forward(&mut cache, &[0, 5], Logits::Last, None)
+            .expect("reads while the file is whole");
+        // Cut the file inside the second FFN layer's bundles.
+        let cut = rt.first_ffn_offset() + 600 * 1024;
+        let original = std::fs::read(&path).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let err = model
+            .forward(&mut cache, &[7], Logits::Last, None)
+            .expect_err("must not answer from a shrunk file");
+        assert_eq!(err.exit_class(), flashpack::ExitClass::Environment, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("of layer") && text.contains("offset"),
+            "{text}"
+        );
+        std::fs::write(&path, original).unwrap();
+    }
+}

@@ -297,7 +297,9 @@ impl FlashFfn {
                 i = j;
             }
             let t1 = add_ns(&self.stats.ns_memory, t0);
-            self.reader.read_batch(staging, ops)?;
+            self.reader
+                .read_batch(staging, ops)
+                .map_err(|e| e.in_layer(self.spec.layer))?;
             let t2 = add_ns(&self.stats.ns_io, t1);
             for (k, (&op, &(a, b))) in ops.iter().zip(op_ranges.iter()).enumerate() {
                 let slot = staging.slot(k);
@@ -467,7 +469,9 @@ impl FlashFfn {
                 ws.op_ranges.push((p, q));
                 p = q;
             }
-            self.reader.read_batch(&mut ws.staging, &ws.ops)?;
+            self.reader
+                .read_batch(&mut ws.staging, &ws.ops)
+                .map_err(|e| e.in_layer(self.spec.layer))?;
             let t1 = add_ns(&self.stats.ns_io, t0);
             for (k, (&op, &(a, b))) in ws.ops.iter().zip(ws.op_ranges.iter()).enumerate() {
                 let slot = ws.staging.slot(k);

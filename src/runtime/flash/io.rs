@@ -140,6 +140,9 @@ pub struct FlashReader {
     align: usize,
     pool: rayon::ThreadPool,
     threads: usize,
+    /// The file's length when opened: every wanted byte lies before it, so an end
+    /// of file before it means the file shrank under us (an error, never zeros).
+    file_len: u64,
     pub counters: IoCounters,
 }
 
@@ -177,6 +180,7 @@ impl FlashReader {
                 (f, IoMode::Buffered)
             }
         };
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         Ok(FlashReader {
             path: path.to_path_buf(),
             file,
@@ -184,6 +188,7 @@ impl FlashReader {
             align,
             pool,
             threads,
+            file_len,
             counters: IoCounters::default(),
         })
     }
@@ -249,7 +254,13 @@ impl FlashReader {
                     .try_for_each(|(slot, op)| self.read_one(&mut slot[..op.len], *op))
             })
         };
-        result.map_err(|e| Error::io(&self.path, e))?;
+        result.map_err(|source| Error::FlashRead {
+            path: self.path.clone(),
+            offset: ops.first().map_or(0, |op| op.offset),
+            ops: ops.len(),
+            layer: None,
+            source,
+        })?;
         let bytes: usize = ops.iter().map(|op| op.len).sum();
         self.counters
             .bytes
@@ -267,8 +278,17 @@ impl FlashReader {
                 .file
                 .read_at(&mut dst[done..], op.offset + done as u64)?;
             if n == 0 {
-                // End of file inside the rounded-out tail: the wanted bytes end
-                // before it (sections lie inside the file).
+                let at = op.offset + done as u64;
+                if at < self.file_len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "end of file at byte {at}: the file is shorter than when it was opened"
+                        ),
+                    ));
+                }
+                // End of file inside the rounded-out tail past the file's end:
+                // the wanted bytes end before it (sections lie inside the file).
                 dst[done..].fill(0);
                 break;
             }
