@@ -576,3 +576,43 @@ fn a_file_truncated_during_a_run_fails_with_an_io_error_naming_the_layer() {
         std::fs::write(&path, original).unwrap();
     }
 }
+
+#[test]
+fn verify_reads_stops_a_run_on_a_file_damaged_after_packing() {
+    let tmp = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
+    let path = tmp.path().join("damaged.flashpack");
+    let mut bytes = std::fs::read(calibrated("opt-relu")).unwrap();
+    let file = flashpack::format::PackedFile::open(calibrated("opt-relu")).unwrap();
+    let section = file.section("ffn.0").unwrap().clone();
+    drop(file);
+    // A flipped byte in every chunk of layer 0: whatever the run touches is damaged.
+    let mut at = section.offset;
+    for c in &section.chunks {
+        bytes[(at + c.length / 2) as usize] ^= 0x40;
+        at += c.length;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .args([
+                "run",
+                path.to_str().unwrap(),
+                "--ffn",
+                "flash",
+                "--prompt",
+                "KING HENRY.",
+                "--max-new-tokens",
+                "4",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let checked = run(&["--verify-reads"]);
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("\"ffn.0\" chunk"), "{stderr}");
+    // Without the check (the default) the damage goes unnoticed: that is what
+    // the option is for.
+    assert_eq!(run(&[]).status.code(), Some(0));
+}

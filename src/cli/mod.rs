@@ -140,16 +140,26 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = exit_code_of(&err);
-            eprintln!("error: {err:#}");
+            let message = describe(&err);
+            eprintln!("error: {message}");
             let reported = err
                 .downcast_ref::<CheckFailed>()
                 .is_some_and(|c| c.reported);
             if out.json && !reported {
-                let object = serde_json::json!({ "error": format!("{err:#}"), "exit_code": code });
+                let object = serde_json::json!({ "error": message, "exit_code": code });
                 println!("{object}");
             }
             ExitCode::from(code as u8)
         }
+    }
+}
+
+/// The error message: the library's errors already name their cause in their
+/// own text, so their source chain is not appended again.
+fn describe(err: &anyhow::Error) -> String {
+    match err.downcast_ref::<Error>() {
+        Some(e) => e.to_string(),
+        None => format!("{err:#}"),
     }
 }
 

@@ -29,6 +29,12 @@ pub struct FlashArgs {
     /// command stops with exit 2 and says the minimum.
     #[arg(long)]
     pub dram_budget: Option<String>,
+    /// Check each FFN chunk's sha256 the first time the run uses it (`--ffn
+    /// naive|flash|oracle-flash`): a file damaged after packing stops the run
+    /// with exit 1 instead of giving wrong output. Off by default; costs one
+    /// extra read of each chunk the run touches (see BENCHMARKS.md).
+    #[arg(long)]
+    pub verify_reads: bool,
 }
 
 /// A model opened for a mode, with whatever the mode reports.
@@ -101,6 +107,7 @@ pub(crate) fn open_for_mode(
         dram_budget,
         context,
         capacity: None,
+        verify_reads: args.verify_reads,
     };
     let (loaded, rt) = flash::open_flash(path, &opts)?;
     Ok(Opened {

@@ -181,6 +181,8 @@ pub struct FlashFfn {
     pub workspace: Arc<Mutex<Workspace>>,
     pub state: Mutex<LayerState>,
     pub stats: Arc<FlashStats>,
+    /// `--verify-reads`: checks each chunk's hash the first time it is used.
+    pub verifier: Option<crate::runtime::flash::verify::ChunkVerifier>,
 }
 
 impl FlashFfn {
@@ -300,6 +302,11 @@ impl FlashFfn {
             self.reader
                 .read_batch(staging, ops)
                 .map_err(|e| e.in_layer(self.spec.layer))?;
+            if let Some(v) = &self.verifier {
+                for &(a, b) in op_ranges.iter() {
+                    v.check_bundles(neurons[a] as usize, neurons[b - 1] as usize)?;
+                }
+            }
             let t2 = add_ns(&self.stats.ns_io, t1);
             for (k, (&op, &(a, b))) in ops.iter().zip(op_ranges.iter()).enumerate() {
                 let slot = staging.slot(k);
@@ -472,6 +479,11 @@ impl FlashFfn {
             self.reader
                 .read_batch(&mut ws.staging, &ws.ops)
                 .map_err(|e| e.in_layer(self.spec.layer))?;
+            if let Some(v) = &self.verifier {
+                for &(a, b) in ws.op_ranges.iter() {
+                    v.check_bundles(a, b - 1)?;
+                }
+            }
             let t1 = add_ns(&self.stats.ns_io, t0);
             for (k, (&op, &(a, b))) in ws.ops.iter().zip(ws.op_ranges.iter()).enumerate() {
                 let slot = ws.staging.slot(k);

@@ -18,6 +18,7 @@ pub mod bench;
 pub mod cache;
 pub mod ffn;
 pub mod io;
+pub mod verify;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -65,6 +66,8 @@ pub struct FlashOptions {
     pub context: usize,
     /// Rows of every layer's cache, overriding calibration (tests).
     pub capacity: Option<usize>,
+    /// Check each FFN chunk's sha256 the first time the run uses it.
+    pub verify_reads: bool,
 }
 
 impl Default for FlashOptions {
@@ -77,6 +80,7 @@ impl Default for FlashOptions {
             dram_budget: None,
             context: 2048,
             capacity: None,
+            verify_reads: false,
         }
     }
 }
@@ -557,6 +561,19 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             workspace: Arc::clone(&workspace),
             state,
             stats: Arc::clone(&stats),
+            verifier: if opts.verify_reads {
+                let entry = &file.manifest.ffn_layers[i];
+                let section = file
+                    .section(&entry.section)
+                    .expect("checked at open: FFN sections exist");
+                Some(verify::ChunkVerifier::new(
+                    path,
+                    section,
+                    entry.bundle_bytes as usize,
+                )?)
+            } else {
+                None
+            },
         });
         ffns.push(Arc::clone(&ffn));
         Ok(Box::new(SharedFfn(ffn)))
