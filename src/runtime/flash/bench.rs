@@ -47,7 +47,7 @@ fn decode(model: &Model, ids: &[u32]) -> Result<f64> {
 /// Throughput of reads of `size` bytes (rounded out to the alignment) at
 /// pseudo-random aligned offsets from `from` to the end of the file, as many
 /// in flight as the reader has threads; about 32 MiB or 4000 reads.
-fn disk_gb_per_s(reader: &FlashReader, from: u64, size: usize) -> Result<f64> {
+pub fn disk_gb_per_s(reader: &FlashReader, from: u64, size: usize) -> Result<f64> {
     let align = reader.align();
     let len = size.max(1).div_ceil(align) * align;
     let file_end = reader.file_len();
