@@ -189,9 +189,11 @@ fn main() {
         density * 100.0
     );
     eprintln!(
-        "flash window {window} cache (window maxima): {:.0} MiB = {:.1}% of the FFN; DRAM budget 50% of the model = {:.0} MiB",
+        "flash window {window} cache (window maxima): {:.0} MiB = {:.1}% of the FFN; with the dense part ({:.0} MiB): {:.1}% of the model (budget 50% = {:.0} MiB)",
         cache_bytes as f64 / (1u64 << 20) as f64,
         cache_bytes as f64 / ffn_bytes as f64 * 100.0,
+        (file_len - ffn_bytes) as f64 / (1u64 << 20) as f64,
+        (cache_bytes + file_len - ffn_bytes) as f64 / file_len as f64 * 100.0,
         file_len as f64 / 2.0 / (1u64 << 20) as f64
     );
 
