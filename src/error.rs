@@ -213,10 +213,12 @@ impl Error {
 
 /// A file that is not there, or that is a directory where a file should be, is the
 /// user's input being wrong (exit 2); anything else the OS reports is the environment.
+/// An unexpected end of file is the environment too: every length is checked when a
+/// file is opened, so a read past the end means the file shrank while in use.
 fn io_exit_class(err: &std::io::Error) -> ExitClass {
     use std::io::ErrorKind::*;
     match err.kind() {
-        NotFound | InvalidData | UnexpectedEof | IsADirectory | NotADirectory | InvalidInput => {
+        NotFound | InvalidData | IsADirectory | NotADirectory | InvalidInput => {
             ExitClass::InvalidInput
         }
         _ => ExitClass::Environment,
