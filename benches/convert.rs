@@ -10,8 +10,9 @@
 //! Both the copy and the convert read the checkpoint from the page cache (it was
 //! just written); the numbers compare CPU-side costs, not a cold disk.
 
-use std::io::Write;
 use std::path::Path;
+
+use flashpack::runtime::bench::{write_synthetic_checkpoint, SyntheticShape};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -106,82 +107,22 @@ fn rss_anon_kib(pid: u32) -> Option<u64> {
 }
 
 /// Writes a Llama-shaped f16 checkpoint of about `gib` GiB with pseudo-random
-/// weights, streaming (the safetensors header is written by hand so the data never
-/// has to be in memory). Returns the layer count and the weight file's size.
+/// weights (streaming, see `write_synthetic_checkpoint`). Returns the layer count
+/// and the weight file's size.
 fn write_checkpoint(dir: &Path, gib: f64) -> (usize, u64) {
-    let per_layer = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * FFN + 2 * HIDDEN) * 2;
-    let fixed = (2 * VOCAB * HIDDEN + HIDDEN) * 2;
-    let layers = (((gib * (1u64 << 30) as f64) as usize).saturating_sub(fixed) / per_layer).max(1);
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": HIDDEN,
-        "intermediate_size": FFN, "num_hidden_layers": layers, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "max_position_embeddings": 2048, "hidden_act": "relu",
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": false, "dtype": "float16"
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let shape = |layers| SyntheticShape {
+        hidden: HIDDEN,
+        ffn: FFN,
+        vocab: VOCAB,
+        layers,
+        heads: 16,
+    };
+    let per_layer = shape(1).weight_bytes() - shape(0).weight_bytes();
+    let target = (gib * (1u64 << 30) as f64) as u64;
+    let layers = (target.saturating_sub(shape(0).weight_bytes()) / per_layer).max(1) as usize;
     let tokenizer =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/opt-relu/tokenizer.json");
-    std::fs::copy(tokenizer, dir.join("tokenizer.json")).unwrap();
-
-    let mut tensors: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]),
-        ("lm_head.weight".into(), vec![VOCAB, HIDDEN]),
-        ("model.norm.weight".into(), vec![HIDDEN]),
-    ];
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        for (n, s) in [
-            ("self_attn.q_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("self_attn.k_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("self_attn.v_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("self_attn.o_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("mlp.gate_proj.weight", vec![FFN, HIDDEN]),
-            ("mlp.up_proj.weight", vec![FFN, HIDDEN]),
-            ("mlp.down_proj.weight", vec![HIDDEN, FFN]),
-            ("input_layernorm.weight", vec![HIDDEN]),
-            ("post_attention_layernorm.weight", vec![HIDDEN]),
-        ] {
-            tensors.push((format!("{p}.{n}"), s));
-        }
-    }
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, shape) in &tensors {
-        let len = shape.iter().product::<usize>() * 2;
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut text = serde_json::Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let file = std::fs::File::create(dir.join("model.safetensors")).unwrap();
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
-    w.write_all(text.as_bytes()).unwrap();
-    // Small random f16 values (no NaN/Inf): sign, exponent 0x0C..0x0F, random mantissa.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = offset;
-    while left > 0 {
-        for pair in block.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let mut v = state;
-            for half in pair.chunks_exact_mut(2) {
-                let bits = (v as u16 & 0x83FF) | (((0x0C + ((v >> 10) & 3)) as u16) << 10);
-                half.copy_from_slice(&bits.to_le_bytes());
-                v >>= 16;
-            }
-        }
-        let n = left.min(block.len());
-        w.write_all(&block[..n]).unwrap();
-        left -= n;
-    }
-    w.flush().unwrap();
-    (layers, (8 + text.len() + offset) as u64)
+    let bytes =
+        write_synthetic_checkpoint(dir, &shape(layers), &tokenizer).expect("synthetic checkpoint");
+    (layers, bytes)
 }

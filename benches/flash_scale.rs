@@ -30,7 +30,6 @@
 //! directory, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
 //! `FLASHPACK_SCALE_NAIVE_TOKENS` (default 4), `FLASHPACK_SCALE_WINDOW` (4)).
 
-use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +37,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use flashpack::format::PackedFile;
+use flashpack::runtime::bench::{write_synthetic_checkpoint, SyntheticShape};
 use flashpack::runtime::flash::bench::disk_gb_per_s;
 use flashpack::runtime::flash::io::{ReadOp, Staging};
 use flashpack::runtime::flash::FlashReader;
@@ -360,79 +360,16 @@ fn drop_cache(path: &Path) {
 }
 
 /// Writes a Llama-shaped ReLU f16 checkpoint with `layers` layers and
-/// pseudo-random weights, streaming (as benches/convert.rs does). Returns the
-/// weight file's size.
+/// pseudo-random weights, streaming. Returns the weight file's size.
 fn write_checkpoint(dir: &Path, layers: usize) -> u64 {
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": HIDDEN,
-        "intermediate_size": FFN, "num_hidden_layers": layers, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "max_position_embeddings": 2048, "hidden_act": "relu",
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": false, "dtype": "float16"
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let shape = SyntheticShape {
+        hidden: HIDDEN,
+        ffn: FFN,
+        vocab: VOCAB,
+        layers,
+        heads: 16,
+    };
     let tokenizer =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/opt-relu/tokenizer.json");
-    std::fs::copy(tokenizer, dir.join("tokenizer.json")).unwrap();
-
-    let mut tensors: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]),
-        ("lm_head.weight".into(), vec![VOCAB, HIDDEN]),
-        ("model.norm.weight".into(), vec![HIDDEN]),
-    ];
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        for (n, s) in [
-            ("self_attn.q_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("self_attn.k_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("self_attn.v_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("self_attn.o_proj.weight", vec![HIDDEN, HIDDEN]),
-            ("mlp.gate_proj.weight", vec![FFN, HIDDEN]),
-            ("mlp.up_proj.weight", vec![FFN, HIDDEN]),
-            ("mlp.down_proj.weight", vec![HIDDEN, FFN]),
-            ("input_layernorm.weight", vec![HIDDEN]),
-            ("post_attention_layernorm.weight", vec![HIDDEN]),
-        ] {
-            tensors.push((format!("{p}.{n}"), s));
-        }
-    }
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, shape) in &tensors {
-        let len = shape.iter().product::<usize>() * 2;
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut text = serde_json::Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let file = std::fs::File::create(dir.join("model.safetensors")).unwrap();
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
-    w.write_all(text.as_bytes()).unwrap();
-    // Small random f16 values (no NaN/Inf): sign, exponent 0x0C..0x0F, random mantissa.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = offset;
-    while left > 0 {
-        for pair in block.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let mut v = state;
-            for half in pair.chunks_exact_mut(2) {
-                let bits = (v as u16 & 0x83FF) | (((0x0C + ((v >> 10) & 3)) as u16) << 10);
-                half.copy_from_slice(&bits.to_le_bytes());
-                v >>= 16;
-            }
-        }
-        let n = left.min(block.len());
-        w.write_all(&block[..n]).unwrap();
-        left -= n;
-    }
-    w.flush().unwrap();
-    (8 + text.len() + offset) as u64
+    write_synthetic_checkpoint(dir, &shape, &tokenizer).expect("synthetic checkpoint")
 }

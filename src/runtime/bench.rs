@@ -181,3 +181,98 @@ pub fn synthetic_model(layers: usize) -> Result<Model> {
     let names = ModelNames::for_config(&config);
     Model::load(&config, &names, &RandomWeights { seed: 1 })
 }
+
+/// The shape of a synthetic Llama-style f16 checkpoint written by
+/// [`write_synthetic_checkpoint`] (ReLU FFN, untied head, full-width KV heads).
+#[derive(Debug, Clone, Copy)]
+pub struct SyntheticShape {
+    pub hidden: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub layers: usize,
+    pub heads: usize,
+}
+
+impl SyntheticShape {
+    /// f16 weight bytes of the whole model.
+    pub fn weight_bytes(&self) -> u64 {
+        let h = self.hidden as u64;
+        let per_layer = 4 * h * h + 3 * h * self.ffn as u64 + 2 * h;
+        (2 * self.vocab as u64 * h + h + self.layers as u64 * per_layer) * 2
+    }
+}
+
+/// Writes a Hugging Face checkpoint directory (config.json, model.safetensors,
+/// and a copy of `tokenizer_json`) with pseudo-random f16 weights of small,
+/// finite values, streaming: the safetensors header is written first and the
+/// data a block at a time, so multi-GiB checkpoints never sit in memory. The
+/// tensor list comes from [`ModelNames`], as the reader expects it. Returns the
+/// weight file's size. For benchmarks: the weights mean nothing.
+pub fn write_synthetic_checkpoint(
+    dir: &std::path::Path,
+    shape: &SyntheticShape,
+    tokenizer_json: &std::path::Path,
+) -> Result<u64> {
+    use std::io::Write;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": shape.vocab, "hidden_size": shape.hidden,
+        "intermediate_size": shape.ffn, "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads,
+        "max_position_embeddings": 2048, "hidden_act": "relu", "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false, "dtype": "float16"
+    });
+    fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> crate::Error + '_ {
+        move |e| crate::Error::io(path, e)
+    }
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config.to_string()).map_err(io(&config_path))?;
+    let tok_path = dir.join("tokenizer.json");
+    std::fs::copy(tokenizer_json, &tok_path).map_err(io(&tok_path))?;
+    let raw: RawConfig = serde_json::from_value(config).map_err(|source| crate::Error::Json {
+        path: config_path.clone(),
+        source,
+    })?;
+    let cfg = ModelConfig::from_raw(&raw, &config_path)?;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for spec in ModelNames::for_config(&cfg).specs() {
+        let len = spec.shape.iter().product::<usize>() * 2;
+        header.insert(
+            spec.name,
+            serde_json::json!({"dtype": "F16", "shape": spec.shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut text = serde_json::Value::Object(header).to_string();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let path = dir.join("model.safetensors");
+    let file = std::fs::File::create(&path).map_err(io(&path))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(io(&path))?;
+    w.write_all(text.as_bytes()).map_err(io(&path))?;
+    // Sign, exponent 12..15 (magnitudes 2^-3 to 1), random mantissa: no NaN or Inf.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = offset;
+    while left > 0 {
+        for four in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let mut v = state;
+            for half in four.chunks_exact_mut(2) {
+                let bits = (v as u16 & 0x83FF) | (((0x0C + ((v >> 10) & 3)) as u16) << 10);
+                half.copy_from_slice(&bits.to_le_bytes());
+                v >>= 16;
+            }
+        }
+        let n = left.min(block.len());
+        w.write_all(&block[..n]).map_err(io(&path))?;
+        left -= n;
+    }
+    w.flush().map_err(io(&path))?;
+    Ok((8 + text.len() + offset) as u64)
+}
