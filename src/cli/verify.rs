@@ -330,10 +330,13 @@ fn check_recall(args: &VerifyArgs, report: &mut VerifyReport, out: &Output) -> a
             .push("predictor recall not measured: the file failed its other checks".into());
         return Ok(());
     }
+    // One read of the file: the weights serve both the model and the SiLU
+    // gate projections that labelling needs.
     let file = PackedFile::open(&args.file)?;
     let weights = crate::runtime::packed::PackedWeights::read_all(&file)?;
-    let loaded = crate::runtime::open_model(&args.file)?;
-    let Some(sparsity) = loaded.sparsity else {
+    let model = crate::runtime::Model::load(&file.config, &file.names, &weights)?;
+    let tokenizer = crate::runtime::packed::packed_tokenizer(&file)?;
+    let Some(sparsity) = crate::runtime::open::sparsity_data(&file)? else {
         report
             .failures
             .push("--calib given, but the file has no predictors".into());
@@ -348,10 +351,10 @@ fn check_recall(args: &VerifyArgs, report: &mut VerifyReport, out: &Output) -> a
     // SiLU labels must use the thresholds stored in the file, not new ones: the
     // measured recall is then against the file's own definition of "fired".
     let measured = crate::predictor::pipeline::measure_recall(
-        &loaded.model,
+        &model,
         &file.names,
         &weights,
-        &loaded.tokenizer,
+        &tokenizer,
         &args.calib,
         &opts,
         &sparsity.predictors,
