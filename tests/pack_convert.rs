@@ -39,6 +39,16 @@ fn flashpack(args: &[&str], threads: Option<&str>) -> Outcome {
     }
 }
 
+/// `flashpack convert SRC -o OUT EXTRA... --json`.
+fn convert(src: &str, out: &str, extra: &[&str], threads: Option<&str>) -> Outcome {
+    let args: Vec<&str> = ["convert", src, "-o", out]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    flashpack(&args, threads)
+}
+
 fn every_fixture() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures())
         .unwrap()
@@ -57,14 +67,10 @@ fn every_fixture_round_trips_through_convert_and_verify() {
             "{}.flashpack",
             dir.file_name().unwrap().to_string_lossy()
         ));
-        let r = flashpack(
-            &[
-                "convert",
-                dir.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--verify",
-            ],
+        let r = convert(
+            dir.to_str().unwrap(),
+            out.to_str().unwrap(),
+            &["--verify"],
             None,
         );
         assert_eq!(r.code, 0, "{}: {}", dir.display(), r.stderr);
@@ -93,15 +99,10 @@ fn dtype_conversion_rounds_as_torch_does() {
     let src = fixtures().join("opt-relu");
     for dtype in ["f16", "bf16"] {
         let out = tmp.path().join(format!("{dtype}.flashpack"));
-        let r = flashpack(
-            &[
-                "convert",
-                src.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--dtype",
-                dtype,
-            ],
+        let r = convert(
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+            &["--dtype", dtype],
             None,
         );
         assert_eq!(r.code, 0, "{}", r.stderr);
@@ -127,13 +128,10 @@ fn output_is_byte_identical_across_runs_and_thread_counts() {
         let mut outputs = Vec::new();
         for (i, threads) in ["1", "2", "2"].iter().enumerate() {
             let out = tmp.path().join(format!("run{i}.flashpack"));
-            let r = flashpack(
-                &[
-                    "convert",
-                    src.to_str().unwrap(),
-                    "-o",
-                    out.to_str().unwrap(),
-                ],
+            let r = convert(
+                src.to_str().unwrap(),
+                out.to_str().unwrap(),
+                &[],
                 Some(threads),
             );
             assert_eq!(r.code, 0, "{}", r.stderr);
@@ -153,16 +151,7 @@ fn a_flipped_byte_is_located_to_its_section_and_chunk() {
     let out = tmp.path().join("m.flashpack");
     let src = fixtures().join("opt-relu");
     assert_eq!(
-        flashpack(
-            &[
-                "convert",
-                src.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap()
-            ],
-            None
-        )
-        .code,
+        convert(src.to_str().unwrap(), out.to_str().unwrap(), &[], None).code,
         0
     );
     let pristine = std::fs::read(&out).unwrap();
@@ -242,15 +231,7 @@ fn failed_convert_leaves_the_previous_output_and_no_temporary_file() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let r = flashpack(
-        &[
-            "convert",
-            src.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    let r = convert(src.to_str().unwrap(), out.to_str().unwrap(), &[], None);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert_eq!(std::fs::read(&out).unwrap(), b"previous output");
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
@@ -266,15 +247,10 @@ fn bad_convert_options_are_usage_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m.flashpack");
     let src = fixtures().join("opt-relu");
-    let r = flashpack(
-        &[
-            "convert",
-            src.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--align",
-            "3000",
-        ],
+    let r = convert(
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &["--align", "3000"],
         None,
     );
     assert_eq!(r.code, 2);
@@ -288,15 +264,10 @@ fn inspect_describes_a_packed_file_as_it_does_its_checkpoint() {
     let out = tmp.path().join("m.flashpack");
     let src = fixtures().join("opt-relu");
     assert_eq!(
-        flashpack(
-            &[
-                "convert",
-                src.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--dtype",
-                "bf16"
-            ],
+        convert(
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+            &["--dtype", "bf16"],
             None
         )
         .code,

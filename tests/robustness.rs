@@ -20,6 +20,15 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Names of the temporary output files left in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_flashpack"))
 }
@@ -244,11 +253,7 @@ fn convert_killed_at_any_moment_leaves_the_output_path_untouched_or_complete() {
         .output()
         .unwrap();
     assert!(ok.status.success());
-    let left: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect();
+    let left = temporaries(tmp.path());
     assert!(left.is_empty(), "stale temporaries remain: {left:?}");
 }
 
@@ -281,11 +286,7 @@ fn interrupted_convert_removes_its_temporary_files() {
         "convert should have been interrupted mid-way"
     );
     assert!(!out.exists());
-    let left: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect();
+    let left = temporaries(tmp.path());
     assert!(left.is_empty(), "{left:?}");
 }
 
