@@ -2,24 +2,13 @@
 //! bundles in DRAM) gives the checkpoint's logits and greedy continuations, and
 //! the CLI's run and eval accept packed files.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixtures, nmse};
+
+use std::path::PathBuf;
 
 use flashpack::pack::{convert, ConvertOptions};
 use flashpack::runtime::{open_model, KvCache, Logits, ModelSource};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn nmse(x: &[f32], r: &[f32]) -> f64 {
-    let num: f64 = x
-        .iter()
-        .zip(r)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let den: f64 = r.iter().map(|&b| (b as f64).powi(2)).sum();
-    num / den
-}
 
 /// Greedy continuation of `prompt` for `steps` tokens.
 fn greedy(model: &flashpack::runtime::Model, prompt: &[u32], steps: usize) -> Vec<u32> {

@@ -3,6 +3,9 @@
 //! hot-first neuron order changes nothing; predicted mode keeps perplexity and
 //! stays sparse; calibrated packing is reproducible across thread counts.
 
+mod common;
+use common::{fixtures, nmse};
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -15,10 +18,6 @@ use flashpack::runtime::ffn::Fired;
 use flashpack::runtime::perplexity::perplexity;
 use flashpack::runtime::sparse::{FfnMode, SparsityData};
 use flashpack::runtime::{open_model, Logits, Model, Observer};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
 
 fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
@@ -55,16 +54,6 @@ fn calibrated(name: &'static str) -> &'static Path {
     convert(&model_dir(name), out, &options, &|_, _| {}).unwrap();
     files.push((name, out));
     out
-}
-
-fn nmse(x: &[f32], r: &[f32]) -> f64 {
-    let num: f64 = x
-        .iter()
-        .zip(r)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let den: f64 = r.iter().map(|&b| (b as f64).powi(2)).sum();
-    num / den
 }
 
 fn heldout_ids(tok: &flashpack::input::TextTokenizer) -> Vec<u32> {

@@ -3,7 +3,10 @@
 //! `dense`, flash reads less than naive, the byte counts agree with the kernel's,
 //! and a budget below the minimum is refused with exit 2 and the number.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixtures, nmse};
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -45,10 +48,6 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
 
 #[global_allocator]
 static ALLOCATOR: CountingAlloc = CountingAlloc;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
 
 /// A calibrated packed file of a fixture, made once per test binary.
 fn calibrated(name: &'static str) -> &'static Path {
@@ -117,16 +116,6 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
 fn flash(path: &Path, opts: FlashOptions) -> (Model, FlashRuntime) {
     let (loaded, rt) = open_flash(path, &opts).unwrap();
     (loaded.model, rt)
-}
-
-fn nmse(x: &[f32], r: &[f32]) -> f64 {
-    let num: f64 = x
-        .iter()
-        .zip(r)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let den: f64 = r.iter().map(|&b| (b as f64).powi(2)).sum();
-    num / den
 }
 
 #[test]
