@@ -338,6 +338,17 @@ fn rule_16_section_table() {
         m["sections"][i]["compression"] = "zstd".into();
     });
     assert_eq!(open_error(&path).rule(), 16);
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "dense");
+        // A kind tensors may lie in, so only the required kind catches it.
+        m["sections"][i]["kind"] = "predictor".into();
+    });
+    assert_eq!(
+        open_error(&path).rule(),
+        16,
+        "a required section of the wrong kind"
+    );
 }
 
 #[test]

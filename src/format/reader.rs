@@ -349,10 +349,24 @@ impl Checker<'_> {
                 expected: previous_end,
             });
         }
-        for required in [DENSE_SECTION, TOKENIZER_SECTION] {
-            if !index.contains_key(required) {
+        // The kind matters, not only the name: the runtime trusts `dense` to hold
+        // the tensors and `tokenizer.json` to be the carried file.
+        for (required, kind) in [
+            (DENSE_SECTION, SectionKind::Dense),
+            (TOKENIZER_SECTION, SectionKind::File),
+        ] {
+            let Some(&i) = index.get(required) else {
                 return Err(FormatError::SectionTable {
                     message: format!("required section {required:?} is missing"),
+                });
+            };
+            if m.sections[i].kind != kind {
+                return Err(FormatError::SectionTable {
+                    message: format!(
+                        "section {required:?} is of kind {}, must be {}",
+                        kind_name(m.sections[i].kind),
+                        kind_name(kind)
+                    ),
                 });
             }
         }
@@ -449,6 +463,15 @@ impl Checker<'_> {
                 .get(&spec.name)
                 .map(|&i| &m.tensors[i])
                 .ok_or_else(|| model(format!("tensor {:?} is missing", spec.name)))?;
+            // The runtime reads the architecture's tensors from the dense section
+            // (formats/flashpack-v1.md, 3); one placed in the predictor section
+            // would be read from the wrong bytes.
+            if entry.section != DENSE_SECTION {
+                return Err(model(format!(
+                    "tensor {:?} is in section {:?}, not {DENSE_SECTION:?}",
+                    spec.name, entry.section
+                )));
+            }
             let shape: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
             if shape != spec.shape || entry.dtype == TableDType::U32 {
                 return Err(model(format!(
@@ -514,9 +537,13 @@ impl Checker<'_> {
                 });
             }
             let order = tensors.get(&layer.order_tensor).map(|&t| &m.tensors[t]);
-            if !order.is_some_and(|o| o.dtype == TableDType::U32 && o.shape == [layer.neurons]) {
+            if !order.is_some_and(|o| {
+                o.dtype == TableDType::U32
+                    && o.shape == [layer.neurons]
+                    && o.section == DENSE_SECTION
+            }) {
                 return Err(bad(format!(
-                    "order tensor {:?} must be u32 of shape [{}]",
+                    "order tensor {:?} must be u32 of shape [{}] in section {DENSE_SECTION:?}",
                     layer.order_tensor, layer.neurons
                 )));
             }
@@ -564,18 +591,28 @@ impl Checker<'_> {
                 (&p.b_tensor, vec![r, n]),
                 (&p.bias_tensor, vec![n]),
             ] {
-                let ok = tensors
-                    .get(name)
-                    .map(|&i| &m.tensors[i])
-                    .is_some_and(|t| t.shape == shape && t.dtype != TableDType::U32);
+                // The runtime reads predictor tensors from the predictor section.
+                let ok = tensors.get(name).map(|&i| &m.tensors[i]).is_some_and(|t| {
+                    t.shape == shape && t.dtype != TableDType::U32 && t.section == PREDICTOR_SECTION
+                });
                 if !ok {
                     return Err(bad(format!(
-                        "tensor {name:?} must be floating point of shape {shape:?}"
+                        "tensor {name:?} must be floating point of shape {shape:?} in section {PREDICTOR_SECTION:?}"
                     )));
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// A section kind as the manifest spells it.
+fn kind_name(kind: SectionKind) -> &'static str {
+    match kind {
+        SectionKind::Dense => "dense",
+        SectionKind::Ffn => "ffn",
+        SectionKind::File => "file",
+        SectionKind::Predictor => "predictor",
     }
 }
 
