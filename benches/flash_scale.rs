@@ -1,53 +1,67 @@
-//! Flash at scale (a measurement, not a test; issue 6, "Benchmark"): the I/O of
-//! one decoded token on a multi-GiB FFN, naive versus flash, cold, with direct
-//! reads from the converted file.
+//! Flash at scale (a measurement, not a test; issue 6, "Benchmark"): whole
+//! decoded tokens of a model whose FFN is 2 GiB, through the runtime's
+//! `open_flash`, under a DRAM budget of half the packed file, against the
+//! paper's naive baseline and a llama.cpp-style memory map.
 //!
-//! 1. Writes a synthetic Llama-shaped ReLU checkpoint (hidden 2048, FFN 11008,
-//!    f16, `FLASHPACK_SCALE_LAYERS` layers, default 16: 2.0 GiB of FFN),
-//!    streaming, and packs it with `flashpack::pack::convert` (no calibration:
-//!    checkpoint neuron order, no predictors).
-//! 2. Neuron activity replays a trace kept from the trained fixture
-//!    (`flashpack calibrate fixtures/models/opt-relu --calib
-//!    fixtures/text/train.txt --keep-trace DIR`, run here unless
-//!    `FLASHPACK_SCALE_TRACE` names such a directory): synthetic layer `l`,
-//!    token `t`, neuron `j` fires iff fixture layer `l % 4`, token `t`, neuron
-//!    `j % 512` fires (the fixture's sparsity, adjacency and token-to-token
-//!    correlation, tiled across the width).
-//! 3. Measures at the I/O layer, through the runtime's `FlashReader` (O_DIRECT,
-//!    reads rounded out to the file's alignment, 4 reads in flight) after
-//!    `posix_fadvise(DONTNEED)` on the whole file:
-//!    - naive: every layer's whole FFN section per token, 1 MiB reads;
-//!    - oracle window 0: exactly the token's fired bundles per layer, nothing
-//!      kept between tokens;
-//!    - flash window W: the runtime's sliding window (bundles fired in the last
-//!      W tokens stay resident; only newly fired ones are read), active sets
-//!      taken from the trace (a perfect predictor).
-//!      Reads coalesce bundles at most one bundle apart (and bundles whose
-//!      aligned blocks touch), split at 256 KiB, as the runtime does.
+//! 1. A trained model's activity: the opt-relu fixture is converted with
+//!    calibration on `fixtures/text/train.txt` (hot-first order, trained
+//!    predictors), and `flashpack calibrate --keep-trace` records its FFN
+//!    inputs and firing on the held-out text (`FLASHPACK_SCALE_TRACE` names a
+//!    kept trace to reuse). `flash::replay::from_kept_trace` turns that into
+//!    two replays in packed order: the neurons that fired, and the neurons the
+//!    trained predictors choose for the same inputs (misses and false
+//!    positives included).
+//! 2. A synthetic Llama-shaped ReLU checkpoint (hidden 2048, FFN 11008, f16,
+//!    `FLASHPACK_SCALE_LAYERS` layers, default 16: 2.0 GiB of FFN), written
+//!    streaming and packed by `flashpack::pack::convert` (alignment 4096).
+//! 3. The replays tiled to its size (layer `l` replays fixture layer `l % 4`,
+//!    neuron `j` is chosen iff fixture neuron `j % 512` is) and given to the
+//!    runtime in place of predictor and oracle (`FlashOptions::replay`). Each
+//!    mode is opened fresh with `--dram-budget` (default 50% of the file,
+//!    `FLASHPACK_SCALE_BUDGET`), after `posix_fadvise(DONTNEED)` on the file,
+//!    and decodes the same token ids one at a time: attention, norms, the
+//!    sparse FFN and the LM head are computed for real (synthetic weights:
+//!    the numbers mean nothing, the work is the real work). Only the
+//!    predictor's own matmul is skipped.
+//!    - naive: every layer's whole FFN read per token in 1 MiB reads, every
+//!      neuron computed;
+//!    - flash window 0 and window W (`FLASHPACK_SCALE_WINDOW`, default 4): the
+//!      predictors' sets through the window cache;
+//!    - oracle-flash window W: the fired sets (the lower bound on bytes).
+//! 4. mmap: a child process in a new memory cgroup limited to the same
+//!    budget (cgroup v1 or v2, where writable) maps the file and, per token,
+//!    reads every FFN weight through the page cache (dot products with the
+//!    runtime's kernel, 2 threads); as many bytes as the dense part has are
+//!    held in anonymous memory and read too, as llama.cpp's hot weights would
+//!    be (the section is compressed here, so it is not mapped). Skipped with a reason when no
+//!    cgroup can be made.
 //!
-//! No matmuls: what is timed is the reads. Run:
-//! `cargo bench --bench flash_scale` (`FLASHPACK_BENCH_DIR` for the scratch
-//! directory, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
-//! `FLASHPACK_SCALE_NAIVE_TOKENS` (default 4), `FLASHPACK_SCALE_WINDOW` (4)).
+//! Run: `cargo bench --bench flash_scale` (`FLASHPACK_BENCH_DIR` for the
+//! 5.5 GiB of scratch, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
+//! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4)).
 
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
+use flashpack::format::layout::DENSE_SECTION;
 use flashpack::format::PackedFile;
 use flashpack::runtime::bench::{write_synthetic_checkpoint, SyntheticShape};
-use flashpack::runtime::flash::bench::disk_gb_per_s;
-use flashpack::runtime::flash::io::{ReadOp, Staging};
-use flashpack::runtime::flash::FlashReader;
+use flashpack::runtime::flash::bench::{measure_mode, ModeRow};
+use flashpack::runtime::flash::replay::from_kept_trace;
+use flashpack::runtime::flash::{parse_size, DiskMode, FlashOptions, Replay};
+use flashpack::runtime::kernels::{dot_weights, Weights};
+use rayon::prelude::*;
 
 const HIDDEN: usize = 2048;
 const FFN: usize = 11008;
 const VOCAB: usize = 32000;
-const THREADS: usize = 4;
-const NAIVE_READ: usize = 1 << 20;
-const FLASH_READ: usize = 256 << 10;
+const MMAP_CHILD: &str = "FLASHPACK_SCALE_MMAP_CHILD";
+
+/// One measured mode: name, mode, window, replayed sets, tokens.
+type Run<'a> = (String, DiskMode, usize, Option<&'a Arc<Replay>>, usize);
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -57,35 +71,68 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    if let Some(path) = std::env::var_os(MMAP_CHILD) {
+        mmap_child(Path::new(&path));
+        return;
+    }
     let layers = env_usize("FLASHPACK_SCALE_LAYERS", 16);
     let tokens = env_usize("FLASHPACK_SCALE_TOKENS", 128);
     let naive_tokens = env_usize("FLASHPACK_SCALE_NAIVE_TOKENS", 4);
     let window = env_usize("FLASHPACK_SCALE_WINDOW", 4);
+    let budget_text = std::env::var("FLASHPACK_SCALE_BUDGET").unwrap_or_else(|_| "50%".into());
     let base = std::env::var_os("FLASHPACK_BENCH_DIR")
         .map(Into::into)
         .unwrap_or_else(std::env::temp_dir);
     let scratch = tempfile::tempdir_in(base).expect("scratch dir");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = env!("CARGO_BIN_EXE_flashpack");
+    let flashpack = |args: &[&std::ffi::OsStr]| {
+        let status = Command::new(exe)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "flashpack {args:?} failed");
+    };
 
+    // 1. The trained fixture, its predictors and a trace on held-out text.
+    let t0 = Instant::now();
+    let fixture = root.join("fixtures/models/opt-relu");
+    let fixture_packed = scratch.path().join("opt-relu.flashpack");
+    flashpack(&[
+        "convert".as_ref(),
+        fixture.as_os_str(),
+        "-o".as_ref(),
+        fixture_packed.as_os_str(),
+        "--calib".as_ref(),
+        root.join("fixtures/text/train.txt").as_os_str(),
+    ]);
     let trace_dir: PathBuf = match std::env::var_os("FLASHPACK_SCALE_TRACE") {
         Some(d) => d.into(),
         None => {
             let d = scratch.path().join("trace");
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let status = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-                .arg("calibrate")
-                .arg(root.join("fixtures/models/opt-relu"))
-                .arg("--calib")
-                .arg(root.join("fixtures/text/train.txt"))
-                .arg("--keep-trace")
-                .arg(&d)
-                .stdout(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success(), "calibrate --keep-trace failed");
+            flashpack(&[
+                "calibrate".as_ref(),
+                fixture.as_os_str(),
+                "--calib".as_ref(),
+                root.join("fixtures/text/heldout.txt").as_os_str(),
+                "--keep-trace".as_ref(),
+                d.as_os_str(),
+            ]);
             d
         }
     };
+    let (fired, predicted) =
+        from_kept_trace(&trace_dir, &fixture_packed, tokens).expect("replays from the trace");
+    eprintln!(
+        "fixture: {} tokens of held-out trace, {:.1}% fired, predictors chose {:.1}% ({:.1} s)",
+        fired.tokens(),
+        fired.mean_fraction() * 100.0,
+        predicted.mean_fraction() * 100.0,
+        t0.elapsed().as_secs_f64()
+    );
 
+    // 2. The synthetic model.
     let ckpt = scratch.path().join("ckpt");
     std::fs::create_dir(&ckpt).unwrap();
     let t0 = Instant::now();
@@ -106,249 +153,336 @@ fn main() {
     .expect("convert");
     eprintln!("converted in {:.1} s", t0.elapsed().as_secs_f64());
     std::fs::remove_dir_all(&ckpt).unwrap();
+    let file_len = std::fs::metadata(&packed).unwrap().len();
+    let ffn_bytes = {
+        let file = PackedFile::open(&packed).expect("open packed");
+        file.manifest
+            .ffn_layers
+            .iter()
+            .map(|e| e.neurons * e.bundle_bytes)
+            .sum::<u64>()
+    };
+    let budget = parse_size(&budget_text, file_len).expect("FLASHPACK_SCALE_BUDGET");
 
-    let file = PackedFile::open(&packed).expect("open packed");
-    let align = (file.manifest.alignment as usize).max(512);
-    let mut specs = Vec::new(); // (offset, neurons, stride)
-    for e in &file.manifest.ffn_layers {
-        let s = file.section(&e.section).expect("ffn section");
-        specs.push((s.offset, e.neurons as usize, e.bundle_bytes as usize));
-    }
-    let file_len = file.file_length;
-    drop(file);
-    let stride = specs[0].2;
-    let ffn_bytes: u64 = specs.iter().map(|s| (s.1 * s.2) as u64).sum();
-    let first = specs.iter().map(|s| s.0).min().unwrap();
-
-    // Trace: per fixture layer, per token, the fired bits.
-    let mut fixture: Vec<Vec<Vec<u64>>> = Vec::new();
-    let fixture_ffn = 512usize;
-    let words = fixture_ffn.div_ceil(64);
-    while let Ok(raw) = std::fs::read(trace_dir.join(format!("layer{}.fired.bits", fixture.len())))
-    {
-        let toks: Vec<Vec<u64>> = raw
-            .chunks_exact(words * 8)
-            .map(|c| {
-                c.chunks_exact(8)
-                    .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
-                    .collect()
-            })
-            .collect();
-        fixture.push(toks);
-    }
-    assert!(!fixture.is_empty(), "no layer0.fired.bits in {trace_dir:?}");
-    let trace_tokens = fixture[0].len();
-    let tokens = tokens.min(trace_tokens);
-    // active[t][l] = sorted fired neurons of synthetic layer l at token t.
-    let active: Vec<Vec<Vec<u32>>> = (0..tokens)
-        .map(|t| {
-            (0..specs.len())
-                .map(|l| {
-                    let bits = &fixture[l % fixture.len()][t];
-                    (0..specs[l].1 as u32)
-                        .filter(|&j| {
-                            let f = j as usize % fixture_ffn;
-                            bits[f / 64] >> (f % 64) & 1 == 1
-                        })
-                        .collect()
-                })
-                .collect()
-        })
-        .collect();
-    let fired: usize = active.iter().flatten().map(Vec::len).sum();
-    let density = fired as f64 / (tokens * specs.iter().map(|s| s.1).sum::<usize>()) as f64;
-
-    // Window maxima: the cache capacity flash needs per layer.
-    let cap_rows: usize = (0..specs.len())
-        .map(|l| {
-            (0..tokens)
-                .map(|t| {
-                    let mut u: Vec<u32> = active[t.saturating_sub(window)..=t]
-                        .iter()
-                        .flat_map(|a| a[l].iter().copied())
-                        .collect();
-                    u.sort_unstable();
-                    u.dedup();
-                    u.len()
-                })
-                .max()
-                .unwrap_or(0)
-        })
-        .sum();
-    let cache_bytes = (cap_rows * stride) as u64;
-
+    // 3. The runtime, mode by mode.
+    let fired = Arc::new(fired.tiled(layers, FFN, tokens).unwrap());
+    let predicted = Arc::new(predicted.tiled(layers, FFN, tokens).unwrap());
+    let tokens = fired.tokens();
     eprintln!(
-        "packed {:.2} GiB, FFN {:.2} GiB in {} layers x {} bundles of {} B, alignment {}; trace {} tokens, density {:.1}%",
+        "packed {:.2} GiB, FFN {:.2} GiB; budget {budget_text} = {:.0} MiB; replay {tokens} tokens: fired {:.1}%, predicted {:.1}%",
         file_len as f64 / (1u64 << 30) as f64,
         ffn_bytes as f64 / (1u64 << 30) as f64,
-        specs.len(),
-        specs[0].1,
-        stride,
-        align,
-        trace_tokens,
-        density * 100.0
+        budget as f64 / (1u64 << 20) as f64,
+        fired.mean_fraction() * 100.0,
+        predicted.mean_fraction() * 100.0
     );
-    eprintln!(
-        "flash window {window} cache (window maxima): {:.0} MiB = {:.1}% of the FFN; with the dense part ({:.0} MiB): {:.1}% of the model (budget 50% = {:.0} MiB)",
-        cache_bytes as f64 / (1u64 << 20) as f64,
-        cache_bytes as f64 / ffn_bytes as f64 * 100.0,
-        (file_len - ffn_bytes) as f64 / (1u64 << 20) as f64,
-        (cache_bytes + file_len - ffn_bytes) as f64 / file_len as f64 * 100.0,
-        file_len as f64 / 2.0 / (1u64 << 20) as f64
-    );
-
-    let reader = FlashReader::open(&packed, align, first, THREADS).expect("reader");
-    eprintln!("io mode: {}", reader.mode().as_str());
-    let mut rows: Vec<Row> = Vec::new();
-
-    // Naive.
-    drop_cache(&packed);
-    let mut staging = Staging::new(THREADS, NAIVE_READ, align).unwrap();
-    let (b0, o0) = counters(&reader);
-    let mut io_s = 0.0;
-    for _ in 0..naive_tokens {
-        for &(off, n, st) in &specs {
-            let end = off + (n * st) as u64;
-            let mut ops = Vec::new();
-            let mut at = off;
-            while at < end {
-                let len = ((end - at) as usize).min(NAIVE_READ).div_ceil(align) * align;
-                ops.push(ReadOp { offset: at, len });
-                at += len as u64;
+    let ids: Vec<u32> = (0..tokens)
+        .map(|t| ((t * 7919 + 13) % VOCAB) as u32)
+        .collect();
+    let base = FlashOptions {
+        dram_budget: Some(budget),
+        context: tokens,
+        ..FlashOptions::default()
+    };
+    let runs: [Run; 4] = [
+        ("naive".into(), DiskMode::Naive, window, None, naive_tokens),
+        (
+            "flash window 0".into(),
+            DiskMode::Flash,
+            0,
+            Some(&predicted),
+            tokens,
+        ),
+        (
+            format!("flash window {window}"),
+            DiskMode::Flash,
+            window,
+            Some(&predicted),
+            tokens,
+        ),
+        (
+            format!("oracle-flash window {window}"),
+            DiskMode::Oracle,
+            window,
+            Some(&fired),
+            tokens,
+        ),
+    ];
+    let mut rows: Vec<ModeRow> = Vec::new();
+    let mut mmap = Err("not run".to_string());
+    for (name, mode, w, replay, n) in runs {
+        if mode != DiskMode::Naive {
+            // The llama.cpp-style baseline beside naive, a few seconds apart:
+            // this disk's throughput drifts over minutes.
+            if mmap.is_err() {
+                drop_cache(&packed);
+                mmap = mmap_baseline(&packed, budget, naive_tokens);
             }
-            io_s += run_ops(&reader, &mut staging, &ops);
         }
-    }
-    rows.push(row("naive", naive_tokens, &reader, b0, o0, io_s, first));
-
-    // Oracle window 0 and flash window W.
-    for (name, w) in [
-        ("oracle window 0".to_string(), None),
-        (format!("flash window {window}"), Some(window)),
-    ] {
         drop_cache(&packed);
-        let mut staging = Staging::new(THREADS, FLASH_READ + align, align).unwrap();
-        let mut resident: Vec<Vec<bool>> = specs.iter().map(|s| vec![false; s.1]).collect();
-        let (b0, o0) = counters(&reader);
-        let mut io_s = 0.0;
-        for t in 0..tokens {
-            for (l, &(off, _, st)) in specs.iter().enumerate() {
-                let want: Vec<u32> = active[t][l]
-                    .iter()
-                    .copied()
-                    .filter(|&j| !resident[l][j as usize])
-                    .collect();
-                let ops = coalesce(&want, off, st, align);
-                io_s += run_ops(&reader, &mut staging, &ops);
-                if let Some(w) = w {
-                    let r = &mut resident[l];
-                    r.iter_mut().for_each(|x| *x = false);
-                    for a in &active[t.saturating_sub(w)..=t] {
-                        for &j in &a[l] {
-                            r[j as usize] = true;
-                        }
-                    }
-                }
+        let opts = FlashOptions {
+            mode,
+            window: w,
+            replay: replay.cloned(),
+            ..base.clone()
+        };
+        match measure_mode(&packed, &ids[..n.min(ids.len())], &opts, &name) {
+            Ok(row) => {
+                eprintln!("{name}: {:.1} ms/token", row.ms_per_token);
+                rows.push(row);
             }
+            Err(e) => eprintln!("{name}: refused: {e}"),
         }
-        rows.push(row(&name, tokens, &reader, b0, o0, io_s, first));
     }
 
-    let naive_ms = rows[0].io_ms;
-    let oracle_bytes = rows[1].bytes;
+    let predictor_ms = synthetic_predictor_ms(layers);
+
+    let naive_ms = rows
+        .iter()
+        .find(|r| r.mode == "naive")
+        .map_or(f64::NAN, |r| r.ms_per_token);
+    let oracle_bytes = rows
+        .iter()
+        .find(|r| r.mode.starts_with("oracle"))
+        .map_or(f64::NAN, |r| r.bytes_read_per_token);
     println!(
-        "| mode | tokens | bytes/token | reads/token | mean read KiB | I/O ms/token | read GB/s | disk GB/s, same size | of disk | speedup | bytes / oracle |"
+        "\nmodel {:.2} GiB (FFN {:.2} GiB), budget {:.0} MiB, {} flash tokens, io_mode {}",
+        file_len as f64 / (1u64 << 30) as f64,
+        ffn_bytes as f64 / (1u64 << 30) as f64,
+        budget as f64 / (1u64 << 20) as f64,
+        tokens,
+        rows.first().and_then(|r| r.io_mode).unwrap_or("-")
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "predictor at this size, measured apart (rank {PREDICTOR_RANK}, random weights, {layers} layers): {predictor_ms:.1} ms/token; the replay skips it, the last columns add it to the sparse modes\n"
+    );
+    println!(
+        "| mode | tokens | DRAM plan MiB | bytes/token | reads/token | mean read KiB | read GB/s | disk GB/s, same size | of disk | I/O ms | predictor ms | memory ms | FFN compute ms | total ms/token | speedup | bytes / oracle | + predictor ms/token | speedup |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let with_predictor =
+        |r: &ModeRow| r.ms_per_token + if r.mode == "naive" { 0.0 } else { predictor_ms };
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.2} | {:.3} | {:.3} | {:.0}% | {:.2}x | {:.2} |",
-            r.name,
+            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {:.0}% | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x |",
+            r.mode,
             r.tokens,
-            r.bytes,
-            r.ops,
-            r.mean / 1024.0,
-            r.io_ms,
-            r.gbps,
-            r.disk,
-            r.gbps / r.disk.max(1e-9) * 100.0,
-            naive_ms / r.io_ms.max(1e-9),
-            r.bytes / oracle_bytes.max(1.0)
+            r.dram_plan_bytes as f64 / (1u64 << 20) as f64,
+            r.bytes_read_per_token,
+            r.read_ops_per_token,
+            r.mean_read_bytes / 1024.0,
+            r.read_gb_per_s,
+            r.disk_gb_per_s_same_size,
+            r.read_gb_per_s / r.disk_gb_per_s_same_size.max(1e-9) * 100.0,
+            r.io_ms_per_token,
+            r.predictor_ms_per_token,
+            r.memory_ms_per_token,
+            r.ffn_compute_ms_per_token,
+            r.ms_per_token,
+            naive_ms / r.ms_per_token,
+            r.bytes_read_per_token / oracle_bytes,
+            with_predictor(r),
+            naive_ms / with_predictor(r)
         );
     }
+    match mmap {
+        Ok(m) => println!(
+            "| mmap, cgroup limit {:.0} MiB | {} | - | {:.0} | - | - | - | - | - | - | - | - | - | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x |",
+            budget as f64 / (1u64 << 20) as f64,
+            m.tokens,
+            m.read_bytes_per_token,
+            m.ms_per_token,
+            naive_ms / m.ms_per_token,
+            m.read_bytes_per_token / oracle_bytes,
+            m.ms_per_token,
+            naive_ms / m.ms_per_token
+        ),
+        Err(why) => println!("\nmmap baseline skipped: {why}"),
+    }
 }
 
-struct Row {
-    name: String,
+/// Rank of the stand-in predictor: the trainer's starting point for real
+/// models (hidden / 16).
+const PREDICTOR_RANK: usize = HIDDEN / 16;
+
+/// Milliseconds per token of `layers` low-rank predictors of this model's
+/// size (random weights: the cost does not depend on them), over 32 tokens.
+fn synthetic_predictor_ms(layers: usize) -> f64 {
+    use flashpack::predictor::train::LowRankPredictor;
+    let r = PREDICTOR_RANK;
+    let value = |i: usize| ((i * 2654435761) % 1000) as f32 / 1000.0 - 0.5;
+    let p = LowRankPredictor {
+        d: HIDDEN,
+        rank: r,
+        ffn: FFN,
+        a: (0..HIDDEN * r).map(value).collect(),
+        b: (0..r * FFN).map(|i| value(i + 7)).collect(),
+        bias: vec![-1.0; FFN],
+        threshold: 0.0,
+    };
+    let x: Vec<f32> = (0..HIDDEN).map(|i| value(i + 3)).collect();
+    let (mut scratch, mut logits, mut set) = (Vec::new(), Vec::new(), Vec::new());
+    let tokens = 32;
+    let t0 = Instant::now();
+    // One per layer, as the runtime holds them: 16 x 6.7 MB do not stay in
+    // the CPU's caches.
+    let all = vec![p; layers];
+    for _ in 0..tokens {
+        for p in &all {
+            p.predict(&x, &mut scratch, &mut logits, &mut set);
+        }
+    }
+    t0.elapsed().as_secs_f64() * 1e3 / tokens as f64
+}
+
+/// The child's measurement, one JSON line on its stdout.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MmapResult {
     tokens: usize,
-    bytes: f64,
-    ops: f64,
-    mean: f64,
-    io_ms: f64,
-    gbps: f64,
-    disk: f64,
+    /// Mean over tokens after the first (the first also faults in what a
+    /// warm page cache would already hold).
+    ms_per_token: f64,
+    /// Bytes the child made the kernel read from storage per token
+    /// (`read_bytes` of `/proc/self/io`, page-fault readahead included).
+    read_bytes_per_token: f64,
+    peak_rss_bytes: u64,
 }
 
-fn counters(r: &FlashReader) -> (u64, u64) {
-    (
-        r.counters.bytes.load(Ordering::Relaxed),
-        r.counters.ops.load(Ordering::Relaxed),
-    )
+/// Runs [`mmap_child`] in a fresh memory cgroup limited to `budget` bytes.
+fn mmap_baseline(packed: &Path, budget: u64, tokens: usize) -> Result<MmapResult, String> {
+    let cg = MemoryCgroup::create(budget)?;
+    let out = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .env(MMAP_CHILD, packed)
+        .env("FLASHPACK_SCALE_MMAP_PROCS", &cg.procs)
+        .env("FLASHPACK_SCALE_MMAP_TOKENS", tokens.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    drop(cg);
+    if !out.status.success() {
+        return Err(format!("the mmap child failed: {}", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("")).map_err(|e| e.to_string())
 }
 
-fn row(name: &str, tokens: usize, r: &FlashReader, b0: u64, o0: u64, io_s: f64, first: u64) -> Row {
-    let (b1, o1) = counters(r);
-    let (bytes, ops) = ((b1 - b0) as f64, (o1 - o0) as f64);
-    let mean = bytes / ops.max(1.0);
-    let disk = disk_gb_per_s(r, first, mean as usize).unwrap();
-    let n = tokens.max(1) as f64;
-    eprintln!("{name}: done");
-    Row {
-        name: name.to_string(),
-        tokens,
-        bytes: bytes / n,
-        ops: ops / n,
-        mean,
-        io_ms: io_s * 1e3 / n,
-        gbps: bytes / io_s.max(1e-9) / 1e9,
-        disk,
+/// A memory cgroup made for one child, removed on drop.
+struct MemoryCgroup {
+    dir: PathBuf,
+    procs: PathBuf,
+}
+
+impl MemoryCgroup {
+    fn create(limit: u64) -> Result<MemoryCgroup, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        // cgroup v1's memory controller, else the v2 unified hierarchy.
+        let (parent, limit_file) = if let Some(p) = own
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+        {
+            (
+                Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
+                "memory.limit_in_bytes",
+            )
+        } else if let Some(p) = own.lines().find_map(|l| l.strip_prefix("0::")) {
+            (
+                Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')),
+                "memory.max",
+            )
+        } else {
+            return Err("no memory cgroup in /proc/self/cgroup".into());
+        };
+        let dir = parent.join(format!("flashpack-mmap-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        let cg = MemoryCgroup {
+            procs: dir.join("cgroup.procs"),
+            dir,
+        };
+        std::fs::write(cg.dir.join(limit_file), limit.to_string())
+            .map_err(|e| format!("{limit_file}: {e}"))?;
+        Ok(cg)
     }
 }
 
-/// Runs `ops` `THREADS` at a time; returns the seconds spent.
-fn run_ops(reader: &FlashReader, staging: &mut Staging, ops: &[ReadOp]) -> f64 {
-    let t = Instant::now();
-    for batch in ops.chunks(staging.slots) {
-        reader.read_batch(staging, batch).expect("read");
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
     }
-    t.elapsed().as_secs_f64()
 }
 
-/// Reads for the sorted bundles `want` of a layer at `off` with stride `st`:
-/// runs at most one bundle apart (or whose aligned blocks touch) merge, the
-/// merged ranges are rounded out to `align` and split at `FLASH_READ`.
-fn coalesce(want: &[u32], off: u64, st: usize, align: usize) -> Vec<ReadOp> {
-    let a = align as u64;
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut prev: Option<u32> = None;
-    for &j in want {
-        let s = (off + j as u64 * st as u64) / a * a;
-        let e = (off + (j as u64 + 1) * st as u64).div_ceil(a) * a;
-        match (ranges.last_mut(), prev) {
-            (Some(last), Some(p)) if j <= p + 2 || s <= last.1 => last.1 = last.1.max(e),
-            _ => ranges.push((s, e)),
+/// The baseline itself: joins the cgroup, holds the dense part in anonymous
+/// memory, maps the file, and per token computes a dot product of every
+/// weight row (dense part and FFN) with a vector, as a dense forward would.
+fn mmap_child(path: &Path) {
+    if let Some(procs) = std::env::var_os("FLASHPACK_SCALE_MMAP_PROCS") {
+        std::fs::write(procs, std::process::id().to_string()).expect("join the cgroup");
+    }
+    let tokens = env_usize("FLASHPACK_SCALE_MMAP_TOKENS", 4).max(2);
+    let file = PackedFile::open(path).expect("open packed");
+    // The dense part's bytes in anonymous memory (their values do not matter
+    // to the timing; decompressing the section would need twice the room).
+    let dense_len: usize = file
+        .manifest
+        .tensors
+        .iter()
+        .filter(|t| t.section == DENSE_SECTION)
+        .map(|t| t.length as usize)
+        .sum();
+    let dense: Vec<u8> = (0..dense_len)
+        .map(|i| (i * 131 % 251) as u8 & 0x3b)
+        .collect();
+    let ffn: Vec<(usize, usize)> = file
+        .manifest
+        .ffn_layers
+        .iter()
+        .map(|e| {
+            let s = file.section(&e.section).expect("section");
+            (s.offset as usize, s.length as usize)
+        })
+        .collect();
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: read-only map of a file nothing writes during the run.
+    let map = unsafe { memmap2::Mmap::map(&f) }.expect("mmap");
+    let x: Vec<f32> = (0..HIDDEN)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 500.0)
+        .collect();
+    let rows_dot = |bytes: &[u8]| -> f32 {
+        bytes
+            .par_chunks(HIDDEN * 2 * 64)
+            .map(|block| {
+                block
+                    .chunks_exact(HIDDEN * 2)
+                    .map(|row| {
+                        dot_weights(
+                            Weights::from_le_bytes(flashpack::dtype::DType::F16, row).unwrap(),
+                            &x,
+                        )
+                    })
+                    .sum::<f32>()
+            })
+            .sum()
+    };
+    let (mut ms, mut bytes) = (Vec::new(), Vec::new());
+    let mut checksum = 0.0f32;
+    for _ in 0..tokens {
+        let r0 = flashpack::runtime::flash::proc_read_bytes().unwrap_or(0);
+        let t0 = Instant::now();
+        checksum += rows_dot(&dense);
+        for &(off, len) in &ffn {
+            checksum += rows_dot(&map[off..off + len]);
         }
-        prev = Some(j);
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        bytes.push((flashpack::runtime::flash::proc_read_bytes().unwrap_or(0) - r0) as f64);
     }
-    let mut ops = Vec::new();
-    for (mut s, e) in ranges {
-        while s < e {
-            let len = ((e - s) as usize).min(FLASH_READ);
-            ops.push(ReadOp { offset: s, len });
-            s += len as u64;
-        }
-    }
-    ops
+    eprintln!("mmap child: per token ms {ms:.0?}, read bytes {bytes:.0?} (checksum {checksum})");
+    let mean = |v: &[f64]| v[1..].iter().sum::<f64>() / (v.len() - 1) as f64;
+    let result = MmapResult {
+        tokens: tokens - 1,
+        ms_per_token: mean(&ms),
+        read_bytes_per_token: mean(&bytes),
+        peak_rss_bytes: flashpack::runtime::flash::peak_rss_bytes().unwrap_or(0),
+    };
+    println!("{}", serde_json::to_string(&result).unwrap());
 }
 
 fn drop_cache(path: &Path) {

@@ -605,3 +605,96 @@ fn verify_reads_stops_a_run_on_a_file_damaged_after_packing() {
     // the option is for.
     assert_eq!(run(&[]).status.code(), Some(0));
 }
+
+/// A trace kept by `calibrate --keep-trace` on the held-out text, replayed:
+/// the fired sets drive `oracle-flash` to the same logits as the in-DRAM
+/// oracle on the same tokens (so the trace is read in the packed file's
+/// neuron order), the predicted sets are what a trained predictor picks
+/// (recall as calibrated), and the runtime computes exactly the replayed sets.
+#[test]
+fn a_replayed_trace_chooses_the_recorded_neurons() {
+    use flashpack::runtime::flash::replay::from_kept_trace;
+    use std::sync::Arc;
+    let path = calibrated("opt-relu");
+    let ids = token_ids(path);
+    let trace = tempfile::tempdir_in(path.parent().unwrap()).unwrap();
+    let out = cli(&[
+        "calibrate",
+        fixtures().join("models/opt-relu").to_str().unwrap(),
+        "--calib",
+        fixtures().join("text/heldout.txt").to_str().unwrap(),
+        "--calib-tokens",
+        "256",
+        "--keep-trace",
+        trace.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (fired, predicted) = from_kept_trace(trace.path(), path, ids.len()).unwrap();
+    assert_eq!((fired.layers(), fired.tokens()), (4, ids.len()));
+
+    // The fired sets are the oracle's: same logits as the in-DRAM oracle.
+    let mut oracle = open_model(path).unwrap();
+    oracle.set_ffn_mode(FfnMode::Oracle).unwrap();
+    let want = logits(&oracle.model, &ids);
+    let fired = Arc::new(fired);
+    let (model, rt) = flash(
+        path,
+        FlashOptions {
+            mode: DiskMode::Oracle,
+            replay: Some(Arc::clone(&fired)),
+            ..FlashOptions::default()
+        },
+    );
+    let got = logits(&model, &ids);
+    let e = nmse(&got, &want);
+    assert!(
+        e < 1e-9,
+        "replayed fired sets: NMSE {e:.3e} against the oracle"
+    );
+    // Exactly the replayed neurons were computed.
+    let replayed: usize = (0..fired.layers())
+        .flat_map(|l| (0..ids.len()).map(move |t| (l, t)))
+        .map(|(l, t)| fired.set(l, t as u64).len())
+        .sum();
+    let needed = rt.stats.needed.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(needed as usize, replayed);
+
+    // The predicted sets cover what fired as a calibrated predictor does.
+    let (mut hit, mut total) = (0usize, 0usize);
+    for l in 0..fired.layers() {
+        for t in 0..ids.len() as u64 {
+            let p = predicted.set(l, t);
+            total += fired.set(l, t).len();
+            hit += fired
+                .set(l, t)
+                .iter()
+                .filter(|j| p.binary_search(j).is_ok())
+                .count();
+        }
+    }
+    let recall = hit as f64 / total as f64;
+    println!(
+        "replay: fired {:.3}, predicted {:.3}, recall {recall:.3}",
+        fired.mean_fraction(),
+        predicted.mean_fraction()
+    );
+    assert!(recall > 0.9, "recall of the replayed predictions {recall}");
+    assert!(predicted.mean_fraction() > fired.mean_fraction());
+
+    // A replay of another shape is refused.
+    let wrong = Arc::new(fired.tiled(3, 512, 4).unwrap());
+    let err = open_flash(
+        path,
+        &FlashOptions {
+            replay: Some(wrong),
+            ..FlashOptions::default()
+        },
+    )
+    .err()
+    .expect("a replay of 3 layers on a 4-layer model");
+    assert!(err.to_string().contains("replay has 3 layers"), "{err}");
+}

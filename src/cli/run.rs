@@ -108,6 +108,7 @@ pub(crate) fn open_for_mode(
         context,
         capacity: None,
         verify_reads: args.verify_reads,
+        replay: None,
     };
     let (loaded, rt) = flash::open_flash(path, &opts)?;
     Ok(Opened {

@@ -23,6 +23,11 @@ pub struct ModeRow {
     /// Bytes read over I/O time.
     pub read_gb_per_s: f64,
     pub io_ms_per_token: f64,
+    /// The rest of the paper's Table 3 split: choosing neurons, cache
+    /// bookkeeping and copies, the FFN's arithmetic.
+    pub predictor_ms_per_token: f64,
+    pub memory_ms_per_token: f64,
+    pub ffn_compute_ms_per_token: f64,
     pub ms_per_token: f64,
     pub window_hit_rate: f64,
     /// The disk's own throughput for reads of this mode's mean size, as many
@@ -31,6 +36,9 @@ pub struct ModeRow {
     pub disk_gb_per_s_same_size: f64,
     /// `ms_per_token` of naive over this mode's.
     pub speedup_over_naive: f64,
+    /// DRAM the mode planned (dense part, caches, buffers, KV cache, fixed
+    /// overhead); 0 for dense.
+    pub dram_plan_bytes: u64,
 }
 
 /// Feeds `ids` one token at a time (teacher forcing: every mode sees the same
@@ -81,6 +89,39 @@ pub fn disk_gb_per_s(reader: &FlashReader, from: u64, size: usize) -> Result<f64
     Ok((done * len) as f64 / secs.max(1e-9) / 1e9)
 }
 
+/// Opens `path` with `opts`, feeds `ids` and measures (one row of the table).
+pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -> Result<ModeRow> {
+    let n = ids.len().max(1) as f64;
+    let (loaded, rt) = open_flash(path, opts)?;
+    let secs = decode(&loaded.model, ids)?;
+    let r = rt.report();
+    let io_s = r.ms_io / 1e3;
+    let first = rt.first_ffn_offset();
+    let disk = disk_gb_per_s(&rt.reader, first, r.mean_read_bytes as usize)?;
+    Ok(ModeRow {
+        mode: name.to_string(),
+        io_mode: Some(r.io_mode.as_str()),
+        tokens: ids.len(),
+        bytes_read_per_token: r.bytes_read as f64 / n,
+        read_ops_per_token: r.read_ops as f64 / n,
+        mean_read_bytes: r.mean_read_bytes,
+        read_gb_per_s: if io_s > 0.0 {
+            r.bytes_read as f64 / io_s / 1e9
+        } else {
+            0.0
+        },
+        io_ms_per_token: r.ms_io / n,
+        predictor_ms_per_token: r.ms_predictor / n,
+        memory_ms_per_token: r.ms_memory / n,
+        ffn_compute_ms_per_token: r.ms_compute / n,
+        ms_per_token: secs * 1e3 / n,
+        window_hit_rate: r.window_hit_rate,
+        disk_gb_per_s_same_size: disk,
+        speedup_over_naive: 0.0,
+        dram_plan_bytes: r.dram_plan.total,
+    })
+}
+
 /// Measures every mode on `ids` (`base` gives I/O threads, window, budget).
 pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Vec<ModeRow>> {
     let n = ids.len().max(1) as f64;
@@ -105,34 +146,12 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
             window,
             ..base.clone()
         };
-        let (loaded, rt) = open_flash(path, &opts)?;
-        let secs = decode(&loaded.model, ids)?;
-        let r = rt.report();
-        let io_s = r.ms_io / 1e3;
-        let first = rt.first_ffn_offset();
-        let disk = disk_gb_per_s(&rt.reader, first, r.mean_read_bytes as usize)?;
-        rows.push(ModeRow {
-            mode: if name == "flash" {
-                format!("flash window {window}")
-            } else {
-                name.to_string()
-            },
-            io_mode: Some(r.io_mode.as_str()),
-            tokens: ids.len(),
-            bytes_read_per_token: r.bytes_read as f64 / n,
-            read_ops_per_token: r.read_ops as f64 / n,
-            mean_read_bytes: r.mean_read_bytes,
-            read_gb_per_s: if io_s > 0.0 {
-                r.bytes_read as f64 / io_s / 1e9
-            } else {
-                0.0
-            },
-            io_ms_per_token: r.ms_io / n,
-            ms_per_token: secs * 1e3 / n,
-            window_hit_rate: r.window_hit_rate,
-            disk_gb_per_s_same_size: disk,
-            speedup_over_naive: 0.0,
-        });
+        let name = if name == "flash" {
+            format!("flash window {window}")
+        } else {
+            name.to_string()
+        };
+        rows.push(measure_mode(path, ids, &opts, &name)?);
     }
     let dense = open_model(path)?;
     let secs = decode(&dense.model, ids)?;
@@ -145,10 +164,14 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         mean_read_bytes: 0.0,
         read_gb_per_s: 0.0,
         io_ms_per_token: 0.0,
+        predictor_ms_per_token: 0.0,
+        memory_ms_per_token: 0.0,
+        ffn_compute_ms_per_token: 0.0,
         ms_per_token: secs * 1e3 / n,
         window_hit_rate: 0.0,
         disk_gb_per_s_same_size: 0.0,
         speedup_over_naive: 0.0,
+        dram_plan_bytes: 0,
     });
     let naive_ms = rows[0].ms_per_token;
     for r in &mut rows {

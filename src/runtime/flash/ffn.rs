@@ -174,6 +174,9 @@ pub struct FlashFfn {
     pub predictor: Option<LowRankPredictor>,
     /// When set, chooses instead of the predictor (`--ffn oracle-flash`).
     pub oracle: Option<Oracle>,
+    /// When set, chooses instead of the predictor: this layer's recorded set
+    /// for the token (benchmarks at scale, see `flash::replay`).
+    pub replay: Option<Arc<crate::runtime::flash::Replay>>,
     pub strategy: Strategy,
     /// Wanted bundles this many or fewer apart are read in one operation.
     pub coalesce_gap: usize,
@@ -514,8 +517,18 @@ impl FlashFfn {
 
     /// Fills `ws.set` with this token's neurons: the caller's set (sorted), or
     /// the predictor's.
-    fn choose(&self, ws: &mut Workspace, x: &[f32], given: Option<&[u32]>) -> Result<()> {
-        match given {
+    fn choose(
+        &self,
+        ws: &mut Workspace,
+        x: &[f32],
+        given: Option<&[u32]>,
+        token: u64,
+    ) -> Result<()> {
+        let replayed = match (&self.replay, given) {
+            (Some(r), None) => Some(r.set(self.spec.layer, token)),
+            _ => None,
+        };
+        match given.or(replayed) {
             Some(set) => {
                 ws.set.clear();
                 ws.set.extend_from_slice(set);
@@ -638,7 +651,7 @@ impl Ffn for FlashFfn {
                 (Strategy::Naive, ActiveSet::All) => self.naive_token(&mut ws, None, xt, ot, f)?,
                 (Strategy::Naive, ActiveSet::PerToken(sets)) => {
                     // Still the whole section read; only the given neurons summed.
-                    self.choose(&mut ws, xt, Some(&sets[t]))?;
+                    self.choose(&mut ws, xt, Some(&sets[t]), st.token)?;
                     let set = std::mem::take(&mut ws.set);
                     let r = self.naive_token(&mut ws, Some(&set), xt, ot, f);
                     ws.set = set;
@@ -649,7 +662,7 @@ impl Ffn for FlashFfn {
                         ActiveSet::All => None,
                         ActiveSet::PerToken(sets) => Some(sets[t].as_slice()),
                     };
-                    self.choose(&mut ws, xt, given)?;
+                    self.choose(&mut ws, xt, given, st.token)?;
                     self.flash_token(&mut ws, &mut st, window, xt, ot, f)?;
                 }
             }

@@ -18,6 +18,7 @@ pub mod bench;
 pub mod cache;
 pub mod ffn;
 pub mod io;
+pub mod replay;
 pub mod verify;
 
 use std::path::Path;
@@ -36,6 +37,7 @@ use crate::runtime::{LoadedModel, Model, ModelSource};
 pub use cache::BundleCache;
 pub use ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Oracle, Strategy, Workspace};
 pub use io::{peak_rss_bytes, proc_read_bytes, FlashReader, IoMode};
+pub use replay::Replay;
 
 /// Which disk-backed mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -68,6 +70,10 @@ pub struct FlashOptions {
     pub capacity: Option<usize>,
     /// Check each FFN chunk's sha256 the first time the run uses it.
     pub verify_reads: bool,
+    /// Recorded neuron sets that choose instead of the predictor (`Flash`)
+    /// or the in-DRAM copy (`Oracle`), and size the caches instead of the
+    /// calibration maxima: measurements at scale (see [`replay`]).
+    pub replay: Option<Arc<Replay>>,
 }
 
 impl Default for FlashOptions {
@@ -81,6 +87,7 @@ impl Default for FlashOptions {
             context: 2048,
             capacity: None,
             verify_reads: false,
+            replay: None,
         }
     }
 }
@@ -351,7 +358,16 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             };
         }
     }
-    if opts.mode == DiskMode::Flash {
+    if let Some(r) = &opts.replay {
+        if r.layers() != layers || r.width() != neurons {
+            return Err(Error::InvalidArgument(format!(
+                "the replay has {} layers of {} neurons; the model has {layers} of {neurons}",
+                r.layers(),
+                r.width()
+            )));
+        }
+    }
+    if opts.mode == DiskMode::Flash && opts.replay.is_none() {
         let data = sparsity.as_ref();
         for (i, _) in specs.iter().enumerate() {
             let p = data
@@ -395,8 +411,9 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                     }
                 })
                 .unwrap_or(1.0);
-            let rows = opts.capacity.unwrap_or_else(|| {
-                (window_rows(&wm, opts.window + 1) * over * 1.1).ceil() as usize
+            let rows = opts.capacity.unwrap_or_else(|| match &opts.replay {
+                Some(r) => (r.window_max(i, opts.window + 1) as f64 * 1.1).ceil() as usize,
+                None => (window_rows(&wm, opts.window + 1) * over * 1.1).ceil() as usize,
             });
             want_rows[i] = rows.min(spec.neurons);
             scratch_rows[i] = scratch_for(want_rows[i], spec.neurons);
@@ -493,7 +510,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     };
     // The oracle's in-DRAM copy of every FFN (outside the budget by definition).
     let mut oracles: Vec<Option<Oracle>> = Vec::new();
-    if opts.mode == DiskMode::Oracle {
+    if opts.mode == DiskMode::Oracle && opts.replay.is_none() {
         let silu = file.config.activation == crate::input::config::Activation::Silu;
         let full = Model::load(&file.config, &file.names, &PackedWeights::read_all(&file)?)?;
         for (i, layer) in full.layers.into_iter().enumerate() {
@@ -555,6 +572,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 None
             },
             oracle: oracles.get_mut(i).and_then(Option::take),
+            replay: opts.replay.clone(),
             strategy,
             coalesce_gap: opts.coalesce_gap,
             reader: Arc::clone(&reader),
