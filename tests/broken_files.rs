@@ -181,19 +181,15 @@ fn each_broken_file_fails_its_rule_in_the_cli_with_its_exit_code() {
     for (file, rule, exit) in broken_rows() {
         let path = dir().join(&file);
         // The documented code: 1 for a failed check (a hash or padding found
-        // wrong, or any failure the full check lists), 2 for a file that does
-        // not open as a valid structure.
+        // wrong: bytes changed after packing), 2 for a file that breaks a
+        // structural rule (at open, or rule 19 found by the full check).
         let r = library(&path);
-        let expected = if r.at_open && !r.failures[0].is_integrity() {
-            2
-        } else {
-            1
-        };
+        let expected = if !r.failures[0].is_integrity() { 2 } else { 1 };
         assert_eq!(exit, expected, "{file}: README exit column");
         let (code, json) = verify_cli(&path, &[]);
         assert_eq!(code, exit, "{file}: {json}");
         let named = format!("rule {rule}:");
-        if r.at_open {
+        if r.at_open || !r.failures[0].is_integrity() {
             assert!(
                 json["error"].as_str().unwrap().contains(&named),
                 "{file}: {json}"
@@ -327,4 +323,38 @@ fn the_files_stay_small() {
         total += len;
     }
     assert!(total < 600 << 10, "{total} bytes in fixtures/broken");
+}
+
+/// Rule 19 needs the dense bytes, which opening a file does not read: the
+/// runtime checks it when it loads them, so `run` refuses a neuron order that
+/// is not a permutation (exit 2) where it used to compute with it.
+#[test]
+fn run_checks_the_neuron_order_when_it_loads_the_dense_part() {
+    let run = |name: &str, ffn: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .arg("run")
+            .arg(dir().join(name))
+            .args([
+                "--ffn",
+                ffn,
+                "--prompt",
+                "the",
+                "--max-new-tokens",
+                "2",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code(), json)
+    };
+    for ffn in ["dense", "flash"] {
+        let (code, json) = run("base.flashpack", ffn);
+        assert_eq!(code, Some(0), "base, --ffn {ffn}: {json}");
+        let (code, json) = run("r19-order-not-permutation.flashpack", ffn);
+        assert_eq!(code, Some(2), "--ffn {ffn}: {json}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert!(error.contains("rule 19:"), "--ffn {ffn}: {json}");
+    }
 }

@@ -101,6 +101,15 @@ pub fn verify_file(
     let started = std::time::Instant::now();
     let file = PackedFile::open(path)?;
     let integrity = check_integrity(&file)?;
+    // A broken rule that is not about bytes changed after packing (rule 19)
+    // is invalid input, as the rules checked at open are (exit 2).
+    if let Some(f) = integrity.failures.iter().find(|f| !f.is_integrity()) {
+        return Err(crate::error::Error::Format {
+            path: path.to_path_buf(),
+            source: f.clone(),
+        }
+        .into());
+    }
     let mut failures: Vec<String> = integrity.failures.iter().map(|f| f.to_string()).collect();
     let (mut compared, mut mismatched) = (0, 0);
     let mut logit_nmse = None;

@@ -113,7 +113,16 @@ fn check_padding(file: &PackedFile) -> Result<Vec<FormatError>> {
 
 /// Rule 19: each layer's order tensor is a permutation of its neurons.
 fn check_orders(file: &PackedFile) -> Result<Vec<FormatError>> {
-    let dense = file.read_section(DENSE_SECTION)?;
+    Ok(neuron_order_errors(
+        file,
+        &file.read_section(DENSE_SECTION)?,
+    ))
+}
+
+/// Rule 19 on an already-read dense section (`dense`: its raw bytes): one
+/// error per layer whose order tensor is not a permutation of its neurons.
+/// Readers that load the dense part check it here, as `verify` does.
+pub fn neuron_order_errors(file: &PackedFile, dense: &[u8]) -> Vec<FormatError> {
     let mut failures = Vec::new();
     for layer in &file.manifest.ffn_layers {
         let Some(entry) = file.tensor_entry(&layer.order_tensor) else {
@@ -127,7 +136,7 @@ fn check_orders(file: &PackedFile) -> Result<Vec<FormatError>> {
             });
         }
     }
-    Ok(failures)
+    failures
 }
 
 /// Whether little-endian u32 `bytes` hold each of 0..n exactly once.

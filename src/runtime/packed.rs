@@ -44,6 +44,16 @@ impl<'a> PackedWeights<'a> {
 
     fn with_ffn(file: &'a PackedFile, ffn: Vec<Vec<u8>>) -> Result<PackedWeights<'a>> {
         let dense = file.read_section(DENSE_SECTION)?;
+        // Rule 19, which needs the dense bytes that opening does not read.
+        if let Some(e) = crate::format::integrity::neuron_order_errors(file, &dense)
+            .into_iter()
+            .next()
+        {
+            return Err(Error::Format {
+                path: file.path.clone(),
+                source: e,
+            });
+        }
         let mut ffn_parts = HashMap::new();
         for (i, layer) in file.names.layers.iter().enumerate() {
             let parts = match &layer.ffn {
