@@ -38,7 +38,8 @@
 //!
 //! Run: `cargo bench --bench flash_scale` (`FLASHPACK_BENCH_DIR` for the
 //! 5.5 GiB of scratch, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
-//! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4)).
+//! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4),
+//! `FLASHPACK_SCALE_IO_THREADS` reads in flight (the runtime's default)).
 
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -181,6 +182,10 @@ fn main() {
         .collect();
     let base = FlashOptions {
         dram_budget: Some(budget),
+        io_threads: env_usize(
+            "FLASHPACK_SCALE_IO_THREADS",
+            FlashOptions::default().io_threads,
+        ),
         context: tokens,
         ..FlashOptions::default()
     };

@@ -488,12 +488,9 @@ fn flash_is_the_default_for_a_packed_file_with_predictors() {
 #[test]
 fn bench_compares_the_modes_on_a_packed_file() {
     let path = calibrated("opt-relu");
+    // `bench FILE`: the file's table only (no synthetic dense model).
     let out = cli(&[
         "bench",
-        "--no-synthetic",
-        "--threads",
-        "1",
-        "--packed",
         path.to_str().unwrap(),
         "--decode-tokens",
         "6",
@@ -505,6 +502,7 @@ fn bench_compares_the_modes_on_a_packed_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["results"].as_array().map(Vec::len), Some(0), "{json}");
     let rows = json["flash_modes"].as_array().unwrap();
     let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
     assert_eq!(
@@ -522,6 +520,7 @@ fn bench_compares_the_modes_on_a_packed_file() {
     for r in rows {
         assert!(r["ms_per_token"].as_f64().unwrap() > 0.0);
         assert!(r["io_ms_per_token"].as_f64().is_some());
+        assert!(r["ffn_compute_ms_per_token"].as_f64().is_some());
     }
 }
 

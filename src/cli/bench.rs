@@ -12,9 +12,15 @@ use crate::runtime::bench::{measure_speed, stream_read_gb_per_s, synthetic_model
 use crate::runtime::{with_threads, Model};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example (the command behind BENCHMARKS.md):\n  \
+#[command(after_help = "Examples (the commands behind BENCHMARKS.md):\n  \
+    flashpack bench model.flashpack            the paper's Table 2: naive, flash, oracle-flash, dense\n  \
     flashpack bench --model fixtures/models/opt-relu --threads 1,2 --json")]
 pub struct BenchArgs {
+    /// Calibrated packed files: each is run through naive, flash (window 0
+    /// and --window), oracle-flash and dense on the same tokens, and the
+    /// dense-speed part is skipped unless --model asks for it.
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
     /// Checkpoint directories to measure (in addition to the synthetic model).
     #[arg(long = "model")]
     pub models: Vec<PathBuf>,
@@ -39,9 +45,7 @@ pub struct BenchArgs {
     /// Buffer size of the streaming-read bandwidth measurement, MiB.
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
-    /// Calibrated packed files to run through naive, flash (window 0 and
-    /// --window), oracle-flash and dense on the same tokens (decode steps:
-    /// --decode-tokens).
+    /// Like FILE, beside the dense-speed part (decode steps: --decode-tokens).
     #[arg(long = "packed")]
     pub packed: Vec<PathBuf>,
     #[command(flatten)]
@@ -78,7 +82,7 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
     use crate::runtime::flash::{bench::compare_modes, parse_size, FlashOptions};
     const TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness. ";
     let mut rows = Vec::new();
-    for path in &args.packed {
+    for path in args.files.iter().chain(&args.packed) {
         let file_bytes = std::fs::metadata(path)
             .map_err(|e| crate::Error::io(path, e))?
             .len();
@@ -142,7 +146,9 @@ pub fn run(args: &BenchArgs, out: &Output) -> anyhow::Result<()> {
         let ckpt = Checkpoint::open(dir)?;
         models.push((dir.display().to_string(), Model::from_checkpoint(&ckpt)?));
     }
-    if !args.no_synthetic {
+    // `flashpack bench FILE` is about the file: no synthetic model unless asked.
+    let files_only = !args.files.is_empty() && args.models.is_empty();
+    if !args.no_synthetic && !files_only {
         eprintln!(
             "building the synthetic model ({} layers, hidden 2048, FFN 5632, f16) ...",
             args.synthetic_layers

@@ -18,8 +18,9 @@ pub struct FlashArgs {
     /// Tokens before the current one whose neurons stay in DRAM (`--ffn flash`).
     #[arg(long, default_value_t = 4)]
     pub window: usize,
-    /// Reads in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Reads in flight at once (small reads need many to reach the disk's
+    /// throughput).
+    #[arg(long, default_value_t = crate::runtime::flash::DEFAULT_IO_THREADS)]
     pub io_threads: usize,
     /// Read wanted bundles at most this many bundles apart in one operation.
     #[arg(long, default_value_t = 1)]

@@ -383,9 +383,13 @@ impl FlashFfn {
                 .filter(|&i| st.cache.row_of(i).is_none()),
         );
         let hits = set.len() - ws.missing.len();
-        if ws.missing.len() > st.cache.free() {
-            // Over capacity: older window members make room for this token's.
-            evicted += st.cache.retain(|n| last_seen[n as usize] == t);
+        // Over capacity (a budget below the window's need): the oldest window
+        // members make room for this token's, one token's worth at a time,
+        // so that the rest of the window stays resident for the next tokens.
+        let mut gone_up_to = t.saturating_sub(window as u64 + 1);
+        while ws.missing.len() > st.cache.free() && gone_up_to + 1 < t {
+            gone_up_to += 1;
+            evicted += st.cache.retain(|n| last_seen[n as usize] > gone_up_to);
         }
         let fit = ws.missing.len().min(st.cache.free());
         for &i in &ws.missing[..fit] {

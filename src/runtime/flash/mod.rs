@@ -81,7 +81,7 @@ impl Default for FlashOptions {
         FlashOptions {
             mode: DiskMode::Flash,
             window: 4,
-            io_threads: 4,
+            io_threads: DEFAULT_IO_THREADS,
             coalesce_gap: 1,
             dram_budget: None,
             context: 2048,
@@ -91,6 +91,12 @@ impl Default for FlashOptions {
         }
     }
 }
+
+/// Reads in flight by default. Flash reads are small (one to a few bundles),
+/// and small reads reach the disk's throughput only with many in flight: at
+/// the 2 GiB scale benchmark (BENCHMARKS.md) 16 instead of 4 cut flash's I/O
+/// time per token by a third; the paper uses 32 threads.
+pub const DEFAULT_IO_THREADS: usize = 16;
 
 /// Fixed overhead counted in every budget: the program, its allocator, the
 /// tokenizer and thread stacks. The whole `run` of the opt-relu fixture in flash
