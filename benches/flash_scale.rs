@@ -39,7 +39,10 @@
 //! Run: `cargo bench --bench flash_scale` (`FLASHPACK_BENCH_DIR` for the
 //! 5.5 GiB of scratch, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
 //! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4),
-//! `FLASHPACK_SCALE_IO_THREADS` reads in flight (the runtime's default)).
+//! `FLASHPACK_SCALE_IO_THREADS` reads in flight (the runtime's default),
+//! `FLASHPACK_SCALE_TARGET_RECALL` the fixture predictors' `--target-recall`
+//! (default 0.99, convert's) and `FLASHPACK_SCALE_RANK` their `--rank`
+//! (default auto); their perplexity cost on the fixture is printed).
 
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -100,6 +103,8 @@ fn main() {
     let t0 = Instant::now();
     let fixture = root.join("fixtures/models/opt-relu");
     let fixture_packed = scratch.path().join("opt-relu.flashpack");
+    let recall = std::env::var("FLASHPACK_SCALE_TARGET_RECALL").unwrap_or_else(|_| "0.99".into());
+    let rank = std::env::var("FLASHPACK_SCALE_RANK").unwrap_or_else(|_| "auto".into());
     flashpack(&[
         "convert".as_ref(),
         fixture.as_os_str(),
@@ -107,7 +112,26 @@ fn main() {
         fixture_packed.as_os_str(),
         "--calib".as_ref(),
         root.join("fixtures/text/train.txt").as_os_str(),
+        "--target-recall".as_ref(),
+        recall.as_ref(),
+        "--rank".as_ref(),
+        rank.as_ref(),
     ]);
+    // What those predictors cost in quality, on the fixture itself.
+    let perplexity = |ffn: &str| -> f64 {
+        let out = Command::new(exe)
+            .arg("eval")
+            .arg(&fixture_packed)
+            .arg("--text")
+            .arg(root.join("fixtures/text/heldout.txt"))
+            .args(["--ffn", ffn, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "eval --ffn {ffn} failed");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["perplexity"].as_f64().unwrap()
+    };
+    let (ppl_dense, ppl_predicted) = (perplexity("dense"), perplexity("predicted"));
     let trace_dir: PathBuf = match std::env::var_os("FLASHPACK_SCALE_TRACE") {
         Some(d) => d.into(),
         None => {
@@ -257,6 +281,10 @@ fn main() {
         budget as f64 / (1u64 << 20) as f64,
         tokens,
         rows.first().and_then(|r| r.io_mode).unwrap_or("-")
+    );
+    println!(
+        "fixture predictors (opt-relu, --target-recall {recall} --rank {rank}): held-out perplexity {ppl_dense:.3} dense, {ppl_predicted:.3} predicted ({:+.2}%)",
+        (ppl_predicted / ppl_dense - 1.0) * 100.0
     );
     println!(
         "predictor at this size, measured apart (rank {PREDICTOR_RANK}, random weights, {layers} layers): {predictor_ms:.1} ms/token; the replay skips it, the last columns add it to the sparse modes\n"
