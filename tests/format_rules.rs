@@ -368,6 +368,23 @@ fn rule_17_tensor_table() {
 }
 
 #[test]
+fn rule_18_two_layers_cannot_share_a_section_or_an_order() {
+    for key in ["section", "order_tensor"] {
+        let (_t, path) = packed(3);
+        rewrite_manifest(&path, |m| {
+            let first = m["ffn_layers"][0][key].clone();
+            m["ffn_layers"][1][key] = first;
+        });
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 18, "{key}: {e}");
+        assert!(
+            e.to_string().contains("FFN layers 0 and 1 both name"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn rule_18_model_consistency() {
     let (_t, path) = packed(3);
     rewrite_manifest(&path, |m| {

@@ -487,6 +487,17 @@ impl Checker<'_> {
                 config.num_layers
             )));
         }
+        // Each layer has its own bundles and order: a section or order tensor
+        // named by two layers would give both the same weights and leave the
+        // other section unread, which no writer does.
+        let mut used: HashMap<&str, usize> = HashMap::new();
+        for (i, layer) in m.ffn_layers.iter().enumerate() {
+            for name in [&layer.section, &layer.order_tensor] {
+                if let Some(j) = used.insert(name.as_str(), i) {
+                    return Err(model(format!("FFN layers {j} and {i} both name {name:?}")));
+                }
+            }
+        }
         for (i, (layer, names)) in m.ffn_layers.iter().zip(&names.layers).enumerate() {
             let bad = |message: String| model(format!("FFN layer {i}: {message}"));
             let parts: &[BundlePart] = match names.ffn {
