@@ -383,12 +383,19 @@ fn oracle_flash_is_bit_identical_to_oracle_and_reads_no_more_than_flash() {
 
 #[test]
 fn a_decode_step_of_the_flash_ffn_does_not_allocate() {
+    // One I/O thread: reads happen on this thread, where allocations are
+    // counted. Sixteen: this thread hands reads to the pool and waits.
+    for io_threads in [1, 16] {
+        decode_steps_do_not_allocate(io_threads);
+    }
+}
+
+fn decode_steps_do_not_allocate(io_threads: usize) {
     let path = calibrated("opt-relu");
-    // One I/O thread: reads happen on this thread, where allocations are counted.
     let (model, rt) = flash(
         path,
         FlashOptions {
-            io_threads: 1,
+            io_threads,
             window: 2,
             ..FlashOptions::default()
         },
@@ -413,12 +420,21 @@ fn a_decode_step_of_the_flash_ffn_does_not_allocate() {
         step(x, &mut out);
     }
     COUNTING.with(|c| c.set(false));
-    let allocations = ALLOCATIONS.with(|a| a.get());
+    let allocations = ALLOCATIONS.with(|a| a.replace(0));
+    let report = rt.report();
     assert!(
-        rt.report().bundles_loaded > loaded_before,
+        report.bundles_loaded > loaded_before,
         "the counted steps read bundles"
     );
-    assert_eq!(allocations, 0, "heap allocations on the per-token path");
+    assert!(
+        report.read_ops > 20 * 2,
+        "the counted steps read in batches ({} reads)",
+        report.read_ops
+    );
+    assert_eq!(
+        allocations, 0,
+        "heap allocations on the per-token path ({io_threads} I/O threads)"
+    );
 }
 
 #[test]
