@@ -538,6 +538,24 @@ fn bench_compares_the_modes_on_a_packed_file() {
         assert!(r["io_ms_per_token"].as_f64().is_some());
         assert!(r["ffn_compute_ms_per_token"].as_f64().is_some());
     }
+
+    // A file without predictors is refused before any work, with the reason.
+    let dir = tempfile::tempdir_in(path.parent().unwrap()).unwrap();
+    let plain = dir.path().join("plain.flashpack");
+    convert(
+        &fixtures().join("models/opt-relu"),
+        &plain,
+        &ConvertOptions::default(),
+        &|_, _| {},
+    )
+    .unwrap();
+    let out = cli(&["bench", plain.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["error"].as_str().unwrap().contains("convert --calib"),
+        "{json}"
+    );
 }
 
 #[test]

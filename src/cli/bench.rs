@@ -99,8 +99,16 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
             context: args.decode_tokens + 8,
             ..FlashOptions::default()
         };
-        let tokenizer =
-            crate::runtime::packed::packed_tokenizer(&crate::format::PackedFile::open(path)?)?;
+        let packed = crate::format::PackedFile::open(path)?;
+        // Said before any work: flash needs the predictors of `convert --calib`.
+        if packed.manifest.predictors.is_empty() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{}: bench compares flash with the other modes and needs a calibrated packed file with predictors (convert --calib)",
+                path.display()
+            ))
+            .into());
+        }
+        let tokenizer = crate::runtime::packed::packed_tokenizer(&packed)?;
         let mut ids = Vec::new();
         while ids.len() < args.decode_tokens {
             ids.extend(tokenizer.encode(TEXT)?);
