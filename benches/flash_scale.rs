@@ -39,7 +39,8 @@
 //! Run: `cargo bench --bench flash_scale` (`FLASHPACK_BENCH_DIR` for the
 //! 5.5 GiB of scratch, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
 //! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4),
-//! `FLASHPACK_SCALE_IO_THREADS` reads in flight (the runtime's default),
+//! `FLASHPACK_SCALE_IO_THREADS` reads in flight and
+//! `FLASHPACK_SCALE_COALESCE_GAP` the coalescing gap (the runtime's defaults),
 //! `FLASHPACK_SCALE_TARGET_RECALL` the fixture predictors' `--target-recall`
 //! (default 0.99, convert's) and `FLASHPACK_SCALE_RANK` their `--rank`
 //! (default auto); their perplexity cost on the fixture is printed).
@@ -63,6 +64,7 @@ const HIDDEN: usize = 2048;
 const FFN: usize = 11008;
 const VOCAB: usize = 32000;
 const MMAP_CHILD: &str = "FLASHPACK_SCALE_MMAP_CHILD";
+const BUDGET_CHILD: &str = "FLASHPACK_SCALE_BUDGET_CHILD";
 
 /// One measured mode: name, mode, window, replayed sets, tokens.
 type Run<'a> = (String, DiskMode, usize, Option<&'a Arc<Replay>>, usize);
@@ -77,6 +79,10 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn main() {
     if let Some(path) = std::env::var_os(MMAP_CHILD) {
         mmap_child(Path::new(&path));
+        return;
+    }
+    if let Some(path) = std::env::var_os(BUDGET_CHILD) {
+        budget_child(Path::new(&path));
         return;
     }
     let layers = env_usize("FLASHPACK_SCALE_LAYERS", 16);
@@ -210,6 +216,10 @@ fn main() {
             "FLASHPACK_SCALE_IO_THREADS",
             FlashOptions::default().io_threads,
         ),
+        coalesce_gap: env_usize(
+            "FLASHPACK_SCALE_COALESCE_GAP",
+            FlashOptions::default().coalesce_gap,
+        ),
         context: tokens,
         ..FlashOptions::default()
     };
@@ -265,6 +275,25 @@ fn main() {
     }
 
     let predictor_ms = synthetic_predictor_ms(layers);
+    // Flash window W once more, alone in a fresh process: its peak resident
+    // memory against the budget.
+    let peak = Command::new(std::env::current_exe().unwrap())
+        .env(BUDGET_CHILD, &packed)
+        .env("FLASHPACK_SCALE_CHILD_TRACE", &trace_dir)
+        .env("FLASHPACK_SCALE_CHILD_FIXTURE", &fixture_packed)
+        .env("FLASHPACK_SCALE_CHILD_BUDGET", budget.to_string())
+        .env("FLASHPACK_SCALE_CHILD_LAYERS", layers.to_string())
+        .env("FLASHPACK_SCALE_CHILD_WINDOW", window.to_string())
+        .env("FLASHPACK_SCALE_CHILD_TOKENS", tokens.to_string())
+        .env(
+            "FLASHPACK_SCALE_CHILD_IO_THREADS",
+            base.io_threads.to_string(),
+        )
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
 
     let naive_ms = rows
         .iter()
@@ -318,6 +347,16 @@ fn main() {
             naive_ms / with_predictor(r)
         );
     }
+    match peak {
+        Some(p) => println!(
+            "\nflash window {window} alone in a fresh process: peak resident memory (VmHWM) {:.0} MiB, plan {:.0} MiB, budget {:.0} MiB; the replayed sets it holds for the benchmark: {:.0} MiB",
+            p["peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+            p["plan_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+            budget as f64 / (1u64 << 20) as f64,
+            p["replay_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+        ),
+        None => println!("\nthe peak-memory child failed"),
+    }
     match mmap {
         Ok(m) => println!(
             "| mmap, cgroup limit {:.0} MiB | {} | - | {:.0} | - | - | - | - | - | - | - | - | - | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x |",
@@ -332,6 +371,58 @@ fn main() {
         ),
         Err(why) => println!("\nmmap baseline skipped: {why}"),
     }
+}
+
+/// Flash window W with the predicted replay under the budget, in a process of
+/// its own, so that its peak resident memory is its own: prints
+/// `{peak_rss_bytes, plan_bytes, replay_bytes}`.
+fn budget_child(packed: &Path) {
+    let var = |name: &str| std::env::var(name).expect(name);
+    let num = |name: &str| var(name).parse::<usize>().expect(name);
+    let (tokens, layers) = (
+        num("FLASHPACK_SCALE_CHILD_TOKENS"),
+        num("FLASHPACK_SCALE_CHILD_LAYERS"),
+    );
+    let (_, predicted) = from_kept_trace(
+        Path::new(&var("FLASHPACK_SCALE_CHILD_TRACE")),
+        Path::new(&var("FLASHPACK_SCALE_CHILD_FIXTURE")),
+        tokens,
+    )
+    .expect("replay");
+    let predicted = predicted.tiled(layers, FFN, tokens).unwrap();
+    let replay_bytes: usize = (0..layers)
+        .map(|l| {
+            (0..predicted.tokens())
+                .map(|t| predicted.set(l, t as u64).len() * 4 + 24)
+                .sum::<usize>()
+        })
+        .sum();
+    let opts = FlashOptions {
+        mode: DiskMode::Flash,
+        window: num("FLASHPACK_SCALE_CHILD_WINDOW"),
+        io_threads: num("FLASHPACK_SCALE_CHILD_IO_THREADS"),
+        dram_budget: Some(num("FLASHPACK_SCALE_CHILD_BUDGET") as u64),
+        context: tokens,
+        replay: Some(Arc::new(predicted)),
+        ..FlashOptions::default()
+    };
+    let (loaded, rt) = flashpack::runtime::flash::open_flash(packed, &opts).expect("open");
+    let mut cache = loaded.model.new_cache();
+    for t in 0..tokens {
+        let id = ((t * 7919 + 13) % VOCAB) as u32;
+        loaded
+            .model
+            .forward(&mut cache, &[id], flashpack::runtime::Logits::Last, None)
+            .expect("decode");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "peak_rss_bytes": flashpack::runtime::flash::peak_rss_bytes().unwrap_or(0),
+            "plan_bytes": rt.plan.total,
+            "replay_bytes": replay_bytes,
+        })
+    );
 }
 
 /// Rank of the stand-in predictor: the trainer's starting point for real

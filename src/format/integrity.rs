@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::error::Result;
 use crate::format::error::FormatError;
 use crate::format::layout::*;
-use crate::format::reader::{chunk_raw_length, decode_chunk, PackedFile};
+use crate::format::reader::{chunk_raw_length, decode_chunk, PackedFile, SectionReader};
 
 /// What a full integrity check found.
 #[derive(Debug, Default)]
@@ -113,30 +113,34 @@ fn check_padding(file: &PackedFile) -> Result<Vec<FormatError>> {
 
 /// Rule 19: each layer's order tensor is a permutation of its neurons.
 fn check_orders(file: &PackedFile) -> Result<Vec<FormatError>> {
-    Ok(neuron_order_errors(
-        file,
-        &file.read_section(DENSE_SECTION)?,
-    ))
+    neuron_order_errors(file, &mut SectionReader::new(file, DENSE_SECTION)?)
 }
 
-/// Rule 19 on an already-read dense section (`dense`: its raw bytes): one
-/// error per layer whose order tensor is not a permutation of its neurons.
-/// Readers that load the dense part check it here, as `verify` does.
-pub fn neuron_order_errors(file: &PackedFile, dense: &[u8]) -> Vec<FormatError> {
+/// Rule 19 through a reader of the dense section: one error per layer whose
+/// order tensor is not a permutation of its neurons. Readers that load the
+/// dense part check it here, as `verify` does.
+pub fn neuron_order_errors(
+    file: &PackedFile,
+    dense: &mut SectionReader<'_>,
+) -> Result<Vec<FormatError>> {
     let mut failures = Vec::new();
+    let mut bytes = Vec::new();
     for layer in &file.manifest.ffn_layers {
         let Some(entry) = file.tensor_entry(&layer.order_tensor) else {
             continue;
         };
-        let bytes = &dense[entry.offset as usize..(entry.offset + entry.length) as usize];
-        if !is_permutation(bytes, layer.neurons) {
+        bytes.clear();
+        dense.read_range(entry.offset, entry.length, &mut |piece| {
+            bytes.extend_from_slice(piece)
+        })?;
+        if !is_permutation(&bytes, layer.neurons) {
             failures.push(FormatError::NeuronOrder {
                 layer: layer.layer,
                 neurons: layer.neurons,
             });
         }
     }
-    failures
+    Ok(failures)
 }
 
 /// Whether little-endian u32 `bytes` hold each of 0..n exactly once.

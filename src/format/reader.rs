@@ -171,37 +171,126 @@ impl PackedFile {
     }
 
     /// Reads a whole section, checking every chunk's hash (rule 14) and
-    /// decompressing it (rule 15); returns the raw bytes.
+    /// decompressing it (rule 15); returns the raw bytes. One stored chunk is
+    /// in memory at a time beside the result.
     pub fn read_section(&self, name: &str) -> Result<Vec<u8>> {
-        let section = self.section(name).ok_or_else(|| {
+        let mut reader = SectionReader::new(self, name)?;
+        let mut raw = Vec::with_capacity(reader.section.raw_length as usize);
+        let length = reader.section.raw_length;
+        reader.read_range(0, length, &mut |piece| raw.extend_from_slice(piece))?;
+        Ok(raw)
+    }
+}
+
+/// Random access to one section's raw bytes with one chunk in memory: a chunk
+/// is read, hash-checked (rule 14) and decompressed (rule 15) when a range
+/// first needs it, and kept until a range needs another. Loading a model
+/// tensor by tensor through it holds the model plus one chunk, never the
+/// whole section beside the model.
+pub struct SectionReader<'a> {
+    file: &'a PackedFile,
+    section: &'a SectionEntry,
+    /// File offset of each stored chunk.
+    chunk_offsets: Vec<u64>,
+    /// The chunk decoded last: its index and raw bytes.
+    current: Option<(usize, Vec<u8>)>,
+}
+
+impl<'a> SectionReader<'a> {
+    pub fn new(file: &'a PackedFile, name: &str) -> Result<SectionReader<'a>> {
+        let section = file.section(name).ok_or_else(|| {
             rule(
                 FormatError::SectionTable {
                     message: format!("no section {name:?}"),
                 },
-                &self.path,
+                &file.path,
             )
         })?;
-        let stored = self.read_at(section.offset, section.length)?;
-        let mut raw = Vec::with_capacity(section.raw_length as usize);
-        let mut at = 0usize;
-        for (i, chunk) in section.chunks.iter().enumerate() {
-            let bytes = &stored[at..at + chunk.length as usize];
-            if hex_sha256(bytes) != chunk.sha256 {
+        let mut at = section.offset;
+        let chunk_offsets = section
+            .chunks
+            .iter()
+            .map(|c| {
+                let here = at;
+                at += c.length;
+                here
+            })
+            .collect();
+        Ok(SectionReader {
+            file,
+            section,
+            chunk_offsets,
+            current: None,
+        })
+    }
+
+    /// Hands the raw bytes `start .. start + length` of the section to `sink`
+    /// in order, in pieces that end at chunk boundaries.
+    pub fn read_range(
+        &mut self,
+        start: u64,
+        length: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
+        let end = start
+            .checked_add(length)
+            .filter(|&e| e <= self.section.raw_length)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "bytes {start}+{length} are outside section {:?} ({} raw bytes)",
+                    self.section.name, self.section.raw_length
+                ))
+            })?;
+        let per_chunk = self.section.chunk_raw_bytes.max(1);
+        let mut at = start;
+        while at < end {
+            let i = (at / per_chunk) as usize;
+            let chunk = self.chunk(i)?;
+            let from = (at - i as u64 * per_chunk) as usize;
+            let to = ((end - i as u64 * per_chunk) as usize).min(chunk.len());
+            sink(&chunk[from..to]);
+            at += (to - from) as u64;
+        }
+        Ok(())
+    }
+
+    /// Chunk `i`'s raw bytes, decoded now unless it is the current one.
+    fn chunk(&mut self, i: usize) -> Result<&[u8]> {
+        if self.current.as_ref().map(|c| c.0) != Some(i) {
+            let (section, path) = (self.section, &self.file.path);
+            let entry = section.chunks.get(i).ok_or_else(|| {
+                rule(
+                    FormatError::ChunkTable {
+                        section: section.name.clone(),
+                        message: format!("no chunk {i}"),
+                    },
+                    path,
+                )
+            })?;
+            let offset = self.chunk_offsets[i];
+            let stored = self.file.read_at(offset, entry.length)?;
+            if hex_sha256(&stored) != entry.sha256 {
                 return Err(rule(
                     FormatError::ChunkHash {
-                        section: name.into(),
+                        section: section.name.clone(),
                         chunk: i,
-                        offset: section.offset + at as u64,
+                        offset,
                     },
-                    &self.path,
+                    path,
                 ));
             }
-            let expected_raw = chunk_raw_length(section, i);
-            decode_chunk(section, i, bytes, expected_raw, &mut raw)
-                .map_err(|e| rule(e, &self.path))?;
-            at += chunk.length as usize;
+            let mut raw = match self.current.take() {
+                Some((_, mut buf)) => {
+                    buf.clear();
+                    buf
+                }
+                None => Vec::new(),
+            };
+            decode_chunk(section, i, &stored, chunk_raw_length(section, i), &mut raw)
+                .map_err(|e| rule(e, path))?;
+            self.current = Some((i, raw));
         }
-        Ok(raw)
+        Ok(&self.current.as_ref().expect("set above").1)
     }
 }
 

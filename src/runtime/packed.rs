@@ -1,6 +1,8 @@
 //! A flashpack file as a [`TensorSource`] with everything in DRAM: the dense
-//! section read whole, and every FFN section read whole and reassembled into the
-//! projection matrices, in packed neuron order.
+//! section read chunk by chunk as tensors are asked for (so that loading holds
+//! the model and one chunk, not the section beside the model), and every FFN
+//! section read whole and reassembled into the projection matrices, in packed
+//! neuron order.
 //!
 //! Neuron order does not change what an FFN computes (its output is a sum over
 //! neurons, and per-neuron biases are stored in the same order), so a model loaded
@@ -9,15 +11,19 @@
 
 use crate::error::{Error, Result};
 use crate::format::layout::{BundlePart, DENSE_SECTION, TOKENIZER_SECTION};
+use crate::format::reader::SectionReader;
 use crate::format::PackedFile;
 use crate::input::tensors::FfnNames;
 use crate::input::TextTokenizer;
 use crate::runtime::weights::{Storage, TensorSource};
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 pub struct PackedWeights<'a> {
     file: &'a PackedFile,
-    dense: Vec<u8>,
+    /// The dense section, read a chunk at a time as tensors are asked for:
+    /// loading holds the model plus one chunk, not the section beside it.
+    dense: Mutex<SectionReader<'a>>,
     /// Raw bytes of each layer's FFN section.
     ffn: Vec<Vec<u8>>,
     /// FFN weight name -> (layer, part).
@@ -43,9 +49,9 @@ impl<'a> PackedWeights<'a> {
     }
 
     fn with_ffn(file: &'a PackedFile, ffn: Vec<Vec<u8>>) -> Result<PackedWeights<'a>> {
-        let dense = file.read_section(DENSE_SECTION)?;
+        let mut dense = SectionReader::new(file, DENSE_SECTION)?;
         // Rule 19, which needs the dense bytes that opening does not read.
-        if let Some(e) = crate::format::integrity::neuron_order_errors(file, &dense)
+        if let Some(e) = crate::format::integrity::neuron_order_errors(file, &mut dense)?
             .into_iter()
             .next()
         {
@@ -74,7 +80,7 @@ impl<'a> PackedWeights<'a> {
         }
         Ok(PackedWeights {
             file,
-            dense,
+            dense: Mutex::new(dense),
             ffn,
             ffn_parts,
         })
@@ -149,9 +155,43 @@ impl TensorSource for PackedWeights<'_> {
                 expected: shape.to_vec(),
                 found,
             })?;
-        let bytes = &self.dense[entry.offset as usize..(entry.offset + entry.length) as usize];
-        Ok(Storage::from_le_bytes(dtype, bytes))
+        let mut dense = self.dense.lock().unwrap_or_else(|e| e.into_inner());
+        storage_from_pieces(dtype, entry.length as usize, |sink| {
+            dense.read_range(entry.offset, entry.length, sink)
+        })
     }
+}
+
+/// A tensor of `length` bytes of `dtype`, decoded piece by piece as `read`
+/// hands the pieces over (in order; an element may straddle two pieces, its
+/// first bytes then wait in a carry).
+fn storage_from_pieces(
+    dtype: crate::dtype::DType,
+    length: usize,
+    read: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<()>,
+) -> Result<Storage> {
+    let size = dtype.size_bytes();
+    let mut storage = Storage::with_capacity(dtype, length / size);
+    let (mut carry, mut carried) = ([0u8; 4], 0usize);
+    read(&mut |mut piece: &[u8]| {
+        if carried > 0 {
+            let take = (size - carried).min(piece.len());
+            carry[carried..carried + take].copy_from_slice(&piece[..take]);
+            carried += take;
+            piece = &piece[take..];
+            if carried < size {
+                return;
+            }
+            storage.extend_from_le_bytes(&carry[..size]);
+            carried = 0;
+        }
+        let whole = piece.len() / size * size;
+        storage.extend_from_le_bytes(&piece[..whole]);
+        let rest = &piece[whole..];
+        carry[..rest.len()].copy_from_slice(rest);
+        carried = rest.len();
+    })?;
+    Ok(storage)
 }
 
 /// The tokenizer a packed file carries.
@@ -165,4 +205,28 @@ pub fn packed_tokenizer(file: &PackedFile) -> Result<TextTokenizer> {
         m.generation_config.as_ref(),
         &file.config,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    /// Any split of the bytes into pieces decodes to the same elements.
+    #[test]
+    fn pieces_decode_like_the_whole() {
+        let bytes: Vec<u8> = (0..64u32).map(|i| (i * 37 % 251) as u8).collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let whole = Storage::from_le_bytes(dtype, &bytes);
+            for cut in [1usize, 2, 3, 5, 7, 64] {
+                let got = storage_from_pieces(dtype, bytes.len(), |sink| {
+                    bytes.chunks(cut).for_each(&mut *sink);
+                    Ok(())
+                })
+                .unwrap();
+                let bits = |s: &Storage| s.to_f32().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&whole), "{dtype:?} in pieces of {cut}");
+            }
+        }
+    }
 }

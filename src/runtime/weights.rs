@@ -42,24 +42,37 @@ impl Storage {
 
     /// Decodes little-endian `bytes` of `dtype` (as safetensors stores them).
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Storage {
+        let mut s = Storage::with_capacity(dtype, bytes.len() / dtype.size_bytes());
+        s.extend_from_le_bytes(bytes);
+        s
+    }
+
+    /// Empty storage of `dtype` with room for `elements`.
+    pub fn with_capacity(dtype: DType, elements: usize) -> Storage {
         match dtype {
-            DType::F32 => Storage::F32(
+            DType::F32 => Storage::F32(Vec::with_capacity(elements)),
+            DType::F16 => Storage::F16(Vec::with_capacity(elements)),
+            DType::BF16 => Storage::BF16(Vec::with_capacity(elements)),
+        }
+    }
+
+    /// Appends the little-endian elements of `bytes` (whole elements only).
+    pub fn extend_from_le_bytes(&mut self, bytes: &[u8]) {
+        match self {
+            Storage::F32(v) => v.extend(
                 bytes
                     .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             ),
-            DType::F16 => Storage::F16(
+            Storage::F16(v) => v.extend(
                 bytes
                     .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
+                    .map(|b| f16::from_le_bytes([b[0], b[1]])),
             ),
-            DType::BF16 => Storage::BF16(
+            Storage::BF16(v) => v.extend(
                 bytes
                     .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]])),
             ),
         }
     }
