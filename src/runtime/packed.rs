@@ -1,8 +1,8 @@
 //! A flashpack file as a [`TensorSource`] with everything in DRAM: the dense
 //! section read chunk by chunk as tensors are asked for (so that loading holds
-//! the model and one chunk, not the section beside the model), and every FFN
-//! section read whole and reassembled into the projection matrices, in packed
-//! neuron order.
+//! the model and one chunk, not the section beside the model), and each FFN
+//! section read when its layer's matrices are asked for (one section in
+//! memory at a time) and reassembled into them, in packed neuron order.
 //!
 //! Neuron order does not change what an FFN computes (its output is a sum over
 //! neurons, and per-neuron biases are stored in the same order), so a model loaded
@@ -19,36 +19,36 @@ use crate::runtime::weights::{Storage, TensorSource};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// The FFN section read last: its layer and raw bytes.
+type LastSection = Mutex<Option<(usize, Vec<u8>)>>;
+
 pub struct PackedWeights<'a> {
     file: &'a PackedFile,
     /// The dense section, read a chunk at a time as tensors are asked for:
     /// loading holds the model plus one chunk, not the section beside it.
     dense: Mutex<SectionReader<'a>>,
-    /// Raw bytes of each layer's FFN section.
-    ffn: Vec<Vec<u8>>,
+    /// `None` when only the dense part is loaded; else the FFN section read
+    /// last (layer, raw bytes): a layer's three matrices are asked for in a
+    /// row, so one section in memory beside the model suffices.
+    ffn: Option<LastSection>,
     /// FFN weight name -> (layer, part).
     ffn_parts: HashMap<String, (usize, BundlePart)>,
 }
 
 impl<'a> PackedWeights<'a> {
-    /// Reads the dense section and every FFN section, checking each chunk's hash.
+    /// The dense section and every FFN section, each chunk's hash checked
+    /// when it is read (as the model asks for its tensors).
     pub fn read_all(file: &'a PackedFile) -> Result<PackedWeights<'a>> {
-        let ffn = file
-            .manifest
-            .ffn_layers
-            .iter()
-            .map(|l| file.read_section(&l.section))
-            .collect::<Result<Vec<_>>>()?;
-        Self::with_ffn(file, ffn)
+        Self::with_ffn(file, Some(Mutex::new(None)))
     }
 
     /// Reads the dense section only (FFN biases included); asking for an FFN
     /// projection matrix is an error. The flash runtime reads bundles itself.
     pub fn read_dense(file: &'a PackedFile) -> Result<PackedWeights<'a>> {
-        Self::with_ffn(file, Vec::new())
+        Self::with_ffn(file, None)
     }
 
-    fn with_ffn(file: &'a PackedFile, ffn: Vec<Vec<u8>>) -> Result<PackedWeights<'a>> {
+    fn with_ffn(file: &'a PackedFile, ffn: Option<LastSection>) -> Result<PackedWeights<'a>> {
         let mut dense = SectionReader::new(file, DENSE_SECTION)?;
         // Rule 19, which needs the dense bytes that opening does not read.
         if let Some(e) = crate::format::integrity::neuron_order_errors(file, &mut dense)?
@@ -105,11 +105,22 @@ impl<'a> PackedWeights<'a> {
             .iter()
             .position(|p| *p == part)
             .expect("checked at open: parts match the architecture");
-        let bundles = self.ffn.get(layer).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "FFN weights of layer {layer} were not loaded (flash mode reads bundles from disk)"
-            ))
-        })?;
+        let mut last = self
+            .ffn
+            .as_ref()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "FFN weights of layer {layer} were not loaded (flash mode reads bundles from disk)"
+                ))
+            })?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().map(|l| l.0) != Some(layer) {
+            // Dropped before the next is read: one section at a time.
+            *last = None;
+            *last = Some((layer, self.file.read_section(&entry.section)?));
+        }
+        let bundles = &last.as_ref().expect("set above").1;
         let part_of =
             |p: usize| &bundles[p * stride + k * h * size..p * stride + (k + 1) * h * size];
         let mut bytes = vec![0u8; n * h * size];
