@@ -170,6 +170,28 @@ impl PackedFile {
         &self.file
     }
 
+    /// Layer `layer`'s neuron order: `order[p]` is the checkpoint index of
+    /// packed neuron `p` (read from the dense section; not checked to be a
+    /// permutation here, see rule 19).
+    pub fn neuron_order(&self, layer: usize) -> Result<Vec<u32>> {
+        let entry = self
+            .manifest
+            .ffn_layers
+            .get(layer)
+            .and_then(|l| self.tensor_entry(&l.order_tensor))
+            .ok_or_else(|| Error::InvalidArgument(format!("no order tensor for layer {layer}")))?;
+        let mut bytes = Vec::with_capacity(entry.length as usize);
+        SectionReader::new(self, DENSE_SECTION)?.read_range(
+            entry.offset,
+            entry.length,
+            &mut |piece| bytes.extend_from_slice(piece),
+        )?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
     /// Reads a whole section, checking every chunk's hash (rule 14) and
     /// decompressing it (rule 15); returns the raw bytes. One stored chunk is
     /// in memory at a time beside the result.

@@ -166,9 +166,8 @@ pub fn from_kept_trace(trace: &Path, packed: &Path, max_tokens: usize) -> Result
     let (hidden, width) = (file.config.hidden_size, file.config.ffn_width);
     let words = width.div_ceil(64);
     let data = sparsity_data(&file)?;
-    let dense = file.read_section(crate::format::layout::DENSE_SECTION)?;
     let (mut fired, mut predicted) = (Vec::new(), Vec::new());
-    for (l, entry) in file.manifest.ffn_layers.iter().enumerate() {
+    for l in 0..file.manifest.ffn_layers.len() {
         let predictor = data
             .as_ref()
             .and_then(|d| d.predictors.get(l).and_then(Option::as_ref))
@@ -179,12 +178,7 @@ pub fn from_kept_trace(trace: &Path, packed: &Path, max_tokens: usize) -> Result
                 ))
             })?;
         // order[p] = the checkpoint index of packed neuron p.
-        let order = file.tensor_entry(&entry.order_tensor).map(|t| {
-            dense[t.offset as usize..(t.offset + t.length) as usize]
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                .collect::<Vec<_>>()
-        });
+        let order = file.neuron_order(l)?;
         let read = |name: String| {
             let path = trace.join(name);
             std::fs::read(&path).map_err(|e| Error::io(&path, e))
@@ -208,7 +202,7 @@ pub fn from_kept_trace(trace: &Path, packed: &Path, max_tokens: usize) -> Result
             let bit = |j: usize| row[j / 8] >> (j % 8) & 1 == 1;
             f_sets.push(
                 (0..width)
-                    .filter(|&p| bit(order.as_ref().map_or(p, |o| o[p])))
+                    .filter(|&p| bit(order[p] as usize))
                     .map(|p| p as u32)
                     .collect(),
             );
