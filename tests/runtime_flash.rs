@@ -269,6 +269,15 @@ fn bytes_read_agree_with_proc_self_io() {
     }
 }
 
+/// The byte count a refused `--dram-budget` names as the minimum.
+fn stated_minimum(err: &str) -> u64 {
+    err.split("minimum of ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no minimum in: {err}"))
+}
+
 #[test]
 fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
     let path = calibrated("opt-relu");
@@ -290,12 +299,7 @@ fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
     let out = args("1MiB");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    let minimum: u64 = err
-        .split("minimum of ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no minimum in: {err}"));
+    let minimum = stated_minimum(&err);
     assert!(minimum > 1 << 20);
     let ok = args(&minimum.to_string());
     assert!(
@@ -773,12 +777,7 @@ fn a_dense_heavy_model_loads_within_the_budget() {
     assert_eq!(out.status.code(), Some(2));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let err = json["error"].as_str().unwrap();
-    let minimum: u64 = err
-        .split("minimum of ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no minimum in: {err}"));
+    let minimum = stated_minimum(err);
     assert!(minimum > 50 << 20, "the dense part is counted: {minimum}");
     let out = run(&minimum.to_string());
     assert!(
