@@ -187,6 +187,18 @@ fn rule_06_manifest_schema() {
     assert_eq!(open_error(&path).rule(), 6);
     rewrite_manifest(&path, |m| *m = serde_json::json!([1, 2]));
     assert_eq!(open_error(&path).rule(), 6);
+    // Keys whose value may be null must still be there.
+    for key in ["generation_config", "tokenizer_config"] {
+        let (_t, path) = packed(3);
+        rewrite_manifest(&path, |m| {
+            m.as_object_mut().unwrap().remove(key);
+        });
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 6, "{key}: {e}");
+        let (_t, path) = packed(3);
+        rewrite_manifest(&path, |m| m[key] = serde_json::Value::Null);
+        assert!(PackedFile::open(&path).is_ok(), "{key}: null is allowed");
+    }
 }
 
 #[test]

@@ -224,6 +224,14 @@ pub struct Provenance {
     pub options: PackOptions,
 }
 
+/// An `Option` field whose key must be present (its value may be null): with
+/// `deserialize_with`, serde reports a missing key instead of defaulting it.
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<serde_json::Value>, D::Error> {
+    Option::<serde_json::Value>::deserialize(d)
+}
+
 /// The manifest: everything needed to find and check every byte of the file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -231,7 +239,12 @@ pub struct Manifest {
     pub alignment: u64,
     /// The checkpoint's `config.json`, verbatim as JSON.
     pub config: serde_json::Value,
+    /// The checkpoint's `generation_config.json` (null when it had none); the
+    /// key itself is required (rule 6), as serde would otherwise let it go.
+    #[serde(deserialize_with = "present")]
     pub generation_config: Option<serde_json::Value>,
+    /// The checkpoint's `tokenizer_config.json`, or null; the key is required.
+    #[serde(deserialize_with = "present")]
     pub tokenizer_config: Option<serde_json::Value>,
     pub sections: Vec<SectionEntry>,
     pub tensors: Vec<TensorEntry>,
