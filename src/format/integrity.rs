@@ -124,15 +124,11 @@ pub fn neuron_order_errors(
     dense: &mut SectionReader<'_>,
 ) -> Result<Vec<FormatError>> {
     let mut failures = Vec::new();
-    let mut bytes = Vec::new();
     for layer in &file.manifest.ffn_layers {
         let Some(entry) = file.tensor_entry(&layer.order_tensor) else {
             continue;
         };
-        bytes.clear();
-        dense.read_range(entry.offset, entry.length, &mut |piece| {
-            bytes.extend_from_slice(piece)
-        })?;
+        let bytes = dense.read_bytes(entry.offset, entry.length)?;
         if !is_permutation(&bytes, layer.neurons) {
             failures.push(FormatError::NeuronOrder {
                 layer: layer.layer,

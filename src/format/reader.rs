@@ -180,12 +180,8 @@ impl PackedFile {
             .get(layer)
             .and_then(|l| self.tensor_entry(&l.order_tensor))
             .ok_or_else(|| Error::InvalidArgument(format!("no order tensor for layer {layer}")))?;
-        let mut bytes = Vec::with_capacity(entry.length as usize);
-        SectionReader::new(self, DENSE_SECTION)?.read_range(
-            entry.offset,
-            entry.length,
-            &mut |piece| bytes.extend_from_slice(piece),
-        )?;
+        let bytes =
+            SectionReader::new(self, DENSE_SECTION)?.read_bytes(entry.offset, entry.length)?;
         Ok(bytes
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -197,10 +193,8 @@ impl PackedFile {
     /// in memory at a time beside the result.
     pub fn read_section(&self, name: &str) -> Result<Vec<u8>> {
         let mut reader = SectionReader::new(self, name)?;
-        let mut raw = Vec::with_capacity(reader.section.raw_length as usize);
         let length = reader.section.raw_length;
-        reader.read_range(0, length, &mut |piece| raw.extend_from_slice(piece))?;
-        Ok(raw)
+        reader.read_bytes(0, length)
     }
 }
 
@@ -274,6 +268,13 @@ impl<'a> SectionReader<'a> {
             at += (to - from) as u64;
         }
         Ok(())
+    }
+
+    /// The raw bytes `start .. start + length` of the section, in one vector.
+    pub fn read_bytes(&mut self, start: u64, length: u64) -> Result<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(length.min(self.section.raw_length) as usize);
+        self.read_range(start, length, &mut |piece| bytes.extend_from_slice(piece))?;
+        Ok(bytes)
     }
 
     /// Chunk `i`'s raw bytes, decoded now unless it is the current one.
