@@ -207,9 +207,7 @@ fn main() {
         fired.mean_fraction() * 100.0,
         predicted.mean_fraction() * 100.0
     );
-    let ids: Vec<u32> = (0..tokens)
-        .map(|t| ((t * 7919 + 13) % VOCAB) as u32)
-        .collect();
+    let ids = token_ids(tokens);
     let base = FlashOptions {
         dram_budget: Some(budget),
         io_threads: env_usize(
@@ -408,8 +406,7 @@ fn budget_child(packed: &Path) {
     };
     let (loaded, rt) = flashpack::runtime::flash::open_flash(packed, &opts).expect("open");
     let mut cache = loaded.model.new_cache();
-    for t in 0..tokens {
-        let id = ((t * 7919 + 13) % VOCAB) as u32;
+    for id in token_ids(tokens) {
         loaded
             .model
             .forward(&mut cache, &[id], flashpack::runtime::Logits::Last, None)
@@ -423,6 +420,12 @@ fn budget_child(packed: &Path) {
             "replay_bytes": replay_bytes,
         })
     );
+}
+
+/// The token ids every mode decodes (any ids do: the weights are random;
+/// the same ones for every mode).
+fn token_ids(n: usize) -> Vec<u32> {
+    (0..n).map(|t| ((t * 7919 + 13) % VOCAB) as u32).collect()
 }
 
 /// Rank of the stand-in predictor: the trainer's starting point for real
