@@ -6,7 +6,7 @@
 mod common;
 use common::{fixtures, nmse};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -248,7 +248,7 @@ fn bytes_read_agree_with_proc_self_io() {
             String::from_utf8_lossy(&out.stderr)
         );
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let bytes = json["bytes_read"].as_u64().unwrap();
+        let bytes = json["read_bytes"].as_u64().unwrap();
         assert!(bytes > 0 && json["read_ops"].as_u64().unwrap() > 0);
         assert!(json["peak_rss_bytes"].as_u64().unwrap() > 0);
         let io_mode = json["io_mode"].as_str().unwrap();
@@ -472,7 +472,7 @@ fn buffered_fallback_gives_the_same_tokens_and_says_so() {
     assert!(stderr.contains("buffered reads"), "{stderr}");
     let (direct, _) = run(false);
     assert_eq!(buffered["generated_ids"], direct["generated_ids"]);
-    assert_eq!(buffered["bytes_read"], direct["bytes_read"]);
+    assert_eq!(buffered["read_bytes"], direct["read_bytes"]);
 }
 
 #[test]
@@ -490,7 +490,7 @@ fn flash_is_the_default_for_a_packed_file_with_predictors() {
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["ffn"], "flash");
-    assert!(json["bytes_read"].as_u64().unwrap() > 0);
+    assert!(json["read_bytes"].as_u64().unwrap() > 0);
     let dir = fixtures().join("models/opt-relu");
     let out = cli(&[
         "run",
@@ -535,7 +535,7 @@ fn bench_compares_the_modes_on_a_packed_file() {
             "dense (in DRAM)"
         ]
     );
-    let bytes = |i: usize| rows[i]["bytes_read_per_token"].as_f64().unwrap();
+    let bytes = |i: usize| rows[i]["read_bytes_per_token"].as_f64().unwrap();
     assert!(bytes(2) > 0.0 && bytes(2) < bytes(0) && bytes(3) <= bytes(2));
     for r in rows {
         assert!(r["ms_per_token"].as_f64().unwrap() > 0.0);
@@ -603,44 +603,283 @@ fn a_file_truncated_during_a_run_fails_with_an_io_error_naming_the_layer() {
     }
 }
 
-#[test]
-fn verify_reads_stops_a_run_on_a_file_damaged_after_packing() {
-    let tmp = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
-    let path = tmp.path().join("damaged.flashpack");
-    let mut bytes = std::fs::read(calibrated("opt-relu")).unwrap();
-    let file = flashpack::format::PackedFile::open(calibrated("opt-relu")).unwrap();
-    let section = file.section("ffn.0").unwrap().clone();
-    drop(file);
-    // A flipped byte in every chunk of layer 0: whatever the run touches is damaged.
-    let mut at = section.offset;
-    for c in &section.chunks {
-        bytes[(at + c.length / 2) as usize] ^= 0x40;
-        at += c.length;
-    }
+/// A copy of the calibrated opt-relu file in `dir` with ONE byte damaged in
+/// section `ffn.{layer}`: in bundle `bundle`'s up row, the high byte of its
+/// first weight (sign and exponent), so that the weight becomes about 500
+/// times 1 or 2, large and finite. Returns the copy and the chunk holding
+/// the byte.
+fn one_flipped_ffn_byte(dir: &Path, layer: usize, bundle: u64) -> (PathBuf, usize) {
+    let clean = calibrated("opt-relu");
+    let file = flashpack::format::PackedFile::open(clean).unwrap();
+    let entry = &file.manifest.ffn_layers[layer];
+    let section = file.section(&entry.section).unwrap();
+    assert_eq!(entry.section, format!("ffn.{layer}"));
+    assert_eq!(entry.dtype.weight(), Some(flashpack::dtype::DType::F32));
+    let up = entry
+        .parts
+        .iter()
+        .position(|p| *p == flashpack::format::layout::BundlePart::Up)
+        .unwrap() as u64;
+    let within = bundle * entry.bundle_bytes + up * entry.hidden * 4 + 3;
+    let at = (section.offset + within) as usize;
+    let chunk = (within / section.chunk_raw_bytes) as usize;
+    let mut bytes = std::fs::read(clean).unwrap();
+    let weight = |b: &[u8]| f32::from_le_bytes(b[at - 3..at + 1].try_into().unwrap());
+    let before = weight(&bytes);
+    // Sign kept, exponent 136 or 137: about 2^9, a large finite weight.
+    bytes[at] = (bytes[at] & 0x80) | 0x44;
+    let after = weight(&bytes);
+    assert!(
+        after.is_finite() && after.abs() > 100.0 * before.abs(),
+        "{before} -> {after}"
+    );
+    let path = dir.join(format!("damaged-ffn{layer}-bundle{bundle}.flashpack"));
     std::fs::write(&path, bytes).unwrap();
-    let run = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
-            .args([
-                "run",
-                path.to_str().unwrap(),
-                "--ffn",
-                "flash",
-                "--prompt",
-                "KING HENRY.",
-                "--max-new-tokens",
-                "4",
-            ])
-            .args(extra)
-            .output()
-            .unwrap()
+    (path, chunk)
+}
+
+/// `run` and `eval` on `path` (`mode`: the `--ffn` value, or the default),
+/// with `extra` flags: the exit code, stdout and stderr of each.
+fn run_and_eval(
+    path: &Path,
+    mode: Option<&str>,
+    extra: &[&str],
+) -> Vec<(Option<i32>, String, String)> {
+    let text = path.with_extension("txt");
+    std::fs::write(
+        &text,
+        "KING HENRY. Once more unto the breach, dear friends, once more.",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let mut run = vec![
+        "run",
+        p,
+        "--prompt",
+        "KING HENRY.",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ];
+    let mut eval = vec!["eval", p, "--text", text.to_str().unwrap(), "--json"];
+    for args in [&mut run, &mut eval] {
+        if let Some(m) = mode {
+            args.extend(["--ffn", m]);
+        }
+        args.extend(extra);
+    }
+    [run, eval]
+        .iter()
+        .map(|args| {
+            let out = cli(args);
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that every command stopped with exit 1, naming section and chunk.
+fn stopped_naming(results: &[(Option<i32>, String, String)], section: &str, chunk: usize) {
+    let named = format!("section \"{section}\" chunk {chunk} ");
+    for (code, stdout, stderr) in results {
+        assert_eq!(*code, Some(1), "{stdout}{stderr}");
+        let json: serde_json::Value = serde_json::from_str(stdout).unwrap();
+        let error = json["error"].as_str().unwrap();
+        assert!(error.contains(&named), "{error}");
+        assert!(error.contains("sha256 mismatch"), "{error}");
+    }
+}
+
+/// A flipped byte in the hottest neuron's bundle of layer 0 (the first bundle
+/// in packed order, used by the first token) changed `run`'s text with exit 0
+/// in the default mode, `flash`; it must stop `run` and `eval` with exit 1
+/// naming the section and chunk, unless `--no-verify-reads` is given.
+#[test]
+fn a_damaged_ffn_byte_stops_the_default_flash_run() {
+    let tmp = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
+    let (path, chunk) = one_flipped_ffn_byte(tmp.path(), 0, 0);
+    stopped_naming(&run_and_eval(&path, None, &[]), "ffn.0", chunk);
+    // Opted out: the damage is used, and the run succeeds with other text.
+    let unchecked = run_and_eval(&path, None, &["--no-verify-reads"]);
+    let clean = run_and_eval(calibrated("opt-relu"), None, &[]);
+    for ((code, stdout, stderr), (clean_code, clean_out, _)) in unchecked.iter().zip(&clean) {
+        assert_eq!(*code, Some(0), "{stderr}");
+        assert_eq!(*clean_code, Some(0));
+        let (a, b): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_str(stdout).unwrap(),
+            serde_json::from_str(clean_out).unwrap(),
+        );
+        assert_eq!(a["ffn"], "flash");
+        assert_eq!(a["flash"]["verify_reads"], false);
+        assert_eq!(b["flash"]["verify_reads"], true);
+        // The byte matters: the damaged file's run differs from the clean one.
+        let key = if a.get("perplexity").is_some() {
+            "perplexity"
+        } else {
+            "generated_ids"
+        };
+        assert_ne!(a[key], b[key], "{key}");
+    }
+}
+
+/// Naive reads every chunk of every layer: a flipped byte in the middle of the
+/// last layer stops `run`, `eval` and `bench FILE` (exit 1, named).
+#[test]
+fn a_damaged_ffn_byte_stops_a_naive_run() {
+    let tmp = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
+    let (path, chunk) = one_flipped_ffn_byte(tmp.path(), 3, 300);
+    assert!(chunk > 0);
+    stopped_naming(&run_and_eval(&path, Some("naive"), &[]), "ffn.3", chunk);
+    for (code, _, stderr) in run_and_eval(&path, Some("naive"), &["--no-verify-reads"]) {
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    let out = cli(&[
+        "bench",
+        path.to_str().unwrap(),
+        "--decode-tokens",
+        "2",
+        "--json",
+    ]);
+    let result = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    stopped_naming(&[result], "ffn.3", chunk);
+}
+
+/// `oracle-flash` stops too. (It also loads an in-DRAM copy of every FFN to
+/// choose from, which checks every chunk's hash at open, so it stopped before
+/// run-time verification was the default and still stops without it.)
+#[test]
+fn a_damaged_ffn_byte_stops_an_oracle_flash_run() {
+    let tmp = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
+    let (path, chunk) = one_flipped_ffn_byte(tmp.path(), 0, 0);
+    stopped_naming(
+        &run_and_eval(&path, Some("oracle-flash"), &[]),
+        "ffn.0",
+        chunk,
+    );
+    stopped_naming(
+        &run_and_eval(&path, Some("oracle-flash"), &["--no-verify-reads"]),
+        "ffn.0",
+        chunk,
+    );
+}
+
+/// The check hashes the bytes the reader brought in, not a second copy: naive
+/// (whole layers in chunk-aligned reads) hashes every FFN byte once and reads
+/// nothing more than without the check; flash widens a chunk's first read to
+/// the whole chunk (counted in its bytes read), hashes each used chunk once,
+/// and gives the same logits as without the check.
+#[test]
+fn verification_hashes_the_bytes_the_reads_brought_in() {
+    let path = calibrated("opt-relu");
+    let ids = token_ids(path);
+    let file = flashpack::format::PackedFile::open(path).unwrap();
+    let (mut ffn_bytes, mut ffn_chunks) = (0u64, 0u64);
+    for l in &file.manifest.ffn_layers {
+        let s = file.section(&l.section).unwrap();
+        ffn_bytes += s.length;
+        ffn_chunks += s.chunks.len() as u64;
+    }
+    assert!(ffn_chunks > 4, "more than one chunk per layer");
+    for mode in [DiskMode::Naive, DiskMode::Flash, DiskMode::Oracle] {
+        let run = |verify_reads: bool| {
+            let (model, rt) = flash(
+                path,
+                FlashOptions {
+                    mode,
+                    verify_reads,
+                    ..FlashOptions::default()
+                },
+            );
+            (logits(&model, &ids), rt.report())
+        };
+        let ((on, r_on), (off, r_off)) = (run(true), run(false));
+        assert!(on == off, "{mode:?}: verification changed the logits");
+        assert!(r_on.verify_reads && !r_off.verify_reads);
+        assert_eq!(
+            (
+                r_off.chunks_verified,
+                r_off.verified_bytes,
+                r_off.verify_extra_read_bytes
+            ),
+            (0, 0, 0)
+        );
+        println!(
+            "{mode:?}: {} of {ffn_chunks} chunks, {} of {ffn_bytes} bytes hashed; read {} with, {} without ({} to complete chunks)",
+            r_on.chunks_verified, r_on.verified_bytes, r_on.bytes_read, r_off.bytes_read, r_on.verify_extra_read_bytes
+        );
+        if mode == DiskMode::Naive {
+            assert_eq!(r_on.chunks_verified, ffn_chunks);
+            assert_eq!(r_on.verified_bytes, ffn_bytes, "every byte hashed once");
+            assert_eq!(r_on.verify_extra_read_bytes, 0);
+            assert_eq!(r_on.bytes_read, r_off.bytes_read, "no read for the check");
+            assert_eq!(r_on.read_ops, r_off.read_ops);
+        } else {
+            assert!(r_on.chunks_verified > 0 && r_on.chunks_verified <= ffn_chunks);
+            // Each chunk hashed once (two reads of one batch may share one).
+            assert!(r_on.verified_bytes >= r_on.chunks_verified * 4096);
+            assert!(r_on.verified_bytes <= ffn_bytes + ffn_bytes / 8);
+            // Completing chunks costs at most the FFN once over the run.
+            assert!(r_on.verify_extra_read_bytes > 0);
+            assert!(r_on.verify_extra_read_bytes <= ffn_bytes);
+            assert!(r_on.bytes_read <= r_off.bytes_read + ffn_bytes);
+        }
+    }
+}
+
+/// `ffn_active_fraction` is the fraction of FFN neurons computed: all of
+/// them in naive, the predicted ones in flash (bit-identical to `predicted`,
+/// so exactly its fraction), the firing ones in oracle-flash; it was 1.0 for
+/// every disk mode.
+#[test]
+fn ffn_active_fraction_counts_the_neurons_each_disk_mode_computes() {
+    let path = calibrated("opt-relu");
+    let ids = token_ids(path);
+    let in_dram = |mode: FfnMode| {
+        let mut m = open_model(path).unwrap();
+        let counter = m.set_ffn_mode(mode).unwrap().unwrap();
+        logits(&m.model, &ids);
+        counter.active_fraction()
     };
-    let checked = run(&["--verify-reads"]);
-    let stderr = String::from_utf8_lossy(&checked.stderr);
-    assert_eq!(checked.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("\"ffn.0\" chunk"), "{stderr}");
-    // Without the check (the default) the damage goes unnoticed: that is what
-    // the option is for.
-    assert_eq!(run(&[]).status.code(), Some(0));
+    let on_disk = |mode: DiskMode| {
+        let (model, rt) = flash(
+            path,
+            FlashOptions {
+                mode,
+                ..FlashOptions::default()
+            },
+        );
+        logits(&model, &ids);
+        let r = rt.report();
+        assert_eq!(r.ffn_active_fraction, rt.neuron_counter().active_fraction());
+        r.ffn_active_fraction
+    };
+    let (predicted, oracle) = (in_dram(FfnMode::Predicted), in_dram(FfnMode::Oracle));
+    assert!(predicted > 0.0 && predicted < 0.5, "{predicted}");
+    assert!(oracle > 0.0 && oracle < predicted, "{oracle}");
+    assert_eq!(on_disk(DiskMode::Flash), predicted);
+    assert_eq!(on_disk(DiskMode::Oracle), oracle);
+    assert_eq!(on_disk(DiskMode::Naive), 1.0);
+    // Reported by `run --json` with the flash statistics.
+    let out = cli(&[
+        "run",
+        path.to_str().unwrap(),
+        "--prompt",
+        "KING HENRY.",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = json["flash"]["ffn_active_fraction"].as_f64().unwrap();
+    assert!(f > 0.0 && f < 0.5, "{json}");
 }
 
 /// A trace kept by `calibrate --keep-trace` on the held-out text, replayed:

@@ -97,6 +97,7 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
                 .map(|b| parse_size(b, file_bytes))
                 .transpose()?,
             context: args.decode_tokens + 8,
+            verify_reads: args.flash.verify_reads,
             ..FlashOptions::default()
         };
         let packed = crate::format::PackedFile::open(path)?;

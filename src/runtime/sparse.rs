@@ -65,13 +65,21 @@ impl NeuronCounter {
         self.computed.load(Ordering::Relaxed) as f64 / total as f64
     }
 
+    /// Adds `evaluations` (layer, token) pairs that computed `computed` of
+    /// `total` neurons (the flash runtime counts its own; no allocation).
+    pub fn record(&self, evaluations: u64, computed: u64, total: u64) {
+        self.evaluations.fetch_add(evaluations, Ordering::Relaxed);
+        self.computed.fetch_add(computed, Ordering::Relaxed);
+        self.total.fetch_add(total, Ordering::Relaxed);
+    }
+
     fn add(&self, sets: &[Vec<u32>], width: usize) {
         let computed: usize = sets.iter().map(Vec::len).sum();
-        self.evaluations
-            .fetch_add(sets.len() as u64, Ordering::Relaxed);
-        self.computed.fetch_add(computed as u64, Ordering::Relaxed);
-        self.total
-            .fetch_add((sets.len() * width) as u64, Ordering::Relaxed);
+        self.record(
+            sets.len() as u64,
+            computed as u64,
+            (sets.len() * width) as u64,
+        );
     }
 }
 

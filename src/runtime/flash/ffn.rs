@@ -23,7 +23,9 @@ use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::{neuron_value, ActiveSet, Ffn, Fired};
 use crate::runtime::flash::cache::BundleCache;
 use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
+use crate::runtime::flash::verify::{ChunkVerifier, VerifyCounters};
 use crate::runtime::kernels::{dot_weights, ColumnAccumulator, Weights};
+use crate::runtime::sparse::NeuronCounter;
 
 /// Where a layer's bundles are and how they are laid out.
 #[derive(Debug, Clone)]
@@ -37,6 +39,9 @@ pub struct LayerSpec {
     pub parts: Vec<BundlePart>,
     /// Bytes per bundle.
     pub stride: usize,
+    /// Raw bytes per chunk of the section (whole bundles, rule 13): naive
+    /// reads whole chunks, so that first-use verification hashes what it read.
+    pub chunk_bytes: usize,
 }
 
 impl LayerSpec {
@@ -73,6 +78,10 @@ pub struct FlashStats {
     pub ns_io: AtomicU64,
     pub ns_memory: AtomicU64,
     pub ns_compute: AtomicU64,
+    /// First-use verification of FFN chunks.
+    pub verify: VerifyCounters,
+    /// FFN neurons computed (as the in-DRAM sparse modes count them).
+    pub neurons: Arc<NeuronCounter>,
 }
 
 fn add_ns(c: &AtomicU64, since: Instant) -> Instant {
@@ -92,6 +101,8 @@ pub struct Workspace {
     missing: Vec<u32>,
     ops: Vec<ReadOp>,
     op_ranges: Vec<(usize, usize)>,
+    /// File bytes each read's bundles span (without widening for verification).
+    wanted: Vec<(u64, u64)>,
 }
 
 impl Workspace {
@@ -114,6 +125,7 @@ impl Workspace {
             missing: Vec::with_capacity(neurons),
             ops: Vec::with_capacity(slots),
             op_ranges: Vec::with_capacity(slots),
+            wanted: Vec::with_capacity(slots),
         })
     }
 
@@ -184,8 +196,9 @@ pub struct FlashFfn {
     pub workspace: Arc<Mutex<Workspace>>,
     pub state: Mutex<LayerState>,
     pub stats: Arc<FlashStats>,
-    /// `--verify-reads`: checks each chunk's hash the first time it is used.
-    pub verifier: Option<crate::runtime::flash::verify::ChunkVerifier>,
+    /// Checks each chunk's hash the first time it is used (the default;
+    /// `None` with `--no-verify-reads`).
+    pub verifier: Option<ChunkVerifier>,
 }
 
 impl FlashFfn {
@@ -196,6 +209,54 @@ impl FlashFfn {
             .unwrap_or_else(|e| e.into_inner())
             .cache
             .used()
+    }
+
+    /// The read that covers the wanted bytes `start..end`: widened to whole
+    /// chunks where they touch a chunk not yet verified, rounded out to the
+    /// alignment.
+    fn read_for(&self, start: u64, end: u64) -> ReadOp {
+        match &self.verifier {
+            Some(v) => self
+                .reader
+                .round_out(v.widen_start(start), v.widen_end(end)),
+            None => self.reader.round_out(start, end),
+        }
+    }
+
+    /// Performs `ops` (op `k` spans the wanted bytes `wanted[k]`) and, with
+    /// verification, checks every chunk they use for the first time, in the
+    /// bytes read, before any is used.
+    fn read_checked(
+        &self,
+        staging: &mut Staging,
+        ops: &[ReadOp],
+        wanted: &[(u64, u64)],
+    ) -> Result<()> {
+        if let Some(op) = ops.iter().find(|op| op.len > staging.slot_bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "layer {}: a read of {} bytes does not fit the {}-byte read buffer",
+                self.spec.layer, op.len, staging.slot_bytes
+            )));
+        }
+        let r = match &self.verifier {
+            None => self.reader.read_batch(staging, ops),
+            Some(v) => {
+                let counters = &self.stats.verify;
+                let extra: usize = ops
+                    .iter()
+                    .zip(wanted)
+                    .map(|(op, &(s, e))| op.len - self.reader.round_out(s, e).len)
+                    .sum();
+                counters
+                    .extra_read_bytes
+                    .fetch_add(extra as u64, Ordering::Relaxed);
+                self.reader.read_batch_checked(staging, ops, &|k, data| {
+                    let (s, e) = wanted[k];
+                    v.check(&ops[k], data, s, e, counters)
+                })
+            }
+        };
+        r.map_err(|e| e.in_layer(self.spec.layer))
     }
 
     fn part<'b>(&self, bundle: &'b [u8], k: usize) -> Result<Weights<'b>> {
@@ -269,6 +330,7 @@ impl FlashFfn {
             staging,
             ops,
             op_ranges,
+            wanted,
             ..
         } = ws;
         let mut i = 0;
@@ -276,6 +338,7 @@ impl FlashFfn {
             let t0 = Instant::now();
             ops.clear();
             op_ranges.clear();
+            wanted.clear();
             while ops.len() < staging.slots && i < neurons.len() {
                 let first = neurons[i] as u64;
                 let start = spec.offset + first * stride;
@@ -283,33 +346,28 @@ impl FlashFfn {
                 while j < neurons.len() {
                     let gap = (neurons[j] - neurons[j - 1] - 1) as usize;
                     let end = spec.offset + (neurons[j] as u64 + 1) * stride;
-                    // Bundles whose aligned blocks touch the run's cost no
-                    // extra bytes: one read instead of two (or of the same
-                    // block twice).
+                    // Bundles whose aligned blocks touch the run's read (or
+                    // the whole chunk it reads to verify it) cost no extra
+                    // bytes: one read instead of two (or of the same block
+                    // twice).
                     let run_end = spec.offset + (neurons[j - 1] as u64 + 1) * stride;
                     let next = self.reader.round_out(end - stride, end);
-                    let touching = next.offset <= self.reader.round_out(start, run_end).end();
+                    let touching = next.offset <= self.read_for(start, run_end).end();
                     if (gap > self.coalesce_gap && !touching)
-                        || self.reader.round_out(start, end).len > staging.slot_bytes
+                        || self.read_for(start, end).len > staging.slot_bytes
                     {
                         break;
                     }
                     j += 1;
                 }
                 let end = spec.offset + (neurons[j - 1] as u64 + 1) * stride;
-                ops.push(self.reader.round_out(start, end));
+                ops.push(self.read_for(start, end));
                 op_ranges.push((i, j));
+                wanted.push((start, end));
                 i = j;
             }
             let t1 = add_ns(&self.stats.ns_memory, t0);
-            self.reader
-                .read_batch(staging, ops)
-                .map_err(|e| e.in_layer(self.spec.layer))?;
-            if let Some(v) = &self.verifier {
-                for &(a, b) in op_ranges.iter() {
-                    v.check_bundles(neurons[a] as usize, neurons[b - 1] as usize)?;
-                }
-            }
+            self.read_checked(staging, ops, wanted)?;
             let t2 = add_ns(&self.stats.ns_io, t1);
             for (k, (&op, &(a, b))) in ops.iter().zip(op_ranges.iter()).enumerate() {
                 let slot = staging.slot(k);
@@ -466,31 +524,35 @@ impl FlashFfn {
         let spec = &self.spec;
         let stride = spec.stride;
         let align = self.reader.align();
-        // Whole bundles per read, as many as a slot holds.
+        // Whole bundles per read, as many as a slot holds, in whole chunks
+        // (chunks hold whole bundles, rule 13): each chunk lies in one read,
+        // so first-use verification hashes what was read, nothing more.
         let per_read = ((ws.staging.slot_bytes - align) / stride).max(1);
+        let per_chunk = (spec.chunk_bytes / stride).max(1);
+        let per_read = if per_read >= per_chunk {
+            per_read / per_chunk * per_chunk
+        } else {
+            per_read
+        };
         ws.acc.clear();
         let mut p = 0;
         while p < spec.neurons {
             let t0 = Instant::now();
             ws.ops.clear();
             ws.op_ranges.clear();
+            ws.wanted.clear();
             while ws.ops.len() < ws.staging.slots && p < spec.neurons {
                 let q = (p + per_read).min(spec.neurons);
-                ws.ops.push(self.reader.round_out(
+                let (start, end) = (
                     spec.offset + (p * stride) as u64,
                     spec.offset + (q * stride) as u64,
-                ));
+                );
+                ws.ops.push(self.read_for(start, end));
                 ws.op_ranges.push((p, q));
+                ws.wanted.push((start, end));
                 p = q;
             }
-            self.reader
-                .read_batch(&mut ws.staging, &ws.ops)
-                .map_err(|e| e.in_layer(self.spec.layer))?;
-            if let Some(v) = &self.verifier {
-                for &(a, b) in ws.op_ranges.iter() {
-                    v.check_bundles(a, b - 1)?;
-                }
-            }
+            self.read_checked(&mut ws.staging, &ws.ops, &ws.wanted)?;
             let t1 = add_ns(&self.stats.ns_io, t0);
             for (k, (&op, &(a, b))) in ws.ops.iter().zip(ws.op_ranges.iter()).enumerate() {
                 let slot = ws.staging.slot(k);
@@ -590,11 +652,17 @@ impl Ffn for FlashFfn {
             &self.up_bias
         };
         for p in 0..w {
-            let op = self.reader.round_out(
+            let wanted = (
                 self.spec.offset + (p * stride) as u64,
                 self.spec.offset + ((p + 1) * stride) as u64,
             );
-            if self.reader.read_batch(&mut ws.staging, &[op]).is_err() {
+            let op = self.read_for(wanted.0, wanted.1);
+            // A bundle that cannot be read or verified is left out (this
+            // interface cannot fail); it is never used unverified.
+            if self
+                .read_checked(&mut ws.staging, &[op], &[wanted])
+                .is_err()
+            {
                 continue;
             }
             let at = (self.spec.offset + (p * stride) as u64 - op.offset) as usize;
@@ -651,15 +719,20 @@ impl Ffn for FlashFfn {
             let xt = &x[t * h..(t + 1) * h];
             let ot = &mut out[t * h..(t + 1) * h];
             let f = fired.as_deref_mut().map(|f| &mut f.per_token[t]);
-            match (self.strategy, active) {
-                (Strategy::Naive, ActiveSet::All) => self.naive_token(&mut ws, None, xt, ot, f)?,
+            let computed = match (self.strategy, active) {
+                (Strategy::Naive, ActiveSet::All) => {
+                    self.naive_token(&mut ws, None, xt, ot, f)?;
+                    self.spec.neurons
+                }
                 (Strategy::Naive, ActiveSet::PerToken(sets)) => {
                     // Still the whole section read; only the given neurons summed.
                     self.choose(&mut ws, xt, Some(&sets[t]), st.token)?;
                     let set = std::mem::take(&mut ws.set);
                     let r = self.naive_token(&mut ws, Some(&set), xt, ot, f);
+                    let computed = set.len();
                     ws.set = set;
                     r?;
+                    computed
                 }
                 (Strategy::Flash { window }, active) => {
                     let given = match active {
@@ -668,9 +741,13 @@ impl Ffn for FlashFfn {
                     };
                     self.choose(&mut ws, xt, given, st.token)?;
                     self.flash_token(&mut ws, &mut st, window, xt, ot, f)?;
+                    ws.set.len()
                 }
-            }
+            };
             self.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .neurons
+                .record(1, computed as u64, self.spec.neurons as u64);
         }
         Ok(())
     }

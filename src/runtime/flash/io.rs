@@ -241,26 +241,44 @@ impl FlashReader {
     /// Performs `ops` (at most `staging.slots`, each at most `slot_bytes`), op
     /// `k` into slot `k`, in parallel on the I/O pool.
     pub fn read_batch(&self, staging: &mut Staging, ops: &[ReadOp]) -> Result<()> {
+        self.read_batch_checked(staging, ops, &|_, _| Ok(()))
+    }
+
+    /// As [`Self::read_batch`], then `check(k, bytes)` on the bytes of op `k`,
+    /// by the thread that read them, right after its read (so that hashing
+    /// overlaps the other reads in flight). The first error is returned.
+    pub fn read_batch_checked(
+        &self,
+        staging: &mut Staging,
+        ops: &[ReadOp],
+        check: &(dyn Fn(usize, &[u8]) -> Result<()> + Sync),
+    ) -> Result<()> {
         debug_assert!(ops.len() <= staging.slots);
         let slot_bytes = staging.slot_bytes;
         let buf = staging.buf.as_mut_slice();
-        let result: std::io::Result<()> = if ops.len() == 1 {
-            self.read_one(&mut buf[..ops[0].len], ops[0])
+        let one = |k: usize, slot: &mut [u8], op: &ReadOp| -> Result<()> {
+            let dst = &mut slot[..op.len];
+            self.read_one(dst, *op).map_err(|source| Error::FlashRead {
+                path: self.path.clone(),
+                offset: op.offset,
+                ops: ops.len(),
+                layer: None,
+                source,
+            })?;
+            check(k, dst)
+        };
+        let result = if ops.len() == 1 {
+            one(0, buf, &ops[0])
         } else {
             use rayon::prelude::*;
             self.pool.install(|| {
                 buf.par_chunks_mut(slot_bytes)
                     .zip(ops.par_iter())
-                    .try_for_each(|(slot, op)| self.read_one(&mut slot[..op.len], *op))
+                    .enumerate()
+                    .try_for_each(|(k, (slot, op))| one(k, slot, op))
             })
         };
-        result.map_err(|source| Error::FlashRead {
-            path: self.path.clone(),
-            offset: ops.first().map_or(0, |op| op.offset),
-            ops: ops.len(),
-            layer: None,
-            source,
-        })?;
+        result?;
         let bytes: usize = ops.iter().map(|op| op.len).sum();
         self.counters
             .bytes

@@ -11,8 +11,10 @@
 //! - [`ffn`]: [`FlashFfn`] (`flash` and `naive`).
 //! - [`bench`]: every disk mode and dense on the same tokens (the paper's Table 2).
 //!
-//! Bundles read from disk are not hash-checked on the way (that would cost a
-//! SHA-256 per chunk per token); `flashpack verify` checks the whole file.
+//! By default each FFN chunk's sha256 is checked the first time a run uses it,
+//! in the bytes the reader brought in ([`verify`]); a damaged chunk stops the
+//! run before any of its bytes is computed with. `flashpack verify` checks the
+//! whole file.
 
 pub mod bench;
 pub mod cache;
@@ -68,7 +70,8 @@ pub struct FlashOptions {
     pub context: usize,
     /// Rows of every layer's cache, overriding calibration (tests).
     pub capacity: Option<usize>,
-    /// Check each FFN chunk's sha256 the first time the run uses it.
+    /// Check each FFN chunk's sha256 the first time the run uses it, before
+    /// using it (default; `--no-verify-reads` turns it off).
     pub verify_reads: bool,
     /// Recorded neuron sets that choose instead of the predictor (`Flash`)
     /// or the in-DRAM copy (`Oracle`), and size the caches instead of the
@@ -86,7 +89,7 @@ impl Default for FlashOptions {
             dram_budget: None,
             context: 2048,
             capacity: None,
-            verify_reads: false,
+            verify_reads: true,
             replay: None,
         }
     }
@@ -113,20 +116,29 @@ pub const FLASH_READ_BYTES: usize = 256 << 10;
 /// What the flash mode holds in DRAM, in bytes.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct MemoryPlan {
+    #[serde(rename = "dense_bytes")]
     pub dense: u64,
+    #[serde(rename = "predictors_bytes")]
     pub predictors: u64,
+    #[serde(rename = "kv_cache_bytes")]
     pub kv_cache: u64,
+    #[serde(rename = "staging_bytes")]
     pub staging: u64,
+    #[serde(rename = "caches_bytes")]
     pub caches: u64,
+    #[serde(rename = "fixed_overhead_bytes")]
     pub fixed_overhead: u64,
     /// With the smallest caches that work (scratch only).
+    #[serde(rename = "minimum_bytes")]
     pub minimum: u64,
+    #[serde(rename = "total_bytes")]
     pub total: u64,
     pub capacity_per_layer: Vec<usize>,
     pub scratch_per_layer: Vec<usize>,
     /// Hottest neurons held for the whole run (budget to spare).
     pub pinned_per_layer: Vec<usize>,
     /// Bytes read at open to fill the pinned rows (not in `bytes_read`).
+    #[serde(rename = "pinned_read_bytes")]
     pub pinned_bytes_read: u64,
 }
 
@@ -149,25 +161,50 @@ pub struct FlashReport {
     pub window: usize,
     pub io_threads: usize,
     pub tokens: u64,
+    #[serde(rename = "read_bytes")]
     pub bytes_read: u64,
     pub read_ops: u64,
     pub mean_read_bytes: f64,
+    #[serde(rename = "read_bytes_per_token")]
     pub bytes_read_per_token: f64,
     pub window_hit_rate: f64,
     pub neurons_chosen_per_token: f64,
     pub bundles_loaded: u64,
     pub bundles_evicted: u64,
     pub bundles_overflowed: u64,
+    /// Fraction of the FFN neurons computed over the run (naive: all of
+    /// them; flash: the chosen ones; oracle-flash: those that fire).
+    pub ffn_active_fraction: f64,
+    /// Whether first-use verification of FFN chunks was on.
+    pub verify_reads: bool,
+    /// Chunks whose sha256 was checked (each once per run).
+    pub chunks_verified: u64,
+    /// Bytes hashed by those checks (from the reads themselves; chunks and
+    /// bytes since open, pinned rows included).
+    pub verified_bytes: u64,
+    /// Bytes read only to complete a chunk for its check, included in
+    /// `bytes_read` (naive reads whole chunks: 0).
+    pub verify_extra_read_bytes: u64,
     pub resident_per_layer: Vec<usize>,
     pub capacity_per_layer: Vec<usize>,
+    #[serde(rename = "predictor_ms")]
     pub ms_predictor: f64,
+    #[serde(rename = "io_ms")]
     pub ms_io: f64,
+    #[serde(rename = "memory_ms")]
     pub ms_memory: f64,
+    #[serde(rename = "compute_ms")]
     pub ms_compute: f64,
     pub dram_plan: MemoryPlan,
 }
 
 impl FlashRuntime {
+    /// The count of FFN neurons computed, as the in-DRAM sparse modes report
+    /// it (`ffn_active_fraction`).
+    pub fn neuron_counter(&self) -> Arc<crate::runtime::sparse::NeuronCounter> {
+        Arc::clone(&self.stats.neurons)
+    }
+
     /// File offset of layer 0's first bundle.
     pub fn first_ffn_offset(&self) -> u64 {
         self.ffns.iter().map(|f| f.spec.offset).min().unwrap_or(0)
@@ -197,6 +234,11 @@ impl FlashRuntime {
             bundles_loaded: get(&s.loaded),
             bundles_evicted: get(&s.evicted),
             bundles_overflowed: get(&s.overflow),
+            ffn_active_fraction: s.neurons.active_fraction(),
+            verify_reads: self.options.verify_reads,
+            chunks_verified: get(&s.verify.chunks),
+            verified_bytes: get(&s.verify.hashed_bytes),
+            verify_extra_read_bytes: get(&s.verify.extra_read_bytes),
             resident_per_layer: self.ffns.iter().map(|f| f.resident()).collect(),
             capacity_per_layer: self.plan.capacity_per_layer.clone(),
             ms_predictor: ms(&s.ns_predict),
@@ -216,6 +258,7 @@ impl FlashReport {
         format!(
             "flash I/O ({:?}, {} reads, window {}, {} I/O threads): {:.2} MiB read in {} reads (mean {:.1} KiB), {:.3} MiB/token over {} tokens\n\
              window hit rate {:.1}%, {:.1} neurons chosen per token, {} resident now ({} bundles loaded, {} evicted, {} via scratch)\n\
+             {:.1}% of FFN neurons computed; {}\n\
              time: predictor {:.1} ms, I/O {:.1} ms, memory management {:.1} ms, FFN compute {:.1} ms",
             self.mode,
             self.io_mode.as_str(),
@@ -232,6 +275,17 @@ impl FlashReport {
             self.bundles_loaded,
             self.bundles_evicted,
             self.bundles_overflowed,
+            100.0 * self.ffn_active_fraction,
+            if self.verify_reads {
+                format!(
+                    "first use of each FFN chunk verified: {} chunks, {:.2} MiB hashed, {:.2} MiB read only to complete chunks",
+                    self.chunks_verified,
+                    mib(self.verified_bytes as f64),
+                    mib(self.verify_extra_read_bytes as f64)
+                )
+            } else {
+                "FFN chunks not verified (--no-verify-reads)".to_string()
+            },
             self.ms_predictor,
             self.ms_io,
             self.ms_memory,
@@ -338,6 +392,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             dtype,
             parts: entry.parts.clone(),
             stride: entry.bundle_bytes as usize,
+            chunk_bytes: section.chunk_raw_bytes as usize,
         });
     }
     let stride_max = specs.iter().map(|s| s.stride).max().unwrap_or(0);
@@ -590,11 +645,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 let section = file
                     .section(&entry.section)
                     .expect("checked at open: FFN sections exist");
-                Some(verify::ChunkVerifier::new(
-                    path,
-                    section,
-                    entry.bundle_bytes as usize,
-                )?)
+                Some(verify::ChunkVerifier::new(path, section)?)
             } else {
                 None
             },
@@ -611,6 +662,9 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     plan.pinned_bytes_read = reader.counters.bytes.swap(0, Ordering::Relaxed);
     reader.counters.ops.store(0, Ordering::Relaxed);
     stats.loaded.store(0, Ordering::Relaxed);
+    // Chunks checked while pinning stay checked and counted; the bytes read
+    // to complete them are in `pinned_bytes_read`, not the run's.
+    stats.verify.extra_read_bytes.store(0, Ordering::Relaxed);
     for c in [&stats.ns_io, &stats.ns_memory] {
         c.store(0, Ordering::Relaxed);
     }
