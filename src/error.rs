@@ -30,7 +30,7 @@ impl ExitClass {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system I/O failure on a file we expected to be able to use.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", path.display(), describe_io(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -123,6 +123,41 @@ pub enum Error {
     #[error("{}: tokenizer error: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
 
+    /// An output path that is (or resolves to, through symlinks or hard links) a
+    /// file the command reads: writing it would destroy the input.
+    #[error("refusing to write output {}: it is {what} {}{via}, which would be overwritten{hint}", output.display(), input.display())]
+    OutputIsInput {
+        output: PathBuf,
+        input: PathBuf,
+        /// What the input is: "checkpoint file", "the input packed file", ...
+        what: &'static str,
+        /// How the output names it: "", " (through a symbolic link)", ...
+        via: &'static str,
+        /// Advice appended to the message ("" for none).
+        hint: &'static str,
+    },
+
+    /// The directory an output is to be written in does not exist (or is not a
+    /// directory).
+    #[error("output directory {} {problem} (for output {})", dir.display(), output.display())]
+    OutputDirectory {
+        dir: PathBuf,
+        output: PathBuf,
+        /// "does not exist", "is not a directory".
+        problem: &'static str,
+    },
+
+    /// A path given by the user that names the wrong kind of thing: a file where a
+    /// directory was expected, a directory where a file was expected, ...
+    #[error("{} {found}, expected {expected}", path.display())]
+    WrongKind {
+        path: PathBuf,
+        /// "is a file", "is a directory", "does not exist", ...
+        found: &'static str,
+        /// "a checkpoint directory", "a file", ...
+        expected: &'static str,
+    },
+
     /// A command-line value that is out of range or inconsistent with the model.
     #[error("{0}")]
     InvalidArgument(String),
@@ -199,6 +234,9 @@ impl Error {
             | Error::UnsupportedDtype { .. }
             | Error::Tokenizer { .. }
             | Error::InvalidArgument(_)
+            | Error::OutputIsInput { .. }
+            | Error::OutputDirectory { .. }
+            | Error::WrongKind { .. }
             | Error::ContextTooLong { .. } => ExitClass::InvalidInput,
         }
     }
@@ -208,6 +246,19 @@ impl Error {
             path: path.to_path_buf(),
             source,
         }
+    }
+}
+
+/// The OS's message, with what was expected where the OS's own words leave it out
+/// ("Is a directory" says what the path is, not that a file was expected).
+fn describe_io(err: &std::io::Error) -> String {
+    // By errno: these ErrorKinds are newer than the minimum Rust version.
+    match err.raw_os_error() {
+        Some(libc::EISDIR) => "is a directory, expected a file".to_string(),
+        Some(libc::ENOTDIR) => {
+            format!("{err} (a component of the path is a file, not a directory)")
+        }
+        _ => err.to_string(),
     }
 }
 

@@ -18,11 +18,16 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
-    let (s, packed) = if args.model.is_file() {
-        let (s, p) = packed_summary(&args.model)?;
-        (s, Some(p))
-    } else {
-        (CheckpointSummary::of(&Checkpoint::open(&args.model)?), None)
+    let (s, packed) = match crate::input::model_path_kind(&args.model)? {
+        crate::input::ModelPathKind::Packed => {
+            let (s, p) = packed_summary(&args.model)?;
+            (s, Some(p))
+        }
+        crate::input::ModelPathKind::Checkpoint => {
+            let ckpt = Checkpoint::open(&args.model)?;
+            ckpt.check_side_files()?;
+            (CheckpointSummary::of(&ckpt), None)
+        }
     };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let m = |n: u64| n as f64 / 1e6;

@@ -44,8 +44,8 @@ pub fn run(args: &PredictorsArgs, out: &Output) -> anyhow::Result<()> {
             crate::Error::InvalidArgument("predictors train needs --calib FILE...".into()).into(),
         );
     };
-    let output = args.output.clone().unwrap_or_else(|| args.file.clone());
-    let summary = retrain_predictors(&args.file, &output, &plan)?;
+    let summary = retrain_predictors(&args.file, args.output.as_deref(), &plan)?;
+    let output = args.output.as_ref().unwrap_or(&args.file);
     out.human(format_args!(
         "wrote {} ({} bytes): calibrated on {} tokens in {:.1}s, trained in {:.1}s",
         output.display(),

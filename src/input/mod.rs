@@ -56,6 +56,39 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path, what: &'static str) ->
     })
 }
 
+/// What a checkpoint path must be, as errors say it.
+const CHECKPOINT_DIR: &str =
+    "a checkpoint directory (config.json, model.safetensors, tokenizer.json)";
+
+/// What a model path names, for the commands that take either kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelPathKind {
+    /// A directory: opened as a Hugging Face checkpoint.
+    Checkpoint,
+    /// A file: opened as a flashpack file.
+    Packed,
+}
+
+/// Whether `path` is a checkpoint directory or a packed file, for commands that
+/// take either; a path that is neither is an error that says what was expected.
+pub fn model_path_kind(path: &Path) -> Result<ModelPathKind> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(ModelPathKind::Checkpoint),
+        Ok(meta) if meta.is_file() => Ok(ModelPathKind::Packed),
+        Ok(_) => Err(Error::WrongKind {
+            path: path.to_path_buf(),
+            found: "is neither a file nor a directory",
+            expected: "a checkpoint directory or a packed file",
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::WrongKind {
+            path: path.to_path_buf(),
+            found: "does not exist",
+            expected: "a checkpoint directory or a packed file",
+        }),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// An opened, validated checkpoint directory.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -69,6 +102,13 @@ impl Checkpoint {
     /// tensor the architecture needs is present with the right shape and a readable
     /// dtype. Errors name the file or tensor at fault.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if dir.is_file() {
+            return Err(Error::WrongKind {
+                path: dir.to_path_buf(),
+                found: "is a file",
+                expected: CHECKPOINT_DIR,
+            });
+        }
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
@@ -87,6 +127,14 @@ impl Checkpoint {
             names,
             weights,
         })
+    }
+
+    /// Checks the files beside the weights that [`Checkpoint::open`] does not read:
+    /// `tokenizer.json` (required) loads through the tokenizers crate, and
+    /// `tokenizer_config.json` and `generation_config.json`, where present, parse
+    /// and give valid special tokens. Errors name the file.
+    pub fn check_side_files(&self) -> Result<()> {
+        self.tokenizer().map(drop)
     }
 
     /// The checkpoint's tokenizer (`tokenizer.json` is required for text in and out).

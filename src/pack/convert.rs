@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::format::layout::*;
 use crate::input::{Checkpoint, TensorRef};
 use crate::pack::bundle::{build_layer_bundles, convert_range, LayerFfn};
-use crate::pack::output::{finish_packed_file, AtomicOutput};
+use crate::pack::output::{finish_packed_file, AtomicOutput, InputPath};
 use crate::pack::section::SectionWriter;
 use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan, Trained};
 use crate::predictor::train::{LowRankPredictor, PredictorMetrics};
@@ -148,7 +148,15 @@ pub fn convert(
         )));
     }
     let ckpt = Checkpoint::open(src)?;
+    if let Some(plan) = &options.calibration {
+        check_calibration_plan(plan)?;
+    }
     // Fail before writing anything if the tokenizer is unusable.
+    // Refuse an output that would destroy an input, or that cannot be written,
+    // before anything (a calibration trace, a temporary file) is written.
+    let mut inputs = checkpoint_inputs(&ckpt);
+    inputs.extend(options.calibration.iter().flat_map(calibration_inputs));
+    crate::pack::output::check_output_path(out, &inputs, "")?;
     ckpt.tokenizer()?;
     let config_json: serde_json::Value =
         crate::input::read_json(&src.join(crate::input::CONFIG_FILE), "config.json")?;
@@ -201,6 +209,58 @@ pub fn convert(
 }
 
 /// Writes the packed file; `source_hashes` yields the provenance hashes (computed
+/// Every file of the checkpoint that its reader opens, or would open were it
+/// there (a `model.safetensors.index.json` or `generation_config.json` written
+/// into the directory would change what the checkpoint is).
+fn checkpoint_inputs(ckpt: &Checkpoint) -> Vec<InputPath> {
+    use crate::input::{tokenizer, weights};
+    let mut names: Vec<&str> = vec![
+        crate::input::CONFIG_FILE,
+        weights::SINGLE_FILE,
+        weights::INDEX_FILE,
+        tokenizer::TOKENIZER_FILE,
+        tokenizer::TOKENIZER_CONFIG_FILE,
+        tokenizer::GENERATION_CONFIG_FILE,
+    ];
+    names.extend(ckpt.weights.file_names());
+    names
+        .into_iter()
+        .map(|name| InputPath::new(ckpt.dir.join(name), "checkpoint file"))
+        .collect()
+}
+
+/// The calibration text files and the trace directory of a plan, which an
+/// output must not replace either.
+pub(crate) fn calibration_inputs(plan: &CalibrationPlan) -> Vec<InputPath> {
+    let mut inputs: Vec<InputPath> = plan
+        .files
+        .iter()
+        .map(|f| InputPath::new(f, "calibration text"))
+        .collect();
+    inputs.extend(
+        plan.calibrate
+            .keep_trace
+            .iter()
+            .map(|d| InputPath::new(d, "the calibration trace directory")),
+    );
+    inputs
+}
+
+/// Limits of a calibration plan that can be checked before any work.
+pub(crate) fn check_calibration_plan(plan: &CalibrationPlan) -> Result<()> {
+    if plan.calibrate.max_tokens == 0 {
+        return Err(Error::InvalidArgument(
+            "calibration token limit is 0; it must be at least 1".into(),
+        ));
+    }
+    if plan.files.is_empty() {
+        return Err(Error::InvalidArgument(
+            "calibration needs at least one text file".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// concurrently) when the manifest needs them.
 #[allow(clippy::too_many_arguments)]
 fn write_pack(

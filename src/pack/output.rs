@@ -19,11 +19,12 @@ pub struct AtomicOutput {
 }
 
 impl AtomicOutput {
+    /// Starts writing `target`. Refuses (before creating or removing anything) a
+    /// target that is a directory or a special file, or whose directory does not
+    /// exist; writers that read inputs call [`check_output_path`] with them first.
     pub fn create(target: &Path) -> Result<AtomicOutput> {
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        check_output_path(target, &[], "")?;
+        let dir = output_dir(target);
         let name = target.file_name().ok_or_else(|| {
             Error::InvalidArgument(format!("output {} has no file name", target.display()))
         })?;
@@ -44,7 +45,19 @@ impl AtomicOutput {
             .write(true)
             .create_new(true)
             .open(&temp)
-            .map_err(|e| Error::io(&temp, e))?;
+            .map_err(|e| {
+                crate::cleanup::unregister(&temp);
+                match e.kind() {
+                    // The directory went away since the check: name it, not the
+                    // temporary file the user never asked for.
+                    std::io::ErrorKind::NotFound => Error::OutputDirectory {
+                        dir: dir.clone(),
+                        output: target.to_path_buf(),
+                        problem: "does not exist",
+                    },
+                    _ => Error::io(&temp, e),
+                }
+            })?;
         Ok(AtomicOutput {
             target: target.to_path_buf(),
             temp,
@@ -178,4 +191,135 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// The directory an output is written in (`.` for a bare file name).
+fn output_dir(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A path a command reads (or writes beside its output), which the output must
+/// not replace.
+#[derive(Debug, Clone)]
+pub struct InputPath {
+    pub path: PathBuf,
+    /// What it is, for the message: "checkpoint file", "calibration text", ...
+    pub what: &'static str,
+}
+
+impl InputPath {
+    pub fn new(path: impl Into<PathBuf>, what: &'static str) -> InputPath {
+        InputPath {
+            path: path.into(),
+            what,
+        }
+    }
+}
+
+/// The ways one path can name a file: where the name is (its directory resolved,
+/// the last component kept, so a symbolic link is its own location), what it
+/// resolves to through every symbolic link, and the file's device and inode (the
+/// same for every hard link).
+struct Identity {
+    location: Option<PathBuf>,
+    resolved: Option<PathBuf>,
+    inode: Option<(u64, u64)>,
+}
+
+impl Identity {
+    fn of(path: &Path) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        let location = match path.file_name() {
+            Some(name) => std::fs::canonicalize(output_dir(path))
+                .ok()
+                .map(|d| d.join(name)),
+            None => std::fs::canonicalize(path).ok(),
+        };
+        Identity {
+            location,
+            resolved: std::fs::canonicalize(path).ok(),
+            inode: std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino())),
+        }
+    }
+
+    /// How `self` (the output) names the same file as `input`, if it does.
+    fn same_as(&self, input: &Identity) -> Option<&'static str> {
+        let eq = |a: &Option<PathBuf>, b: &Option<PathBuf>| a.is_some() && a == b;
+        if eq(&self.location, &input.location) {
+            Some("")
+        } else if eq(&self.location, &input.resolved)
+            || eq(&self.resolved, &input.location)
+            || eq(&self.resolved, &input.resolved)
+        {
+            Some(" (through a symbolic link)")
+        } else if self.inode.is_some() && self.inode == input.inode {
+            Some(" (through a hard link)")
+        } else {
+            None
+        }
+    }
+}
+
+/// Checks, before anything is created or removed, that `output` may be written:
+/// its directory exists, it is not an existing directory or special file, and it
+/// is none of `inputs` under any name (the same path, a symbolic link either way,
+/// a hard link). `hint` is appended to the refusal of an input ("" for none).
+pub fn check_output_path(output: &Path, inputs: &[InputPath], hint: &'static str) -> Result<()> {
+    let expected = "a file path for the output";
+    match std::fs::metadata(output) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(Error::WrongKind {
+                path: output.to_path_buf(),
+                found: "is a directory",
+                expected,
+            })
+        }
+        Ok(meta) if !meta.is_file() => {
+            return Err(Error::WrongKind {
+                path: output.to_path_buf(),
+                found: "is not a regular file (a device, FIFO or socket)",
+                expected,
+            })
+        }
+        _ => {}
+    }
+    if output.file_name().is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "output {} has no file name",
+            output.display()
+        )));
+    }
+    let dir = output_dir(output);
+    let dir_error = |problem| Error::OutputDirectory {
+        dir: dir.clone(),
+        output: output.to_path_buf(),
+        problem,
+    };
+    match std::fs::metadata(&dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(dir_error("is not a directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(dir_error("does not exist"))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return Err(dir_error("does not exist (a component of it is a file)"))
+        }
+        Err(e) => return Err(Error::io(&dir, e)),
+    }
+    let out = Identity::of(output);
+    for input in inputs {
+        if let Some(via) = out.same_as(&Identity::of(&input.path)) {
+            return Err(Error::OutputIsInput {
+                output: output.to_path_buf(),
+                input: input.path.clone(),
+                what: input.what,
+                via,
+                hint,
+            });
+        }
+    }
+    Ok(())
 }

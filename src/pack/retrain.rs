@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 use crate::format::error::FormatError;
 use crate::format::layout::*;
 use crate::format::PackedFile;
-use crate::pack::convert::{extras_from, write_predictors, PredictorReport};
-use crate::pack::output::{finish_packed_file, AtomicOutput};
+use crate::pack::convert::{
+    calibration_inputs, check_calibration_plan, extras_from, write_predictors, PredictorReport,
+};
+use crate::pack::output::{check_output_path, finish_packed_file, AtomicOutput, InputPath};
 use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
 use crate::runtime::Model;
@@ -35,12 +37,42 @@ pub struct RetrainSummary {
 const COPY_BLOCK: u64 = 8 << 20;
 
 /// Retrains the predictors of the packed file `input` on `plan`'s text and writes
-/// the result to `output` (which may be `input`).
+/// the result to `output`, or with `None` replaces `input` in place (the file a
+/// symbolic link `input` points to, not the link). An `output` that names the
+/// input file by another path (a symbolic or hard link) is refused, as is one that
+/// is a directory or a calibration file, before anything is written.
 pub fn retrain_predictors(
     input: &Path,
-    output: &Path,
+    output: Option<&Path>,
     plan: &CalibrationPlan,
 ) -> Result<RetrainSummary> {
+    check_calibration_plan(plan)?;
+    if input.is_dir() {
+        return Err(Error::WrongKind {
+            path: input.to_path_buf(),
+            found: "is a directory",
+            expected: "a packed file",
+        });
+    }
+    let calibration = calibration_inputs(plan);
+    let in_place;
+    let output = match output {
+        Some(out) => {
+            let mut inputs = vec![InputPath::new(input, "the input packed file")];
+            inputs.extend(calibration);
+            check_output_path(
+                out,
+                &inputs,
+                "; to retrain the file in place, omit the output path (-o)",
+            )?;
+            out
+        }
+        None => {
+            in_place = std::fs::canonicalize(input).unwrap_or_else(|_| input.to_path_buf());
+            check_output_path(&in_place, &calibration, "")?;
+            &in_place
+        }
+    };
     let file = PackedFile::open(input)?;
     let weights = PackedWeights::read_all(&file)?;
     let model = Model::load(&file.config, &file.names, &weights)?;
