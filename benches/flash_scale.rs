@@ -41,6 +41,9 @@
 //! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4),
 //! `FLASHPACK_SCALE_IO_THREADS` reads in flight and
 //! `FLASHPACK_SCALE_COALESCE_GAP` the coalescing gap (the runtime's defaults),
+//! `FLASHPACK_SCALE_VERIFY` first-use verification of FFN chunks: `on` (the
+//! runtime's default), `off`, or `both` (default: naive and flash window W
+//! each measured with it and, right after, without it, "verify off"),
 //! `FLASHPACK_SCALE_TARGET_RECALL` the fixture predictors' `--target-recall`
 //! (default 0.99, convert's) and `FLASHPACK_SCALE_RANK` their `--rank`
 //! (default auto); their perplexity cost on the fixture is printed).
@@ -66,8 +69,16 @@ const VOCAB: usize = 32000;
 const MMAP_CHILD: &str = "FLASHPACK_SCALE_MMAP_CHILD";
 const BUDGET_CHILD: &str = "FLASHPACK_SCALE_BUDGET_CHILD";
 
-/// One measured mode: name, mode, window, replayed sets, tokens.
-type Run<'a> = (String, DiskMode, usize, Option<&'a Arc<Replay>>, usize);
+/// One measured mode: name, mode, window, replayed sets, tokens, whether FFN
+/// chunks are verified on first use.
+type Run<'a> = (
+    String,
+    DiskMode,
+    usize,
+    Option<&'a Arc<Replay>>,
+    usize,
+    bool,
+);
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -221,33 +232,66 @@ fn main() {
         context: tokens,
         ..FlashOptions::default()
     };
-    let runs: [Run; 4] = [
-        ("naive".into(), DiskMode::Naive, window, None, naive_tokens),
-        (
-            "flash window 0".into(),
-            DiskMode::Flash,
-            0,
-            Some(&predicted),
-            tokens,
-        ),
-        (
-            format!("flash window {window}"),
-            DiskMode::Flash,
-            window,
-            Some(&predicted),
-            tokens,
-        ),
-        (
-            format!("oracle-flash window {window}"),
-            DiskMode::Oracle,
-            window,
-            Some(&fired),
-            tokens,
-        ),
-    ];
+    let verify = std::env::var("FLASHPACK_SCALE_VERIFY").unwrap_or_else(|_| "both".into());
+    let (on, off) = match verify.as_str() {
+        "on" => (true, false),
+        "off" => (false, true),
+        "both" => (true, true),
+        other => panic!("FLASHPACK_SCALE_VERIFY={other}: on, off or both"),
+    };
+    // Verification off is labelled; with `both`, it runs right after the
+    // same mode with it (this disk's throughput drifts over minutes).
+    let both = |name: String, mode, w, replay, n| -> Vec<Run> {
+        let mut v = Vec::new();
+        if on {
+            v.push((name.clone(), mode, w, replay, n, true));
+        }
+        if off {
+            v.push((format!("{name}, verify off"), mode, w, replay, n, false));
+        }
+        v
+    };
+    let mut runs: Vec<Run> = Vec::new();
+    runs.extend(both(
+        "naive".into(),
+        DiskMode::Naive,
+        window,
+        None,
+        naive_tokens,
+    ));
+    let label = |name: String| {
+        if on {
+            name
+        } else {
+            format!("{name}, verify off")
+        }
+    };
+    runs.push((
+        label("flash window 0".into()),
+        DiskMode::Flash,
+        0,
+        Some(&predicted),
+        tokens,
+        on,
+    ));
+    runs.extend(both(
+        format!("flash window {window}"),
+        DiskMode::Flash,
+        window,
+        Some(&predicted),
+        tokens,
+    ));
+    runs.push((
+        label(format!("oracle-flash window {window}")),
+        DiskMode::Oracle,
+        window,
+        Some(&fired),
+        tokens,
+        on,
+    ));
     let mut rows: Vec<ModeRow> = Vec::new();
     let mut mmap = Err("not run".to_string());
-    for (name, mode, w, replay, n) in runs {
+    for (name, mode, w, replay, n, verify_reads) in runs {
         if mode != DiskMode::Naive {
             // The llama.cpp-style baseline beside naive, a few seconds apart:
             // this disk's throughput drifts over minutes.
@@ -261,6 +305,7 @@ fn main() {
             mode,
             window: w,
             replay: replay.cloned(),
+            verify_reads,
             ..base.clone()
         };
         match measure_mode(&packed, &ids[..n.min(ids.len())], &opts, &name) {
@@ -295,7 +340,7 @@ fn main() {
 
     let naive_ms = rows
         .iter()
-        .find(|r| r.mode == "naive")
+        .find(|r| r.mode.starts_with("naive"))
         .map_or(f64::NAN, |r| r.ms_per_token);
     let oracle_bytes = rows
         .iter()
@@ -320,14 +365,20 @@ fn main() {
         "| mode | tokens | DRAM plan MiB | bytes/token | reads/token | mean read KiB | read GB/s | disk GB/s, same size | of disk | I/O ms | predictor ms | memory ms | FFN compute ms | total ms/token | speedup | bytes / oracle | + predictor ms/token | speedup |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let with_predictor =
-        |r: &ModeRow| r.ms_per_token + if r.mode == "naive" { 0.0 } else { predictor_ms };
+    let with_predictor = |r: &ModeRow| {
+        r.ms_per_token
+            + if r.mode.starts_with("naive") {
+                0.0
+            } else {
+                predictor_ms
+            }
+    };
     for r in &rows {
         println!(
             "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {:.0}% | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x |",
             r.mode,
             r.tokens,
-            r.dram_plan_bytes as f64 / (1u64 << 20) as f64,
+            r.dram_plan.total as f64 / (1u64 << 20) as f64,
             r.bytes_read_per_token,
             r.read_ops_per_token,
             r.mean_read_bytes / 1024.0,

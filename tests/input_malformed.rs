@@ -323,5 +323,5 @@ fn inspect_json_reports_the_model() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    assert_eq!(v["bytes_on_disk"].as_u64().unwrap(), on_disk);
+    assert_eq!(v["file_bytes"].as_u64().unwrap(), on_disk);
 }

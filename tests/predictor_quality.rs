@@ -119,6 +119,7 @@ fn everything_predicted_equals_dense() {
     loaded.sparsity = Some(SparsityData {
         predictors: vec![Some(predictor); cfg.num_layers],
         silu_thresholds: vec![None; cfg.num_layers],
+        silu_criterion: flashpack::runtime::ffn::Criterion::Gate,
     });
     let counter = loaded.set_ffn_mode(FfnMode::Predicted).unwrap().unwrap();
     let got = logits_all(&loaded.model, ids, None);
@@ -429,7 +430,7 @@ fn calibrate_command_keeps_the_trace_it_reports() {
         trace.to_str().unwrap(),
     ]);
     assert_eq!(code, 0);
-    assert_eq!(report["tokens"], 512);
+    assert_eq!(report["calibration_tokens"], 512);
     let layers = report["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 4);
     for layer in 0..4 {

@@ -87,9 +87,9 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
             .map_err(|e| crate::Error::io(path, e))?
             .len();
         let opts = FlashOptions {
-            window: args.flash.window,
-            io_threads: args.flash.io_threads,
-            coalesce_gap: args.flash.coalesce_gap,
+            window: args.flash.window(),
+            io_threads: args.flash.io_threads(),
+            coalesce_gap: args.flash.coalesce_gap(),
             dram_budget: args
                 .flash
                 .dram_budget

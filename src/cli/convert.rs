@@ -69,11 +69,14 @@ pub struct CalibArgs {
     /// Recall the per-layer thresholds must reach on held-out calibration tokens.
     #[arg(long, default_value_t = 0.99)]
     pub target_recall: f64,
-    /// SiLU models: fraction of activations the calibrated threshold zeroes.
+    /// SiLU models: model-wide fraction of FFN activations the calibrated
+    /// thresholds zero (by `|silu(gate . x) * (up . x)|`).
     #[arg(long, default_value_t = 0.5)]
     pub target_sparsity: f64,
-    /// Seed of predictor training (same seed, same bytes, whatever the thread count).
-    #[arg(long, default_value_t = 0)]
+    /// Seed of predictor training (same seed, same bytes, whatever the thread
+    /// count), at most 2^53 - 1.
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(..=crate::cli::run::MAX_JSON_SAFE_INTEGER))]
     pub seed: u64,
     /// Keep the calibration activation store (FFN inputs, per-token firing masks) here.
     #[arg(long, value_name = "DIR")]
@@ -196,7 +199,7 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
             );
             return Err(crate::cli::CheckFailed {
                 message,
-                reported: false,
+                report: Some(serde_json::to_value(&report)?),
             }
             .into());
         }
@@ -205,7 +208,7 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         None
     };
     let mut json = serde_json::to_value(&summary)?;
-    json["convert_seconds"] = convert_s.into();
+    json["elapsed_ms"] = (convert_s * 1e3).into();
     json["verified"] = verified.is_some().into();
     if let Some(report) = verified {
         json["verify"] = serde_json::to_value(&report)?;

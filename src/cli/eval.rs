@@ -43,13 +43,13 @@ pub struct EvalArgs {
 #[derive(serde::Serialize)]
 struct EvalReport {
     model: String,
-    text: String,
+    text_file: String,
     perplexity: f64,
     nll_sum: f64,
     tokens_scored: usize,
     windows: usize,
     ctx: usize,
-    seconds: f64,
+    elapsed_ms: f64,
     tokens_per_s: f64,
     threads: usize,
     ffn: FfnMode,
@@ -88,13 +88,13 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     ));
     out.json_result(&EvalReport {
         model: args.model.display().to_string(),
-        text: args.text.display().to_string(),
+        text_file: args.text.display().to_string(),
         perplexity: r.perplexity,
         nll_sum: r.nll_sum,
         tokens_scored: r.tokens_scored,
         windows: r.windows,
         ctx: r.ctx,
-        seconds: r.seconds,
+        elapsed_ms: r.seconds * 1e3,
         tokens_per_s: r.tokens_scored as f64 / r.seconds.max(1e-9),
         threads,
         ffn,

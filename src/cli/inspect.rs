@@ -85,7 +85,7 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         out.human(format_args!(
             "  flashpack v{}: {:.2} MiB, alignment {}, dense {:.2} MiB (raw {:.2}), ffn {:.2} MiB ({} bundles of {} bytes per layer), manifest sha256 {}",
             p.format_version,
-            mib(p.file_bytes),
+            mib(s.bytes_on_disk),
             p.alignment,
             mib(p.dense_bytes),
             mib(p.dense_raw_bytes),
@@ -94,6 +94,7 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
             p.bundle_bytes,
             p.manifest_sha256
         ));
+        print_layer_table(out, &p.layers);
         for (k, v) in serde_json::to_value(&p)?
             .as_object()
             .expect("a struct")
@@ -105,11 +106,43 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
     out.json_result(&json)
 }
 
+/// The per-layer table of a calibrated file (the same values as `--json`'s
+/// `layers`): predictor rank, threshold and held-out metrics, calibration's
+/// active fraction and window maxima.
+fn print_layer_table(out: &Output, layers: &[serde_json::Value]) {
+    if !layers
+        .iter()
+        .any(|l| l.get("rank").is_some() || l.get("window_max").is_some())
+    {
+        return;
+    }
+    let num = |l: &serde_json::Value, k: &str| l.get(k).and_then(serde_json::Value::as_f64);
+    let cell = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
+    out.human("  layer  rank  threshold  recall  precision  predicted  truly active  calibration active  window max (1,2,4,8)");
+    for l in layers {
+        out.human(format_args!(
+            "  {:>5}  {:>4}  {:>9}  {:>6}  {:>9}  {:>9}  {:>12}  {:>18}  {}",
+            l["layer"],
+            cell(num(l, "rank"), &|v| format!("{v}")),
+            cell(num(l, "threshold"), &|v| format!("{v:.3}")),
+            cell(num(l, "recall"), &|v| format!("{v:.4}")),
+            cell(num(l, "precision"), &|v| format!("{v:.3}")),
+            cell(num(l, "frac_predicted"), &|v| format!("{:.1}%", 100.0 * v)),
+            cell(num(l, "frac_true"), &|v| format!("{:.1}%", 100.0 * v)),
+            cell(num(l, "mean_active_fraction"), &|v| format!(
+                "{:.1}%",
+                100.0 * v
+            )),
+            l.get("window_max")
+                .map_or("-".to_string(), |w| w.to_string())
+        ));
+    }
+}
+
 /// What a packed file adds to the model summary.
 #[derive(serde::Serialize)]
 struct PackedLayout {
     format_version: u32,
-    file_bytes: u64,
     alignment: u64,
     sections: usize,
     dense_bytes: u64,
@@ -156,7 +189,6 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
     };
     let layout = PackedLayout {
         format_version: m.format_version,
-        file_bytes: file.file_length,
         alignment: m.alignment,
         sections: m.sections.len(),
         dense_bytes: bytes(SectionKind::Dense),

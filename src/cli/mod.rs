@@ -68,12 +68,13 @@ pub enum Command {
     Predictors(predictors::PredictorsArgs),
 }
 
-/// A check that ran and failed (exit 1). `reported`: the command already printed
-/// its JSON result, so no error object follows it.
+/// A check that ran and failed (exit 1). `report`: the command's result object
+/// (e.g. `verify`'s failure list); under `--json` its fields are printed beside
+/// `error` and `exit_code` in the one error object.
 #[derive(Debug)]
 pub struct CheckFailed {
     pub message: String,
-    pub reported: bool,
+    pub report: Option<serde_json::Value>,
 }
 
 impl std::fmt::Display for CheckFailed {
@@ -95,36 +96,94 @@ impl Output {
         if self.json {
             eprintln!("{line}");
         } else {
-            println!("{line}");
+            write_stdout(&format!("{line}\n"));
         }
     }
 
     /// Prints the command's JSON result (only under `--json`).
     pub fn json_result<T: serde::Serialize>(&self, value: &T) -> anyhow::Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(value)?);
+            print_json(&serde_json::to_value(value)?);
         }
         Ok(())
     }
 }
 
+/// Writes to stdout and flushes. A reader that closed the pipe (`| head`) has
+/// stopped reading, which is a normal way to end: temporary files are removed
+/// and the program exits quietly with 0 instead of failing or panicking.
+pub(crate) fn write_stdout(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => exit_quietly(),
+        Err(e) => {
+            // Nowhere left to report on stdout; stderr still works.
+            eprintln!("error: writing to stdout: {e}");
+            crate::cleanup::remove_all();
+            std::process::exit(ExitClass::Environment.code());
+        }
+    }
+}
+
+/// Ends the program after the reader of stdout went away.
+fn exit_quietly() -> ! {
+    crate::cleanup::remove_all();
+    std::process::exit(0)
+}
+
+/// Every JSON object goes through here, success or error: one object, pretty
+/// printed, on stdout.
+fn print_json(value: &serde_json::Value) {
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    write_stdout(&format!("{text}\n"));
+}
+
+/// The error object of `--json`: `error` and `exit_code`, plus the fields of a
+/// failed check's report.
+fn error_object(message: &str, code: i32, report: Option<&serde_json::Value>) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    if let Some(serde_json::Value::Object(fields)) = report {
+        object.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    object.insert("error".into(), message.into());
+    object.insert("exit_code".into(), code.into());
+    serde_json::Value::Object(object)
+}
+
+/// Whether `--json` was on the command line, for the exits that come before or
+/// outside parsing (usage errors, an interrupt). Arguments after `--` are values.
+fn json_requested() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Exit code of an interrupt (SIGINT/SIGTERM), as shells report 128 + SIGINT.
+pub const INTERRUPTED_EXIT: i32 = 130;
+
 /// Runs the CLI and returns the documented exit code.
 pub fn main() -> ExitCode {
+    let json = json_requested();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            // clap prints help/version (exit 0) and usage errors (exit 2) itself.
-            let _ = e.print();
-            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
-        }
+        Err(e) => return clap_exit(e, json),
     };
     let out = Output { json: cli.json };
     // A signal skips destructors: remove temporary outputs and calibration data
     // ourselves, then exit as a shell expects after SIGINT.
-    let _ = ctrlc::set_handler(|| {
+    let _ = ctrlc::set_handler(move || {
         crate::cleanup::remove_all();
         eprintln!("interrupted: temporary files removed");
-        std::process::exit(130);
+        if json {
+            print_json(&error_object("interrupted", INTERRUPTED_EXIT, None));
+        }
+        std::process::exit(INTERRUPTED_EXIT);
     });
     let result = match &cli.command {
         Command::Inspect(args) => inspect::run(args, &out),
@@ -142,16 +201,50 @@ pub fn main() -> ExitCode {
             let code = exit_code_of(&err);
             let message = describe(&err);
             eprintln!("error: {message}");
-            let reported = err
-                .downcast_ref::<CheckFailed>()
-                .is_some_and(|c| c.reported);
-            if out.json && !reported {
-                let object = serde_json::json!({ "error": message, "exit_code": code });
-                println!("{object}");
+            if out.json {
+                let report = err
+                    .downcast_ref::<CheckFailed>()
+                    .and_then(|c| c.report.as_ref());
+                print_json(&error_object(&message, code, report));
             }
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// Help, version and usage errors from the argument parser. Without `--json`
+/// clap prints them itself; with it, help and version are a JSON object too and
+/// a usage error is the error object (exit 2), its text also on stderr.
+fn clap_exit(e: clap::Error, json: bool) -> ExitCode {
+    use clap::error::ErrorKind;
+    let code = e.exit_code().clamp(0, 255);
+    if !json {
+        let _ = e.print();
+        return ExitCode::from(code as u8);
+    }
+    let text = e.render().to_string();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            if code == 0 =>
+        {
+            print_json(&serde_json::json!({ "help": text }));
+        }
+        ErrorKind::DisplayVersion => {
+            print_json(&serde_json::json!({ "version": text.trim() }));
+        }
+        _ => {
+            eprint!("{text}");
+            // The first line says what is wrong ("error: unexpected argument ...").
+            let message = text
+                .lines()
+                .next()
+                .unwrap_or("invalid usage")
+                .trim_start_matches("error: ")
+                .to_string();
+            print_json(&error_object(&message, code, None));
+        }
+    }
+    ExitCode::from(code as u8)
 }
 
 /// The error message: the library's errors already name their cause in their

@@ -1,6 +1,5 @@
 //! `flashpack run <MODEL> --prompt TEXT`: generate text, streamed to stdout.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -15,16 +14,18 @@ use crate::runtime::{open_model, with_threads, LoadedModel};
 /// Options of the disk-backed FFN modes (`--ffn naive|flash`), shared by `run` and `eval`.
 #[derive(Debug, Clone, Args)]
 pub struct FlashArgs {
-    /// Tokens before the current one whose neurons stay in DRAM (`--ffn flash`).
-    #[arg(long, default_value_t = 4)]
-    pub window: usize,
+    /// Tokens before the current one whose neurons stay in DRAM (`--ffn
+    /// flash|oracle-flash`) [default: 4].
+    #[arg(long)]
+    pub window: Option<usize>,
     /// Reads in flight at once (small reads need many to reach the disk's
-    /// throughput).
-    #[arg(long, default_value_t = crate::runtime::flash::DEFAULT_IO_THREADS)]
-    pub io_threads: usize,
-    /// Read wanted bundles at most this many bundles apart in one operation.
-    #[arg(long, default_value_t = 1)]
-    pub coalesce_gap: usize,
+    /// throughput) [default: 16].
+    #[arg(long)]
+    pub io_threads: Option<usize>,
+    /// Read wanted bundles at most this many bundles apart in one operation
+    /// [default: 1].
+    #[arg(long)]
+    pub coalesce_gap: Option<usize>,
     /// DRAM budget for `--ffn flash|naive`: bytes, `512MiB`, `1.5GB`, or a
     /// percentage of the packed file such as `50%`. Below the minimum the
     /// command stops with exit 2 and says the minimum.
@@ -39,6 +40,43 @@ pub struct FlashArgs {
     /// use; naive reads nothing more); see BENCHMARKS.md for the cost.
     #[arg(long = "no-verify-reads", action = clap::ArgAction::SetFalse)]
     pub verify_reads: bool,
+}
+
+impl FlashArgs {
+    pub fn window(&self) -> usize {
+        self.window.unwrap_or(4)
+    }
+
+    pub fn io_threads(&self) -> usize {
+        self.io_threads
+            .unwrap_or(crate::runtime::flash::DEFAULT_IO_THREADS)
+    }
+
+    pub fn coalesce_gap(&self) -> usize {
+        self.coalesce_gap.unwrap_or(1)
+    }
+
+    /// The flags given that only the disk modes use: an in-DRAM mode refuses
+    /// them rather than silently dropping them.
+    fn disk_only_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--window", self.window.is_some()),
+            ("--io-threads", self.io_threads.is_some()),
+            ("--coalesce-gap", self.coalesce_gap.is_some()),
+            ("--dram-budget", self.dram_budget.is_some()),
+        ];
+        given
+            .into_iter()
+            .filter_map(|(flag, given)| given.then_some(flag))
+            .collect()
+    }
+}
+
+/// The mode as the user writes it after `--ffn`.
+pub(crate) fn mode_name(mode: FfnMode) -> String {
+    use clap::ValueEnum;
+    mode.to_possible_value()
+        .map_or_else(|| format!("{mode:?}"), |v| v.get_name().to_string())
 }
 
 /// A model opened for a mode, with whatever the mode reports.
@@ -72,6 +110,21 @@ pub(crate) fn open_for_mode(
     context: usize,
 ) -> anyhow::Result<Opened> {
     if !mode.on_disk() {
+        let ignored = args.disk_only_flags();
+        if !ignored.is_empty() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{} only apply when the FFN is read from disk (--ffn naive|flash|oracle-flash), \
+                 and this run's mode is --ffn {}{}",
+                ignored.join(", "),
+                mode_name(mode),
+                if path.is_file() {
+                    ""
+                } else {
+                    " (a checkpoint directory runs in DRAM; convert it with --calib for flash)"
+                }
+            ))
+            .into());
+        }
         let mut loaded = open_model(path)?;
         let counter = loaded.set_ffn_mode(mode)?;
         return Ok(Opened {
@@ -105,9 +158,9 @@ pub(crate) fn open_for_mode(
             FfnMode::OracleFlash => DiskMode::Oracle,
             _ => DiskMode::Flash,
         },
-        window: args.window,
-        io_threads: args.io_threads,
-        coalesce_gap: args.coalesce_gap,
+        window: args.window(),
+        io_threads: args.io_threads(),
+        coalesce_gap: args.coalesce_gap(),
         dram_budget,
         context,
         capacity: None,
@@ -125,7 +178,7 @@ pub(crate) fn open_for_mode(
 /// The I/O fields every report carries (zeros and null outside disk modes).
 #[derive(serde::Serialize)]
 pub(crate) struct IoSummary {
-    pub bytes_read: u64,
+    pub read_bytes: u64,
     pub read_ops: u64,
     pub io_mode: Option<&'static str>,
     pub peak_rss_bytes: Option<u64>,
@@ -138,7 +191,7 @@ impl IoSummary {
     pub fn new(rt: Option<&FlashRuntime>, proc_read_bytes: Option<u64>) -> IoSummary {
         let report = rt.map(FlashRuntime::report);
         IoSummary {
-            bytes_read: report.as_ref().map_or(0, |r| r.bytes_read),
+            read_bytes: report.as_ref().map_or(0, |r| r.bytes_read),
             read_ops: report.as_ref().map_or(0, |r| r.read_ops),
             io_mode: report.as_ref().map(|r| r.io_mode.as_str()),
             peak_rss_bytes: flash::peak_rss_bytes(),
@@ -182,8 +235,9 @@ pub struct RunArgs {
     /// Sample only among the most likely tokens whose probability reaches P.
     #[arg(long)]
     pub top_p: Option<f32>,
-    /// RNG seed for sampling (default: from the clock; reported with --json).
-    #[arg(long)]
+    /// RNG seed for sampling, at most 2^53 - 1 (default: from the clock;
+    /// reported with --json).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=MAX_JSON_SAFE_INTEGER))]
     pub seed: Option<u64>,
     /// Worker threads (default: one per core). Output does not depend on it.
     #[arg(long)]
@@ -221,16 +275,45 @@ struct RunReport {
     ffn: FfnMode,
     /// Fraction of FFN neurons computed (1.0 for dense).
     ffn_active_fraction: f64,
+    /// Options given that this run does not use (also printed on stderr).
+    warnings: Vec<String>,
     #[serde(flatten)]
     io: IoSummary,
 }
 
+/// Sampling options that greedy decoding (`--temperature 0`) does not use:
+/// said, not silently dropped.
+fn sampling_warnings(args: &RunArgs) -> Vec<String> {
+    let unused: Vec<&str> = [
+        ("--top-k", args.top_k.is_some()),
+        ("--top-p", args.top_p.is_some()),
+        ("--seed", args.seed.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
+    if args.temperature == 0.0 && !unused.is_empty() {
+        vec![format!(
+            "{} have no effect with greedy decoding (--temperature 0, the default)",
+            unused.join(", ")
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The largest integer every JSON reader holds exactly (2^53 - 1).
+pub(crate) const MAX_JSON_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
 pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(|| {
-        // Any value will do when the user did not ask for reproducibility.
+        // Any value will do when the user did not ask for reproducibility; kept
+        // below 2^53 so that JSON readers that hold numbers as doubles (most)
+        // read back the exact seed to reproduce the run with.
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
+            & MAX_JSON_SAFE_INTEGER
     });
     let sampling = SamplingParams {
         temperature: args.temperature,
@@ -239,6 +322,10 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         seed,
     };
     sampling.validate()?;
+    let warnings = sampling_warnings(args);
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     let context = args.prompt.len() + args.max_new_tokens + 16;
     let ffn = default_ffn_mode(&args.model, args.ffn);
     let Opened {
@@ -263,21 +350,17 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
     let streaming = !out.json;
     let (generation, threads) = with_threads(args.threads, || {
         let mut stream = TextStream::new(&tokenizer, &prompt_ids)?;
-        let mut stdout = std::io::stdout().lock();
         let g = generate(&model, &prompt_ids, &opts, |id| {
             let piece = stream.push(id)?;
             if streaming && !piece.is_empty() {
-                // A closed pipe (`| head`) should end the run, not panic.
-                stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|()| stdout.flush())
-                    .map_err(|e| crate::Error::io(std::path::Path::new("<stdout>"), e))?;
+                // A closed pipe (`| head`) ends the run quietly.
+                crate::cli::write_stdout(&piece);
             }
             Ok(())
         })?;
         let rest = stream.finish()?;
         if streaming {
-            let _ = writeln!(stdout, "{rest}");
+            crate::cli::write_stdout(&format!("{rest}\n"));
         }
         Ok::<_, crate::Error>((g, rayon::current_num_threads()))
     })??;
@@ -320,6 +403,7 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         threads,
         ffn,
         ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
+        warnings,
         io,
     })
 }

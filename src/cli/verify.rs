@@ -44,7 +44,7 @@ pub struct VerifyReport {
     pub ok: bool,
     pub sections_checked: usize,
     pub chunks_checked: usize,
-    pub bytes_hashed: u64,
+    pub hashed_bytes: u64,
     /// Each failed check, naming the rule, section and chunk.
     pub failures: Vec<String>,
     /// Weights compared with the source checkpoint (0 without `--against`).
@@ -75,20 +75,20 @@ pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
     if !args.calib.is_empty() {
         check_recall(args, &mut report, out)?;
     }
-    out.json_result(&report)?;
     if !report.ok {
         let message = format!(
             "{} check(s) failed: {}",
             report.failures.len(),
             report.failures.join("; ")
         );
+        // Under --json the failure object carries the whole report.
         return Err(CheckFailed {
             message,
-            reported: true,
+            report: Some(serde_json::to_value(&report)?),
         }
         .into());
     }
-    Ok(())
+    out.json_result(&report)
 }
 
 /// Runs every check on `path`; structural errors and I/O errors are returned as
@@ -168,7 +168,7 @@ pub fn verify_file(
         ok,
         sections_checked: integrity.sections_checked,
         chunks_checked: integrity.chunks_checked,
-        bytes_hashed: integrity.bytes_hashed,
+        hashed_bytes: integrity.bytes_hashed,
         failures,
         weights_compared: compared,
         weights_mismatched: mismatched,
@@ -355,6 +355,7 @@ fn check_recall(args: &VerifyArgs, report: &mut VerifyReport, out: &Output) -> a
     let opts = crate::predictor::calibrate::CalibrationOptions {
         max_tokens: args.calib_tokens,
         fixed_silu_thresholds: sparsity.silu_thresholds.to_vec(),
+        criterion: sparsity.silu_criterion,
         ..Default::default()
     };
     // SiLU labels must use the thresholds stored in the file, not new ones: the

@@ -34,6 +34,8 @@ pub struct CheckpointSummary {
     pub declared_dtype: Option<String>,
     pub weight_files: Vec<String>,
     pub sharded: bool,
+    /// Bytes of the weight files (the packed file itself for a packed file).
+    #[serde(rename = "file_bytes")]
     pub bytes_on_disk: u64,
     /// Tensors in the files that the architecture does not use.
     pub unused_tensors: Vec<String>,

@@ -104,6 +104,7 @@ pub struct PredictorReport {
     pub frac_predicted: f64,
     pub frac_true: f64,
     /// Predictor size (f16) as a percentage of the layer's FFN weights.
+    #[serde(rename = "share_of_ffn_percent")]
     pub bytes_percent_of_ffn: f64,
     pub window_max: Vec<u64>,
     pub train_ms: f64,
@@ -157,6 +158,7 @@ pub fn convert(
     let mut inputs = checkpoint_inputs(&ckpt);
     inputs.extend(options.calibration.iter().flat_map(calibration_inputs));
     crate::pack::output::check_output_path(out, &inputs, "")?;
+    // Fail before writing anything if the tokenizer is unusable.
     ckpt.tokenizer()?;
     let config_json: serde_json::Value =
         crate::input::read_json(&src.join(crate::input::CONFIG_FILE), "config.json")?;

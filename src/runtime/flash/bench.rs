@@ -17,6 +17,7 @@ pub struct ModeRow {
     pub mode: String,
     pub io_mode: Option<&'static str>,
     pub tokens: usize,
+    #[serde(rename = "read_bytes_per_token")]
     pub bytes_read_per_token: f64,
     pub read_ops_per_token: f64,
     pub mean_read_bytes: f64,
@@ -37,8 +38,8 @@ pub struct ModeRow {
     /// `ms_per_token` of naive over this mode's.
     pub speedup_over_naive: f64,
     /// DRAM the mode planned (dense part, caches, buffers, KV cache, fixed
-    /// overhead); 0 for dense.
-    pub dram_plan_bytes: u64,
+    /// overhead), as `run` reports it; all zero for dense.
+    pub dram_plan: crate::runtime::flash::MemoryPlan,
 }
 
 /// Feeds `ids` one token at a time (teacher forcing: every mode sees the same
@@ -118,7 +119,7 @@ pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -
         window_hit_rate: r.window_hit_rate,
         disk_gb_per_s_same_size: disk,
         speedup_over_naive: 0.0,
-        dram_plan_bytes: r.dram_plan.total,
+        dram_plan: r.dram_plan.clone(),
     })
 }
 
@@ -171,7 +172,7 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         window_hit_rate: 0.0,
         disk_gb_per_s_same_size: 0.0,
         speedup_over_naive: 0.0,
-        dram_plan_bytes: 0,
+        dram_plan: Default::default(),
     });
     let naive_ms = rows[0].ms_per_token;
     for r in &mut rows {
