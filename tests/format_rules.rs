@@ -32,6 +32,16 @@ fn packed(zstd_level: i32) -> (tempfile::TempDir, PathBuf) {
     (tmp, out)
 }
 
+/// A copy of the calibrated micro-llama file of `fixtures/broken/` (with a
+/// predictor section, predictors and calibration statistics).
+fn calibrated() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("calibrated.flashpack");
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/broken/base.flashpack");
+    std::fs::copy(base, &out).unwrap();
+    (tmp, out)
+}
+
 fn preamble(bytes: &[u8]) -> Preamble {
     Preamble::from_bytes(bytes[..PREAMBLE_BYTES as usize].try_into().unwrap())
 }
@@ -202,6 +212,62 @@ fn rule_06_manifest_schema() {
 }
 
 #[test]
+fn rule_06_nested_types() {
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit); 5] = [
+        ("generation_config a number", |m| {
+            m["generation_config"] = 5.into()
+        }),
+        ("tokenizer_config a string", |m| {
+            m["tokenizer_config"] = "none".into()
+        }),
+        ("config an array", |m| m["config"] = serde_json::json!([])),
+        ("an uppercase source digest", |m| {
+            let d = &mut m["provenance"]["source_files"][0]["sha256"];
+            *d = d.as_str().unwrap().to_uppercase().into();
+        }),
+        ("a short calibration file digest", |m| {
+            m["calibration"]["files"][0]["sha256"] = "abc".into()
+        }),
+    ];
+    for (what, edit) in edits {
+        let (_t, path) = calibrated();
+        rewrite_manifest(&path, edit);
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 6, "{what}: {e}");
+    }
+    // A number beyond binary64 is not a number this format holds.
+    let (_t, path) = calibrated();
+    let bytes = std::fs::read(&path).unwrap();
+    let mut p = preamble(&bytes);
+    let text = String::from_utf8(bytes[p.manifest_offset as usize..].to_vec()).unwrap();
+    let edited = text.replacen("\"recall\":", "\"recall\":1e400,\"was\":", 1);
+    assert_ne!(edited, text);
+    let body = bytes[..p.manifest_offset as usize].to_vec();
+    write_manifest_bytes(&path, &body, &mut p, edited.as_bytes());
+    assert_eq!(open_error(&path).rule(), 6, "1e400");
+}
+
+#[test]
+fn without_calibration_the_writer_writes_null_and_an_empty_array_and_absent_keys_read_the_same() {
+    let (_t, path) = packed(3);
+    let m = manifest(&path);
+    assert_eq!(m["calibration"], Value::Null);
+    assert!(m.as_object().unwrap().contains_key("calibration"));
+    assert_eq!(m["predictors"], serde_json::json!([]));
+    rewrite_manifest(&path, |m| {
+        let m = m.as_object_mut().unwrap();
+        m.remove("calibration");
+        m.remove("predictors");
+    });
+    let file = PackedFile::open(&path).unwrap();
+    assert!(file.manifest.calibration.is_none() && file.manifest.predictors.is_empty());
+    // The identity order: neuron p of the file is the checkpoint's neuron p.
+    let order = file.neuron_order(0).unwrap();
+    assert_eq!(order, (0..order.len() as u32).collect::<Vec<_>>());
+}
+
+#[test]
 fn rule_07_alignment() {
     let (_t, path) = packed(3);
     rewrite_manifest(&path, |m| m["alignment"] = 1000.into());
@@ -287,6 +353,46 @@ fn rule_13_chunk_table() {
         m["sections"][i]["chunk_raw_bytes"] = 1000.into();
     });
     assert_eq!(open_error(&path).rule(), 13);
+    // The FFN limit applies to the declared chunk_raw_bytes, even where the
+    // section is one chunk shorter than it.
+    let (_t, path) = calibrated();
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "ffn.0");
+        let stride = m["ffn_layers"][0]["bundle_bytes"].as_u64().unwrap();
+        assert_eq!(m["sections"][i]["chunks"].as_array().unwrap().len(), 1);
+        let over = (65536 / stride + 1) * stride;
+        m["sections"][i]["chunk_raw_bytes"] = over.into();
+    });
+    let e = open_error(&path);
+    assert_eq!(e.rule(), 13, "{e}");
+}
+
+#[test]
+fn rule_13_digests_are_64_lowercase_hex_digits() {
+    // An uppercase digest could never equal the computed one: it is refused
+    // when the manifest is read, not reported later as damage (rule 12 or 14).
+    for chunk in [true, false] {
+        let (_t, path) = packed(3);
+        rewrite_manifest(&path, |m| {
+            let i = section_index(m, "ffn.0");
+            let s = &mut m["sections"][i];
+            let digest = if chunk {
+                &mut s["chunks"][0]["sha256"]
+            } else {
+                &mut s["sha256"]
+            };
+            *digest = digest.as_str().unwrap().to_uppercase().into();
+        });
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 13, "chunk digest: {chunk}: {e}");
+        assert!(e.to_string().contains("lowercase hex"), "{e}");
+    }
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "dense");
+        m["sections"][i]["sha256"] = "ab".repeat(31).into();
+    });
+    assert_eq!(open_error(&path).rule(), 13, "62 digits");
 }
 
 #[test]
@@ -364,6 +470,24 @@ fn rule_16_section_table() {
 }
 
 #[test]
+fn rule_16_a_predictors_section_must_be_of_kind_predictor() {
+    let (_t, path) = calibrated();
+    rewrite_manifest(&path, |m| {
+        let i = section_index(m, "predictors");
+        // A kind tensors may lie in (rule 17 holds).
+        m["sections"][i]["kind"] = "dense".into();
+    });
+    let e = open_error(&path);
+    assert_eq!(e.rule(), 16, "{e}");
+    // Without predictors the section is optional.
+    let (_t, path) = packed(3);
+    assert!(PackedFile::open(&path)
+        .unwrap()
+        .section("predictors")
+        .is_none());
+}
+
+#[test]
 fn rule_17_tensor_table() {
     let (_t, path) = packed(3);
     rewrite_manifest(&path, |m| {
@@ -377,6 +501,18 @@ fn rule_17_tensor_table() {
         m["tensors"][1]["offset"] = off;
     });
     assert_eq!(open_error(&path).rule(), 17, "overlapping tensors");
+    // A tensor of length 0 overlaps nothing, even at an offset inside another.
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        let mut empty = m["tensors"][0].clone();
+        let inside = empty["offset"].as_u64().unwrap() + 2;
+        empty["name"] = "extra.empty".into();
+        empty["shape"] = serde_json::json!([0]);
+        empty["offset"] = inside.into();
+        empty["length"] = 0.into();
+        m["tensors"].as_array_mut().unwrap().push(empty);
+    });
+    assert!(PackedFile::open(&path).is_ok());
 }
 
 #[test]
@@ -411,6 +547,40 @@ fn rule_18_model_consistency() {
         m["config"]["architectures"] = serde_json::json!(["GPTJForCausalLM"])
     });
     assert_eq!(open_error(&path).rule(), 18);
+}
+
+#[test]
+fn rule_18_thresholds_are_finite_32_bit_floats_and_silu_thresholds_not_negative() {
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit); 3] = [
+        // Beyond the binary32 range: it rounds to infinity.
+        ("silu_threshold 1e39", |m| {
+            m["calibration"]["layers"][1]["silu_threshold"] = 1e39.into()
+        }),
+        ("silu_threshold -0.5", |m| {
+            m["calibration"]["layers"][0]["silu_threshold"] = (-0.5).into()
+        }),
+        ("predictor threshold 1e39", |m| {
+            m["predictors"][1]["threshold"] = 1e39.into()
+        }),
+    ];
+    for (what, edit) in edits {
+        let (_t, path) = calibrated();
+        rewrite_manifest(&path, edit);
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 18, "{what}: {e}");
+    }
+    // The largest binary32 and zero are fine.
+    let (_t, path) = calibrated();
+    rewrite_manifest(&path, |m| {
+        m["calibration"]["layers"][0]["silu_threshold"] = 3.4028235e38.into();
+        m["calibration"]["layers"][1]["silu_threshold"] = 0.0.into();
+        m["predictors"][0]["threshold"] = (-3.4028235e38).into();
+    });
+    let file = PackedFile::open(&path).unwrap();
+    let cal = file.manifest.calibration.as_ref().unwrap();
+    assert_eq!(cal.layers[0].silu_threshold, Some(f32::MAX));
+    assert_eq!(file.manifest.predictors[0].threshold, f32::MIN);
 }
 
 #[test]

@@ -126,6 +126,8 @@ impl PackedFile {
                 path,
             ));
         }
+        check_schema(&manifest)
+            .map_err(|message| rule(FormatError::ManifestSchema { message }, path))?;
         let checked = Checker {
             manifest: &manifest,
             manifest_offset: preamble.manifest_offset,
@@ -361,6 +363,49 @@ pub fn hex_sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Whether `s` is a SHA-256 digest as the format writes it: 64 lowercase hex
+/// digits. Hashes are compared as strings, so an uppercase digest could never
+/// match: it is refused when the manifest is read, not reported as damage.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Rule 6, the types serde cannot express: `config` is an object,
+/// `generation_config` and `tokenizer_config` objects or null, and the
+/// digests of the provenance and calibration files 64 lowercase hex digits.
+fn check_schema(m: &Manifest) -> std::result::Result<(), String> {
+    if !m.config.is_object() {
+        return Err("`config` is not an object".into());
+    }
+    for (key, value) in [
+        ("generation_config", &m.generation_config),
+        ("tokenizer_config", &m.tokenizer_config),
+    ] {
+        if value.as_ref().is_some_and(|v| !v.is_object()) {
+            return Err(format!("`{key}` is neither an object nor null"));
+        }
+    }
+    let files = m
+        .provenance
+        .source_files
+        .iter()
+        .map(|f| ("provenance.source_files", f))
+        .chain(
+            m.calibration
+                .iter()
+                .flat_map(|c| c.files.iter().map(|f| ("calibration.files", f))),
+        );
+    for (list, f) in files {
+        if !is_sha256_hex(&f.sha256) {
+            return Err(format!(
+                "{list}: sha256 of {:?} is not 64 lowercase hex digits",
+                f.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 struct Checked {
     config: ModelConfig,
     names: ModelNames,
@@ -462,12 +507,17 @@ impl Checker<'_> {
             });
         }
         // The kind matters, not only the name: the runtime trusts `dense` to hold
-        // the tensors and `tokenizer.json` to be the carried file.
-        for (required, kind) in [
-            (DENSE_SECTION, SectionKind::Dense),
-            (TOKENIZER_SECTION, SectionKind::File),
+        // the tensors, `tokenizer.json` to be the carried file and `predictors`
+        // (optional) the predictors.
+        for (required, kind, optional) in [
+            (DENSE_SECTION, SectionKind::Dense, false),
+            (TOKENIZER_SECTION, SectionKind::File, false),
+            (PREDICTOR_SECTION, SectionKind::Predictor, true),
         ] {
             let Some(&i) = index.get(required) else {
+                if optional {
+                    continue;
+                }
                 return Err(FormatError::SectionTable {
                     message: format!("required section {required:?} is missing"),
                 });
@@ -521,6 +571,8 @@ impl Checker<'_> {
                 )));
             }
             match t.offset.checked_add(t.length) {
+                // A tensor of no bytes overlaps nothing.
+                Some(_) if t.length == 0 && t.offset <= section.raw_length => {}
                 Some(end) if end <= section.raw_length => extents.push((&t.section, t.offset, end)),
                 _ => {
                     return Err(bad(format!(
@@ -692,6 +744,16 @@ impl Checker<'_> {
                     "calibration must list one entry with 4 window maxima per layer".into(),
                 ));
             }
+            // The oracle modes zero a SiLU neuron at or below its layer's
+            // threshold: an infinite one (a number beyond the f32 range) would
+            // zero every neuron, a negative one none.
+            for (i, l) in cal.layers.iter().enumerate() {
+                if let Some(t) = l.silu_threshold.filter(|t| !(t.is_finite() && *t >= 0.0)) {
+                    return Err(model(format!(
+                        "calibration of layer {i}: silu_threshold {t} is not a finite number >= 0"
+                    )));
+                }
+            }
         }
         let mut seen = HashSet::new();
         for p in &m.predictors {
@@ -758,6 +820,9 @@ fn check_chunks(s: &SectionEntry) -> std::result::Result<(), FormatError> {
             s.raw_length, s.length
         )));
     }
+    if !is_sha256_hex(&s.sha256) {
+        return Err(bad("section sha256 is not 64 lowercase hex digits".into()));
+    }
     let expected_chunks = s.raw_length.div_ceil(s.chunk_raw_bytes);
     if s.chunks.len() as u64 != expected_chunks {
         return Err(bad(format!(
@@ -775,8 +840,10 @@ fn check_chunks(s: &SectionEntry) -> std::result::Result<(), FormatError> {
                 chunk_raw_length(s, i)
             )));
         }
-        if c.sha256.len() != 64 || !c.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad(format!("chunk {i} sha256 is not 64 hex digits")));
+        if !is_sha256_hex(&c.sha256) {
+            return Err(bad(format!(
+                "chunk {i} sha256 is not 64 lowercase hex digits"
+            )));
         }
         total = total
             .checked_add(c.length)

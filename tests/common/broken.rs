@@ -20,7 +20,7 @@ type Mutation = fn(&[u8]) -> Vec<u8>;
 
 /// Every damaged file, `(file name, bytes)`, in rule order.
 pub fn broken_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mutations: [(&str, Mutation); 25] = [
+    let mutations: [(&str, Mutation); 31] = [
         ("r01-bad-magic", bad_magic),
         ("r01-shorter-than-preamble", shorter_than_preamble),
         ("r02-version-2", version_2),
@@ -29,6 +29,11 @@ pub fn broken_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
         ("r04-trailing-bytes", trailing_bytes),
         ("r05-manifest-byte-flipped", manifest_byte_flipped),
         ("r06-missing-sections-key", missing_sections_key),
+        (
+            "r06-generation-config-not-object",
+            generation_config_not_object,
+        ),
+        ("r06-uppercase-source-digest", uppercase_source_digest),
         ("r07-alignment-1000", alignment_1000),
         ("r08-misaligned-section", misaligned_section),
         ("r09-overlapping-sections", overlapping_sections),
@@ -37,14 +42,18 @@ pub fn broken_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
         ("r12-section-hash", section_hash),
         ("r13-chunk-missing", chunk_missing),
         ("r13-compression-ratio", compression_ratio),
+        ("r13-uppercase-chunk-digest", uppercase_chunk_digest),
+        ("r13-uppercase-section-digest", uppercase_section_digest),
         ("r14-ffn-chunk-byte-flipped", ffn_chunk_byte_flipped),
         ("r14-dense-byte-flipped", dense_byte_flipped),
         ("r15-zstd-garbage", zstd_garbage),
         ("r16-missing-tokenizer", missing_tokenizer),
         ("r16-dense-wrong-kind", dense_wrong_kind),
+        ("r16-predictors-wrong-kind", predictors_wrong_kind),
         ("r17-tensor-length", tensor_length),
         ("r18-missing-ffn-layer", missing_ffn_layer),
         ("r18-tensor-in-wrong-section", tensor_in_wrong_section),
+        ("r18-infinite-silu-threshold", infinite_silu_threshold),
         ("r19-order-not-permutation", order_not_permutation),
     ];
     mutations
@@ -226,6 +235,19 @@ fn missing_sections_key(base: &[u8]) -> Vec<u8> {
     })
 }
 
+/// `generation_config` a string: the key must hold an object or null.
+fn generation_config_not_object(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| m["generation_config"] = json!("none"))
+}
+
+/// The first provenance source file's sha256 in uppercase hex.
+fn uppercase_source_digest(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let d = &mut m["provenance"]["source_files"][0]["sha256"];
+        *d = json!(d.as_str().unwrap().to_uppercase());
+    })
+}
+
 fn alignment_1000(base: &[u8]) -> Vec<u8> {
     edit_manifest(base, |m| m["alignment"] = json!(1000))
 }
@@ -309,6 +331,26 @@ fn compression_ratio(base: &[u8]) -> Vec<u8> {
     })
 }
 
+/// The sha256 of `ffn.0`'s one chunk in uppercase hex: the same digest, but
+/// not as the format writes it (a reader comparing strings would report the
+/// chunk damaged).
+fn uppercase_chunk_digest(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let i = section_index(m, "ffn.0");
+        let d = &mut m["sections"][i]["chunks"][0]["sha256"];
+        *d = json!(d.as_str().unwrap().to_uppercase());
+    })
+}
+
+/// The sha256 of the `dense` section in uppercase hex.
+fn uppercase_section_digest(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let i = section_index(m, "dense");
+        let d = &mut m["sections"][i]["sha256"];
+        *d = json!(d.as_str().unwrap().to_uppercase());
+    })
+}
+
 /// One bit flipped in bundle 1 of layer 1's FFN, as a disk would damage it:
 /// the chunk and section hashes no longer match.
 fn ffn_chunk_byte_flipped(base: &[u8]) -> Vec<u8> {
@@ -351,6 +393,15 @@ fn dense_wrong_kind(base: &[u8]) -> Vec<u8> {
     edit_manifest(base, |m| {
         let i = section_index(m, "dense");
         m["sections"][i]["kind"] = json!("predictor");
+    })
+}
+
+/// The `predictors` section declared of kind `dense` (a kind tensors may be
+/// in, and the predictor tensors are still in the section so named).
+fn predictors_wrong_kind(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let i = section_index(m, "predictors");
+        m["sections"][i]["kind"] = json!("dense");
     })
 }
 
@@ -398,6 +449,14 @@ fn tensor_in_wrong_section(base: &[u8]) -> Vec<u8> {
         m["tensors"][norm]["offset"] = json!(bias_at);
         m["tensors"][bias]["section"] = json!("dense");
         m["tensors"][bias]["offset"] = json!(norm_at);
+    })
+}
+
+/// Layer 0's `silu_threshold` set to 1e39, beyond the binary32 range: read
+/// as a 32-bit float it is infinite, and would zero every neuron.
+fn infinite_silu_threshold(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        m["calibration"]["layers"][0]["silu_threshold"] = json!(1e39);
     })
 }
 
