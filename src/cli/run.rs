@@ -64,6 +64,7 @@ impl FlashArgs {
             ("--io-threads", self.io_threads.is_some()),
             ("--coalesce-gap", self.coalesce_gap.is_some()),
             ("--dram-budget", self.dram_budget.is_some()),
+            ("--no-verify-reads", !self.verify_reads),
         ];
         given
             .into_iter()
@@ -132,6 +133,13 @@ pub(crate) fn open_for_mode(
             counter,
             flash: None,
         });
+    }
+    if mode == FfnMode::Naive && args.window.is_some() {
+        return Err(crate::Error::InvalidArgument(
+            "--window applies to --ffn flash|oracle-flash; naive reads the whole FFN every token and caches nothing"
+                .into(),
+        )
+        .into());
     }
     if !path.is_file() {
         return Err(crate::Error::InvalidArgument(format!(
