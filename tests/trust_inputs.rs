@@ -389,8 +389,53 @@ fn a_calibration_path_that_is_a_directory_says_a_file_was_expected() {
         "--calib",
         s(&calib_dir),
     ]);
-    assert_refused(&out, &[s(&calib_dir), "is a directory, expected a file"]);
+    assert_refused(
+        &out,
+        &[
+            s(&calib_dir),
+            "is a directory",
+            "expected a calibration text file",
+        ],
+    );
     assert!(!tmp.path().join("x.flashpack").exists());
+}
+
+#[test]
+fn a_missing_calibration_file_is_named_before_the_trace_directory_is_created() {
+    let (tmp, dir) = workspace();
+    let missing = tmp.path().join("nope.txt");
+    let trace = tmp.path().join("trace");
+    let out = flashpack(&[
+        "convert",
+        s(&dir),
+        "-o",
+        s(&tmp.path().join("x.flashpack")),
+        "--calib",
+        s(&missing),
+        "--keep-trace",
+        s(&trace),
+    ]);
+    assert_refused(&out, &[s(&missing), "does not exist"]);
+    assert!(!trace.exists(), "the trace directory was created");
+}
+
+#[test]
+fn a_trace_directory_that_is_a_file_is_refused_as_such() {
+    let (tmp, dir) = workspace();
+    let calib = tmp.path().join("calib.txt");
+    let before = snapshot(tmp.path());
+    let out = flashpack(&[
+        "convert",
+        s(&dir),
+        "-o",
+        s(&tmp.path().join("x.flashpack")),
+        "--calib",
+        s(&calib),
+        "--keep-trace",
+        s(&calib),
+    ]);
+    assert_refused(&out, &[s(&calib), "is a file", "expected a directory"]);
+    assert_eq!(snapshot(tmp.path()), before);
 }
 
 #[test]
@@ -471,4 +516,42 @@ fn inspect_rejects_a_generation_config_that_is_not_json() {
 #[test]
 fn inspect_rejects_a_generation_config_with_an_eos_outside_the_vocabulary() {
     assert_inspect_rejects("generation_config.json", "{\"eos_token_id\": 100000}");
+}
+
+/// Replaces one file of a fresh copy of `fixture` by an empty directory and
+/// expects inspect to say a file was expected there.
+fn assert_inspect_rejects_a_directory(fixture: &str, file: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(fixture);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("models").join(fixture)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let path = dir.join(file);
+    if path.exists() {
+        std::fs::remove_file(&path).unwrap();
+    }
+    std::fs::create_dir(&path).unwrap();
+    let out = flashpack(&["inspect", s(&dir)]);
+    let message = assert_refused(&out, &[s(&path), "is a directory", "expected a"]);
+    assert!(!message.contains("not found"), "{message}");
+    assert!(!message.contains("os error"), "{message}");
+}
+
+#[test]
+fn inspect_says_a_file_was_expected_where_a_checkpoint_holds_a_directory() {
+    for file in [
+        "tokenizer.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+    ] {
+        assert_inspect_rejects_a_directory(MICRO, file);
+    }
+    assert_inspect_rejects_a_directory(
+        "llama-relu-gqa-bf16-sharded",
+        "model-00002-of-00004.safetensors",
+    );
 }

@@ -56,6 +56,26 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path, what: &'static str) ->
     })
 }
 
+/// Whether a file the reader may use is there: `Ok(false)` when nothing is at
+/// `path`; something other than a file there (a directory, a device) is an error
+/// that says a file was expected, rather than being taken for a missing file.
+pub(crate) fn file_present(path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(true),
+        Ok(meta) => Err(Error::WrongKind {
+            path: path.to_path_buf(),
+            found: if meta.is_dir() {
+                "is a directory"
+            } else {
+                "is not a regular file"
+            },
+            expected: "a file",
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// What a checkpoint path must be, as errors say it.
 const CHECKPOINT_DIR: &str =
     "a checkpoint directory (config.json, model.safetensors, tokenizer.json)";

@@ -77,7 +77,7 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` (required) and the optional configs beside it.
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<TextTokenizer> {
         let path = dir.join(TOKENIZER_FILE);
-        if !path.is_file() {
+        if !crate::input::file_present(&path)? {
             return Err(Error::MissingFile {
                 path,
                 what: "tokenizer.json",
@@ -95,7 +95,7 @@ impl TextTokenizer {
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let optional = |name: &'static str| -> Result<Option<serde_json::Value>> {
             let p = dir.join(name);
-            if p.is_file() {
+            if crate::input::file_present(&p)? {
                 crate::input::read_json(&p, name).map(Some)
             } else {
                 Ok(None)

@@ -83,11 +83,11 @@ impl WeightFiles {
     /// else `model.safetensors`.
     pub fn open(dir: &Path) -> Result<WeightFiles> {
         let index_path = dir.join(INDEX_FILE);
-        if index_path.is_file() {
+        if crate::input::file_present(&index_path)? {
             return WeightFiles::open_sharded(dir, &index_path);
         }
         let single = dir.join(SINGLE_FILE);
-        if !single.is_file() {
+        if !crate::input::file_present(&single)? {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
                 what: "model.safetensors or model.safetensors.index.json \
@@ -163,7 +163,19 @@ impl WeightFiles {
     fn add_shard(&mut self, dir: &Path, file_name: &str) -> Result<()> {
         let path = dir.join(file_name);
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
+        if !meta.is_file() {
+            return Err(Error::WrongKind {
+                path,
+                found: if meta.is_dir() {
+                    "is a directory"
+                } else {
+                    "is not a regular file"
+                },
+                expected: "a safetensors file",
+            });
+        }
+        let len = meta.len();
         let bad = |message: String| Error::Safetensors {
             path: path.clone(),
             message,

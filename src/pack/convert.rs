@@ -148,11 +148,10 @@ pub fn convert(
             options.zstd_level
         )));
     }
-    let ckpt = Checkpoint::open(src)?;
     if let Some(plan) = &options.calibration {
         check_calibration_plan(plan)?;
     }
-    // Fail before writing anything if the tokenizer is unusable.
+    let ckpt = Checkpoint::open(src)?;
     // Refuse an output that would destroy an input, or that cannot be written,
     // before anything (a calibration trace, a temporary file) is written.
     let mut inputs = checkpoint_inputs(&ckpt);
@@ -210,7 +209,6 @@ pub fn convert(
     })
 }
 
-/// Writes the packed file; `source_hashes` yields the provenance hashes (computed
 /// Every file of the checkpoint that its reader opens, or would open were it
 /// there (a `model.safetensors.index.json` or `generation_config.json` written
 /// into the directory would change what the checkpoint is).
@@ -260,9 +258,36 @@ pub(crate) fn check_calibration_plan(plan: &CalibrationPlan) -> Result<()> {
             "calibration needs at least one text file".into(),
         ));
     }
+    // Every calibration text is a file that is there, so that a typo is refused
+    // before anything (the trace directory) is created.
+    for file in &plan.files {
+        let wrong = |found| Error::WrongKind {
+            path: file.clone(),
+            found,
+            expected: "a calibration text file",
+        };
+        match std::fs::metadata(file) {
+            Ok(meta) if meta.is_dir() => return Err(wrong("is a directory")),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(wrong("does not exist"))
+            }
+            Err(e) => return Err(Error::io(file, e)),
+        }
+    }
+    if let Some(dir) = &plan.calibrate.keep_trace {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::WrongKind {
+                path: dir.clone(),
+                found: "is a file",
+                expected: "a directory for the calibration trace",
+            });
+        }
+    }
     Ok(())
 }
 
+/// Writes the packed file; `source_hashes` yields the provenance hashes (computed
 /// concurrently) when the manifest needs them.
 #[allow(clippy::too_many_arguments)]
 fn write_pack(
