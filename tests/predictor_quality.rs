@@ -254,7 +254,7 @@ fn silu_thresholds_reach_the_target_sparsity() {
     assert!(cal
         .layers
         .iter()
-        .all(|l| l.silu_threshold.is_some_and(|t| t > 0.0)));
+        .all(|l| l.product_threshold.is_some_and(|t| t > 0.0) && l.silu_threshold.is_none()));
     let mut dense = open_model(packed).unwrap();
     let ids = heldout_ids(&dense.tokenizer);
     let dense_ppl = perplexity(&dense.model, &ids, 256).unwrap().perplexity;

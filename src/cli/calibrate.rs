@@ -8,8 +8,14 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::Output;
-use crate::predictor::calibrate::{calibrate, CalibrationOptions, LayerStats};
+use crate::error::Error;
+use crate::predictor::calibrate::{calibrate, Calibration, CalibrationOptions, LayerStats};
+use crate::predictor::thresholds::Allocation;
+use crate::runtime::ffn::Criterion;
 use crate::runtime::packed::PackedWeights;
+use crate::runtime::perplexity::perplexity;
+use crate::runtime::sparse::{apply_ffn_mode, FfnMode, SparsityData};
+use crate::runtime::Model;
 
 #[derive(Debug, Args)]
 #[command(
@@ -30,6 +36,15 @@ pub struct CalibrateArgs {
     /// Keep the activation store (FFN inputs as f16, per-token firing bitsets) here.
     #[arg(long, value_name = "DIR")]
     pub keep_trace: Option<PathBuf>,
+    /// SiLU models: share the target among layers by least output error
+    /// (`greedy`) or the same fraction per layer (`uniform`).
+    #[arg(long, value_enum, default_value = "greedy")]
+    pub sparsity_allocation: Allocation,
+    /// SiLU models: also report the perplexity of this held-out text, dense and
+    /// with the oracle's thresholds at model-wide sparsity 0.3, 0.4, 0.5, 0.6, 0.7
+    /// (the trade-off to choose `--target-sparsity` from).
+    #[arg(long, value_name = "FILE")]
+    pub heldout: Option<PathBuf>,
 }
 
 #[derive(serde::Serialize)]
@@ -40,22 +55,33 @@ struct CalibrateReport {
     tokens_per_s: f64,
     layers: Vec<LayerStats>,
     trace_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heldout: Option<Tradeoff>,
 }
 
 pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
     let opts = CalibrationOptions {
         max_tokens: args.calib_tokens,
         target_sparsity: args.target_sparsity,
+        allocation: args.sparsity_allocation,
         keep_trace: args.keep_trace.clone(),
         ..CalibrationOptions::default()
     };
+    let heldout_text = match &args.heldout {
+        Some(p) => Some(
+            String::from_utf8(std::fs::read(p).map_err(|e| Error::io(p, e))?)
+                .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", p.display())))?,
+        ),
+        None => None,
+    };
     let started = std::time::Instant::now();
-    let cal = if args.model.is_file() {
+    let (cal, heldout) = if args.model.is_file() {
         let file = crate::format::PackedFile::open(&args.model)?;
         let weights = PackedWeights::read_all(&file)?;
-        let model = crate::runtime::Model::load(&file.config, &file.names, &weights)?;
+        let load = || crate::runtime::Model::load(&file.config, &file.names, &weights);
+        let model = load()?;
         let tokenizer = crate::runtime::packed::packed_tokenizer(&file)?;
-        calibrate(
+        let cal = calibrate(
             &model,
             &file.names,
             &weights,
@@ -63,19 +89,39 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
             &args.calib,
             &opts,
             &|_, _| {},
-        )?
+        )?;
+        let heldout = match &heldout_text {
+            Some(text) => {
+                let ids = tokenizer.encode(text)?;
+                drop(model);
+                Some(tradeoff(&load, &cal, &ids, args, out)?)
+            }
+            None => None,
+        };
+        (cal, heldout)
     } else {
         let ckpt = crate::input::Checkpoint::open(&args.model)?;
-        let model = crate::runtime::Model::from_checkpoint(&ckpt)?;
-        calibrate(
+        let load = || crate::runtime::Model::from_checkpoint(&ckpt);
+        let model = load()?;
+        let tokenizer = ckpt.tokenizer()?;
+        let cal = calibrate(
             &model,
             &ckpt.names,
             &ckpt,
-            &ckpt.tokenizer()?,
+            &tokenizer,
             &args.calib,
             &opts,
             &|_, _| {},
-        )?
+        )?;
+        let heldout = match &heldout_text {
+            Some(text) => {
+                let ids = tokenizer.encode(text)?;
+                drop(model);
+                Some(tradeoff(&load, &cal, &ids, args, out)?)
+            }
+            None => None,
+        };
+        (cal, heldout)
     };
     let seconds = started.elapsed().as_secs_f64();
     out.human(format_args!(
@@ -84,15 +130,33 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
         cal.tokens,
         cal.tokens as f64 / seconds
     ));
-    out.human("  layer  active/token  window max (K = 1, 2, 4, 8)  silu threshold");
+    out.human("  layer  active/token  window max (K = 1, 2, 4, 8)  threshold");
     for (i, l) in cal.layers.iter().enumerate() {
         out.human(format_args!(
             "  {i:>5}  {:>11.2}%  {:<28}  {}",
             100.0 * l.mean_active_fraction,
             format!("{:?}", l.window_max),
-            l.silu_threshold
-                .map_or("-".to_string(), |t| format!("{t:.4}"))
+            match (l.product_threshold, l.silu_threshold) {
+                (Some(t), _) => format!("|silu(g)*u| > {t:.5}"),
+                (None, Some(t)) => format!("|silu(g)| > {t:.4}"),
+                (None, None) => "-".to_string(),
+            }
         ));
+    }
+    if let Some(h) = &heldout {
+        out.human(format_args!(
+            "held-out perplexity ({} tokens, {:?} allocation): dense {:.4}",
+            h.tokens_scored, h.allocation, h.dense_perplexity
+        ));
+        for p in &h.points {
+            out.human(format_args!(
+                "  sparsity {:.2}: perplexity {:.4} ({:+.2}% vs dense), neurons computed {:.1}%",
+                p.target_sparsity,
+                p.perplexity,
+                100.0 * (p.perplexity / h.dense_perplexity - 1.0),
+                100.0 * p.active_fraction
+            ));
+        }
     }
     out.json_result(&CalibrateReport {
         model: args.model.display().to_string(),
@@ -101,5 +165,78 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
         tokens_per_s: cal.tokens as f64 / seconds,
         layers: cal.layers.clone(),
         trace_dir: args.keep_trace.as_ref().map(|d| d.display().to_string()),
+        heldout,
+    })
+}
+
+/// Model-wide sparsity levels of the held-out trade-off.
+const TRADEOFF_SPARSITY: [f64; 5] = [0.3, 0.4, 0.5, 0.6, 0.7];
+
+/// Held-out perplexity, dense and at each sparsity of [`TRADEOFF_SPARSITY`].
+#[derive(serde::Serialize)]
+struct Tradeoff {
+    allocation: Allocation,
+    tokens_scored: usize,
+    dense_perplexity: f64,
+    points: Vec<TradeoffPoint>,
+}
+
+#[derive(serde::Serialize)]
+struct TradeoffPoint {
+    target_sparsity: f64,
+    perplexity: f64,
+    /// Fraction of FFN neurons computed on the held-out text.
+    active_fraction: f64,
+}
+
+fn tradeoff(
+    load: &dyn Fn() -> crate::Result<Model>,
+    cal: &Calibration,
+    ids: &[u32],
+    args: &CalibrateArgs,
+    out: &Output,
+) -> anyhow::Result<Tradeoff> {
+    if cal.curves.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--heldout reports the sparsity trade-off of SiLU models; this model has none to choose"
+                .into(),
+        )
+        .into());
+    }
+    let ctx = 256.min(load()?.config.max_context);
+    let dense = perplexity(&load()?, ids, ctx)?;
+    out.human(format_args!(
+        "held-out dense perplexity {:.4}",
+        dense.perplexity
+    ));
+    let mut points = Vec::new();
+    for s in TRADEOFF_SPARSITY {
+        let thresholds = cal
+            .thresholds_for(s, args.sparsity_allocation)
+            .expect("curves checked above");
+        let mut model = load()?;
+        let data = SparsityData {
+            predictors: vec![None; thresholds.len()],
+            silu_thresholds: thresholds.into_iter().map(Some).collect(),
+            silu_criterion: Criterion::Product,
+        };
+        let counter = apply_ffn_mode(&mut model, FfnMode::Oracle, Some(&data))?
+            .expect("oracle counts neurons");
+        let r = perplexity(&model, ids, ctx)?;
+        out.human(format_args!(
+            "held-out perplexity at sparsity {s:.2}: {:.4}",
+            r.perplexity
+        ));
+        points.push(TradeoffPoint {
+            target_sparsity: s,
+            perplexity: r.perplexity,
+            active_fraction: counter.active_fraction(),
+        });
+    }
+    Ok(Tradeoff {
+        allocation: args.sparsity_allocation,
+        tokens_scored: dense.tokens_scored,
+        dense_perplexity: dense.perplexity,
+        points,
     })
 }

@@ -81,6 +81,10 @@ pub struct CalibArgs {
     /// Keep the calibration activation store (FFN inputs, per-token firing masks) here.
     #[arg(long, value_name = "DIR")]
     pub keep_trace: Option<PathBuf>,
+    /// SiLU models: share the target among layers by least output error
+    /// (`greedy`) or the same fraction per layer (`uniform`).
+    #[arg(long, value_enum, default_value = "greedy")]
+    pub sparsity_allocation: crate::predictor::thresholds::Allocation,
 }
 
 impl CalibArgs {
@@ -113,6 +117,7 @@ impl CalibArgs {
             calibrate: CalibrationOptions {
                 max_tokens: self.calib_tokens,
                 target_sparsity: self.target_sparsity,
+                allocation: self.sparsity_allocation,
                 keep_trace: self.keep_trace.clone(),
                 ..CalibrationOptions::default()
             },

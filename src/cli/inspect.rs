@@ -118,10 +118,10 @@ fn print_layer_table(out: &Output, layers: &[serde_json::Value]) {
     }
     let num = |l: &serde_json::Value, k: &str| l.get(k).and_then(serde_json::Value::as_f64);
     let cell = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
-    out.human("  layer  rank  threshold  recall  precision  predicted  truly active  calibration active  window max (1,2,4,8)");
+    out.human("  layer  rank  threshold  recall  precision  predicted  truly active  calibration active  window max (1,2,4,8)  SiLU threshold (sparsity)");
     for l in layers {
         out.human(format_args!(
-            "  {:>5}  {:>4}  {:>9}  {:>6}  {:>9}  {:>9}  {:>12}  {:>18}  {}",
+            "  {:>5}  {:>4}  {:>9}  {:>6}  {:>9}  {:>9}  {:>12}  {:>18}  {:<20}  {}",
             l["layer"],
             cell(num(l, "rank"), &|v| format!("{v}")),
             cell(num(l, "threshold"), &|v| format!("{v:.3}")),
@@ -134,7 +134,18 @@ fn print_layer_table(out: &Output, layers: &[serde_json::Value]) {
                 100.0 * v
             )),
             l.get("window_max")
-                .map_or("-".to_string(), |w| w.to_string())
+                .map_or("-".to_string(), |w| w.to_string()),
+            match (num(l, "product_threshold"), num(l, "silu_threshold")) {
+                (Some(t), _) => format!(
+                    "|silu(g)*u| > {t:.4}{}",
+                    cell(num(l, "layer_sparsity"), &|s| format!(
+                        " ({:.0}%)",
+                        100.0 * s
+                    ))
+                ),
+                (None, Some(t)) => format!("|silu(g)| > {t:.4}"),
+                (None, None) => "-".to_string(),
+            }
         ));
     }
 }
@@ -227,6 +238,12 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
                     layer["window_max"] = c.window_max.clone().into();
                     layer["mean_active_fraction"] = c.mean_active_fraction.into();
                     layer["silu_threshold"] = c.silu_threshold.into();
+                    if let Some(t) = c.product_threshold {
+                        layer["product_threshold"] = t.into();
+                    }
+                    if let Some(s) = c.layer_sparsity {
+                        layer["layer_sparsity"] = s.into();
+                    }
                 }
                 layer
             })

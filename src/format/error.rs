@@ -93,6 +93,9 @@ pub enum FormatError {
 
     #[error("rule 19: neuron order of layer {layer} is not a permutation of 0..{neurons}")]
     NeuronOrder { layer: u64, neurons: u64 },
+
+    #[error("rule 20: calibration of layer {layer}: {message}")]
+    ProductThreshold { layer: u64, message: String },
 }
 
 impl FormatError {
@@ -119,6 +122,7 @@ impl FormatError {
             TensorTable { .. } => 17,
             Model { .. } => 18,
             NeuronOrder { .. } => 19,
+            ProductThreshold { .. } => 20,
         }
     }
 

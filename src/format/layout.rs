@@ -276,6 +276,15 @@ pub struct LayerCalibrationEntry {
     pub mean_active_fraction: f64,
     /// SiLU: `|silu(gate . x)|` at or below this counts as not fired.
     pub silu_threshold: Option<f32>,
+    /// SiLU, rule 20: `|silu(gate . x) * (up . x)|` at or below this counts as
+    /// not fired (absent in files calibrated before the product criterion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_threshold: Option<f32>,
+    /// SiLU, with `product_threshold`: the fraction of this layer's neuron
+    /// activations the threshold zeroed on calibration tokens (the layer's share
+    /// of the model-wide `target_sparsity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_sparsity: Option<f64>,
 }
 
 /// A layer's predictor: `logits = (x A) B + bias` over packed neuron indices;

@@ -787,8 +787,51 @@ impl Checker<'_> {
                 }
             }
         }
+        check_product_thresholds(m)?;
         Ok(())
     }
+}
+
+/// Rule 20: the product criterion's thresholds are given for every layer or for
+/// none, finite and not negative, never beside a gate threshold; a layer's
+/// sparsity is a fraction.
+fn check_product_thresholds(m: &Manifest) -> std::result::Result<(), FormatError> {
+    let Some(cal) = &m.calibration else {
+        return Ok(());
+    };
+    let with = cal
+        .layers
+        .iter()
+        .filter(|l| l.product_threshold.is_some())
+        .count();
+    for (i, l) in cal.layers.iter().enumerate() {
+        let bad = |message: String| FormatError::ProductThreshold {
+            layer: i as u64,
+            message,
+        };
+        match l.product_threshold {
+            None if with > 0 => {
+                return Err(bad(format!(
+                    "no product_threshold, while {with} other layers have one"
+                )))
+            }
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(bad(format!(
+                    "product_threshold {t} is not a finite number >= 0"
+                )))
+            }
+            Some(_) if l.silu_threshold.is_some() => {
+                return Err(bad(
+                    "both product_threshold and silu_threshold are given".into()
+                ))
+            }
+            _ => {}
+        }
+        if let Some(s) = l.layer_sparsity.filter(|s| !(0.0..=1.0).contains(s)) {
+            return Err(bad(format!("layer_sparsity {s} is not in [0, 1]")));
+        }
+    }
+    Ok(())
 }
 
 /// A section kind as the manifest spells it.

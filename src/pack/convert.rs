@@ -651,6 +651,8 @@ pub(crate) fn extras_from(
                 window_max: l.window_max.iter().map(|&w| w as u64).collect(),
                 mean_active_fraction: l.mean_active_fraction,
                 silu_threshold: l.silu_threshold,
+                product_threshold: l.product_threshold,
+                layer_sparsity: l.layer_sparsity,
             })
             .collect(),
     };

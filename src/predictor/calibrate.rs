@@ -3,11 +3,13 @@
 //! which neurons fire, then derive what packing and the runtime need: per-neuron
 //! firing frequency (the hot-first order), the largest number of distinct neurons
 //! fired within any K consecutive tokens (K = 1, 2, 4, 8: the window cache's size),
-//! and for SiLU models a magnitude threshold that defines "fired".
+//! and for SiLU models a magnitude threshold per layer that defines "fired".
 //!
 //! Firing, ReLU FFNs: the neuron's output is exactly 0 or not, as the runtime's own
-//! FFN reports it. SiLU: `|silu(gate . x)| > threshold`, the threshold reaching
-//! the target sparsity on a sample of calibration tokens.
+//! FFN reports it. SiLU: `|silu(gate . x) * (up . x)| > threshold` (the product
+//! criterion; `|silu(gate . x)|` under the gate criterion of older files), the
+//! thresholds reaching the model-wide target sparsity on sampled calibration
+//! tokens, allocated across layers as [`crate::predictor::thresholds`] says.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -17,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::input::config::Activation;
 use crate::input::tensors::{FfnNames, ModelNames};
 use crate::input::TextTokenizer;
-use crate::runtime::ffn::Fired;
+use crate::predictor::thresholds::{allocate, layer_curve, Allocation, SparsityCurve};
+use crate::runtime::ffn::{Criterion, DenseFfn, Ffn, FfnWeights, Fired};
 use crate::runtime::weights::TensorSource;
 use crate::runtime::{Logits, Model, Observer};
 
@@ -33,8 +36,13 @@ pub struct CalibrationOptions {
     pub max_tokens: usize,
     /// Tokens per forward pass (each from an empty KV cache).
     pub ctx: usize,
-    /// SiLU models: fraction of neuron activations the threshold should zero.
+    /// SiLU models: model-wide fraction of neuron activations the thresholds
+    /// should zero.
     pub target_sparsity: f64,
+    /// SiLU models: how the target is shared among layers.
+    pub allocation: Allocation,
+    /// SiLU models: what the thresholds (new or fixed) are compared with.
+    pub criterion: Criterion,
     /// Keep the activation store (inputs and firing masks) in this directory
     /// instead of a temporary one that is removed.
     pub keep_trace: Option<PathBuf>,
@@ -50,6 +58,8 @@ impl Default for CalibrationOptions {
             max_tokens: 16384,
             ctx: 256,
             target_sparsity: 0.5,
+            allocation: Allocation::Greedy,
+            criterion: Criterion::Product,
             keep_trace: None,
             fixed_silu_thresholds: Vec::new(),
         }
@@ -66,8 +76,16 @@ pub struct LayerStats {
     pub window_max: [usize; 4],
     /// Mean fraction of neurons firing per token.
     pub mean_active_fraction: f64,
-    /// SiLU only: `|silu(gate . x)|` at or below this counts as not fired.
+    /// SiLU, gate criterion: `|silu(gate . x)|` at or below this counts as not fired.
     pub silu_threshold: Option<f32>,
+    /// SiLU, product criterion: `|silu(gate . x) * (up . x)|` at or below this
+    /// counts as not fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product_threshold: Option<f32>,
+    /// SiLU with new thresholds: the fraction of this layer's activations they
+    /// skip on the sampled tokens (its share of the model-wide target).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_sparsity: Option<f64>,
 }
 
 /// The calibration result, backed by the on-disk activation store.
@@ -78,6 +96,9 @@ pub struct Calibration {
     pub layers: Vec<LayerStats>,
     pub hidden: usize,
     pub width: usize,
+    /// SiLU models with new thresholds: each layer's sparsity curve, from which
+    /// thresholds for any other target follow ([`Calibration::thresholds_for`]).
+    pub curves: Vec<SparsityCurve>,
     store: Store,
 }
 
@@ -113,6 +134,9 @@ impl Store {
     fn fired(&self, layer: usize) -> PathBuf {
         self.path().join(format!("layer{layer}.fired.bits"))
     }
+    fn residual(&self, layer: usize) -> PathBuf {
+        self.path().join(format!("layer{layer}.residual_sq.f32"))
+    }
 }
 
 /// Bitset words per token for `width` neurons.
@@ -147,6 +171,20 @@ impl Calibration {
         order
     }
 
+    /// SiLU models: per-layer thresholds for a model-wide `target` under
+    /// `how`, from the measured curves (`None` without them).
+    pub fn thresholds_for(&self, target: f64, how: Allocation) -> Option<Vec<f32>> {
+        if self.curves.is_empty() {
+            return None;
+        }
+        Some(
+            allocate(&self.curves, target, how)
+                .iter()
+                .map(|c| c.threshold)
+                .collect(),
+        )
+    }
+
     /// Where the activation store is (removed on drop unless kept).
     pub fn store_dir(&self) -> &Path {
         self.store.path()
@@ -157,6 +195,8 @@ impl Calibration {
 struct Recorder {
     inputs: Vec<BufWriter<File>>,
     fired: Vec<BufWriter<File>>,
+    /// SiLU: per token, the squared norm of the residual stream after the FFN.
+    residual: Vec<BufWriter<File>>,
     record_fired: bool,
     width: usize,
     error: Option<Error>,
@@ -187,6 +227,23 @@ impl Observer for Recorder {
             self.fired[layer].write_all(&raw)
         });
         if let Err(e) = result {
+            self.error = Some(Error::io(&self.paths[layer], e));
+        }
+    }
+
+    fn residual(&mut self, layer: usize, x: &[f32], n: usize) {
+        if self.error.is_some() || self.residual.is_empty() {
+            return;
+        }
+        let hidden = x.len() / n.max(1);
+        let raw: Vec<u8> = x
+            .chunks_exact(hidden)
+            .flat_map(|row| {
+                let sq: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+                (sq as f32).to_le_bytes()
+            })
+            .collect();
+        if let Err(e) = self.residual[layer].write_all(&raw) {
             self.error = Some(Error::io(&self.paths[layer], e));
         }
     }
@@ -256,6 +313,13 @@ pub fn calibrate(
         } else {
             Vec::new()
         },
+        residual: if relu {
+            Vec::new()
+        } else {
+            (0..layers)
+                .map(|l| open(store.residual(l)))
+                .collect::<Result<_>>()?
+        },
         record_fired: relu,
         width: cfg.ffn_width,
         error: None,
@@ -300,6 +364,7 @@ pub fn calibrate(
         .inputs
         .iter_mut()
         .chain(recorder.fired.iter_mut())
+        .chain(recorder.residual.iter_mut())
         .enumerate()
     {
         w.flush()
@@ -307,74 +372,143 @@ pub fn calibrate(
     }
     drop(recorder);
 
-    // Phase 2, per layer: SiLU labels from a threshold, then statistics.
+    // Phase 2: SiLU thresholds (each layer's curve, then the allocation), and
+    // the labels they give; then statistics per layer.
     let mut calibration = Calibration {
         tokens,
         windows,
         layers: Vec::new(),
         hidden: cfg.hidden_size,
         width: cfg.ffn_width,
+        curves: Vec::new(),
         store,
     };
-    for layer in 0..layers {
-        let threshold = if relu {
-            None
+    let mut thresholds: Vec<Option<(f32, Option<f64>)>> = vec![None; layers];
+    if !relu {
+        let fixed = |l: usize| opts.fixed_silu_thresholds.get(l).copied().flatten();
+        if (0..layers).any(|l| fixed(l).is_none()) {
+            for layer in 0..layers {
+                let ffn = load_gated(names, weights, layer, cfg.activation)?;
+                let curve = sparsity_curve(&calibration, layer, &ffn, opts.criterion)?;
+                calibration.curves.push(curve);
+            }
+        }
+        let choices = if calibration.curves.is_empty() {
+            Vec::new()
         } else {
-            let fixed = opts.fixed_silu_thresholds.get(layer).copied().flatten();
-            Some(silu_labels(
-                &calibration,
-                layer,
-                names,
-                weights,
-                opts.target_sparsity,
-                fixed,
-            )?)
+            allocate(&calibration.curves, opts.target_sparsity, opts.allocation)
         };
+        for (layer, t) in thresholds.iter_mut().enumerate() {
+            *t = Some(match fixed(layer) {
+                Some(f) => (f, None),
+                None => (choices[layer].threshold, Some(choices[layer].sparsity)),
+            });
+        }
+    }
+    for (layer, threshold) in thresholds.into_iter().enumerate() {
+        if let Some((t, _)) = threshold {
+            let ffn = load_gated(names, weights, layer, cfg.activation)?;
+            silu_labels(&calibration, layer, &ffn, opts.criterion, t)?;
+        }
         let (_, fired) = calibration.layer_data(layer)?;
         let mut stats = firing_stats(&fired, &calibration.windows, cfg.ffn_width);
-        stats.silu_threshold = threshold;
+        if let Some((t, sparsity)) = threshold {
+            match opts.criterion {
+                Criterion::Gate => stats.silu_threshold = Some(t),
+                Criterion::Product => stats.product_threshold = Some(t),
+            }
+            stats.layer_sparsity = sparsity;
+        }
         calibration.layers.push(stats);
     }
     Ok(calibration)
 }
 
-/// Computes `|silu(gate . x)|` for the layer's stored inputs, picks the threshold
-/// at the target sparsity (on the first tokens), and writes the firing bitsets.
-fn silu_labels(
-    cal: &Calibration,
-    layer: usize,
+/// A gated layer's FFN, widened from the checkpoint's tensors.
+fn load_gated(
     names: &ModelNames,
     weights: &dyn TensorSource,
-    target_sparsity: f64,
-    fixed: Option<f32>,
-) -> Result<f32> {
-    let FfnNames::Gated { gate, .. } = &names.layers[layer].ffn else {
+    layer: usize,
+    activation: Activation,
+) -> Result<DenseFfn> {
+    let FfnNames::Gated { gate, up, down } = &names.layers[layer].ffn else {
         return Err(Error::InvalidArgument(
             "SiLU calibration needs a gated FFN".into(),
         ));
     };
-    let gate = crate::runtime::weights::load_linear(weights, gate)?;
+    let load = |n| crate::runtime::weights::load_linear(weights, n);
+    Ok(DenseFfn {
+        weights: FfnWeights::Gated {
+            gate: load(gate)?,
+            up: load(up)?,
+            down: load(down)?,
+        },
+        activation,
+    })
+}
+
+/// A layer's sparsity curve on up to [`THRESHOLD_SAMPLE_TOKENS`] tokens spread
+/// evenly over the calibration text.
+fn sparsity_curve(
+    cal: &Calibration,
+    layer: usize,
+    ffn: &DenseFfn,
+    criterion: Criterion,
+) -> Result<SparsityCurve> {
+    let (n, d, width) = (cal.tokens, cal.hidden, cal.width);
+    let inputs = read_f16_file(&cal.store.inputs(layer))?;
+    let residual = read_f32_file(&cal.store.residual(layer))?;
+    if inputs.len() != n * d || residual.len() != n {
+        return Err(Error::InvalidArgument(format!(
+            "activation store of layer {layer} is incomplete ({} inputs, {} residual norms)",
+            inputs.len(),
+            residual.len()
+        )));
+    }
+    let sample = n.min(THRESHOLD_SAMPLE_TOKENS);
+    let picked: Vec<usize> = (0..sample).map(|i| i * n / sample).collect();
+    let mut x = Vec::with_capacity(sample * d);
+    for &t in &picked {
+        x.extend_from_slice(&inputs[t * d..(t + 1) * d]);
+    }
+    let residual_sq: Vec<f32> = picked.iter().map(|&t| residual[t]).collect();
+    let values = ffn.neurons_all(&x, sample);
+    let scores = match criterion {
+        Criterion::Product => None,
+        Criterion::Gate => Some(ffn.selection_scores(&x, sample, criterion)?),
+    };
+    let FfnWeights::Gated { down, .. } = &ffn.weights else {
+        unreachable!("load_gated builds a gated FFN")
+    };
+    // Columns of the down projection (`[hidden, width]`), one after another.
+    let rows = down.weight.data.to_f32();
+    let mut columns = vec![0.0f32; width * d];
+    for r in 0..d {
+        for j in 0..width {
+            columns[j * d + r] = rows[r * width + j];
+        }
+    }
+    Ok(layer_curve(
+        scores.as_deref().unwrap_or(&values),
+        &values,
+        &columns,
+        &residual_sq,
+        width,
+        d,
+    ))
+}
+
+/// Writes the layer's firing bitsets: the neurons whose score under `criterion`
+/// is above `threshold`, for every calibration token.
+fn silu_labels(
+    cal: &Calibration,
+    layer: usize,
+    ffn: &DenseFfn,
+    criterion: Criterion,
+    threshold: f32,
+) -> Result<()> {
     let inputs = read_f16_file(&cal.store.inputs(layer))?;
     let (n, d, width) = (cal.tokens, cal.hidden, cal.width);
-    let act = |x: &[f32], rows: usize| -> Vec<f32> {
-        let mut g = vec![0.0f32; rows * width];
-        crate::runtime::kernels::linear(&gate, x, rows, &mut g);
-        g.iter_mut()
-            .for_each(|v| *v = crate::runtime::kernels::silu(*v).abs());
-        g
-    };
-    let threshold = match fixed {
-        Some(t) => t,
-        None => {
-            let sample = n.min(THRESHOLD_SAMPLE_TOKENS);
-            let mut magnitudes = act(&inputs[..sample * d], sample);
-            let k =
-                ((magnitudes.len() as f64 * target_sparsity) as usize).min(magnitudes.len() - 1);
-            let (_, &mut threshold, _) =
-                magnitudes.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
-            threshold
-        }
-    };
     let w = words(width);
     let mut out = BufWriter::new(
         File::create(cal.store.fired(layer)).map_err(|e| Error::io(&cal.store.fired(layer), e))?,
@@ -382,11 +516,11 @@ fn silu_labels(
     // Bounded memory: a block of tokens at a time.
     for start in (0..n).step_by(256) {
         let rows = (n - start).min(256);
-        let a = act(&inputs[start * d..(start + rows) * d], rows);
+        let a = ffn.selection_scores(&inputs[start * d..(start + rows) * d], rows, criterion)?;
         let mut bits = vec![0u64; rows * w];
         for t in 0..rows {
             for (j, &v) in a[t * width..(t + 1) * width].iter().enumerate() {
-                if v > threshold {
+                if v.abs() > threshold {
                     bits[t * w + j / 64] |= 1 << (j % 64);
                 }
             }
@@ -397,7 +531,7 @@ fn silu_labels(
     }
     out.flush()
         .map_err(|e| Error::io(&cal.store.fired(layer), e))?;
-    Ok(threshold)
+    Ok(())
 }
 
 /// Firing frequency per neuron and the window maxima, from a layer's bitsets.
@@ -468,6 +602,8 @@ pub fn firing_stats(fired: &[u64], windows: &[usize], width: usize) -> LayerStat
             total_fired as f64 / (tokens * width) as f64
         },
         silu_threshold: None,
+        product_threshold: None,
+        layer_sparsity: None,
     }
 }
 
@@ -479,6 +615,17 @@ fn read_f16_file(path: &Path) -> Result<Vec<f32>> {
     Ok(bytes
         .chunks_exact(2)
         .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect())
+}
+
+fn read_f32_file(path: &Path) -> Result<Vec<f32>> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
         .collect())
 }
 

@@ -5,10 +5,13 @@
 //! - [`calibrate`]: running the dense model over calibration text: FFN inputs and
 //!   firing masks to an on-disk store, firing frequencies, window maxima, SiLU
 //!   thresholds.
+//! - [`thresholds`]: SiLU models' per-layer thresholds for a model-wide target
+//!   sparsity (uniform, or allocated across layers by output error).
 //! - [`pipeline`]: calibrate, then train every layer (what `convert --calib` runs).
 //! - [`train`]: training one layer's predictor from (FFN input, fired neurons)
 //!   pairs: balanced loss, AdamW, held-out threshold and metrics, rank choice.
 
 pub mod calibrate;
 pub mod pipeline;
+pub mod thresholds;
 pub mod train;

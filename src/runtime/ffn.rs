@@ -27,6 +27,18 @@ pub enum ActiveSet<'a> {
     PerToken(&'a [Vec<u32>]),
 }
 
+/// What a gated neuron's magnitude threshold is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Criterion {
+    /// `|act(gate . x)|`, the gate alone (as CATS does; what files calibrated
+    /// before the product criterion record as `silu_threshold`).
+    Gate,
+    /// `|act(gate . x) * (up . x)|`: the neuron's value, the input of the down
+    /// projection (as TEAL does), so what it contributes to the output.
+    Product,
+}
+
 /// The neurons that fired, per token of a batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fired {
@@ -60,6 +72,17 @@ pub trait Ffn: Send + Sync {
     /// `act(gate . x)` for a gated FFN, `act(up . x + b)` for a plain one. Oracle
     /// modes pick neurons from it.
     fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32>;
+    /// The magnitudes (`n x width`, signed) that a threshold under `criterion`
+    /// is compared with: [`Ffn::firing_activations`] for [`Criterion::Gate`] and
+    /// for plain FFNs, the neuron values for [`Criterion::Product`].
+    fn selection_scores(&self, x: &[f32], n: usize, criterion: Criterion) -> Result<Vec<f32>> {
+        match criterion {
+            Criterion::Gate => Ok(self.firing_activations(x, n)),
+            Criterion::Product => Err(Error::InvalidArgument(
+                "this FFN cannot compute every neuron's value for the product criterion".into(),
+            )),
+        }
+    }
     /// Computes `out = FFN(x)` for `n` row-major input vectors (`x`: `n x hidden`,
     /// `out`: `n x hidden`). When `fired` is given, it is filled with the neurons
     /// that fired for each token.
@@ -127,7 +150,7 @@ impl DenseFfn {
     }
 
     /// The neuron values `h` (`n x width`) for every neuron.
-    fn neurons_all(&self, x: &[f32], n: usize) -> Vec<f32> {
+    pub fn neurons_all(&self, x: &[f32], n: usize) -> Vec<f32> {
         let width = self.width();
         let mut h = vec![0.0f32; n * width];
         match &self.weights {
@@ -220,6 +243,13 @@ impl Ffn for DenseFfn {
                 g
             }
         }
+    }
+
+    fn selection_scores(&self, x: &[f32], n: usize, criterion: Criterion) -> Result<Vec<f32>> {
+        Ok(match criterion {
+            Criterion::Gate => self.firing_activations(x, n),
+            Criterion::Product => self.neurons_all(x, n),
+        })
     }
 
     fn forward(

@@ -44,6 +44,9 @@ pub trait Observer {
     /// Called once per layer with the FFN input (`n x hidden`, after the norm) and
     /// the neurons that fired for each of the `n` tokens.
     fn ffn(&mut self, layer: usize, input: &[f32], n: usize, fired: &Fired);
+    /// Called once per layer with the residual stream (`n x hidden`) right after
+    /// the FFN's output was added to it.
+    fn residual(&mut self, _layer: usize, _x: &[f32], _n: usize) {}
 }
 
 /// Builds layer `i`'s FFN from its tensor names (see [`Model::load_with_ffn`]).
@@ -296,6 +299,9 @@ impl Model {
             }
             for (xe, fe) in x.iter_mut().zip(&f) {
                 *xe += fe;
+            }
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.residual(li, &x, n);
             }
             if !pre_ln {
                 self.norm(&mut x, &layer.ffn_norm);

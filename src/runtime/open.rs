@@ -9,6 +9,7 @@ use crate::format::layout::PREDICTOR_SECTION;
 use crate::format::PackedFile;
 use crate::input::{Checkpoint, TextTokenizer};
 use crate::predictor::train::LowRankPredictor;
+use crate::runtime::ffn::Criterion;
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
 use crate::runtime::sparse::{apply_ffn_mode, FfnMode, NeuronCounter, SparsityData};
 use crate::runtime::Model;
@@ -93,12 +94,24 @@ pub(crate) fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
             });
         }
     }
+    // Rule 20: a file's layers use one criterion; the product thresholds are
+    // the newer one.
+    let product = m
+        .calibration
+        .as_ref()
+        .is_some_and(|c| c.layers.iter().any(|l| l.product_threshold.is_some()));
     let silu_thresholds = match &m.calibration {
+        Some(c) if product => c.layers.iter().map(|l| l.product_threshold).collect(),
         Some(c) => c.layers.iter().map(|l| l.silu_threshold).collect(),
         None => vec![None; layers],
     };
     Ok(Some(SparsityData {
         predictors,
         silu_thresholds,
+        silu_criterion: if product {
+            Criterion::Product
+        } else {
+            Criterion::Gate
+        },
     }))
 }

@@ -1,6 +1,7 @@
 //! FFN modes that compute only some neurons, with all weights in DRAM:
 //! - `oracle`: exactly the neurons that fire (ReLU: non-zero activation; SiLU:
-//!   `|silu(gate . x)|` above the calibrated threshold) and no others;
+//!   `|silu(gate . x) * (up . x)|` above the layer's calibrated threshold, or
+//!   `|silu(gate . x)|` for files calibrated before that criterion) and no others;
 //! - `predicted`: exactly the neurons the layer's predictor picks.
 //!
 //! Both wrap the layer's FFN and hand it per-token active sets, so the model's
@@ -12,7 +13,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::predictor::train::LowRankPredictor;
-use crate::runtime::ffn::{ActiveSet, Ffn, Fired};
+use crate::runtime::ffn::{ActiveSet, Criterion, Ffn, Fired};
 use crate::runtime::model::Layer;
 use crate::runtime::Model;
 
@@ -88,6 +89,7 @@ enum Chooser {
     /// Activation magnitude above this (0 for ReLU: exactly non-zero).
     Oracle {
         threshold: f32,
+        criterion: Criterion,
     },
     Predicted(LowRankPredictor),
 }
@@ -100,11 +102,14 @@ pub struct SparseFfn {
 }
 
 impl SparseFfn {
-    fn choose(&self, x: &[f32], n: usize) -> Vec<Vec<u32>> {
+    fn choose(&self, x: &[f32], n: usize) -> Result<Vec<Vec<u32>>> {
         let (hidden, width) = (self.inner.hidden_size(), self.inner.width());
-        match &self.chooser {
-            Chooser::Oracle { threshold } => {
-                let act = self.inner.firing_activations(x, n);
+        Ok(match &self.chooser {
+            Chooser::Oracle {
+                threshold,
+                criterion,
+            } => {
+                let act = self.inner.selection_scores(x, n, *criterion)?;
                 act.chunks_exact(width)
                     .map(|row| {
                         (0..width as u32)
@@ -123,7 +128,7 @@ impl SparseFfn {
                     })
                     .collect()
             }
-        }
+        })
     }
 }
 
@@ -156,7 +161,7 @@ impl Ffn for SparseFfn {
             // A caller's explicit sets win (tests, experiments).
             ActiveSet::PerToken(_) => self.inner.forward(x, n, active, out, fired),
             ActiveSet::All => {
-                let sets = self.choose(x, n);
+                let sets = self.choose(x, n)?;
                 self.counter.add(&sets, self.inner.width());
                 self.inner
                     .forward(x, n, ActiveSet::PerToken(&sets), out, fired)
@@ -170,6 +175,8 @@ impl Ffn for SparseFfn {
 pub struct SparsityData {
     pub predictors: Vec<Option<LowRankPredictor>>,
     pub silu_thresholds: Vec<Option<f32>>,
+    /// What the SiLU thresholds are compared with.
+    pub silu_criterion: Criterion,
 }
 
 /// Switches every layer of `model` to `mode`; returns the counter of computed
@@ -204,7 +211,14 @@ pub fn apply_ffn_mode(
                         ))
                     }
                 };
-                Chooser::Oracle { threshold }
+                let criterion = match (silu, data) {
+                    (true, Some(d)) => d.silu_criterion,
+                    _ => Criterion::Gate,
+                };
+                Chooser::Oracle {
+                    threshold,
+                    criterion,
+                }
             }
             FfnMode::Predicted => {
                 let p = data.and_then(|d| d.predictors.get(i).cloned().flatten()).ok_or_else(|| {
