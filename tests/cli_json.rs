@@ -470,3 +470,30 @@ fn an_interrupt_under_json_is_the_error_object_with_exit_130() {
     assert_eq!(value["exit_code"], 130);
     assert_eq!(value["error"], "interrupted");
 }
+
+#[test]
+fn ffn_active_fraction_is_the_computed_fraction_in_every_mode() {
+    let file = calibrated().to_str().unwrap().to_string();
+    let text = short_text();
+    let fraction = |mode: &str| {
+        let (code, v) = json(&["eval", &file, "--text", text, "--ffn", mode]);
+        assert_eq!(code, 0, "{v}");
+        v["ffn_active_fraction"].as_f64().unwrap()
+    };
+    let (dense, naive) = (fraction("dense"), fraction("naive"));
+    let (predicted, flash) = (fraction("predicted"), fraction("flash"));
+    let (oracle, oracle_flash) = (fraction("oracle"), fraction("oracle-flash"));
+    assert_eq!(dense, 1.0);
+    assert_eq!(naive, 1.0);
+    // flash computes exactly predicted's neurons (bit-identical runs).
+    assert_eq!(flash, predicted);
+    assert!(
+        flash < 0.5,
+        "flash on a ReLU model computes a minority: {flash}"
+    );
+    assert_eq!(oracle_flash, oracle);
+    assert!(
+        oracle < flash,
+        "the oracle computes fewer than the predictor: {oracle} vs {flash}"
+    );
+}

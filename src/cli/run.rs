@@ -178,7 +178,9 @@ pub(crate) fn open_for_mode(
     let (loaded, rt) = flash::open_flash(path, &opts)?;
     Ok(Opened {
         loaded,
-        counter: None,
+        // The neurons the disk modes compute, counted as the in-DRAM modes count
+        // theirs: `ffn_active_fraction` means the same in every mode.
+        counter: Some(rt.neuron_counter()),
         flash: Some(rt),
     })
 }
