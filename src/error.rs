@@ -256,7 +256,7 @@ fn describe_io(err: &std::io::Error) -> String {
     match err.raw_os_error() {
         Some(libc::EISDIR) => "is a directory, expected a file".to_string(),
         Some(libc::ENOTDIR) => {
-            format!("{err} (a component of the path is a file, not a directory)")
+            format!("{err} (a file where the path needs a directory: a component before the last, or a file's path ending in '/')")
         }
         _ => err.to_string(),
     }

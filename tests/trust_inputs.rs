@@ -335,6 +335,17 @@ fn a_missing_output_directory_is_named() {
 }
 
 #[test]
+fn an_output_path_ending_in_a_slash_is_refused_as_a_directory() {
+    let (tmp, dir) = workspace();
+    let before = snapshot(tmp.path());
+    let target = format!("{}/", s(&tmp.path().join("new")));
+    let out = flashpack(&["convert", s(&dir), "-o", &target]);
+    let message = assert_refused(&out, &[&target, "ends in '/'"]);
+    assert!(!message.contains("os error"), "{message}");
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
 fn an_output_directory_that_is_a_file_is_named() {
     let (tmp, dir) = workspace();
     let file = tmp.path().join("calib.txt");
@@ -417,6 +428,22 @@ fn a_missing_calibration_file_is_named_before_the_trace_directory_is_created() {
     ]);
     assert_refused(&out, &[s(&missing), "does not exist"]);
     assert!(!trace.exists(), "the trace directory was created");
+}
+
+#[test]
+fn an_empty_calibration_text_is_named() {
+    let (tmp, dir) = workspace();
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let out = flashpack(&[
+        "convert",
+        s(&dir),
+        "-o",
+        s(&tmp.path().join("x.flashpack")),
+        "--calib",
+        s(&empty),
+    ]);
+    assert_refused(&out, &[s(&empty), "is empty"]);
 }
 
 #[test]

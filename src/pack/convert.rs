@@ -268,6 +268,12 @@ pub(crate) fn check_calibration_plan(plan: &CalibrationPlan) -> Result<()> {
         };
         match std::fs::metadata(file) {
             Ok(meta) if meta.is_dir() => return Err(wrong("is a directory")),
+            Ok(meta) if meta.is_file() && meta.len() == 0 => {
+                return Err(Error::InvalidArgument(format!(
+                    "calibration text {} is empty",
+                    file.display()
+                )))
+            }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(wrong("does not exist"))

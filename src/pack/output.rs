@@ -286,6 +286,15 @@ pub fn check_output_path(output: &Path, inputs: &[InputPath], hint: &'static str
         }
         _ => {}
     }
+    // "out/" or "out/." names a directory, whether or not one is there.
+    let raw = output.as_os_str().as_encoded_bytes();
+    if raw.ends_with(b"/") || raw.ends_with(b"/.") {
+        return Err(Error::WrongKind {
+            path: output.to_path_buf(),
+            found: "ends in '/' (a directory)",
+            expected,
+        });
+    }
     if output.file_name().is_none() {
         return Err(Error::InvalidArgument(format!(
             "output {} has no file name",
