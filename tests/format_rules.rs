@@ -267,6 +267,159 @@ fn without_calibration_the_writer_writes_null_and_an_empty_array_and_absent_keys
     assert_eq!(order, (0..order.len() as u32).collect::<Vec<_>>());
 }
 
+/// A fresh OPT file (tied, pre-LN, with biases, 4 layers) follows the choices
+/// section 6 of the spec describes, so that another writer can match it: the
+/// section list and chunk sizes, the dense tensors in the order of 3.2 at
+/// multiples of 64, the identity order, and the manifest's formatting.
+#[test]
+fn the_writer_makes_the_choices_of_section_6() {
+    let (_t, path) = packed(3);
+    let bytes = std::fs::read(&path).unwrap();
+    let p = preamble(&bytes);
+    let text = std::str::from_utf8(&bytes[p.manifest_offset as usize..]).unwrap();
+    let m: Value = serde_json::from_str(text).unwrap();
+    let sections: Vec<(&str, &str, u64, &str)> = m["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap(),
+                s["kind"].as_str().unwrap(),
+                s["chunk_raw_bytes"].as_u64().unwrap(),
+                s["compression"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // Bundles of 2 parts x 128 f32 values: 1024 bytes, 64 to a chunk.
+    let ffn = |name| (name, "ffn", 65536, "none");
+    assert_eq!(
+        sections,
+        vec![
+            ("tokenizer.json", "file", 1 << 20, "zstd"),
+            ("dense", "dense", 1 << 20, "zstd"),
+            ffn("ffn.0"),
+            ffn("ffn.1"),
+            ffn("ffn.2"),
+            ffn("ffn.3"),
+        ]
+    );
+    let mut expected = vec![
+        "model.decoder.embed_tokens.weight".to_string(),
+        "model.decoder.embed_positions.weight".into(),
+        "model.decoder.final_layer_norm.weight".into(),
+        "model.decoder.final_layer_norm.bias".into(),
+    ];
+    for i in 0..4 {
+        let l = format!("model.decoder.layers.{i}");
+        for t in [
+            "self_attn_layer_norm.weight",
+            "self_attn_layer_norm.bias",
+            "self_attn.q_proj.weight",
+            "self_attn.q_proj.bias",
+            "self_attn.k_proj.weight",
+            "self_attn.k_proj.bias",
+            "self_attn.v_proj.weight",
+            "self_attn.v_proj.bias",
+            "self_attn.out_proj.weight",
+            "self_attn.out_proj.bias",
+            "final_layer_norm.weight",
+            "final_layer_norm.bias",
+            "fc1.bias",
+            "fc2.bias",
+        ] {
+            expected.push(format!("{l}.{t}"));
+        }
+    }
+    expected.extend((0..4).map(|i| format!("flashpack.ffn.{i}.order")));
+    let tensors = m["tensors"].as_array().unwrap();
+    let names: Vec<&str> = tensors
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, expected);
+    let mut end = 0u64;
+    for t in tensors {
+        let offset = t["offset"].as_u64().unwrap();
+        assert_eq!(offset, end.div_ceil(64) * 64, "{}", t["name"]);
+        end = offset + t["length"].as_u64().unwrap();
+    }
+    assert_eq!(
+        section(&m, "dense")["raw_length"],
+        end,
+        "no trailing padding"
+    );
+    // The manifest: compact, keys in the spec's order, copied JSON sorted and
+    // its numbers written as section 6 says.
+    assert!(text.starts_with("{\"format_version\":1,\"alignment\":4096,\"config\":{\"_"));
+    let keys: Vec<&str> = m.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut at = 0;
+    for key in [
+        "format_version",
+        "alignment",
+        "config",
+        "generation_config",
+        "tokenizer_config",
+        "sections",
+        "tensors",
+        "ffn_layers",
+        "provenance",
+        "calibration",
+        "predictors",
+    ] {
+        assert!(keys.contains(&key), "{key}");
+        let found = text.find(&format!("\"{key}\":")).unwrap();
+        assert!(found >= at, "{key} out of order");
+        at = found;
+    }
+    assert!(!text.contains(": ") && !text.contains('\n'));
+    let config = serde_json::to_string(&m["config"]).unwrap();
+    assert!(text.contains(&format!("\"config\":{config},")));
+    let source = std::fs::read_to_string(fixture(MODEL).join("config.json")).unwrap();
+    assert!(source.contains("\"init_std\": 0.02"), "fixture changed");
+    assert!(text.contains("\"init_std\":0.02,"));
+    // Uncalibrated: the identity order.
+    let file = PackedFile::open(&path).unwrap();
+    for l in 0..4 {
+        assert_eq!(
+            file.neuron_order(l).unwrap(),
+            (0..512).collect::<Vec<u32>>()
+        );
+    }
+
+    // Calibrated: the predictor section's chunks and tensors, and a copied
+    // number that is written differently from the checkpoint's text.
+    let (_t, path) = calibrated();
+    let m = manifest(&path);
+    let s = section(&m, "predictors");
+    assert_eq!(
+        (&s["kind"], &s["chunk_raw_bytes"]),
+        (&"predictor".into(), &(1 << 20).into())
+    );
+    let names: Vec<&str> = m["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["section"] == "predictors")
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..2)
+        .flat_map(|l| ["a", "b", "bias"].map(|p| format!("flashpack.predictor.{l}.{p}")))
+        .collect();
+    assert_eq!(names, expected);
+    let source = std::fs::read_to_string(fixture("micro-llama").join("config.json")).unwrap();
+    assert!(
+        source.contains("\"rms_norm_eps\": 1e-05"),
+        "fixture changed"
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let text = String::from_utf8_lossy(&bytes[preamble(&bytes).manifest_offset as usize..]);
+    assert!(
+        text.contains("\"rms_norm_eps\":0.00001,"),
+        "1e-05 is written 0.00001"
+    );
+}
+
 #[test]
 fn rule_07_alignment() {
     let (_t, path) = packed(3);
