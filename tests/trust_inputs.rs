@@ -278,6 +278,21 @@ fn predictors_train_refuses_an_output_that_is_its_input_through_a_hard_link() {
 }
 
 #[test]
+fn predictors_train_refuses_an_output_that_is_its_calibration_text() {
+    let (tmp, _dir) = workspace();
+    let input = packed(tmp.path(), "model.flashpack", false);
+    let calib = tmp.path().join("calib.txt");
+    let before = snapshot(tmp.path());
+    let out = retrain(tmp.path(), &input, Some(&calib));
+    let message = assert_refused(&out, &[s(&calib), "calibration text"]);
+    assert!(
+        !message.contains("in place"),
+        "advice for another case: {message}"
+    );
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
 fn predictors_train_refuses_an_output_that_is_an_existing_directory() {
     let (tmp, _dir) = workspace();
     let input = packed(tmp.path(), "model.flashpack", false);

@@ -156,7 +156,7 @@ pub fn convert(
     // before anything (a calibration trace, a temporary file) is written.
     let mut inputs = checkpoint_inputs(&ckpt);
     inputs.extend(options.calibration.iter().flat_map(calibration_inputs));
-    crate::pack::output::check_output_path(out, &inputs, "")?;
+    crate::pack::output::check_output_path(out, &inputs)?;
     // Fail before writing anything if the tokenizer is unusable.
     ckpt.tokenizer()?;
     let config_json: serde_json::Value =

@@ -23,7 +23,7 @@ impl AtomicOutput {
     /// target that is a directory or a special file, or whose directory does not
     /// exist; writers that read inputs call [`check_output_path`] with them first.
     pub fn create(target: &Path) -> Result<AtomicOutput> {
-        check_output_path(target, &[], "")?;
+        check_output_path(target, &[])?;
         let dir = output_dir(target);
         let name = target.file_name().ok_or_else(|| {
             Error::InvalidArgument(format!("output {} has no file name", target.display()))
@@ -208,6 +208,8 @@ pub struct InputPath {
     pub path: PathBuf,
     /// What it is, for the message: "checkpoint file", "calibration text", ...
     pub what: &'static str,
+    /// Advice appended to a refusal ("" for none).
+    pub hint: &'static str,
 }
 
 impl InputPath {
@@ -215,7 +217,13 @@ impl InputPath {
         InputPath {
             path: path.into(),
             what,
+            hint: "",
         }
+    }
+
+    /// The same input, with advice for the refusal ("; omit ...").
+    pub fn with_hint(self, hint: &'static str) -> InputPath {
+        InputPath { hint, ..self }
     }
 }
 
@@ -266,8 +274,8 @@ impl Identity {
 /// Checks, before anything is created or removed, that `output` may be written:
 /// its directory exists, it is not an existing directory or special file, and it
 /// is none of `inputs` under any name (the same path, a symbolic link either way,
-/// a hard link). `hint` is appended to the refusal of an input ("" for none).
-pub fn check_output_path(output: &Path, inputs: &[InputPath], hint: &'static str) -> Result<()> {
+/// a hard link).
+pub fn check_output_path(output: &Path, inputs: &[InputPath]) -> Result<()> {
     let expected = "a file path for the output";
     match std::fs::metadata(output) {
         Ok(meta) if meta.is_dir() => {
@@ -326,7 +334,7 @@ pub fn check_output_path(output: &Path, inputs: &[InputPath], hint: &'static str
                 input: input.path.clone(),
                 what: input.what,
                 via,
-                hint,
+                hint: input.hint,
             });
         }
     }

@@ -58,18 +58,15 @@ pub fn retrain_predictors(
     let in_place;
     let output = match output {
         Some(out) => {
-            let mut inputs = vec![InputPath::new(input, "the input packed file")];
+            let mut inputs = vec![InputPath::new(input, "the input packed file")
+                .with_hint("; to retrain the file in place, omit the output path (-o)")];
             inputs.extend(calibration);
-            check_output_path(
-                out,
-                &inputs,
-                "; to retrain the file in place, omit the output path (-o)",
-            )?;
+            check_output_path(out, &inputs)?;
             out
         }
         None => {
             in_place = std::fs::canonicalize(input).unwrap_or_else(|_| input.to_path_buf());
-            check_output_path(&in_place, &calibration, "")?;
+            check_output_path(&in_place, &calibration)?;
             &in_place
         }
     };
