@@ -123,6 +123,7 @@ fn final_logits_and_greedy_continuations_match_transformers() {
                 max_new_tokens: want.len(),
                 sampling: SamplingParams::default(),
                 stop_ids: Vec::new(),
+                ..GenerateOptions::default()
             };
             let got = generate(&model, &prompt, &opts, |_| Ok(())).expect("generate");
             let tie = margins
@@ -232,8 +233,10 @@ fn a_seed_reproduces_sampled_output() {
                 top_k: Some(50),
                 top_p: Some(0.95),
                 seed,
+                ..SamplingParams::default()
             },
             stop_ids: Vec::new(),
+            ..GenerateOptions::default()
         };
         generate(&model, &prompt, &opts, |_| Ok(()))
             .expect("generate")
@@ -347,6 +350,7 @@ fn generation_stops_at_an_eos_id() {
         max_new_tokens: 32,
         sampling: SamplingParams::default(),
         stop_ids: vec![want[2]],
+        ..GenerateOptions::default()
     };
     let got = generate(&model, &prompt, &opts, |_| Ok(())).expect("generate");
     let first = want.iter().position(|&t| t == want[2]).expect("present");

@@ -164,6 +164,18 @@ fn json_requested() -> bool {
         .any(|a| a == "--json")
 }
 
+/// What the command has done so far, said when it is interrupted.
+type InterruptSummary = Box<dyn Fn() -> String + Send>;
+static INTERRUPT_SUMMARY: std::sync::Mutex<Option<InterruptSummary>> = std::sync::Mutex::new(None);
+
+/// Sets what an interrupt (Ctrl-C) reports besides exiting with 130, e.g. how
+/// many tokens were generated.
+pub(crate) fn set_interrupt_summary(summary: impl Fn() -> String + Send + 'static) {
+    if let Ok(mut s) = INTERRUPT_SUMMARY.lock() {
+        *s = Some(Box::new(summary));
+    }
+}
+
 /// Exit code of an interrupt (SIGINT/SIGTERM), as shells report 128 + SIGINT.
 pub const INTERRUPTED_EXIT: i32 = 130;
 
@@ -179,9 +191,17 @@ pub fn main() -> ExitCode {
     // ourselves, then exit as a shell expects after SIGINT.
     let _ = ctrlc::set_handler(move || {
         crate::cleanup::remove_all();
-        eprintln!("interrupted: temporary files removed");
+        let summary = INTERRUPT_SUMMARY
+            .try_lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|f| f()));
+        let message = match &summary {
+            Some(s) => format!("interrupted: {s}"),
+            None => "interrupted".to_string(),
+        };
+        eprintln!("{message}; temporary files removed");
         if json {
-            print_json(&error_object("interrupted", INTERRUPTED_EXIT, None));
+            print_json(&error_object(&message, INTERRUPTED_EXIT, None));
         }
         std::process::exit(INTERRUPTED_EXIT);
     });

@@ -6,8 +6,8 @@ use clap::Args;
 
 use crate::cli::Output;
 use crate::runtime::flash::{self, DiskMode, FlashOptions, FlashReport, FlashRuntime};
-use crate::runtime::generate::{generate, GenerateOptions, TextStream};
-use crate::runtime::sampling::SamplingParams;
+use crate::runtime::generate::{generate_text, GenerateOptions, StopReason, TextGeneration};
+use crate::runtime::sampling::{SamplingDefaults, SamplingParams};
 use crate::runtime::sparse::{FfnMode, NeuronCounter};
 use crate::runtime::{open_model, with_threads, LoadedModel};
 
@@ -40,6 +40,12 @@ pub struct FlashArgs {
     /// use; naive reads nothing more); see BENCHMARKS.md for the cost.
     #[arg(long = "no-verify-reads", action = clap::ArgAction::SetFalse)]
     pub verify_reads: bool,
+    /// What `--ffn predicted` chooses neurons with: `int8` or `int4` copies of
+    /// gate and up by `|silu(g) * u|` (SiLU files calibrated by the product
+    /// criterion), the file's `trained` predictors, or `auto` (int8 there,
+    /// trained otherwise). `flash` uses the trained predictors for now.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub selector: crate::runtime::sparse::Selector,
 }
 
 impl FlashArgs {
@@ -127,12 +133,24 @@ pub(crate) fn open_for_mode(
             .into());
         }
         let mut loaded = open_model(path)?;
+        if let Some(d) = loaded.sparsity.as_mut() {
+            d.selector = args.selector;
+        }
         let counter = loaded.set_ffn_mode(mode)?;
         return Ok(Opened {
             loaded,
             counter,
             flash: None,
         });
+    }
+    if matches!(
+        args.selector,
+        crate::runtime::sparse::Selector::Int8 | crate::runtime::sparse::Selector::Int4
+    ) {
+        return Err(crate::Error::InvalidArgument(
+            "--selector int8|int4 runs with --ffn predicted (in DRAM); the flash modes use the trained predictors for now".into(),
+        )
+        .into());
     }
     if mode == FfnMode::Naive && args.window.is_some() {
         return Err(crate::Error::InvalidArgument(
@@ -225,32 +243,76 @@ impl IoSummary {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
-    flashpack run fixtures/models/opt-relu --prompt 'To be, or not to be'\n  \
-    flashpack run fixtures/models/llama-silu --prompt 'ROMEO.' --temperature 0.8 --top-p 0.95 --seed 1 --json")]
+    flashpack run fixtures/models/opt-relu -p 'To be, or not to be'\n  \
+    flashpack run fixtures/models/llama-silu -p 'ROMEO.' --temperature 0.8 --top-p 0.95 --seed 1 --json\n  \
+    flashpack run -m opt-relu.flashpack -f prompt.txt -n 64 --stop 'KING'\n  \
+    echo 'To be' | flashpack run HuggingFaceTB/SmolLM2-135M-Instruct -f -   (a Hub id in the local HF cache)")]
 pub struct RunArgs {
-    /// A Hugging Face checkpoint directory or a flashpack file.
-    pub model: PathBuf,
-    /// The text to continue (tokenized with the model's tokenizer, BOS included).
-    #[arg(long)]
-    pub prompt: String,
-    /// Most tokens to generate; generation also stops at any EOS id.
-    #[arg(long, default_value_t = 128)]
+    /// A Hugging Face checkpoint directory, a flashpack file, or a Hub repo id
+    /// (`org/name`) already in the local Hugging Face cache (nothing is
+    /// downloaded).
+    #[arg(value_name = "MODEL", required_unless_present = "model_flag")]
+    pub model: Option<PathBuf>,
+    /// The model, as a flag (as llama.cpp's `-m`).
+    #[arg(
+        short = 'm',
+        long = "model",
+        value_name = "MODEL",
+        conflicts_with = "model"
+    )]
+    pub model_flag: Option<PathBuf>,
+    /// The text to continue (tokenized with the model's tokenizer, BOS
+    /// included); may begin with `-`.
+    #[arg(
+        short = 'p',
+        long,
+        allow_hyphen_values = true,
+        required_unless_present = "file"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from FILE (`-` for stdin) instead of --prompt.
+    #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "prompt")]
+    pub file: Option<PathBuf>,
+    /// Most tokens to generate; generation also stops at an EOS id, a --stop
+    /// string or the context's end.
+    #[arg(short = 'n', long, default_value_t = 128)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 (the default) is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Sample only among the K most likely tokens.
+    /// Positions of the context (prompt and generated tokens) [default: the
+    /// model's]; the KV cache is sized for it.
+    #[arg(short = 'c', long)]
+    pub ctx: Option<usize>,
+    /// Stop when the text contains STR (not printed); repeat for several.
+    #[arg(long = "stop", value_name = "STR", allow_hyphen_values = true)]
+    pub stop: Vec<String>,
+    /// Sampling temperature; 0 is greedy decoding [default: the model's
+    /// generation_config.json when it samples (do_sample), else 0].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample only among the K most likely tokens [default: the model's
+    /// generation_config.json when it samples].
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probability reaches P.
+    /// Sample only among the most likely tokens whose probabilities add up to
+    /// P, in (0, 1] [default: the model's, else all].
     #[arg(long)]
     pub top_p: Option<f32>,
+    /// Sample only among tokens at least P times as likely as the most likely
+    /// one, in [0, 1] [default: the model's, else off].
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty (transformers' semantics: > 1 discourages tokens
+    /// already in the context) [default: the model's, else 1 = off].
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
     /// RNG seed for sampling, at most 2^53 - 1 (default: from the clock;
     /// reported with --json).
     #[arg(long, value_parser = clap::value_parser!(u64).range(..=MAX_JSON_SAFE_INTEGER))]
     pub seed: Option<u64>,
-    /// Worker threads (default: one per core). Output does not depend on it.
+    /// Do not print the prompt before the generated text.
     #[arg(long)]
+    pub no_display_prompt: bool,
+    /// Worker threads [default: one per core]. Output does not depend on it.
+    #[arg(short = 't', long)]
     pub threads: Option<usize>,
     /// Which FFN neurons to compute and where their weights are: all in DRAM
     /// (`dense`, the exact model), exactly those that fire (`oracle`), those the
@@ -264,24 +326,71 @@ pub struct RunArgs {
     pub flash: FlashArgs,
 }
 
+impl RunArgs {
+    /// The model as named (positional or `-m`).
+    fn model_name(&self) -> &std::path::Path {
+        self.model
+            .as_deref()
+            .or(self.model_flag.as_deref())
+            .expect("clap requires one of them")
+    }
+}
+
+/// The prompt: `--prompt`, or the contents of `-f FILE` (`-` is stdin).
+fn read_prompt(args: &RunArgs) -> anyhow::Result<String> {
+    if let Some(p) = &args.prompt {
+        return Ok(p.clone());
+    }
+    let path = args
+        .file
+        .as_deref()
+        .expect("clap requires --prompt or --file");
+    let bytes = if path == std::path::Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .map_err(|e| crate::Error::io(std::path::Path::new("<stdin>"), e))?;
+        buf
+    } else {
+        if path.is_dir() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{}: is a directory; -f takes a text file (or - for stdin)",
+                path.display()
+            ))
+            .into());
+        }
+        std::fs::read(path).map_err(|e| crate::Error::io(path, e))?
+    };
+    String::from_utf8(bytes).map_err(|_| {
+        crate::Error::InvalidArgument(format!("{}: the prompt is not UTF-8 text", path.display()))
+            .into()
+    })
+}
+
 #[derive(serde::Serialize)]
 struct RunReport {
     model: String,
+    /// The directory or file the model name resolved to.
+    model_path: String,
     prompt_ids: Vec<u32>,
     generated_ids: Vec<u32>,
     text: String,
-    stop_reason: crate::runtime::generate::StopReason,
+    stop_reason: StopReason,
     prompt_tokens: usize,
     generated_tokens: usize,
+    load_ms: f64,
     prefill_ms: f64,
     prefill_tokens_per_s: f64,
     decode_ms: f64,
+    decode_ms_per_token: f64,
     decode_tokens_per_s: f64,
     temperature: f32,
     top_k: Option<usize>,
     top_p: Option<f32>,
+    min_p: Option<f32>,
+    repetition_penalty: f32,
     seed: u64,
     threads: usize,
+    ctx: usize,
     ffn: FfnMode,
     /// Fraction of FFN neurons computed (1.0 for dense).
     ffn_active_fraction: f64,
@@ -293,18 +402,19 @@ struct RunReport {
 
 /// Sampling options that greedy decoding (`--temperature 0`) does not use:
 /// said, not silently dropped.
-fn sampling_warnings(args: &RunArgs) -> Vec<String> {
+fn sampling_warnings(args: &RunArgs, sampling: &SamplingParams) -> Vec<String> {
     let unused: Vec<&str> = [
         ("--top-k", args.top_k.is_some()),
         ("--top-p", args.top_p.is_some()),
+        ("--min-p", args.min_p.is_some()),
         ("--seed", args.seed.is_some()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))
     .collect();
-    if args.temperature == 0.0 && !unused.is_empty() {
+    if sampling.is_greedy() && !unused.is_empty() {
         vec![format!(
-            "{} have no effect with greedy decoding (--temperature 0, the default)",
+            "{} have no effect with greedy decoding (temperature 0)",
             unused.join(", ")
         )]
     } else {
@@ -315,7 +425,9 @@ fn sampling_warnings(args: &RunArgs) -> Vec<String> {
 /// The largest integer every JSON reader holds exactly (2^53 - 1).
 pub(crate) const MAX_JSON_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
-pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
+/// Sampling as asked: each option from the command line, else from the
+/// model's `generation_config.json` as transformers reads it, else off.
+fn sampling_params(args: &RunArgs, defaults: &SamplingDefaults) -> SamplingParams {
     let seed = args.seed.unwrap_or_else(|| {
         // Any value will do when the user did not ask for reproducibility; kept
         // below 2^53 so that JSON readers that hold numbers as doubles (most)
@@ -325,92 +437,143 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
             .map_or(0, |d| d.as_nanos() as u64)
             & MAX_JSON_SAFE_INTEGER
     });
-    let sampling = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
+    SamplingParams {
+        temperature: args.temperature.unwrap_or(defaults.temperature),
+        top_k: args.top_k.or(defaults.top_k),
+        top_p: args.top_p.or(defaults.top_p),
+        min_p: args.min_p.or(defaults.min_p),
+        repetition_penalty: args.repeat_penalty.unwrap_or(defaults.repetition_penalty),
         seed,
-    };
+    }
+}
+
+pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
+    let model_path = crate::input::hub::resolve_model(args.model_name())?;
+    let prompt = read_prompt(args)?;
+    let defaults = SamplingDefaults::from_generation_config(
+        crate::runtime::open::generation_config(&model_path)?.as_ref(),
+    );
+    let sampling = sampling_params(args, &defaults);
     sampling.validate()?;
-    let warnings = sampling_warnings(args);
+    let warnings = sampling_warnings(args, &sampling);
     for w in &warnings {
         eprintln!("warning: {w}");
     }
-    let context = args.prompt.len() + args.max_new_tokens + 16;
-    let ffn = default_ffn_mode(&args.model, args.ffn);
+    let ffn = default_ffn_mode(&model_path, args.ffn);
+    // Enough KV cache for the prompt (a byte is at least a token's worth) and
+    // the tokens asked for, unless --ctx says otherwise.
+    let context = args.ctx.unwrap_or(prompt.len() + args.max_new_tokens + 16);
+    if args.ctx == Some(0) {
+        return Err(crate::Error::InvalidArgument("--ctx must be at least 1".into()).into());
+    }
+    let load_started = std::time::Instant::now();
     let Opened {
         loaded,
         counter,
         flash,
-    } = open_for_mode(&args.model, ffn, &args.flash, context)?;
+    } = open_for_mode(&model_path, ffn, &args.flash, context)?;
+    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
     let LoadedModel {
         model, tokenizer, ..
     } = loaded;
-    let prompt_ids = tokenizer.encode(&args.prompt)?;
+    let prompt_ids = tokenizer.encode(&prompt)?;
     let proc_before = flash::proc_read_bytes();
     let mut stop_ids = model.config.eos_token_ids.clone();
     stop_ids.extend(tokenizer.special.eos.iter().copied());
     stop_ids.sort_unstable();
     stop_ids.dedup();
+    let ctx = args
+        .ctx
+        .unwrap_or(model.config.max_context)
+        .min(model.config.max_context);
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
         stop_ids,
+        stop_strings: args.stop.clone(),
+        context: ctx,
+        progress: Some(Default::default()),
     };
     let streaming = !out.json;
-    let (generation, threads) = with_threads(args.threads, || {
-        let mut stream = TextStream::new(&tokenizer, &prompt_ids)?;
-        let g = generate(&model, &prompt_ids, &opts, |id| {
-            let piece = stream.push(id)?;
-            if streaming && !piece.is_empty() {
+    if streaming && !args.no_display_prompt {
+        crate::cli::write_stdout(&prompt);
+    }
+    // Ctrl-C prints how far generation got (the handler runs on its own thread).
+    let progress = opts.progress.clone().expect("set above");
+    let started = std::time::Instant::now();
+    crate::cli::set_interrupt_summary(move || {
+        let n = progress.load(std::sync::atomic::Ordering::Relaxed);
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        format!(
+            "{n} tokens generated in {ms:.0} ms ({:.1} ms/token, load {load_ms:.0} ms)",
+            ms / n.max(1) as f64
+        )
+    });
+    let (result, threads) = with_threads(args.threads, || {
+        let g = generate_text(&model, &tokenizer, &prompt_ids, &opts, |piece| {
+            if streaming {
                 // A closed pipe (`| head`) ends the run quietly.
-                crate::cli::write_stdout(&piece);
+                crate::cli::write_stdout(piece);
             }
             Ok(())
         })?;
-        let rest = stream.finish()?;
-        if streaming {
-            crate::cli::write_stdout(&format!("{rest}\n"));
-        }
         Ok::<_, crate::Error>((g, rayon::current_num_threads()))
     })??;
+    if streaming {
+        // The text ends with a newline before the statistics.
+        crate::cli::write_stdout("\n");
+    }
+    let TextGeneration { text, generation } = result;
     let proc_read = proc_before
         .zip(flash::proc_read_bytes())
         .map(|(a, b)| b - a);
     let io = IoSummary::new(flash.as_ref(), proc_read);
     io.print_human();
-    let text = tokenizer.decode(&generation.generated_ids)?;
     let prefill_tps = if generation.prefill_ms > 0.0 {
         prompt_ids.len() as f64 / (generation.prefill_ms / 1000.0)
     } else {
         0.0
     };
+    let ms_per_token = if generation.decode_steps > 0 {
+        generation.decode_ms / generation.decode_steps as f64
+    } else {
+        0.0
+    };
     eprintln!(
-        "prefill {} tokens in {:.1} ms ({:.1} tok/s); {} tokens generated, decode {:.2} tok/s ({} threads)",
+        "stopped: {}; load {:.0} ms; prefill {} tokens in {:.1} ms ({:.1} tok/s); {} tokens generated, decode {:.2} ms/token ({:.2} tok/s, {} threads)",
+        generation.stop_reason.describe(),
+        load_ms,
         prompt_ids.len(),
         generation.prefill_ms,
         prefill_tps,
         generation.generated_ids.len(),
+        ms_per_token,
         generation.decode_tokens_per_s(),
         threads
     );
     out.json_result(&RunReport {
-        model: args.model.display().to_string(),
+        model: args.model_name().display().to_string(),
+        model_path: model_path.display().to_string(),
         prompt_tokens: prompt_ids.len(),
         generated_tokens: generation.generated_ids.len(),
         prompt_ids,
         text,
         stop_reason: generation.stop_reason,
+        load_ms,
         prefill_ms: generation.prefill_ms,
         prefill_tokens_per_s: prefill_tps,
         decode_ms: generation.decode_ms,
+        decode_ms_per_token: ms_per_token,
         decode_tokens_per_s: generation.decode_tokens_per_s(),
         generated_ids: generation.generated_ids,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed,
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
+        min_p: sampling.min_p,
+        repetition_penalty: sampling.repetition_penalty,
+        seed: sampling.seed,
         threads,
+        ctx,
         ffn,
         ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
         warnings,

@@ -7,6 +7,7 @@
 //! code downstream can trust what it gets.
 
 pub mod config;
+pub mod hub;
 pub mod summary;
 pub mod tensors;
 pub mod tokenizer;

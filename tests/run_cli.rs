@@ -1,0 +1,336 @@
+//! `flashpack run` as practitioners use it: prompts from files and stdin,
+//! llama.cpp's short flags, prompts that begin with `-`, stop strings, the
+//! repetition penalty against transformers, sampling defaults from
+//! `generation_config.json`, the echoed prompt, `--ctx`, and models named by
+//! Hub repo id in a local Hugging Face cache.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+fn fixture(rel: &str) -> String {
+    common::fixtures().join(rel).display().to_string()
+}
+
+/// Runs the binary with `stdin` fed in; returns (exit code, stdout, stderr).
+fn flashpack_with(args: &[&str], stdin: &str, env: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flashpack"));
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Only the cache a test names.
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HOME");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let (code, stdout, stderr) = flashpack_with(&all, "", &[]);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn prompts_come_from_a_file_stdin_or_a_flag_alike() {
+    let model = fixture("models/opt-relu");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompt.txt");
+    std::fs::write(&file, "KING HENRY.").unwrap();
+    let by_flag = run_json(&[&model, "--prompt", "KING HENRY.", "-n", "12"]);
+    let by_file = run_json(&["-m", &model, "-f", file.to_str().unwrap(), "-n", "12"]);
+    let (code, stdout, stderr) = flashpack_with(
+        &["run", &model, "-f", "-", "-n", "12", "--json"],
+        "KING HENRY.",
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let by_stdin: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(by_flag["generated_ids"].as_array().unwrap().len(), 12);
+    for other in [&by_file, &by_stdin] {
+        assert_eq!(other["prompt_ids"], by_flag["prompt_ids"]);
+        assert_eq!(other["generated_ids"], by_flag["generated_ids"]);
+    }
+    // A prompt that begins with `-` needs no `=`; short -p, -t and -c work.
+    let dash = run_json(&[&model, "-p", "-- KING", "-n", "3", "-t", "1", "-c", "64"]);
+    assert_eq!(dash["prompt_tokens"].as_u64().unwrap() > 1, true);
+    assert_eq!(dash["threads"], 1);
+    assert_eq!(dash["ctx"], 64);
+    // Both a prompt and a prompt file, or neither: a usage error.
+    let (code, _, _) = flashpack_with(&["run", &model, "-p", "x", "-f", "-"], "", &[]);
+    assert_eq!(code, 2);
+    let (code, _, _) = flashpack_with(&["run", &model], "", &[]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn the_prompt_is_echoed_unless_asked_not_to_and_text_ends_with_a_newline() {
+    let model = fixture("models/opt-relu");
+    let (code, shown, _) =
+        flashpack_with(&["run", &model, "-p", "KING HENRY.", "-n", "8"], "", &[]);
+    assert_eq!(code, 0);
+    let (_, hidden, stderr) = flashpack_with(
+        &[
+            "run",
+            &model,
+            "-p",
+            "KING HENRY.",
+            "-n",
+            "8",
+            "--no-display-prompt",
+        ],
+        "",
+        &[],
+    );
+    assert!(shown.starts_with("KING HENRY."), "{shown:?}");
+    assert_eq!(shown, format!("KING HENRY.{hidden}"));
+    assert!(hidden.ends_with('\n'));
+    assert!(stderr.contains("stopped: token limit"), "{stderr}");
+    assert!(
+        stderr.contains("ms/token") && stderr.contains("load"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_stop_string_ends_the_text_before_it() {
+    let model = fixture("models/opt-relu");
+    let free = run_json(&[&model, "-p", "KING HENRY.", "-n", "40"]);
+    let text = free["text"].as_str().unwrap().to_string();
+    // A stop string from the middle of the unconstrained greedy text.
+    let words: Vec<&str> = text.split_whitespace().filter(|w| w.len() >= 3).collect();
+    let stop = words[words.len() / 2].to_string();
+    let at = text.find(&stop).unwrap();
+    let stopped = run_json(&[&model, "-p", "KING HENRY.", "-n", "40", "--stop", &stop]);
+    assert_eq!(stopped["stop_reason"], "stop_string");
+    assert_eq!(stopped["text"].as_str().unwrap(), &text[..at]);
+    // Streamed output holds back nothing that is not a stop string and prints
+    // no part of the stop string.
+    let (_, stdout, _) = flashpack_with(
+        &[
+            "run",
+            &model,
+            "-p",
+            "KING HENRY.",
+            "-n",
+            "40",
+            "--stop",
+            &stop,
+            "--no-display-prompt",
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(stdout, format!("{}\n", &text[..at]));
+    // A stop string that never appears changes nothing.
+    let never = run_json(&[
+        &model,
+        "-p",
+        "KING HENRY.",
+        "-n",
+        "40",
+        "--stop",
+        "\u{1F600}zz",
+    ]);
+    assert_eq!(never["generated_ids"], free["generated_ids"]);
+}
+
+#[test]
+fn the_repetition_penalty_matches_transformers() {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("reference/generation_options.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let model = fixture(&format!("models/{}", case["model"].as_str().unwrap()));
+        let penalty = case["repetition_penalty"].as_f64().unwrap().to_string();
+        let want = ids(&case["greedy_ids"]);
+        let got = run_json(&[
+            &model,
+            "-p",
+            case["prompt"].as_str().unwrap(),
+            "-n",
+            &want.len().to_string(),
+            "--repeat-penalty",
+            &penalty,
+        ]);
+        assert_eq!(got["prompt_ids"], case["prompt_ids"]);
+        // Compare up to the first near-tie (margin < 1e-3), as the fixture
+        // references do.
+        let margins: Vec<f64> = case["top2_margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap())
+            .collect();
+        let upto = margins
+            .iter()
+            .position(|&m| m < 1e-3)
+            .map_or(want.len(), |i| i + 1);
+        assert_eq!(
+            &ids(&got["generated_ids"])[..upto],
+            &want[..upto],
+            "{}",
+            case["model"]
+        );
+        // And the penalty changed the text (so the comparison means something).
+        let plain = run_json(&[
+            &model,
+            "-p",
+            case["prompt"].as_str().unwrap(),
+            "-n",
+            &want.len().to_string(),
+        ]);
+        assert_ne!(plain["generated_ids"], got["generated_ids"]);
+    }
+}
+
+/// A copy of a fixture checkpoint with its own generation_config.json.
+fn with_generation_config(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::fixtures().join("models/opt-relu");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), config).unwrap();
+    dir
+}
+
+#[test]
+fn sampling_defaults_come_from_generation_config_as_in_transformers() {
+    let sampling = with_generation_config(
+        r#"{"bos_token_id": 0, "eos_token_id": 1, "do_sample": true, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.3}"#,
+    );
+    let m = sampling.path().to_str().unwrap();
+    let v = run_json(&[m, "-p", "KING", "-n", "4", "--seed", "5"]);
+    assert!((v["temperature"].as_f64().unwrap() - 0.6).abs() < 1e-6);
+    assert_eq!(v["top_k"], 50, "transformers' default top_k when sampling");
+    assert!((v["top_p"].as_f64().unwrap() - 0.9).abs() < 1e-6);
+    assert!((v["repetition_penalty"].as_f64().unwrap() - 1.3).abs() < 1e-6);
+    // The command line wins over the file.
+    let v = run_json(&[
+        m,
+        "-p",
+        "KING",
+        "-n",
+        "4",
+        "--temperature",
+        "0",
+        "--repeat-penalty",
+        "1",
+    ]);
+    assert_eq!(v["temperature"], 0.0);
+    assert_eq!(v["repetition_penalty"], 1.0);
+    // Without do_sample the model decodes greedily whatever its temperature.
+    let greedy = with_generation_config(r#"{"eos_token_id": 1, "temperature": 0.6}"#);
+    let v = run_json(&[greedy.path().to_str().unwrap(), "-p", "KING", "-n", "4"]);
+    assert_eq!(v["temperature"], 0.0);
+    assert_eq!(v["top_k"], Value::Null);
+}
+
+#[test]
+fn ctx_caps_the_context() {
+    let model = fixture("models/opt-relu");
+    let v = run_json(&[&model, "-p", "KING HENRY.", "-n", "50", "-c", "10"]);
+    assert_eq!(v["stop_reason"], "context");
+    assert_eq!(
+        v["prompt_tokens"].as_u64().unwrap() + v["generated_tokens"].as_u64().unwrap(),
+        10 + 1,
+        "the last token is chosen from the full context's logits"
+    );
+    let (code, _, stderr) = flashpack_with(
+        &["run", &model, "-p", "KING HENRY. KING HENRY.", "-c", "3"],
+        "",
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+}
+
+#[test]
+fn a_hub_repo_id_resolves_in_the_local_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--fixture-org--opt-relu");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    // As huggingface_hub lays it out: snapshot entries are links to blobs.
+    for entry in std::fs::read_dir(common::fixtures().join("models/opt-relu")).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let env = [("HF_HUB_CACHE", cache.path())];
+    let args = [
+        "run",
+        "fixture-org/opt-relu",
+        "-p",
+        "KING HENRY.",
+        "-n",
+        "6",
+        "--json",
+    ];
+    let (code, stdout, stderr) = flashpack_with(&args, "", &env);
+    assert_eq!(code, 0, "{stderr}");
+    let by_id: Value = serde_json::from_str(&stdout).unwrap();
+    let by_path = run_json(&[&fixture("models/opt-relu"), "-p", "KING HENRY.", "-n", "6"]);
+    assert_eq!(by_id["generated_ids"], by_path["generated_ids"]);
+    assert_eq!(by_id["model_path"], snapshot.display().to_string());
+    // HF_HOME/hub is the cache when HF_HUB_CACHE is not set.
+    let home = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(cache.path(), home.path().join("hub")).unwrap();
+    let (code, _, stderr) = flashpack_with(&args, "", &[("HF_HOME", home.path())]);
+    assert_eq!(code, 0, "{stderr}");
+    // Not cached: exit 2, naming where it looked; nothing downloaded.
+    let (code, stdout, _) = flashpack_with(
+        &["run", "fixture-org/absent", "-p", "x", "--json"],
+        "",
+        &env,
+    );
+    assert_eq!(code, 2);
+    let err: Value = serde_json::from_str(&stdout).unwrap();
+    let message = err["error"].as_str().unwrap();
+    assert!(
+        message.contains(
+            &cache
+                .path()
+                .join("models--fixture-org--absent")
+                .display()
+                .to_string()
+        ),
+        "{message}"
+    );
+}
