@@ -120,6 +120,8 @@ fn everything_predicted_equals_dense() {
         predictors: vec![Some(predictor); cfg.num_layers],
         silu_thresholds: vec![None; cfg.num_layers],
         silu_criterion: flashpack::runtime::ffn::Criterion::Gate,
+        selector: flashpack::runtime::sparse::Selector::Trained,
+        measure_selector: false,
     });
     let counter = loaded.set_ffn_mode(FfnMode::Predicted).unwrap().unwrap();
     let got = logits_all(&loaded.model, ids, None);

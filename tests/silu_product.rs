@@ -259,7 +259,8 @@ fn rule_20_product_thresholds() {
     fn layer(m: &mut Value, i: usize) -> &mut Value {
         &mut m["calibration"]["layers"][i]
     }
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "one layer without",
             Box::new(|m| {
@@ -341,4 +342,52 @@ fn a_file_calibrated_with_the_gate_criterion_still_runs_by_the_gate() {
     assert!((active - 0.5).abs() < 0.05, "gate thresholds keep {active}");
     let (product_ppl, _) = oracle_run(&path);
     println!("llama-silu at 50%: gate criterion {gate_ppl:.3}, product {product_ppl:.3}");
+}
+
+#[test]
+fn low_precision_selectors_choose_what_the_exact_product_criterion_chooses() {
+    use flashpack::runtime::sparse::Selector;
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = calibrated(tmp.path(), Allocation::Greedy);
+    let (oracle_ppl, oracle_active) = oracle_run(&path);
+    let ffn_f16_bytes = {
+        let m = open_model(&path).unwrap();
+        m.model
+            .layers
+            .iter()
+            .map(|l| l.ffn.weight_bytes())
+            .sum::<usize>()
+    } / 2; // the fixture's FFN is f32
+    for (selector, min_recall, max_ppl_ratio, max_bytes_share) in [
+        (Selector::Int8, 0.99, 1.005, 0.35),
+        (Selector::Int4, 0.95, 1.01, 0.2),
+    ] {
+        let mut m = open_model(&path).unwrap();
+        let ids = heldout_ids(&m.tokenizer);
+        let d = m.sparsity.as_mut().unwrap();
+        d.selector = selector;
+        d.measure_selector = true;
+        let c = m.set_ffn_mode(FfnMode::Predicted).unwrap().unwrap();
+        let ppl = perplexity(&m.model, &ids, 256).unwrap().perplexity;
+        let exact = c.exact.load(Ordering::Relaxed) as f64;
+        let recall = c.exact_chosen.load(Ordering::Relaxed) as f64 / exact;
+        let chosen = c.computed.load(Ordering::Relaxed) as f64 / exact;
+        let bytes = c.selector_bytes.load(Ordering::Relaxed) as f64 / ffn_f16_bytes as f64;
+        println!(
+            "{selector:?}: recall {recall:.4}, chosen/exact {chosen:.3}, perplexity {ppl:.3} (oracle {oracle_ppl:.3}, {:.1}% vs {:.1}%), selector {bytes:.3} of the FFN's f16 bytes",
+            100.0 * c.active_fraction(),
+            100.0 * oracle_active
+        );
+        assert!(recall >= min_recall, "{selector:?}: recall {recall}");
+        assert!(
+            (chosen - 1.0).abs() < 0.05,
+            "{selector:?}: chosen/exact {chosen}"
+        );
+        assert!(
+            ppl / oracle_ppl <= max_ppl_ratio,
+            "{selector:?}: {ppl} vs {oracle_ppl}"
+        );
+        assert!(bytes <= max_bytes_share, "{selector:?}: {bytes}");
+    }
 }

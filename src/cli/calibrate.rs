@@ -14,7 +14,7 @@ use crate::predictor::thresholds::Allocation;
 use crate::runtime::ffn::Criterion;
 use crate::runtime::packed::PackedWeights;
 use crate::runtime::perplexity::perplexity;
-use crate::runtime::sparse::{apply_ffn_mode, FfnMode, SparsityData};
+use crate::runtime::sparse::{apply_ffn_mode, FfnMode, Selector, SparsityData};
 use crate::runtime::Model;
 
 #[derive(Debug, Args)]
@@ -219,6 +219,8 @@ fn tradeoff(
             predictors: vec![None; thresholds.len()],
             silu_thresholds: thresholds.into_iter().map(Some).collect(),
             silu_criterion: Criterion::Product,
+            selector: Selector::Trained,
+            measure_selector: false,
         };
         let counter = apply_ffn_mode(&mut model, FfnMode::Oracle, Some(&data))?
             .expect("oracle counts neurons");

@@ -75,6 +75,11 @@ pub trait Ffn: Send + Sync {
     /// The magnitudes (`n x width`, signed) that a threshold under `criterion`
     /// is compared with: [`Ffn::firing_activations`] for [`Criterion::Gate`] and
     /// for plain FFNs, the neuron values for [`Criterion::Product`].
+    /// The gate and up projections of a gated FFN held in DRAM (what a
+    /// low-precision selector is made from); `None` otherwise.
+    fn gated_projections(&self) -> Option<(&Linear, &Linear)> {
+        None
+    }
     fn selection_scores(&self, x: &[f32], n: usize, criterion: Criterion) -> Result<Vec<f32>> {
         match criterion {
             Criterion::Gate => Ok(self.firing_activations(x, n)),
@@ -242,6 +247,13 @@ impl Ffn for DenseFfn {
                 }
                 g
             }
+        }
+    }
+
+    fn gated_projections(&self) -> Option<(&Linear, &Linear)> {
+        match &self.weights {
+            FfnWeights::Gated { gate, up, .. } => Some((gate, up)),
+            FfnWeights::Plain { .. } => None,
         }
     }
 

@@ -20,6 +20,7 @@ pub mod flash;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod lowbit;
 pub mod open;
 pub mod packed;
 pub mod perplexity;

@@ -11,7 +11,7 @@ use crate::input::{Checkpoint, TextTokenizer};
 use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::Criterion;
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
-use crate::runtime::sparse::{apply_ffn_mode, FfnMode, NeuronCounter, SparsityData};
+use crate::runtime::sparse::{apply_ffn_mode, FfnMode, NeuronCounter, Selector, SparsityData};
 use crate::runtime::Model;
 
 /// Where a loaded model came from.
@@ -113,5 +113,7 @@ pub(crate) fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
         } else {
             Criterion::Gate
         },
+        selector: Selector::Auto,
+        measure_selector: false,
     }))
 }

@@ -2,7 +2,10 @@
 //! - `oracle`: exactly the neurons that fire (ReLU: non-zero activation; SiLU:
 //!   `|silu(gate . x) * (up . x)|` above the layer's calibrated threshold, or
 //!   `|silu(gate . x)|` for files calibrated before that criterion) and no others;
-//! - `predicted`: exactly the neurons the layer's predictor picks.
+//! - `predicted`: exactly the neurons the layer's selector picks: the trained
+//!   low-rank predictor, or (SiLU files calibrated by the product criterion) a
+//!   low-precision copy of the gate and up projections ([`crate::runtime::lowbit`]).
+//!   In `oracle` and `predicted` the chosen neurons are then computed exactly.
 //!
 //! Both wrap the layer's FFN and hand it per-token active sets, so the model's
 //! forward pass is unchanged. Each counts the neurons it computed, so callers
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::{ActiveSet, Criterion, Ffn, Fired};
+use crate::runtime::lowbit::{LowBitSelector, LowBits, QuantMatrix};
 use crate::runtime::model::Layer;
 use crate::runtime::Model;
 
@@ -28,10 +32,10 @@ pub enum FfnMode {
     /// The neurons the packed file's predictors choose.
     Predicted,
     /// Every neuron, the whole FFN read from disk for every token (the
-    /// paper's baseline; see `runtime::flash`).
+    /// paper's baseline).
     Naive,
     /// The predictors' neurons read from disk through the window cache
-    /// (bit-identical to `predicted`; see `runtime::flash`).
+    /// (bit-identical to `predicted`).
     Flash,
     /// The neurons that fire (known from an in-DRAM copy, not counted) read
     /// from disk through the window cache: the lower bound on flash reads.
@@ -54,6 +58,12 @@ pub struct NeuronCounter {
     pub computed: AtomicU64,
     /// Neurons the layers have over those evaluations (the dense count).
     pub total: AtomicU64,
+    /// With [`SparsityData::measure_selector`]: neurons the exact product
+    /// criterion selects, and those of them the selector also chose.
+    pub exact: AtomicU64,
+    pub exact_chosen: AtomicU64,
+    /// DRAM bytes of the low-precision selectors.
+    pub selector_bytes: AtomicU64,
 }
 
 impl NeuronCounter {
@@ -92,6 +102,11 @@ enum Chooser {
         criterion: Criterion,
     },
     Predicted(LowRankPredictor),
+    LowBit {
+        selector: LowBitSelector,
+        /// Also compute the exact product criterion and count agreement.
+        measure: bool,
+    },
 }
 
 /// A layer's FFN restricted to chosen neurons.
@@ -117,6 +132,29 @@ impl SparseFfn {
                             .collect()
                     })
                     .collect()
+            }
+            Chooser::LowBit { selector, measure } => {
+                let (mut scratch, mut values) = (Vec::new(), Vec::new());
+                let sets: Vec<Vec<u32>> = x
+                    .chunks_exact(hidden)
+                    .map(|xt| {
+                        let mut active = Vec::new();
+                        selector.select(xt, &mut scratch, &mut values, &mut active);
+                        active
+                    })
+                    .collect();
+                if *measure {
+                    let exact = self.inner.selection_scores(x, n, Criterion::Product)?;
+                    let (mut all, mut hit) = (0u64, 0u64);
+                    for (row, set) in exact.chunks_exact(width).zip(&sets) {
+                        let above = |j: usize| row[j].abs() > selector.threshold;
+                        all += (0..width).filter(|&j| above(j)).count() as u64;
+                        hit += set.iter().filter(|&&j| above(j as usize)).count() as u64;
+                    }
+                    self.counter.exact.fetch_add(all, Ordering::Relaxed);
+                    self.counter.exact_chosen.fetch_add(hit, Ordering::Relaxed);
+                }
+                sets
             }
             Chooser::Predicted(p) => {
                 let (mut scratch, mut logits) = (Vec::new(), Vec::new());
@@ -177,6 +215,37 @@ pub struct SparsityData {
     pub silu_thresholds: Vec<Option<f32>>,
     /// What the SiLU thresholds are compared with.
     pub silu_criterion: Criterion,
+    /// What `predicted` chooses neurons with.
+    pub selector: Selector,
+    /// Low-precision selectors also compute the exact criterion and count
+    /// agreement (recall), at the cost of a dense gate and up per token.
+    pub measure_selector: bool,
+}
+
+/// What `predicted` (and `flash`) choose neurons with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selector {
+    /// `int8` for SiLU files calibrated by the product criterion (measured
+    /// best there, BENCHMARKS.md), the trained predictors otherwise.
+    Auto,
+    /// The file's trained low-rank predictors.
+    Trained,
+    /// Int8 copies of gate and up (one scale per row), product criterion.
+    Int8,
+    /// Int4 copies of gate and up (blocks of 32, f16 scales), product criterion.
+    Int4,
+}
+
+impl Selector {
+    /// The selector `Auto` stands for, given the file's criterion.
+    pub fn resolve(self, criterion: Criterion) -> Selector {
+        match (self, criterion) {
+            (Selector::Auto, Criterion::Product) => Selector::Int8,
+            (Selector::Auto, Criterion::Gate) => Selector::Trained,
+            (s, _) => s,
+        }
+    }
 }
 
 /// Switches every layer of `model` to `mode`; returns the counter of computed
@@ -218,6 +287,48 @@ pub fn apply_ffn_mode(
                 Chooser::Oracle {
                     threshold,
                     criterion,
+                }
+            }
+            FfnMode::Predicted
+                if silu
+                    && data.is_some_and(|d| {
+                        matches!(
+                            d.selector.resolve(d.silu_criterion),
+                            Selector::Int8 | Selector::Int4
+                        )
+                    }) =>
+            {
+                let d = data.expect("checked by the guard");
+                let bits = match d.selector.resolve(d.silu_criterion) {
+                    Selector::Int4 => LowBits::Int4,
+                    _ => LowBits::Int8,
+                };
+                let threshold = match (d.silu_criterion, d.silu_thresholds.get(i).copied().flatten()) {
+                    (Criterion::Product, Some(t)) => t,
+                    _ => {
+                        return Err(Error::InvalidArgument(
+                            "a low-precision selector needs the product thresholds of a file calibrated by this flashpack (convert --calib)".into(),
+                        ))
+                    }
+                };
+                let (gate, up) = layer.ffn.gated_projections().ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "layer {i}: a low-precision selector needs the gate and up projections in DRAM"
+                    ))
+                })?;
+                let selector = LowBitSelector {
+                    gate: QuantMatrix::quantize(&gate.weight, bits),
+                    up: QuantMatrix::quantize(&up.weight, bits),
+                    gate_bias: gate.bias.clone(),
+                    up_bias: up.bias.clone(),
+                    threshold,
+                };
+                counter
+                    .selector_bytes
+                    .fetch_add(selector.stored_bytes() as u64, Ordering::Relaxed);
+                Chooser::LowBit {
+                    selector,
+                    measure: d.measure_selector,
                 }
             }
             FfnMode::Predicted => {
