@@ -147,6 +147,15 @@ pub enum Error {
         problem: &'static str,
     },
 
+    /// A file cannot be created in the output's directory (permission, a
+    /// read-only or special file system).
+    #[error("cannot create a file in output directory {} (for output {}): {source}", dir.display(), output.display())]
+    OutputDirectoryIo {
+        dir: PathBuf,
+        output: PathBuf,
+        source: std::io::Error,
+    },
+
     /// A path given by the user that names the wrong kind of thing: a file where a
     /// directory was expected, a directory where a file was expected, ...
     #[error("{} {found}, expected {expected}", path.display())]
@@ -216,6 +225,8 @@ impl Error {
     pub fn exit_class(&self) -> ExitClass {
         match self {
             Error::Io { source, .. } => io_exit_class(source),
+            // Permission or a read-only file system: the environment (exit 3).
+            Error::OutputDirectoryIo { .. } => ExitClass::Environment,
             Error::FlashRead { .. } => ExitClass::Environment,
             Error::Format { source, .. } if source.is_integrity() => ExitClass::CheckFailed,
             Error::Format { .. } => ExitClass::InvalidInput,

@@ -350,6 +350,23 @@ fn a_missing_output_directory_is_named() {
 }
 
 #[test]
+fn an_output_directory_where_no_file_can_be_created_is_named() {
+    // procfs exists but refuses new files: the error names the directory the
+    // user gave and does not claim it is missing.
+    let (_tmp, dir) = workspace();
+    let out = flashpack(&["convert", s(&dir), "-o", "/proc/x.flashpack"]);
+    assert_eq!(out.code, 3, "{}", out.json);
+    assert_eq!(out.json["exit_code"], 3, "{}", out.json);
+    let message = out.error();
+    assert!(message.contains("output directory /proc"), "{message}");
+    assert!(
+        !message.contains(".tmp-"),
+        "names a temporary file: {message}"
+    );
+    assert!(!message.contains("does not exist"), "{message}");
+}
+
+#[test]
 fn an_output_path_ending_in_a_slash_is_refused_as_a_directory() {
     let (tmp, dir) = workspace();
     let before = snapshot(tmp.path());

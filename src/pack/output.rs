@@ -47,15 +47,20 @@ impl AtomicOutput {
             .open(&temp)
             .map_err(|e| {
                 crate::cleanup::unregister(&temp);
-                match e.kind() {
-                    // The directory went away since the check: name it, not the
-                    // temporary file the user never asked for.
-                    std::io::ErrorKind::NotFound => Error::OutputDirectory {
+                // Name the directory the user gave, not the temporary file they
+                // never asked for.
+                if e.kind() == std::io::ErrorKind::NotFound && !dir.is_dir() {
+                    Error::OutputDirectory {
                         dir: dir.clone(),
                         output: target.to_path_buf(),
                         problem: "does not exist",
-                    },
-                    _ => Error::io(&temp, e),
+                    }
+                } else {
+                    Error::OutputDirectoryIo {
+                        dir: dir.clone(),
+                        output: target.to_path_buf(),
+                        source: e,
+                    }
                 }
             })?;
         Ok(AtomicOutput {
