@@ -290,7 +290,7 @@ fn every_command_prints_one_json_object_whose_keys_follow_the_convention() {
             "--no-synthetic".into(),
             "--model".into(),
             fixture("models/micro-llama"),
-            "--threads".into(),
+            "--thread-counts".into(),
             "1".into(),
             "--decode-tokens".into(),
             "2".into(),
@@ -452,7 +452,7 @@ fn a_closed_stdout_ends_every_command_quietly() {
 fn an_interrupt_under_json_is_the_error_object_with_exit_130() {
     // The synthetic speed benchmark runs for many seconds: interrupt it.
     let child = Command::new(bin())
-        .args(["bench", "--json", "--threads", "1"])
+        .args(["bench", "--json", "--thread-counts", "1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -168,7 +168,7 @@ fn a_stop_string_ends_the_text_before_it() {
 #[test]
 fn the_repetition_penalty_matches_transformers() {
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixtures().join("reference/generation_options.json"))
+        &std::fs::read_to_string(common::fixtures().join("generation/repetition_penalty.json"))
             .unwrap(),
     )
     .unwrap();

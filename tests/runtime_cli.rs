@@ -171,7 +171,7 @@ fn bench_reports_speed_and_bandwidth() {
         "--model",
         model.to_str().expect("utf-8"),
         "--no-synthetic",
-        "--threads",
+        "--thread-counts",
         "1",
         "--prefill-tokens",
         "8",

@@ -14,7 +14,7 @@ use crate::runtime::{with_threads, Model};
 #[derive(Debug, Args)]
 #[command(after_help = "Examples (the commands behind BENCHMARKS.md):\n  \
     flashpack bench model.flashpack            the paper's Table 2: naive, flash, oracle-flash, dense\n  \
-    flashpack bench --model fixtures/models/opt-relu --threads 1,2 --json")]
+    flashpack bench --model fixtures/models/opt-relu --thread-counts 1,2 --json")]
 pub struct BenchArgs {
     /// Calibrated packed files: each is run through naive, flash (window 0
     /// and --window), oracle-flash and dense on the same tokens, and the
@@ -30,9 +30,10 @@ pub struct BenchArgs {
     /// Layers of the synthetic model (hidden 2048, FFN 5632, f16).
     #[arg(long, default_value_t = 16)]
     pub synthetic_layers: usize,
-    /// Thread counts to measure, comma-separated.
+    /// Worker-thread counts to measure the speed at, comma-separated
+    /// (`--threads` of the other commands is the one count they use).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    pub threads: Vec<usize>,
+    pub thread_counts: Vec<usize>,
     /// Prompt length of the prefill measurement.
     #[arg(long, default_value_t = 128)]
     pub prefill_tokens: usize,
@@ -174,7 +175,7 @@ pub fn run(args: &BenchArgs, out: &Output) -> anyhow::Result<()> {
         ));
     }
     let mut rows = Vec::new();
-    for &threads in &args.threads {
+    for &threads in &args.thread_counts {
         for (name, model) in &models {
             let (bw, speed) = with_threads(Some(threads), || {
                 // An untimed warm-up pass faults in pages and warms caches.

@@ -8,7 +8,7 @@ use clap::Args;
 use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, IoSummary, Opened};
 use crate::cli::Output;
 use crate::error::Error;
-use crate::runtime::perplexity::perplexity;
+use crate::runtime::perplexity::perplexity_with_progress;
 use crate::runtime::sparse::FfnMode;
 use crate::runtime::{with_threads, LoadedModel};
 
@@ -74,9 +74,30 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     } = loaded;
     let ids = tokenizer.encode(&text)?;
     let proc_before = crate::runtime::flash::proc_read_bytes();
+    // A progress bar on a terminal only: pipes and logs get the summary.
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new(ids.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "scoring [{bar:40}] {pos}/{len} tokens ({per_sec}, {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let progress = |done: usize, total: usize| {
+        if let Some(bar) = &bar {
+            bar.set_position(done.min(total) as u64);
+        }
+    };
     let (r, threads) = with_threads(args.threads, || {
-        perplexity(&model, &ids, args.ctx).map(|r| (r, rayon::current_num_threads()))
+        perplexity_with_progress(&model, &ids, args.ctx, &progress)
+            .map(|r| (r, rayon::current_num_threads()))
     })??;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
     let proc_read = proc_before
         .zip(crate::runtime::flash::proc_read_bytes())
         .map(|(a, b)| b - a);

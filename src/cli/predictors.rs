@@ -27,6 +27,7 @@ names another file.\n\nExample:\n  flashpack predictors train model.flashpack --
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("calib", |a| a.required(true)))]
 pub struct TrainArgs {
     /// A flashpack file.
     pub file: PathBuf,

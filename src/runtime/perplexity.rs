@@ -36,7 +36,28 @@ pub fn perplexity_observed(
     model: &Model,
     ids: &[u32],
     ctx: usize,
+    observer: Option<&mut (dyn Observer + '_)>,
+) -> Result<PerplexityResult> {
+    perplexity_inner(model, ids, ctx, observer, &|_, _| {})
+}
+
+/// [`perplexity`], calling `progress(tokens_done, tokens_total)` after each
+/// window (for a progress bar).
+pub fn perplexity_with_progress(
+    model: &Model,
+    ids: &[u32],
+    ctx: usize,
+    progress: &dyn Fn(usize, usize),
+) -> Result<PerplexityResult> {
+    perplexity_inner(model, ids, ctx, None, progress)
+}
+
+fn perplexity_inner(
+    model: &Model,
+    ids: &[u32],
+    ctx: usize,
     mut observer: Option<&mut (dyn Observer + '_)>,
+    progress: &dyn Fn(usize, usize),
 ) -> Result<PerplexityResult> {
     let max = model.config.max_context;
     if ctx > max {
@@ -66,6 +87,7 @@ pub fn perplexity_observed(
         }
         scored += window.len() - 1;
         windows += 1;
+        progress(windows * ctx, ids.len());
     }
     if scored == 0 {
         return Err(Error::InvalidArgument(
