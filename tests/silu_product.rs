@@ -391,3 +391,54 @@ fn low_precision_selectors_choose_what_the_exact_product_criterion_chooses() {
         assert!(bytes <= max_bytes_share, "{selector:?}: {bytes}");
     }
 }
+
+#[test]
+fn sparse_modes_read_down_columns_contiguously_and_compute_the_same_bits() {
+    // `oracle` and `predicted` compute the chosen neurons from a column copy of
+    // the down projection; the FFN given the same sets explicitly computes them
+    // from the row-major matrix (`DenseFfn`'s own sparse path): equal bits.
+    use flashpack::runtime::ffn::{ActiveSet, Fired};
+    use flashpack::runtime::sparse::Selector;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = calibrated(tmp.path(), Allocation::Greedy);
+    for (mode, selector) in [
+        (FfnMode::Oracle, Selector::Auto),
+        (FfnMode::Predicted, Selector::Int8),
+        (FfnMode::Predicted, Selector::Trained),
+    ] {
+        let mut m = open_model(&path).unwrap();
+        m.sparsity.as_mut().unwrap().selector = selector;
+        m.set_ffn_mode(mode).unwrap();
+        let hidden = m.model.config.hidden_size;
+        let n = 3;
+        let x = values(n * hidden, 9, 2.0);
+        for (l, layer) in m.model.layers.iter().enumerate() {
+            let (mut chosen, mut given) = (vec![0.0f32; n * hidden], vec![0.0f32; n * hidden]);
+            let mut fired = Fired::default();
+            layer
+                .ffn
+                .forward(&x, n, ActiveSet::All, &mut chosen, Some(&mut fired))
+                .unwrap();
+            let count: usize = fired.per_token.iter().map(Vec::len).sum();
+            assert!(
+                count > 0 && count < n * fired.width,
+                "{mode:?} layer {l}: {count}"
+            );
+            layer
+                .ffn
+                .forward(
+                    &x,
+                    n,
+                    ActiveSet::PerToken(&fired.per_token),
+                    &mut given,
+                    None,
+                )
+                .unwrap();
+            let same = chosen
+                .iter()
+                .zip(&given)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{mode:?} {selector:?} layer {l}");
+        }
+    }
+}

@@ -80,6 +80,11 @@ pub trait Ffn: Send + Sync {
     fn gated_projections(&self) -> Option<(&Linear, &Linear)> {
         None
     }
+    /// This FFN as a [`DenseFfn`], when it is one (the sparse modes compute
+    /// chosen neurons from its weights directly).
+    fn as_dense(&self) -> Option<&DenseFfn> {
+        None
+    }
     fn selection_scores(&self, x: &[f32], n: usize, criterion: Criterion) -> Result<Vec<f32>> {
         match criterion {
             Criterion::Gate => Ok(self.firing_activations(x, n)),
@@ -142,13 +147,15 @@ impl DenseFfn {
         neuron_value(self.activation, None, v)
     }
 
-    fn down(&self) -> &Linear {
+    /// The down projection (`[hidden, width]`).
+    pub fn down(&self) -> &Linear {
         match &self.weights {
             FfnWeights::Plain { down, .. } | FfnWeights::Gated { down, .. } => down,
         }
     }
 
-    fn up(&self) -> &Linear {
+    /// The up projection (OPT's `fc1`).
+    pub fn up(&self) -> &Linear {
         match &self.weights {
             FfnWeights::Plain { up, .. } | FfnWeights::Gated { up, .. } => up,
         }
@@ -268,6 +275,10 @@ impl Ffn for DenseFfn {
         &self,
         x: &[f32],
         n: usize,
+    fn as_dense(&self) -> Option<&DenseFfn> {
+        Some(self)
+    }
+
         active: ActiveSet<'_>,
         out: &mut [f32],
         fired: Option<&mut Fired>,
