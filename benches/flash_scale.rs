@@ -362,9 +362,9 @@ fn main() {
         "predictor at this size, measured apart (rank {PREDICTOR_RANK}, random weights, {layers} layers): {predictor_ms:.1} ms/token; the replay skips it, the last columns add it to the sparse modes\n"
     );
     println!(
-        "| mode | tokens | DRAM plan MiB | bytes/token | reads/token | mean read KiB | read GB/s | disk GB/s, same size | of disk | I/O ms | predictor ms | memory ms | FFN compute ms | total ms/token | speedup | bytes / oracle | + predictor ms/token | speedup |"
+        "| mode | tokens | DRAM plan MiB | bytes/token | reads/token | mean read KiB | read GB/s | disk GB/s, same size | of disk | I/O ms | predictor ms | memory ms | FFN compute ms | total ms/token | speedup | bytes / oracle | + predictor ms/token | speedup | verify: hash CPU ms/token, MB hashed, MB read to complete chunks |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let with_predictor = |r: &ModeRow| {
         r.ms_per_token
             + if r.mode.starts_with("naive") {
@@ -375,7 +375,7 @@ fn main() {
     };
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {:.0}% | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x |",
+            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {:.0}% | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x | {} |",
             r.mode,
             r.tokens,
             r.dram_plan.total as f64 / (1u64 << 20) as f64,
@@ -393,7 +393,17 @@ fn main() {
             naive_ms / r.ms_per_token,
             r.bytes_read_per_token / oracle_bytes,
             with_predictor(r),
-            naive_ms / with_predictor(r)
+            naive_ms / with_predictor(r),
+            if r.verify_reads {
+                format!(
+                    "{:.1}, {:.1}, {:.1}",
+                    r.verify_hash_cpu_ms_per_token,
+                    r.hashed_bytes as f64 / 1e6,
+                    r.verify_extra_read_bytes as f64 / 1e6
+                )
+            } else {
+                "off".into()
+            }
         );
     }
     match peak {
@@ -408,7 +418,7 @@ fn main() {
     }
     match mmap {
         Ok(m) => println!(
-            "| mmap, cgroup limit {:.0} MiB | {} | - | {:.0} | - | - | - | - | - | - | - | - | - | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x |",
+            "| mmap, cgroup limit {:.0} MiB | {} | - | {:.0} | - | - | - | - | - | - | - | - | - | {:.1} | {:.2}x | {:.2} | {:.1} | {:.2}x | - |",
             budget as f64 / (1u64 << 20) as f64,
             m.tokens,
             m.read_bytes_per_token,

@@ -805,26 +805,26 @@ fn verification_hashes_the_bytes_the_reads_brought_in() {
         assert_eq!(
             (
                 r_off.chunks_verified,
-                r_off.verified_bytes,
+                r_off.hashed_bytes,
                 r_off.verify_extra_read_bytes
             ),
             (0, 0, 0)
         );
         println!(
             "{mode:?}: {} of {ffn_chunks} chunks, {} of {ffn_bytes} bytes hashed; read {} with, {} without ({} to complete chunks)",
-            r_on.chunks_verified, r_on.verified_bytes, r_on.bytes_read, r_off.bytes_read, r_on.verify_extra_read_bytes
+            r_on.chunks_verified, r_on.hashed_bytes, r_on.bytes_read, r_off.bytes_read, r_on.verify_extra_read_bytes
         );
         if mode == DiskMode::Naive {
             assert_eq!(r_on.chunks_verified, ffn_chunks);
-            assert_eq!(r_on.verified_bytes, ffn_bytes, "every byte hashed once");
+            assert_eq!(r_on.hashed_bytes, ffn_bytes, "every byte hashed once");
             assert_eq!(r_on.verify_extra_read_bytes, 0);
             assert_eq!(r_on.bytes_read, r_off.bytes_read, "no read for the check");
             assert_eq!(r_on.read_ops, r_off.read_ops);
         } else {
             assert!(r_on.chunks_verified > 0 && r_on.chunks_verified <= ffn_chunks);
             // Each chunk hashed once (two reads of one batch may share one).
-            assert!(r_on.verified_bytes >= r_on.chunks_verified * 4096);
-            assert!(r_on.verified_bytes <= ffn_bytes + ffn_bytes / 8);
+            assert!(r_on.hashed_bytes >= r_on.chunks_verified * 4096);
+            assert!(r_on.hashed_bytes <= ffn_bytes + ffn_bytes / 8);
             // Completing chunks costs at most the FFN once over the run.
             assert!(r_on.verify_extra_read_bytes > 0);
             assert!(r_on.verify_extra_read_bytes <= ffn_bytes);

@@ -31,6 +31,15 @@ pub struct ModeRow {
     pub ffn_compute_ms_per_token: f64,
     pub ms_per_token: f64,
     pub window_hit_rate: f64,
+    /// Whether each FFN chunk was verified on first use.
+    pub verify_reads: bool,
+    /// Bytes the check hashed (each used chunk once).
+    pub hashed_bytes: u64,
+    /// Bytes read only to complete chunks for their check (in the bytes read).
+    pub verify_extra_read_bytes: u64,
+    /// CPU time hashing per token, summed over the I/O threads (it overlaps
+    /// reads and falls within the I/O time).
+    pub verify_hash_cpu_ms_per_token: f64,
     /// The disk's own throughput for reads of this mode's mean size, as many
     /// in flight, at random aligned offsets of the same file, measured right
     /// after the mode (the physical limit for its read pattern).
@@ -117,6 +126,10 @@ pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -
         ffn_compute_ms_per_token: r.ms_compute / n,
         ms_per_token: secs * 1e3 / n,
         window_hit_rate: r.window_hit_rate,
+        verify_reads: r.verify_reads,
+        hashed_bytes: r.hashed_bytes,
+        verify_extra_read_bytes: r.verify_extra_read_bytes,
+        verify_hash_cpu_ms_per_token: r.verify_hash_cpu_ms / n,
         disk_gb_per_s_same_size: disk,
         speedup_over_naive: 0.0,
         dram_plan: r.dram_plan.clone(),
@@ -170,6 +183,10 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         ffn_compute_ms_per_token: 0.0,
         ms_per_token: secs * 1e3 / n,
         window_hit_rate: 0.0,
+        verify_reads: false,
+        hashed_bytes: 0,
+        verify_extra_read_bytes: 0,
+        verify_hash_cpu_ms_per_token: 0.0,
         disk_gb_per_s_same_size: 0.0,
         speedup_over_naive: 0.0,
         dram_plan: Default::default(),

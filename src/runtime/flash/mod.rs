@@ -181,10 +181,13 @@ pub struct FlashReport {
     pub chunks_verified: u64,
     /// Bytes hashed by those checks (from the reads themselves; chunks and
     /// bytes since open, pinned rows included).
-    pub verified_bytes: u64,
+    pub hashed_bytes: u64,
     /// Bytes read only to complete a chunk for its check, included in
     /// `bytes_read` (naive reads whole chunks: 0).
     pub verify_extra_read_bytes: u64,
+    /// CPU time spent hashing, summed over the I/O threads (it overlaps reads
+    /// and falls within `ms_io`).
+    pub verify_hash_cpu_ms: f64,
     pub resident_per_layer: Vec<usize>,
     pub capacity_per_layer: Vec<usize>,
     #[serde(rename = "predictor_ms")]
@@ -237,8 +240,9 @@ impl FlashRuntime {
             ffn_active_fraction: s.neurons.active_fraction(),
             verify_reads: self.options.verify_reads,
             chunks_verified: get(&s.verify.chunks),
-            verified_bytes: get(&s.verify.hashed_bytes),
+            hashed_bytes: get(&s.verify.hashed_bytes),
             verify_extra_read_bytes: get(&s.verify.extra_read_bytes),
+            verify_hash_cpu_ms: ms(&s.verify.hash_cpu_ns),
             resident_per_layer: self.ffns.iter().map(|f| f.resident()).collect(),
             capacity_per_layer: self.plan.capacity_per_layer.clone(),
             ms_predictor: ms(&s.ns_predict),
@@ -278,9 +282,10 @@ impl FlashReport {
             100.0 * self.ffn_active_fraction,
             if self.verify_reads {
                 format!(
-                    "first use of each FFN chunk verified: {} chunks, {:.2} MiB hashed, {:.2} MiB read only to complete chunks",
+                    "first use of each FFN chunk verified: {} chunks, {:.2} MiB hashed in {:.1} ms of CPU, {:.2} MiB read only to complete chunks",
                     self.chunks_verified,
-                    mib(self.verified_bytes as f64),
+                    mib(self.hashed_bytes as f64),
+                    self.verify_hash_cpu_ms,
                     mib(self.verify_extra_read_bytes as f64)
                 )
             } else {
