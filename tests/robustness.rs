@@ -231,13 +231,14 @@ fn convert_killed_at_any_moment_leaves_the_output_path_untouched_or_complete() {
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
         let now = std::fs::read(&out).unwrap();
-        if status.success() {
-            // It finished before the kill: then the output is complete and valid.
-            let file = PackedFile::open(&out).unwrap();
+        // Untouched, or complete: it finished before the kill, or was killed
+        // between the rename into place and its exit (under load that window
+        // is real; the status then says killed).
+        if now != b"previous output" {
+            let file = PackedFile::open(&out)
+                .unwrap_or_else(|e| panic!("killed after {delay_ms} ms ({status}): {e}"));
             assert!(check_integrity(&file).unwrap().failures.is_empty());
             std::fs::write(&out, b"previous output").unwrap();
-        } else {
-            assert_eq!(now, b"previous output", "killed after {delay_ms} ms");
         }
         // A SIGKILL cannot be cleaned up after: a temporary file may remain, but
         // only under its hidden temporary name, never at the output path.

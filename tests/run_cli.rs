@@ -309,6 +309,29 @@ fn a_hub_repo_id_resolves_in_the_local_cache() {
     let by_path = run_json(&[&fixture("models/opt-relu"), "-p", "KING HENRY.", "-n", "6"]);
     assert_eq!(by_id["generated_ids"], by_path["generated_ids"]);
     assert_eq!(by_id["model_path"], snapshot.display().to_string());
+    // The other commands that take a model name it the same way.
+    let out = tempfile::tempdir().unwrap();
+    let packed = out.path().join("m.flashpack");
+    for args in [
+        vec!["inspect", "fixture-org/opt-relu"],
+        vec![
+            "eval",
+            "fixture-org/opt-relu",
+            "--text",
+            &fixture("text/heldout.txt"),
+            "--ctx",
+            "64",
+        ],
+        vec![
+            "convert",
+            "fixture-org/opt-relu",
+            "-o",
+            packed.to_str().unwrap(),
+        ],
+    ] {
+        let (code, _, stderr) = flashpack_with(&args, "", &env);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+    }
     // HF_HOME/hub is the cache when HF_HUB_CACHE is not set.
     let home = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(cache.path(), home.path().join("hub")).unwrap();

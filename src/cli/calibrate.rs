@@ -50,8 +50,8 @@ pub struct CalibrateArgs {
 #[derive(serde::Serialize)]
 struct CalibrateReport {
     model: String,
-    tokens: usize,
-    seconds: f64,
+    calibration_tokens: usize,
+    elapsed_ms: f64,
     tokens_per_s: f64,
     layers: Vec<LayerStats>,
     trace_dir: Option<String>,
@@ -60,6 +60,11 @@ struct CalibrateReport {
 }
 
 pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
+    if args.calib_tokens == 0 {
+        return Err(
+            Error::InvalidArgument("--calib-tokens must be at least 1 (it is 0)".into()).into(),
+        );
+    }
     let opts = CalibrationOptions {
         max_tokens: args.calib_tokens,
         target_sparsity: args.target_sparsity,
@@ -160,8 +165,8 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
     }
     out.json_result(&CalibrateReport {
         model: args.model.display().to_string(),
-        tokens: cal.tokens,
-        seconds,
+        calibration_tokens: cal.tokens,
+        elapsed_ms: seconds * 1e3,
         tokens_per_s: cal.tokens as f64 / seconds,
         layers: cal.layers.clone(),
         trace_dir: args.keep_trace.as_ref().map(|d| d.display().to_string()),

@@ -164,7 +164,8 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         }
     };
     let started = std::time::Instant::now();
-    let summary = convert(&args.model, &args.output, &options, &progress)?;
+    let source = crate::input::hub::resolve_model(&args.model)?;
+    let summary = convert(&source, &args.output, &options, &progress)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -195,7 +196,7 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         print_predictor_table(out, &summary.predictors);
     }
     let verified = if args.verify {
-        let report = crate::cli::verify::verify_file(&args.output, Some(&args.model), out)?;
+        let report = crate::cli::verify::verify_file(&args.output, Some(&source), out)?;
         if !report.ok {
             let message = format!(
                 "{} written but verification failed: {}",

@@ -63,12 +63,13 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.text).map_err(|e| Error::io(&args.text, e))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display())))?;
-    let ffn = default_ffn_mode(&args.model, args.ffn);
+    let model_path = crate::input::hub::resolve_model(&args.model)?;
+    let ffn = default_ffn_mode(&model_path, args.ffn);
     let Opened {
         loaded,
         counter,
         flash,
-    } = open_for_mode(&args.model, ffn, &args.flash, args.ctx)?;
+    } = open_for_mode(&model_path, ffn, &args.flash, args.ctx)?;
     let LoadedModel {
         model, tokenizer, ..
     } = loaded;

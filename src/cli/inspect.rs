@@ -18,13 +18,14 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
-    let (s, packed) = match crate::input::model_path_kind(&args.model)? {
+    let model = crate::input::hub::resolve_model(&args.model)?;
+    let (s, packed) = match crate::input::model_path_kind(&model)? {
         crate::input::ModelPathKind::Packed => {
-            let (s, p) = packed_summary(&args.model)?;
+            let (s, p) = packed_summary(&model)?;
             (s, Some(p))
         }
         crate::input::ModelPathKind::Checkpoint => {
-            let ckpt = Checkpoint::open(&args.model)?;
+            let ckpt = Checkpoint::open(&model)?;
             ckpt.check_side_files()?;
             (CheckpointSummary::of(&ckpt), None)
         }

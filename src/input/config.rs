@@ -75,6 +75,28 @@ pub struct RawConfig {
     pub max_window_layers: Option<usize>,
     pub layer_types: Option<Vec<String>>,
     pub pretraining_tp: Option<usize>,
+
+    // Phi-3 (transformers 4 wrote these at the top level).
+    pub partial_rotary_factor: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
+
+    // Gemma-2 and Gemma-3. The soft-caps tell null (none) from absent (the default).
+    pub hidden_activation: Option<String>,
+    pub query_pre_attn_scalar: Option<f64>,
+    #[serde(default, deserialize_with = "present")]
+    pub attn_logit_softcapping: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    pub final_logit_softcapping: Option<Option<f64>>,
+    pub rope_local_base_freq: Option<f64>,
+    pub sliding_window_pattern: Option<usize>,
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+/// A key that is present: `Some(None)` when its value is null.
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 /// A token id field: transformers allows an int or a list of ints (EOS especially).
@@ -106,6 +128,15 @@ pub struct RawRopeScaling {
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
     pub original_max_position_embeddings: Option<usize>,
+    /// Phi-3's `longrope` (`su`): per-frequency factors below and above
+    /// `original_max_position_embeddings`, and the cos/sin scale.
+    pub short_factor: Option<Vec<f64>>,
+    pub long_factor: Option<Vec<f64>>,
+    pub attention_factor: Option<f64>,
+    pub partial_rotary_factor: Option<f64>,
+    /// Gemma-3 (transformers 5): one RoPE object per layer type.
+    pub full_attention: Option<Box<RawRopeScaling>>,
+    pub sliding_attention: Option<Box<RawRopeScaling>>,
 }
 
 /// The model families flashpack runs.
@@ -115,6 +146,10 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Architecture {
@@ -125,23 +160,30 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Phi3 => "Phi3ForCausalLM",
+            Architecture::Gemma2 => "Gemma2ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
-    /// Llama, Mistral and Qwen2 share one layer structure: RMSNorm, RoPE, GQA, gated FFN.
+    /// Llama, Mistral, Qwen2 and the families added to them (Qwen3, Phi-3,
+    /// Gemma-2/3) share one layer structure: RMSNorm, RoPE, GQA, gated FFN.
     pub fn is_llama_family(self) -> bool {
         !matches!(self, Architecture::Opt)
     }
 }
 
-const SUPPORTED_ARCHITECTURES: &str =
-    "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+const SUPPORTED_ARCHITECTURES: &str = "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, \
+     Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM";
 
 /// The FFN's activation function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     Relu,
     Silu,
+    /// Gemma's GeGLU gate: `gelu_pytorch_tanh`, GELU with the tanh approximation.
+    GeluTanh,
 }
 
 impl Activation {
@@ -149,7 +191,15 @@ impl Activation {
         match self {
             Activation::Relu => "relu",
             Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
         }
+    }
+
+    /// Whether a neuron's output is exactly zero only by chance, so that
+    /// sparsity comes from a magnitude threshold (SiLU, GELU), not from the
+    /// activation itself (ReLU).
+    pub fn is_smooth(self) -> bool {
+        !matches!(self, Activation::Relu)
     }
 }
 
@@ -165,6 +215,64 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+}
+
+/// Phi-3's `longrope` RoPE scaling (transformers' `_compute_longrope_parameters`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    /// One factor per rotary frequency, used while a forward pass's positions
+    /// stay within `original_max_position_embeddings`.
+    pub short_factor: Vec<f64>,
+    /// Used once they go beyond it.
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    /// Multiplies cos and sin.
+    pub attention_factor: f64,
+}
+
+/// The RoPE of a group of layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
+    pub longrope: Option<LongRope>,
+    /// How many leading dimensions of each head rotate (`head_dim` unless a
+    /// `partial_rotary_factor` is configured); even.
+    pub rotary_dim: usize,
+}
+
+/// What the architectures after Qwen2 add to the Llama family's layer (all
+/// off for OPT, Llama, Mistral and Qwen2, which stay exactly as they were).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ArchOptions {
+    /// Per-head RMSNorm of q and k before RoPE (Qwen3, Gemma-3).
+    pub qk_norm: bool,
+    /// Gemma's RMSNorm multiplies by `1 + weight` (computed in f32).
+    pub norm_plus_one: bool,
+    /// Gemma-2/3: the attention output is normed (`post_attention_layernorm`)
+    /// before the residual add; the FFN has `pre_feedforward_layernorm` and
+    /// `post_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Gemma: token embeddings times `sqrt(hidden_size)`, rounded to f32 as
+    /// transformers' f32 buffer is (our runtime computes in f32).
+    pub embed_scale: Option<f32>,
+    /// Attention score scale when it is not `head_dim^-0.5` (Gemma:
+    /// `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f64>,
+    /// Gemma-2: scores become `cap * tanh(score / cap)` before the mask.
+    pub attn_softcap: Option<f64>,
+    /// Gemma-2: logits become `cap * tanh(logit / cap)`.
+    pub final_softcap: Option<f64>,
+    /// Per layer, `Some(w)` where the layer attends to the last `w` positions
+    /// only (a true sliding window: the KV cache keeps `w - 1` positions). Empty
+    /// for the families whose window caps the context instead.
+    pub layer_windows: Vec<Option<usize>>,
+    /// The RoPE of every layer, unless `local_rope` applies.
+    pub rope: Option<RopeSpec>,
+    /// Gemma-3: the RoPE of the sliding-window layers.
+    pub local_rope: Option<RopeSpec>,
+    /// Phi-3: `qkv_proj` and `gate_up_proj` are stored fused and split at load.
+    pub fused_projections: bool,
 }
 
 /// Options only OPT has.
@@ -221,6 +329,8 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     /// The dtype config.json declares (informational; tensors carry their own).
     pub declared_dtype: Option<String>,
+    /// Qwen3, Phi-3, Gemma-2/3 options (default for the other families).
+    pub ext: ArchOptions,
 }
 
 impl ModelConfig {
@@ -249,6 +359,10 @@ impl ModelConfig {
             "LlamaForCausalLM" => Architecture::Llama,
             "MistralForCausalLM" => Architecture::Mistral,
             "Qwen2ForCausalLM" => Architecture::Qwen2,
+            "Qwen3ForCausalLM" => Architecture::Qwen3,
+            "Phi3ForCausalLM" => Architecture::Phi3,
+            "Gemma2ForCausalLM" => Architecture::Gemma2,
+            "Gemma3ForCausalLM" => Architecture::Gemma3,
             _ => {
                 return Err(Error::UnsupportedArchitecture {
                     path: path.to_path_buf(),
@@ -259,7 +373,10 @@ impl ModelConfig {
         };
         match architecture {
             Architecture::Opt => v.opt(raw),
-            _ => v.llama_family(raw, architecture),
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
+                v.llama_family(raw, architecture)
+            }
+            _ => v.newer_family(raw, architecture),
         }
     }
 
@@ -418,6 +535,7 @@ impl Validator<'_> {
             eos_token_ids,
             pad_token_id,
             declared_dtype: raw.dtype.clone().or_else(|| raw.torch_dtype.clone()),
+            ext: ArchOptions::default(),
         })
     }
 
@@ -520,6 +638,298 @@ impl Validator<'_> {
             eos_token_ids,
             pad_token_id,
             declared_dtype: raw.dtype.clone().or_else(|| raw.torch_dtype.clone()),
+            ext: ArchOptions::default(),
+        })
+    }
+
+    /// Qwen3, Phi-3, Gemma-2 and Gemma-3: the Llama family's validation with
+    /// each class's defaults, then what each adds (see [`ArchOptions`]).
+    fn newer_family(&self, raw: &RawConfig, architecture: Architecture) -> Result<ModelConfig> {
+        use Architecture::{Gemma2, Gemma3, Phi3, Qwen3};
+        let gemma = matches!(architecture, Gemma2 | Gemma3);
+        // transformers' class defaults for keys a file leaves out.
+        let mut base = raw.clone();
+        let (head_dim, positions, eps, tie) = match architecture {
+            Qwen3 => (Some(128), 32_768, 1e-6, false),
+            Phi3 => (None, 4096, 1e-5, false),
+            Gemma2 => (Some(256), 8192, 1e-6, true),
+            _ => (Some(256), 131_072, 1e-6, true),
+        };
+        base.head_dim = raw.head_dim.or(head_dim);
+        base.max_position_embeddings = raw.max_position_embeddings.or(Some(positions));
+        base.rms_norm_eps = raw.rms_norm_eps.or(Some(eps));
+        base.tie_word_embeddings = raw.tie_word_embeddings.or(Some(tie));
+        // What the Llama validation must not see: read below, per class.
+        base.hidden_act = Some("silu".into());
+        base.rope_parameters = None;
+        base.rope_scaling = None;
+        base.rope_theta = None;
+        base.layer_types = None;
+        base.sliding_window = None;
+        let mut cfg = self.llama_family(&base, Architecture::Llama)?;
+        cfg.architecture = architecture;
+        cfg.max_context = cfg.max_position_embeddings;
+
+        let act_name = if gemma {
+            raw.hidden_activation
+                .as_deref()
+                .or(raw.hidden_act.as_deref())
+                .unwrap_or("gelu_pytorch_tanh")
+        } else {
+            raw.hidden_act.as_deref().unwrap_or("silu")
+        };
+        cfg.activation = match act_name {
+            "relu" if !gemma => Activation::Relu,
+            "silu" | "swish" if !gemma => Activation::Silu,
+            "gelu_pytorch_tanh" if gemma => Activation::GeluTanh,
+            other => {
+                return Err(self.unsupported(
+                    if gemma {
+                        "hidden_activation"
+                    } else {
+                        "hidden_act"
+                    },
+                    format!("{other:?}"),
+                    if gemma {
+                        "Gemma is supported with gelu_pytorch_tanh"
+                    } else {
+                        "supported activations are relu and silu"
+                    },
+                ))
+            }
+        };
+        // Phi-3 has no biases; Qwen3 and Gemma put `attention_bias` on q, k, v and o.
+        let bias = architecture != Phi3 && raw.attention_bias.unwrap_or(false);
+        cfg.qkv_bias = bias;
+        cfg.o_bias = bias;
+        cfg.ffn_bias = false;
+
+        let mut ext = ArchOptions {
+            qk_norm: matches!(architecture, Qwen3 | Gemma3),
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            fused_projections: architecture == Phi3,
+            ..ArchOptions::default()
+        };
+        if gemma {
+            if raw.use_bidirectional_attention == Some(true) {
+                return Err(self.unsupported(
+                    "use_bidirectional_attention",
+                    "true".into(),
+                    "only causal attention is supported",
+                ));
+            }
+            ext.embed_scale = Some((cfg.hidden_size as f64).sqrt() as f32);
+            let scalar = raw.query_pre_attn_scalar.unwrap_or(256.0);
+            if !(scalar.is_finite() && scalar > 0.0) {
+                return Err(self.invalid(&format!(
+                    "query_pre_attn_scalar {scalar} must be a finite positive number"
+                )));
+            }
+            ext.attn_scale = Some(scalar.powf(-0.5));
+            if architecture == Gemma2 {
+                ext.attn_softcap = self.softcap(raw.attn_logit_softcapping, 50.0)?;
+                ext.final_softcap = self.softcap(raw.final_logit_softcapping, 30.0)?;
+            } else {
+                ext.attn_softcap = self.softcap(raw.attn_logit_softcapping, f64::NAN)?;
+                ext.final_softcap = self.softcap(raw.final_logit_softcapping, f64::NAN)?;
+            }
+        }
+
+        // Which layers slide, and over how many positions.
+        let layers = cfg.num_layers;
+        let window = match architecture {
+            Qwen3 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            Qwen3 => None,
+            Phi3 => raw.sliding_window,
+            _ => raw.sliding_window.or(Some(4096)),
+        };
+        if window == Some(0) {
+            return Err(self.invalid("`sliding_window` is 0"));
+        }
+        let sliding: Vec<bool> = match &raw.layer_types {
+            Some(types) => {
+                if types.len() != layers {
+                    return Err(self.invalid(&format!(
+                        "`layer_types` has {} entries for {layers} layers",
+                        types.len()
+                    )));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "full_attention" => Ok(false),
+                        "sliding_attention" => Ok(true),
+                        other => Err(self.unsupported(
+                            "layer_types",
+                            format!("{other:?}"),
+                            "layer types are full_attention and sliding_attention",
+                        )),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            None => (0..layers)
+                .map(|i| match architecture {
+                    Qwen3 => i >= raw.max_window_layers.unwrap_or(28),
+                    Phi3 => true,
+                    Gemma2 => (i + 1) % 2 != 0,
+                    _ => (i + 1) % raw.sliding_window_pattern.unwrap_or(6).max(1) != 0,
+                })
+                .collect(),
+        };
+        ext.layer_windows = sliding
+            .iter()
+            .map(|&s| if s { window } else { None })
+            .collect();
+
+        // RoPE: one object, or (Gemma-3) one per layer type.
+        let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let (global, local) = if architecture == Gemma3 {
+            let nested =
+                params.filter(|p| p.full_attention.is_some() || p.sliding_attention.is_some());
+            let (full, slide) = match nested {
+                Some(p) => (
+                    p.full_attention.as_deref().cloned(),
+                    p.sliding_attention.as_deref().cloned(),
+                ),
+                None => (params.cloned(), None),
+            };
+            let global = self.rope_spec(
+                full.as_ref(),
+                raw.rope_theta.unwrap_or(1_000_000.0),
+                raw,
+                &cfg,
+            )?;
+            let local = self.rope_spec(
+                slide.as_ref(),
+                raw.rope_local_base_freq.unwrap_or(10_000.0),
+                raw,
+                &cfg,
+            )?;
+            (global, Some(local))
+        } else {
+            let global = self.rope_spec(params, raw.rope_theta.unwrap_or(10_000.0), raw, &cfg)?;
+            (global, None)
+        };
+        cfg.rope_theta = global.theta;
+        cfg.rope_scaling = global.scaling;
+        ext.rope = Some(global);
+        ext.local_rope = local;
+        cfg.ext = ext;
+        Ok(cfg)
+    }
+
+    /// A soft-cap: absent takes `default` (NaN: none), null is none.
+    fn softcap(&self, value: Option<Option<f64>>, default: f64) -> Result<Option<f64>> {
+        let cap = match value {
+            None => (!default.is_nan()).then_some(default),
+            Some(v) => v,
+        };
+        match cap {
+            Some(c) if !(c.is_finite() && c > 0.0) => Err(self.invalid(&format!(
+                "logit soft-capping {c} must be a finite positive number"
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    /// One RoPE object of the newer families, with `theta` when it has none;
+    /// adds Phi-3's `longrope` (`su`, and `yarn` which Phi-3 maps to it) and
+    /// partial rotary to the types [`Validator::rope`] reads.
+    fn rope_spec(
+        &self,
+        params: Option<&RawRopeScaling>,
+        theta: f64,
+        raw: &RawConfig,
+        cfg: &ModelConfig,
+    ) -> Result<RopeSpec> {
+        let partial = params
+            .and_then(|p| p.partial_rotary_factor)
+            .or(raw.partial_rotary_factor)
+            .unwrap_or(1.0);
+        if !(partial.is_finite() && partial > 0.0 && partial <= 1.0) {
+            return Err(self.invalid(&format!(
+                "partial_rotary_factor {partial} must be in (0, 1]"
+            )));
+        }
+        // transformers: int(head_dim * partial_rotary_factor).
+        let rotary_dim = (cfg.head_dim as f64 * partial) as usize;
+        if rotary_dim < 2 || rotary_dim % 2 != 0 {
+            return Err(self.invalid(&format!(
+                "{rotary_dim} rotary dimensions (head_dim {} times partial_rotary_factor {partial}) must be even and at least 2",
+                cfg.head_dim
+            )));
+        }
+        let kind = params
+            .and_then(|p| p.rope_type.as_deref().or(p.legacy_type.as_deref()))
+            .unwrap_or("default");
+        if matches!(kind, "longrope" | "su" | "yarn") && cfg.architecture == Architecture::Phi3 {
+            let p = params.expect("a rope type comes from a rope object");
+            let theta = p.rope_theta.or(raw.rope_theta).unwrap_or(theta);
+            if !(theta.is_finite() && theta > 1.0) {
+                return Err(self.invalid(&format!(
+                    "rope_theta {theta} must be a finite number above 1"
+                )));
+            }
+            let original = self.size(
+                p.original_max_position_embeddings
+                    .or(raw.original_max_position_embeddings)
+                    .or(Some(4096)),
+                "original_max_position_embeddings",
+                MAX_POSITIONS,
+            )?;
+            let factors = |f: &Option<Vec<f64>>, key: &str| -> Result<Vec<f64>> {
+                match f {
+                    Some(v)
+                        if v.len() == rotary_dim / 2
+                            && v.iter().all(|x| x.is_finite() && *x > 0.0) =>
+                    {
+                        Ok(v.clone())
+                    }
+                    Some(v) => Err(self.invalid(&format!(
+                        "longrope `{key}` must hold {} positive numbers (got {})",
+                        rotary_dim / 2,
+                        v.len()
+                    ))),
+                    None => Err(self.invalid(&format!("longrope rope scaling has no `{key}`"))),
+                }
+            };
+            let factor = p
+                .factor
+                .unwrap_or(cfg.max_position_embeddings as f64 / original as f64);
+            let attention_factor = match p.attention_factor {
+                Some(a) if a.is_finite() && a > 0.0 => a,
+                Some(a) => {
+                    return Err(self.invalid(&format!(
+                        "longrope attention_factor {a} must be a finite positive number"
+                    )))
+                }
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            return Ok(RopeSpec {
+                theta,
+                scaling: None,
+                longrope: Some(LongRope {
+                    short_factor: factors(&p.short_factor, "short_factor")?,
+                    long_factor: factors(&p.long_factor, "long_factor")?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                }),
+                rotary_dim,
+            });
+        }
+        let probe = RawConfig {
+            rope_parameters: params.cloned(),
+            rope_theta: Some(theta),
+            ..RawConfig::default()
+        };
+        let (theta, scaling) = self.rope(&probe)?;
+        Ok(RopeSpec {
+            theta,
+            scaling,
+            longrope: None,
+            rotary_dim,
         })
     }
 

@@ -138,7 +138,10 @@ impl Checkpoint {
         }
         let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
         let names = ModelNames::for_config(&config);
-        let weights = WeightFiles::open(dir)?;
+        let mut weights = WeightFiles::open(dir)?;
+        for fused in &names.fused {
+            weights.add_row_split(fused)?;
+        }
         for spec in names.specs() {
             weights.get_shaped(&spec.name, &spec.shape)?;
         }

@@ -45,8 +45,14 @@ impl CheckpointSummary {
     pub fn of(ckpt: &Checkpoint) -> CheckpointSummary {
         let dtype_of = |name: &str| ckpt.weights.get(name).ok().map(|t| t.dtype);
         let mut s = CheckpointSummary::from_model(&ckpt.config, &ckpt.names, &dtype_of);
-        let used: std::collections::HashSet<String> =
-            ckpt.names.specs().into_iter().map(|s| s.name).collect();
+        // Fused tensors (Phi-3) are used through their split parts.
+        let used: std::collections::HashSet<String> = ckpt
+            .names
+            .specs()
+            .into_iter()
+            .map(|s| s.name)
+            .chain(ckpt.names.fused.iter().map(|f| f.name.clone()))
+            .collect();
         s.weight_files = ckpt.weights.file_names().map(str::to_string).collect();
         s.sharded = ckpt.weights.index.is_some();
         s.bytes_on_disk = ckpt.weights.bytes_on_disk;

@@ -65,6 +65,23 @@ pub struct LayerNames {
     pub o: LinearNames,
     pub ffn_norm: NormNames,
     pub ffn: FfnNames,
+    /// Per-head RMSNorms of q and k (`[head_dim]`; Qwen3, Gemma-3).
+    pub q_norm: Option<NormNames>,
+    pub k_norm: Option<NormNames>,
+    /// Gemma-2/3: the norm of the attention output (`post_attention_layernorm`;
+    /// `ffn_norm` is then `pre_feedforward_layernorm`) and of the FFN output.
+    pub post_attn_norm: Option<NormNames>,
+    pub post_ffn_norm: Option<NormNames>,
+}
+
+/// A tensor stored fused in the checkpoint (Phi-3's `qkv_proj`, `gate_up_proj`)
+/// and read as the row blocks the model uses: `parts` are `(name, rows)` in
+/// order, each `[rows, in_dim]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FusedTensor {
+    pub name: String,
+    pub in_dim: usize,
+    pub parts: Vec<(String, usize)>,
 }
 
 /// Every tensor of a model, by role.
@@ -81,6 +98,8 @@ pub struct ModelNames {
     /// The output projection; with tied embeddings its weight is `embed_tokens`.
     pub lm_head: LinearNames,
     pub layers: Vec<LayerNames>,
+    /// Fused checkpoint tensors split at load (Phi-3); empty otherwise.
+    pub fused: Vec<FusedTensor>,
 }
 
 fn linear(prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> LinearNames {
@@ -153,7 +172,16 @@ impl ModelNames {
             for l in [&layer.q, &layer.k, &layer.v, &layer.o] {
                 add_linear(&mut specs, l, ParamGroup::Attention);
             }
+            for n in [&layer.q_norm, &layer.k_norm, &layer.post_attn_norm]
+                .into_iter()
+                .flatten()
+            {
+                add_norm(&mut specs, n);
+            }
             add_norm(&mut specs, &layer.ffn_norm);
+            if let Some(n) = &layer.post_ffn_norm {
+                add_norm(&mut specs, n);
+            }
             match &layer.ffn {
                 FfnNames::Plain { up, down } => {
                     add_linear(&mut specs, up, ParamGroup::Ffn);
@@ -194,6 +222,10 @@ fn opt_names(cfg: &ModelConfig) -> ModelNames {
                     up: linear(&format!("{p}.fc1"), cfg.ffn_width, h, cfg.ffn_bias),
                     down: linear(&format!("{p}.fc2"), h, cfg.ffn_width, cfg.ffn_bias),
                 },
+                q_norm: None,
+                k_norm: None,
+                post_attn_norm: None,
+                post_ffn_norm: None,
             }
         })
         .collect();
@@ -222,11 +254,22 @@ fn opt_names(cfg: &ModelConfig) -> ModelNames {
             in_dim: proj,
         },
         layers,
+        fused: Vec::new(),
     }
 }
 
-/// Tensor names of `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM`.
+/// Tensor names of `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+/// and of the families that add to them: `Qwen3ForCausalLM` (q/k norms),
+/// `Phi3ForCausalLM` (q/k/v and gate/up split from its fused tensors at load, so
+/// named as Llama's), `Gemma2ForCausalLM` and `Gemma3ForCausalLM` (four norms per
+/// layer; Gemma-3 q/k norms).
 fn llama_names(cfg: &ModelConfig) -> ModelNames {
+    let ext = &cfg.ext;
+    let head_norm = |name: String| NormNames {
+        weight: Some(name),
+        bias: None,
+        dim: cfg.head_dim,
+    };
     let h = cfg.hidden_size;
     let q_dim = cfg.num_heads * cfg.head_dim;
     let kv = cfg.kv_dim();
@@ -246,15 +289,59 @@ fn llama_names(cfg: &ModelConfig) -> ModelNames {
                 k: linear(&format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias),
                 v: linear(&format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias),
                 o: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, cfg.o_bias),
-                ffn_norm: rms(format!("{p}.post_attention_layernorm.weight")),
+                ffn_norm: rms(if ext.sandwich_norms {
+                    format!("{p}.pre_feedforward_layernorm.weight")
+                } else {
+                    format!("{p}.post_attention_layernorm.weight")
+                }),
                 ffn: FfnNames::Gated {
                     gate: mlp("gate_proj", cfg.ffn_width, h),
                     up: mlp("up_proj", cfg.ffn_width, h),
                     down: mlp("down_proj", h, cfg.ffn_width),
                 },
+                q_norm: ext
+                    .qk_norm
+                    .then(|| head_norm(format!("{p}.self_attn.q_norm.weight"))),
+                k_norm: ext
+                    .qk_norm
+                    .then(|| head_norm(format!("{p}.self_attn.k_norm.weight"))),
+                post_attn_norm: ext
+                    .sandwich_norms
+                    .then(|| rms(format!("{p}.post_attention_layernorm.weight"))),
+                post_ffn_norm: ext
+                    .sandwich_norms
+                    .then(|| rms(format!("{p}.post_feedforward_layernorm.weight"))),
             }
         })
         .collect();
+    let fused = if ext.fused_projections {
+        (0..cfg.num_layers)
+            .flat_map(|i| {
+                let p = format!("model.layers.{i}");
+                [
+                    FusedTensor {
+                        name: format!("{p}.self_attn.qkv_proj.weight"),
+                        in_dim: h,
+                        parts: vec![
+                            (format!("{p}.self_attn.q_proj.weight"), q_dim),
+                            (format!("{p}.self_attn.k_proj.weight"), kv),
+                            (format!("{p}.self_attn.v_proj.weight"), kv),
+                        ],
+                    },
+                    FusedTensor {
+                        name: format!("{p}.mlp.gate_up_proj.weight"),
+                        in_dim: h,
+                        parts: vec![
+                            (format!("{p}.mlp.gate_proj.weight"), cfg.ffn_width),
+                            (format!("{p}.mlp.up_proj.weight"), cfg.ffn_width),
+                        ],
+                    },
+                ]
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let embed_tokens = "model.embed_tokens.weight".to_string();
     ModelNames {
         embed_tokens: embed_tokens.clone(),
@@ -273,6 +360,7 @@ fn llama_names(cfg: &ModelConfig) -> ModelNames {
             in_dim: h,
         },
         layers,
+        fused,
     }
 }
 

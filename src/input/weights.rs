@@ -256,6 +256,37 @@ impl WeightFiles {
         Ok(tensor)
     }
 
+    /// Makes the row blocks of a fused `[sum of rows, in_dim]` tensor readable
+    /// under their own names (Phi-3's `qkv_proj` as q, k and v; `gate_up_proj`
+    /// as gate and up): each block is a contiguous byte range of the fused one.
+    pub fn add_row_split(&mut self, fused: &crate::input::tensors::FusedTensor) -> Result<()> {
+        let rows: usize = fused.parts.iter().map(|(_, r)| r).sum();
+        let dtype = self.get_shaped(&fused.name, &[rows, fused.in_dim])?.dtype;
+        let entry = self.tensors[&fused.name].clone();
+        let row_bytes = fused.in_dim * dtype.size_bytes();
+        let mut start = entry.start;
+        for (name, r) in &fused.parts {
+            if self.tensors.contains_key(name) {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor {name} is stored both alone and inside the fused {}",
+                    fused.name
+                )));
+            }
+            let end = start + r * row_bytes;
+            self.tensors.insert(
+                name.clone(),
+                TensorEntry {
+                    shape: vec![*r, fused.in_dim],
+                    start,
+                    end,
+                    ..entry.clone()
+                },
+            );
+            start = end;
+        }
+        Ok(())
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -6,11 +6,38 @@ use rayon::prelude::*;
 use crate::runtime::kernels::{axpy, dot, softmax};
 
 /// Keys and values of one layer for every position so far, row-major
-/// `[position][kv_dim]` (post-RoPE keys).
+/// `[position][kv_dim]` (post-RoPE keys). A sliding-window layer keeps only the
+/// positions from `first` on (the rows its next query can see).
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    /// The absolute position of row 0 (0 unless a sliding window dropped rows).
+    pub first: usize,
+}
+
+impl LayerKv {
+    /// Keeps the rows of positions before `end` (dropping any after a failed
+    /// pass), then appends `n` positions' keys and values.
+    pub fn append(&mut self, end: usize, k: &[f32], v: &[f32], kv_dim: usize) {
+        let keep = end.saturating_sub(self.first) * kv_dim;
+        self.k.truncate(keep);
+        self.v.truncate(keep);
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
+    }
+
+    /// Drops the positions a query at `next` or later cannot see through a
+    /// window of `window` positions.
+    pub fn slide(&mut self, next: usize, window: usize, kv_dim: usize) {
+        let first = (next + 1).saturating_sub(window);
+        if first > self.first {
+            let drop = ((first - self.first) * kv_dim).min(self.k.len());
+            self.k.drain(..drop);
+            self.v.drain(..drop);
+            self.first = first;
+        }
+    }
 }
 
 /// The KV cache of a whole model for one sequence.
@@ -34,6 +61,7 @@ impl KvCache {
         for l in &mut self.layers {
             l.k.clear();
             l.v.clear();
+            l.first = 0;
         }
         self.len = 0;
     }
@@ -55,6 +83,10 @@ pub struct Heads {
     pub head_dim: usize,
     /// Multiplies `q . k` (1 where q was pre-scaled, as OPT does).
     pub score_scale: f32,
+    /// Gemma-2: scores become `cap * tanh(score / cap)`.
+    pub softcap: Option<f32>,
+    /// A sliding window: a query at position `p` sees positions `p - w + 1 ..= p`.
+    pub window: Option<usize>,
 }
 
 /// Attention for `n` queries at positions `start..start + n` (`q`: `n x
@@ -74,14 +106,22 @@ pub fn attend(q: &[f32], n: usize, start: usize, kv: &LayerKv, h: Heads) -> Vec<
             let kvh = head / group;
             let qv = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
             let visible = start + t + 1;
-            let mut scores: Vec<f32> = (0..visible)
+            // Rows of the cache: position p is row p - kv.first.
+            let lo = h.window.map_or(0, |w| visible.saturating_sub(w)) - kv.first;
+            let rows = lo..visible - kv.first;
+            let mut scores: Vec<f32> = rows
+                .clone()
                 .map(|p| {
                     let k = &kv.k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                    dot(qv, k) * h.score_scale
+                    let s = dot(qv, k) * h.score_scale;
+                    match h.softcap {
+                        Some(cap) => (s / cap).tanh() * cap,
+                        None => s,
+                    }
                 })
                 .collect();
             softmax(&mut scores);
-            for (p, &w) in scores.iter().enumerate() {
+            for (p, &w) in rows.zip(&scores) {
                 axpy(
                     o,
                     w,

@@ -135,11 +135,22 @@ pub fn neuron_value(activation: Activation, gate: Option<f32>, up: f32) -> f32 {
     let act = |v: f32| match activation {
         Activation::Relu => relu(v),
         Activation::Silu => silu(v),
+        Activation::GeluTanh => gelu_tanh(v),
     };
     match gate {
         None => act(up),
         Some(g) => act(g) * up,
     }
+}
+
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma's GeGLU gate),
+/// in f32 as PyTorch computes it: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
+    const KAPPA: f32 = 0.044715;
+    let inner = BETA * (x + KAPPA * x * x * x);
+    0.5 * x * (1.0 + inner.tanh())
 }
 
 impl DenseFfn {

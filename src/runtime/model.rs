@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::input::config::{ModelConfig, OPT_POSITION_OFFSET};
-use crate::input::tensors::{FfnNames, ModelNames};
+use crate::input::tensors::{FfnNames, ModelNames, NormNames};
 use crate::input::Checkpoint;
 use crate::runtime::attention::{attend, Heads, KvCache};
 use crate::runtime::ffn::{ActiveSet, DenseFfn, Ffn, FfnWeights, Fired};
@@ -26,6 +26,12 @@ pub struct Layer {
     pub o: Linear,
     pub ffn_norm: NormWeights,
     pub ffn: Box<dyn Ffn>,
+    /// Per-head norms of q and k (Qwen3, Gemma-3).
+    pub q_norm: Option<NormWeights>,
+    pub k_norm: Option<NormWeights>,
+    /// Gemma-2/3: norms of the attention and FFN outputs.
+    pub post_attn_norm: Option<NormWeights>,
+    pub post_ffn_norm: Option<NormWeights>,
 }
 
 /// Which positions of a forward pass need logits.
@@ -65,6 +71,8 @@ pub struct Model {
     lm_head: Linear,
     pub layers: Vec<Layer>,
     rope: Option<Rope>,
+    /// Gemma-3: the RoPE of the sliding-window layers.
+    local_rope: Option<Rope>,
 }
 
 impl Model {
@@ -126,11 +134,21 @@ impl Model {
             .as_ref()
             .map(|l| load_linear(src, l))
             .transpose()?;
-        let final_norm = names
-            .final_norm
-            .as_ref()
-            .map(|n| load_norm(src, n))
-            .transpose()?;
+        // Gemma's RMSNorm multiplies by (1 + weight), formed in f32 as
+        // transformers does: fold the 1 into the weights once.
+        let plus_one = config.ext.norm_plus_one;
+        let load_norm = |src: &dyn TensorSource, n: &NormNames| -> Result<NormWeights> {
+            let mut norm = load_norm(src, n)?;
+            if plus_one {
+                for w in norm.weight.iter_mut().flatten() {
+                    *w += 1.0;
+                }
+            }
+            Ok(norm)
+        };
+        let optional_norm =
+            |n: &Option<NormNames>| n.as_ref().map(|n| load_norm(src, n)).transpose();
+        let final_norm = optional_norm(&names.final_norm)?;
         let mut layers = Vec::with_capacity(names.layers.len());
         for (i, l) in names.layers.iter().enumerate() {
             layers.push(Layer {
@@ -141,12 +159,20 @@ impl Model {
                 o: load_linear(src, &l.o)?,
                 ffn_norm: load_norm(src, &l.ffn_norm)?,
                 ffn: make_ffn(i, &l.ffn)?,
+                q_norm: optional_norm(&l.q_norm)?,
+                k_norm: optional_norm(&l.k_norm)?,
+                post_attn_norm: optional_norm(&l.post_attn_norm)?,
+                post_ffn_norm: optional_norm(&l.post_ffn_norm)?,
             });
         }
-        let rope = config
-            .architecture
-            .is_llama_family()
-            .then(|| Rope::new(config));
+        let rope = match &config.ext.rope {
+            Some(spec) => Some(Rope::from_spec(spec)),
+            None => config
+                .architecture
+                .is_llama_family()
+                .then(|| Rope::new(config)),
+        };
+        let local_rope = config.ext.local_rope.as_ref().map(Rope::from_spec);
         Ok(Model {
             config: config.clone(),
             embed,
@@ -157,6 +183,7 @@ impl Model {
             lm_head,
             layers,
             rope,
+            local_rope,
         })
     }
 
@@ -227,16 +254,26 @@ impl Model {
         let opt = cfg.opt;
         let pre_ln = opt.map_or(true, |o| o.do_layer_norm_before);
         let scale = (cfg.head_dim as f32).powf(-0.5);
+        let ext = &cfg.ext;
         let heads = Heads {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             // OPT scales q after its projection (bias included); eager Llama
             // attention scales the scores.
-            score_scale: if opt.is_some() { 1.0 } else { scale },
+            score_scale: if opt.is_some() {
+                1.0
+            } else {
+                ext.attn_scale.map_or(scale, |s| s as f32)
+            },
+            softcap: ext.attn_softcap.map(|c| c as f32),
+            window: None,
         };
         let rope_table = self.rope.as_ref().map(|r| r.table(start, n));
+        let local_table = self.local_rope.as_ref().map(|r| r.table(start, n));
         for (li, layer) in self.layers.iter().enumerate() {
+            let window = ext.layer_windows.get(li).copied().flatten();
+            let heads = Heads { window, ..heads };
             // Attention block.
             let mut hn = x.clone();
             if pre_ln {
@@ -253,7 +290,18 @@ impl Model {
                     *e *= scale;
                 }
             }
-            if let Some(rope) = &rope_table {
+            // Qwen3 and Gemma-3 norm each head of q and k before RoPE.
+            if let Some(norm) = &layer.q_norm {
+                kernels::rms_norm(&mut q, cfg.head_dim, norm, cfg.norm_eps);
+            }
+            if let Some(norm) = &layer.k_norm {
+                kernels::rms_norm(&mut k, cfg.head_dim, norm, cfg.norm_eps);
+            }
+            let table = match (&local_table, window) {
+                (Some(local), Some(_)) => Some(local),
+                _ => rope_table.as_ref(),
+            };
+            if let Some(rope) = table {
                 let hd = cfg.head_dim;
                 for t in 0..n {
                     for head in q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
@@ -265,13 +313,17 @@ impl Model {
                 }
             }
             let kv = &mut cache.layers[li];
-            kv.k.truncate(start * kv_dim);
-            kv.v.truncate(start * kv_dim);
-            kv.k.extend_from_slice(&k);
-            kv.v.extend_from_slice(&v);
+            kv.append(start, &k, &v, kv_dim);
             let attn = attend(&q, n, start, kv, heads);
+            if let Some(w) = window {
+                // A true sliding-window cache: keep what later queries can see.
+                kv.slide(start + n, w, kv_dim);
+            }
             let mut o = vec![0.0f32; n * h];
             kernels::linear(&layer.o, &attn, n, &mut o);
+            if let Some(norm) = &layer.post_attn_norm {
+                self.norm(&mut o, norm);
+            }
             for (xe, oe) in x.iter_mut().zip(&o) {
                 *xe += oe;
             }
@@ -296,6 +348,9 @@ impl Model {
             )?;
             if let Some(obs) = observer.as_deref_mut() {
                 obs.ffn(li, &hn, n, &fired);
+            }
+            if let Some(norm) = &layer.post_ffn_norm {
+                self.norm(&mut f, norm);
             }
             for (xe, fe) in x.iter_mut().zip(&f) {
                 *xe += fe;
@@ -330,6 +385,12 @@ impl Model {
         };
         let mut logits = vec![0.0f32; m * cfg.vocab_size];
         kernels::linear(&self.lm_head, rows, m, &mut logits);
+        if let Some(cap) = cfg.ext.final_softcap {
+            let cap = cap as f32;
+            for l in &mut logits {
+                *l = (*l / cap).tanh() * cap;
+            }
+        }
         Ok(logits)
     }
 
@@ -346,6 +407,12 @@ impl Model {
             let mut out = vec![0.0f32; tokens.len() * p.out_dim()];
             kernels::linear(p, &x, tokens.len(), &mut out);
             x = out;
+        }
+        if let Some(s) = cfg.ext.embed_scale {
+            // Gemma: times sqrt(hidden), an f32 like the embedding rows here.
+            for v in &mut x {
+                *v *= s;
+            }
         }
         if let Some(pos) = &self.positions {
             let h = cfg.hidden_size;

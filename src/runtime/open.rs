@@ -39,6 +39,9 @@ impl LoadedModel {
 
 /// Loads a checkpoint directory or a packed file (all weights in DRAM).
 pub fn open_model(path: &Path) -> Result<LoadedModel> {
+    // A missing path or one of the wrong kind is said as such, before either
+    // reader reports a file it expected inside.
+    crate::input::model_path_kind(path)?;
     if path.is_file() {
         let file = PackedFile::open(path)?;
         let weights = PackedWeights::read_all(&file)?;
@@ -116,4 +119,20 @@ pub(crate) fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
         selector: Selector::Auto,
         measure_selector: false,
     }))
+}
+
+/// The `generation_config.json` a model came with: the checkpoint's file, or
+/// the copy in a packed file's manifest; `None` when it had none.
+pub fn generation_config(path: &Path) -> Result<Option<serde_json::Value>> {
+    if path.is_file() {
+        return Ok(PackedFile::open(path)?.manifest.generation_config);
+    }
+    let file = path.join(crate::input::tokenizer::GENERATION_CONFIG_FILE);
+    match std::fs::read(&file) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| crate::error::Error::Json { path: file, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::error::Error::io(&file, e)),
+    }
 }
