@@ -21,5 +21,6 @@ pub mod input;
 pub mod pack;
 pub mod predictor;
 pub mod runtime;
+pub mod server;
 
 pub use error::{Error, ExitClass, Result};

@@ -9,11 +9,13 @@
 
 mod bench;
 mod calibrate;
+mod chat;
 mod convert;
 mod eval;
 mod inspect;
 mod predictors;
 mod run;
+mod serve;
 mod verify;
 
 use std::process::ExitCode;
@@ -54,6 +56,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate text from a prompt, streamed to stdout.
     Run(run::RunArgs),
+    /// Chat with the model through its chat template, one user turn per line of input.
+    Chat(chat::ChatArgs),
+    /// An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions).
+    Serve(serve::ServeArgs),
     /// Perplexity of a text file.
     Eval(eval::EvalArgs),
     /// Prefill / decode speed and memory bandwidth (a measurement, not a test).
@@ -208,6 +214,8 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Inspect(args) => inspect::run(args, &out),
         Command::Run(args) => run::run(args, &out),
+        Command::Chat(args) => chat::run(args, &out),
+        Command::Serve(args) => serve::run(args, &out),
         Command::Eval(args) => eval::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
         Command::Convert(args) => convert::run(args, &out),

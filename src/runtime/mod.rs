@@ -15,6 +15,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod chat;
 pub mod ffn;
 pub mod flash;
 pub mod generate;

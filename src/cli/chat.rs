@@ -1,0 +1,270 @@
+//! `flashpack chat <MODEL>`: a multi-turn conversation with the model's own
+//! chat template, one user turn per line of standard input (a terminal or a
+//! pipe), each answer streamed to stdout.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+
+use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, Opened, MAX_JSON_SAFE_INTEGER};
+use crate::cli::Output;
+use crate::runtime::chat::{ChatEncoder, Message};
+use crate::runtime::generate::{generate_text, GenerateOptions, StopReason};
+use crate::runtime::sampling::SamplingParams;
+use crate::runtime::sparse::FfnMode;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Each line of standard input is a user turn; `/reset` forgets the \
+    conversation, `/exit` (or end of input) ends it. The whole conversation is rendered with \
+    the model's chat template each turn (as transformers' apply_chat_template with \
+    add_generation_prompt=True); the oldest turns are dropped when it outgrows the context.\n\n\
+    Examples:\n  \
+    flashpack chat fixtures/chat/llama-silu-chat\n  \
+    printf 'ROMEO.\\nGo on.\\n' | flashpack chat fixtures/chat/llama-silu-chat --max-new-tokens 20"
+)]
+pub struct ChatArgs {
+    /// A Hugging Face checkpoint directory or a flashpack file with a chat
+    /// template.
+    pub model: PathBuf,
+    /// A system message that starts the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per answer; an answer also ends at an end-of-turn token.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens [default: all].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probability reaches P,
+    /// in (0, 1] [default: 1, all].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Sample only among tokens at least P times as likely as the most likely
+    /// one, in [0, 1] [default: 0, all].
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Penalty on tokens already in the conversation (transformers'
+    /// repetition_penalty; 1 is none).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// RNG seed for sampling, at most 2^53 - 1 (default: from the clock;
+    /// reported with --json). Turn i uses seed + i.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=MAX_JSON_SAFE_INTEGER))]
+    pub seed: Option<u64>,
+    /// Positions the conversation may use [default: the model's context].
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Worker threads (default: one per core). Output does not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Which FFN neurons to compute and where their weights are, as for `run`
+    /// (default: `flash` for a packed file with predictors, `dense` otherwise).
+    #[arg(long, value_enum)]
+    pub ffn: Option<FfnMode>,
+    #[command(flatten)]
+    pub flash: FlashArgs,
+}
+
+#[derive(serde::Serialize)]
+struct Turn {
+    user: String,
+    assistant: String,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    stop_reason: StopReason,
+    /// Turns dropped from the start of the conversation to fit the context.
+    dropped_messages: usize,
+    prefill_ms: f64,
+    decode_ms: f64,
+    decode_tokens_per_s: f64,
+}
+
+#[derive(serde::Serialize)]
+struct ChatReport {
+    model: String,
+    ffn: FfnMode,
+    seed: u64,
+    context: usize,
+    turns: Vec<Turn>,
+    elapsed_ms: f64,
+}
+
+pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            & MAX_JSON_SAFE_INTEGER
+    });
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repeat_penalty,
+        seed,
+    };
+    sampling.validate()?;
+    if args.ctx == Some(0) {
+        return Err(crate::Error::InvalidArgument("--ctx must be at least 1".into()).into());
+    }
+    // The template first: a model without one fails before its weights load.
+    let encoder = ChatEncoder::load(&args.model)?;
+    let ffn = default_ffn_mode(&args.model, args.ffn);
+    let Opened {
+        loaded,
+        flash: _flash,
+        ..
+    } = open_for_mode(
+        &args.model,
+        ffn,
+        &args.flash,
+        args.ctx.unwrap_or(usize::MAX),
+    )?;
+    let model = loaded.model;
+    let tokenizer = loaded.tokenizer;
+    let context = args
+        .ctx
+        .unwrap_or(model.config.max_context)
+        .min(model.config.max_context);
+    let mut stop_ids = model.config.eos_token_ids.clone();
+    stop_ids.extend(tokenizer.special.eos.iter().copied());
+    stop_ids.extend(encoder.eos_token_id());
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    let pool = {
+        let mut b = rayon::ThreadPoolBuilder::new();
+        if let Some(n) = args.threads {
+            if n == 0 {
+                return Err(
+                    crate::Error::InvalidArgument("--threads must be at least 1".into()).into(),
+                );
+            }
+            b = b.num_threads(n);
+        }
+        b.build()
+            .map_err(|e| crate::Error::InvalidArgument(format!("thread pool: {e}")))?
+    };
+
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {} (/reset forgets, /exit ends)",
+            args.model.display()
+        );
+    }
+    let system: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.as_str()))
+        .collect();
+    let mut history: Vec<Message> = system.clone();
+    let mut turns: Vec<Turn> = Vec::new();
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| anyhow::Error::new(e).context("reading standard input"))?;
+        let line = line.trim_end_matches('\r');
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history = system.clone();
+                eprintln!("(conversation forgotten)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        // Drop the oldest exchanges (never the system message or this turn)
+        // until the conversation leaves room to answer.
+        let mut dropped = 0;
+        let ids = loop {
+            let ids = encoder.encode(&history, true)?;
+            if ids.len() < context {
+                break ids;
+            }
+            let first = system.len();
+            if history.len() - first <= 1 {
+                history.pop();
+                break Vec::new();
+            }
+            // A user turn and the answer to it.
+            let n = if history.len() - first >= 3 { 2 } else { 1 };
+            history.drain(first..first + n);
+            dropped += n;
+        };
+        if ids.is_empty() {
+            // Said, and the conversation goes on without this turn.
+            eprintln!(
+                "error: this message does not fit the context of {context} positions with the \
+                 template's text around it; say something shorter"
+            );
+            continue;
+        }
+        if dropped > 0 {
+            eprintln!("(dropped the {dropped} oldest messages to fit the context of {context})");
+        }
+        let opts = GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            sampling: SamplingParams {
+                seed: seed.wrapping_add(turns.len() as u64) & MAX_JSON_SAFE_INTEGER,
+                ..sampling
+            },
+            stop_ids: stop_ids.clone(),
+            stop_strings: Vec::new(),
+            context,
+            ..Default::default()
+        };
+        let streaming = !out.json;
+        let generated = pool.install(|| {
+            generate_text(&model, &tokenizer, &ids, &opts, |piece| {
+                if streaming {
+                    crate::cli::write_stdout(piece);
+                }
+                Ok(())
+            })
+        })?;
+        if streaming {
+            crate::cli::write_stdout("\n");
+        }
+        let g = &generated.generation;
+        eprintln!(
+            "[{} prompt tokens, {} generated, stopped at {}, {:.1} tok/s]",
+            ids.len(),
+            g.generated_ids.len(),
+            g.stop_reason.describe(),
+            g.decode_tokens_per_s()
+        );
+        history.push(Message::new("assistant", generated.text.as_str()));
+        turns.push(Turn {
+            user: line.to_string(),
+            assistant: generated.text.clone(),
+            prompt_tokens: ids.len(),
+            generated_tokens: g.generated_ids.len(),
+            stop_reason: g.stop_reason,
+            dropped_messages: dropped,
+            prefill_ms: g.prefill_ms,
+            decode_ms: g.decode_ms,
+            decode_tokens_per_s: g.decode_tokens_per_s(),
+        });
+    }
+    out.json_result(&ChatReport {
+        model: args.model.display().to_string(),
+        ffn,
+        seed,
+        context,
+        turns,
+        elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+    })
+}
