@@ -141,3 +141,33 @@ fn a_model_without_a_template_is_a_clear_error() {
         .unwrap()
         .contains("has no chat template"));
 }
+
+#[test]
+fn a_packed_file_carries_the_template() {
+    // convert keeps tokenizer_config.json in the file's manifest: the packed
+    // model renders and encodes as its checkpoint and as transformers does.
+    let dir = tempfile::tempdir().unwrap();
+    let packed = dir.path().join("chat.flashpack");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args([
+            "convert",
+            chat_dir().join("llama-silu-chat").to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&packed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = check_reference(&chat_dir().join("reference.json"), |t| {
+        if t == "llama-silu-chat" {
+            packed.clone()
+        } else {
+            chat_dir().join(t)
+        }
+    });
+    assert_eq!(n, 60);
+}
