@@ -405,3 +405,61 @@ fn bad_requests_get_4xx_json_errors_and_the_server_goes_on() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 4);
 }
+
+#[test]
+fn concurrent_requests_queue_and_each_gets_its_own_answer() {
+    let server = Server::start(&["--model-name", "tiny"]);
+    let (status, v) = server.get("/v1/models/tiny");
+    assert_eq!((status, &v["id"]), (200, &json!("tiny")));
+    let (status, v) = server.get("/v1/models/other");
+    assert_eq!(status, 404);
+    error_of(&v);
+    let prompts = ["ROMEO.", "JULIET.", "KING HENRY.", "First Citizen:"];
+    let body = |p: &str| json!({"model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0});
+    let one_by_one: Vec<Value> = prompts
+        .iter()
+        .map(|p| server.post("/v1/completions", &body(p)).1["choices"][0]["text"].clone())
+        .collect();
+    // All at once: they wait their turn and none gets another's text.
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let server = &server;
+                s.spawn(move || server.post("/v1/completions", &body(p)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (status, v) = h.join().unwrap();
+                assert_eq!(status, 200, "{v}");
+                v["choices"][0]["text"].clone()
+            })
+            .collect()
+    });
+    assert_eq!(together, one_by_one);
+    assert!(one_by_one.windows(2).any(|w| w[0] != w[1]));
+}
+
+#[test]
+fn json_mode_prints_one_object_with_the_address() {
+    let mut child = Command::new(BIN)
+        .args(["serve", &model(), "--port", "0", "--json", "--threads", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let info: Value = serde_json::from_str(&line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(info["model_name"], "llama-silu-chat");
+    assert_eq!(info["chat_template"], true);
+    assert_eq!(info["context"], 512);
+    let url = info["url"].as_str().unwrap();
+    assert_eq!(url, format!("http://{}", info["address"].as_str().unwrap()));
+}
