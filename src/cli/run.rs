@@ -37,7 +37,9 @@ pub struct FlashArgs {
     /// after packing stops the run with exit 1 naming section and chunk
     /// instead of giving wrong output. Each chunk is hashed once per run, from
     /// the reads themselves (flash reads the rest of a chunk on its first
-    /// use; naive reads nothing more); see BENCHMARKS.md for the cost.
+    /// use; naive reads nothing more). Cost at 2 GiB of FFN: naive hashes it
+    /// once, ~1.5 s of CPU on the first token; flash window 4 reads 4% more
+    /// bytes over 128 tokens (BENCHMARKS.md).
     #[arg(long = "no-verify-reads", action = clap::ArgAction::SetFalse)]
     pub verify_reads: bool,
     /// What `--ffn predicted` chooses neurons with: `int8` or `int4` copies of
