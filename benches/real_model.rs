@@ -111,7 +111,7 @@ fn main() {
         ffn_bytes >> 20,
         inputs.0[0].len()
     );
-    println!("| mode | selector | perplexity | neurons computed | recall vs exact product | chosen / exact | selector DRAM bytes | selector / FFN f16 bytes | FFN ms/token |");
+    println!("| mode | selector | perplexity | neurons computed | recall vs exact product | chosen / exact | selector DRAM bytes | selector / FFN f16 bytes | FFN ms/token (neurons computed) |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let configs = [
         Config::Dense,
@@ -140,7 +140,7 @@ fn main() {
         };
         drop(m);
         // Timing, without the agreement measurement.
-        let (m, _) = open(&path, config, false);
+        let (m, timed) = open(&path, config, false);
         let hidden = m.model.config.hidden_size;
         let mut out = vec![0.0f32; hidden];
         let mut best = f64::INFINITY;
@@ -159,6 +159,8 @@ fn main() {
         if matches!(config, Config::Dense) {
             dense_ms = Some(best);
         }
+        // The fraction computed in the timed runs (the timing tokens').
+        let timed_fraction = timed.map_or(1.0, |c| c.active_fraction());
         let (mode, selector) = match config {
             Config::Dense => ("dense", "-".to_string()),
             Config::Oracle => ("oracle", "exact".to_string()),
@@ -166,14 +168,15 @@ fn main() {
         };
         let f = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
         println!(
-            "| {mode} | {selector} | {:.4} | {:.1}% | {} | {} | {} | {} | {best:.2} ({:.2}x dense) |",
+            "| {mode} | {selector} | {:.4} | {:.1}% | {} | {} | {} | {} | {best:.2} ({:.2}x dense at {:.1}%) |",
             r.perplexity,
             100.0 * active,
             f(recall, 4),
             f(over, 3),
             if bytes > 0 { bytes.to_string() } else { "-".into() },
             if bytes > 0 { format!("{:.3}", bytes as f64 / (ffn_bytes / 2) as f64) } else { "-".into() },
-            best / dense_ms.unwrap_or(best)
+            best / dense_ms.unwrap_or(best),
+            100.0 * timed_fraction
         );
     }
 }

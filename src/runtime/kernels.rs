@@ -371,6 +371,23 @@ impl ColumnAccumulator {
         let lane = neuron % LANES;
         let acc = &mut self.acc[lane * dim..(lane + 1) * dim];
         let fused = self.fused && neuron < self.fused_below;
+        // f32 columns stored contiguously (bundles, the sparse modes' column
+        // copy) need no widening: the same sums, without the copy.
+        if let (Weights::F32(v), 1) = (w, stride) {
+            let col = &v[start..start + dim];
+            if fused {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `fused` is only set when the CPU has the features.
+                unsafe {
+                    fma_axpy(acc, h, col)
+                };
+            } else {
+                for (a, c) in acc.iter_mut().zip(col) {
+                    *a += *c * h;
+                }
+            }
+            return;
+        }
         let mut buf = [0.0f32; WIDEN_CHUNK];
         let mut r0 = 0;
         while r0 < dim {
