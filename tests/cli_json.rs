@@ -101,7 +101,7 @@ fn json(args: &[&str]) -> (i32, Value) {
             "{args:?}: exit_code disagrees with the exit status: {first}"
         );
     }
-    check_keys(&first, "", &mut Vec::new());
+    check_keys(&first, "");
     (code, first)
 }
 
@@ -119,7 +119,7 @@ const SYNONYMS: [(&str, &str); 5] = [
 
 /// Checks every key of `value` (recursively) against the convention, collecting
 /// the path for the message.
-fn check_keys(value: &Value, path: &str, seen: &mut Vec<String>) {
+fn check_keys(value: &Value, path: &str) {
     match value {
         Value::Object(map) => {
             for (key, v) in map {
@@ -128,10 +128,10 @@ fn check_keys(value: &Value, path: &str, seen: &mut Vec<String>) {
                 if !path.ends_with("params_by_dtype") {
                     check_key(key, v, &at, path);
                 }
-                check_keys(v, &at, seen);
+                check_keys(v, &at);
             }
         }
-        Value::Array(items) => items.iter().for_each(|v| check_keys(v, path, seen)),
+        Value::Array(items) => items.iter().for_each(|v| check_keys(v, path)),
         Value::Number(n) => {
             if let Some(i) = n.as_u64() {
                 assert!(

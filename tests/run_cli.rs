@@ -83,7 +83,7 @@ fn prompts_come_from_a_file_stdin_or_a_flag_alike() {
     }
     // A prompt that begins with `-` needs no `=`; short -p, -t and -c work.
     let dash = run_json(&[&model, "-p", "-- KING", "-n", "3", "-t", "1", "-c", "64"]);
-    assert_eq!(dash["prompt_tokens"].as_u64().unwrap() > 1, true);
+    assert!(dash["prompt_tokens"].as_u64().unwrap() > 1);
     assert_eq!(dash["threads"], 1);
     assert_eq!(dash["ctx"], 64);
     // Both a prompt and a prompt file, or neither: a usage error.
