@@ -843,9 +843,13 @@ impl Validator<'_> {
         raw: &RawConfig,
         cfg: &ModelConfig,
     ) -> Result<RopeSpec> {
+        let phi3 = cfg.architecture == Architecture::Phi3;
+        // Only Phi-3's RoPE reads partial_rotary_factor (Qwen3's and Gemma's
+        // rotate the whole head whatever the config says).
         let partial = params
             .and_then(|p| p.partial_rotary_factor)
             .or(raw.partial_rotary_factor)
+            .filter(|_| phi3)
             .unwrap_or(1.0);
         if !(partial.is_finite() && partial > 0.0 && partial <= 1.0) {
             return Err(self.invalid(&format!(
@@ -863,7 +867,14 @@ impl Validator<'_> {
         let kind = params
             .and_then(|p| p.rope_type.as_deref().or(p.legacy_type.as_deref()))
             .unwrap_or("default");
-        if matches!(kind, "longrope" | "su" | "yarn") && cfg.architecture == Architecture::Phi3 {
+        if phi3 && !matches!(kind, "default" | "longrope" | "su" | "yarn") {
+            return Err(self.unsupported(
+                "rope_type",
+                format!("{kind:?}"),
+                "Phi-3's RoPE is default or longrope (su, yarn)",
+            ));
+        }
+        if phi3 && kind != "default" {
             let p = params.expect("a rope type comes from a rope object");
             let theta = p.rope_theta.or(raw.rope_theta).unwrap_or(theta);
             if !(theta.is_finite() && theta > 1.0) {
