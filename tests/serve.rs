@@ -37,9 +37,14 @@ impl Drop for Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_model(&model(), extra, &[])
+    }
+
+    fn start_model(model: &str, extra: &[&str], env: &[(&str, &Path)]) -> Server {
         let mut child = Command::new(BIN)
-            .args(["serve", &model(), "--port", "0", "--threads", "2"])
+            .args(["serve", model, "--port", "0", "--threads", "2"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -462,4 +467,31 @@ fn json_mode_prints_one_object_with_the_address() {
     assert_eq!(info["context"], 512);
     let url = info["url"].as_str().unwrap();
     assert_eq!(url, format!("http://{}", info["address"].as_str().unwrap()));
+}
+
+#[test]
+fn a_hub_repo_id_in_the_local_cache_is_served_under_its_id() {
+    // A Hugging Face cache as huggingface_hub lays it out, its snapshot
+    // linking the fixture's files.
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--test-org--tiny-chat");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for entry in std::fs::read_dir(model()).unwrap() {
+        let entry = entry.unwrap();
+        let target = std::fs::canonicalize(entry.path()).unwrap();
+        std::os::unix::fs::symlink(target, snapshot.join(entry.file_name())).unwrap();
+    }
+    let server = Server::start_model("test-org/tiny-chat", &[], &[("HF_HUB_CACHE", cache.path())]);
+    let (status, v) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(v["data"][0]["id"], "test-org/tiny-chat");
+    let (status, v) = server.post(
+        "/v1/chat/completions",
+        &json!({"model": "test-org/tiny-chat", "messages": [{"role": "user", "content": "ROMEO."}], "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
 }

@@ -12,7 +12,7 @@ use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, Opened, MAX_JS
 use crate::cli::Output;
 use crate::runtime::chat::{ChatEncoder, Message};
 use crate::runtime::generate::{generate_text, GenerateOptions, StopReason};
-use crate::runtime::sampling::SamplingParams;
+use crate::runtime::sampling::{SamplingDefaults, SamplingParams};
 use crate::runtime::sparse::FfnMode;
 
 #[derive(Debug, Args)]
@@ -26,8 +26,8 @@ use crate::runtime::sparse::FfnMode;
     printf 'ROMEO.\\nGo on.\\n' | flashpack chat fixtures/chat/llama-silu-chat --max-new-tokens 20"
 )]
 pub struct ChatArgs {
-    /// A Hugging Face checkpoint directory or a flashpack file with a chat
-    /// template.
+    /// A Hugging Face checkpoint directory, a flashpack file, or a Hub repo id
+    /// (`org/name`) in the local Hugging Face cache, with a chat template.
     pub model: PathBuf,
     /// A system message that starts the conversation.
     #[arg(long)]
@@ -35,24 +35,27 @@ pub struct ChatArgs {
     /// Most tokens per answer; an answer also ends at an end-of-turn token.
     #[arg(short = 'n', long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 (the default) is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Sample only among the K most likely tokens [default: all].
+    /// Sampling temperature; 0 is greedy decoding [default: the model's
+    /// generation_config.json when it samples (do_sample), else 0].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample only among the K most likely tokens [default: from
+    /// generation_config.json when it samples, else all].
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Sample only among the most likely tokens whose probability reaches P,
-    /// in (0, 1] [default: 1, all].
+    /// in (0, 1] [default: from generation_config.json when it samples, else 1].
     #[arg(long)]
     pub top_p: Option<f32>,
     /// Sample only among tokens at least P times as likely as the most likely
-    /// one, in [0, 1] [default: 0, all].
+    /// one, in [0, 1] [default: from generation_config.json, else 0].
     #[arg(long)]
     pub min_p: Option<f32>,
     /// Penalty on tokens already in the conversation (transformers'
-    /// repetition_penalty; 1 is none).
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
+    /// repetition_penalty; 1 is none) [default: from generation_config.json,
+    /// else 1].
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
     /// RNG seed for sampling, at most 2^53 - 1 (default: from the clock;
     /// reported with --json). Turn i uses seed + i.
     #[arg(long, value_parser = clap::value_parser!(u64).range(..=MAX_JSON_SAFE_INTEGER))]
@@ -89,6 +92,11 @@ struct Turn {
 struct ChatReport {
     model: String,
     ffn: FfnMode,
+    temperature: f32,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    repetition_penalty: f32,
     seed: u64,
     context: usize,
     turns: Vec<Turn>,
@@ -103,12 +111,16 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
             .map_or(0, |d| d.as_nanos() as u64)
             & MAX_JSON_SAFE_INTEGER
     });
+    let model_path = crate::input::hub::resolve_model(&args.model)?;
+    let defaults = SamplingDefaults::from_generation_config(
+        crate::runtime::open::generation_config(&model_path)?.as_ref(),
+    );
     let sampling = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repetition_penalty: args.repeat_penalty,
+        temperature: args.temperature.unwrap_or(defaults.temperature),
+        top_k: args.top_k.or(defaults.top_k),
+        top_p: args.top_p.or(defaults.top_p),
+        min_p: args.min_p.or(defaults.min_p),
+        repetition_penalty: args.repeat_penalty.unwrap_or(defaults.repetition_penalty),
         seed,
     };
     sampling.validate()?;
@@ -116,14 +128,14 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
         return Err(crate::Error::InvalidArgument("--ctx must be at least 1".into()).into());
     }
     // The template first: a model without one fails before its weights load.
-    let encoder = ChatEncoder::load(&args.model)?;
-    let ffn = default_ffn_mode(&args.model, args.ffn);
+    let encoder = ChatEncoder::load(&model_path)?;
+    let ffn = default_ffn_mode(&model_path, args.ffn);
     let Opened {
         loaded,
         flash: _flash,
         ..
     } = open_for_mode(
-        &args.model,
+        &model_path,
         ffn,
         &args.flash,
         args.ctx.unwrap_or(usize::MAX),
@@ -260,8 +272,13 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
         });
     }
     out.json_result(&ChatReport {
-        model: args.model.display().to_string(),
+        model: model_path.display().to_string(),
         ffn,
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
+        min_p: sampling.min_p,
+        repetition_penalty: sampling.repetition_penalty,
         seed,
         context,
         turns,

@@ -8,6 +8,7 @@ use clap::Args;
 use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, Opened};
 use crate::cli::Output;
 use crate::runtime::chat::ChatEncoder;
+use crate::runtime::sampling::SamplingDefaults;
 use crate::runtime::sparse::FfnMode;
 use crate::server::{Backend, ServeOptions};
 
@@ -15,13 +16,17 @@ use crate::server::{Backend, ServeOptions};
 #[command(
     after_help = "Endpoints: POST /v1/completions, POST /v1/chat/completions (\"stream\": true \
     for server-sent events), GET /v1/models, GET /health. Requests run one at a time, in order.\n\n\
+    Sampling fields a request leaves out follow the model's generation_config.json when it \
+    samples (do_sample), else OpenAI's defaults (temperature 1); max_tokens left out: until \
+    the end of sequence or the context.\n\n\
     Examples:\n  \
     flashpack serve fixtures/chat/llama-silu-chat --port 8080\n  \
     curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    \
     -d '{\"messages\": [{\"role\": \"user\", \"content\": \"ROMEO.\"}], \"max_tokens\": 20}'"
 )]
 pub struct ServeArgs {
-    /// A Hugging Face checkpoint directory or a flashpack file.
+    /// A Hugging Face checkpoint directory, a flashpack file, or a Hub repo id
+    /// (`org/name`) in the local Hugging Face cache.
     pub model: PathBuf,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -85,12 +90,21 @@ pub fn run(args: &ServeArgs, out: &Output) -> anyhow::Result<()> {
     if args.threads == Some(0) {
         return Err(crate::Error::InvalidArgument("--threads must be at least 1".into()).into());
     }
-    let model_name = args
-        .model_name
-        .clone()
-        .unwrap_or_else(|| default_model_name(&args.model));
-    let ffn = default_ffn_mode(&args.model, args.ffn);
-    let path = args.model.clone();
+    let path = crate::input::hub::resolve_model(&args.model)?;
+    let ffn = default_ffn_mode(&path, args.ffn);
+    // A Hub id names the model as users know it; a path by its last part.
+    let model_name = args.model_name.clone().unwrap_or_else(|| {
+        if path != args.model {
+            args.model.display().to_string()
+        } else {
+            default_model_name(&path)
+        }
+    });
+    let model = path.display().to_string();
+    let generation = crate::runtime::open::generation_config(&path)?;
+    let sampling_defaults = crate::server::api::server_defaults(
+        SamplingDefaults::from_generation_config(generation.as_ref()),
+    );
     let flash = args.flash.clone();
     let ctx = args.ctx;
     let threads = args.threads;
@@ -134,9 +148,9 @@ pub fn run(args: &ServeArgs, out: &Output) -> anyhow::Result<()> {
         model_name: model_name.clone(),
         max_body_bytes: args.max_body_bytes,
         queue: args.queue,
+        sampling_defaults,
     };
     let json = out.json;
-    let model = args.model.display().to_string();
     crate::server::serve(options, open, move |address| {
         let (context, chat_template) = *info.lock().unwrap();
         let listening = Listening {

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::runtime::chat::Message;
 use crate::runtime::generate::StopReason;
-use crate::runtime::sampling::SamplingParams;
+use crate::runtime::sampling::{SamplingDefaults, SamplingParams};
 
 /// The most tokens one request may ask for (the context bounds it further).
 pub const MAX_TOKENS_CAP: u64 = 1 << 20;
@@ -198,12 +198,29 @@ fn unsupported(body: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The sampling a request gets for the fields it leaves out: the model's
+/// `generation_config.json` when that samples (`do_sample`), else OpenAI's
+/// defaults (temperature 1, no top-k, top-p or min-p).
+pub fn server_defaults(generation: SamplingDefaults) -> SamplingDefaults {
+    if generation.temperature > 0.0 {
+        generation
+    } else {
+        SamplingDefaults {
+            temperature: 1.0,
+            repetition_penalty: generation.repetition_penalty,
+            ..SamplingDefaults::default()
+        }
+    }
+}
+
 /// The fields every completion request shares. `model`: the name this server
-/// answers to (a request may leave `model` out).
+/// answers to (a request may leave `model` out); `defaults`: the sampling of
+/// the fields left out (see [`server_defaults`]).
 pub fn parse_params(
     body: &Map<String, Value>,
     model: &str,
     default_seed: u64,
+    defaults: &SamplingDefaults,
 ) -> Result<Params, ApiError> {
     match given(body, "model") {
         None => {}
@@ -280,13 +297,21 @@ pub fn parse_params(
         }
     };
     let sampling = SamplingParams {
-        // OpenAI's default temperature is 1.
-        temperature: temperature.unwrap_or(1.0),
-        // top_k 0 means no limit in llama.cpp's server.
-        top_k: top_k.filter(|&k| k > 0).map(|k| k as usize),
-        top_p: top_p.filter(|&p| p < 1.0),
-        min_p: min_p.filter(|&p| p > 0.0),
-        repetition_penalty: repetition_penalty.unwrap_or(1.0),
+        temperature: temperature.unwrap_or(defaults.temperature),
+        // top_k 0, top_p 1 and min_p 0 given explicitly mean no limit.
+        top_k: match top_k {
+            Some(k) => (k > 0).then_some(k as usize),
+            None => defaults.top_k,
+        },
+        top_p: match top_p {
+            Some(p) => (p < 1.0).then_some(p),
+            None => defaults.top_p,
+        },
+        min_p: match min_p {
+            Some(p) => (p > 0.0).then_some(p),
+            None => defaults.min_p,
+        },
+        repetition_penalty: repetition_penalty.unwrap_or(defaults.repetition_penalty),
         seed: seed.unwrap_or(default_seed),
     };
     sampling
@@ -415,6 +440,32 @@ mod tests {
 
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    fn parse_params(b: &Map<String, Value>, model: &str, seed: u64) -> Result<Params, ApiError> {
+        super::parse_params(
+            b,
+            model,
+            seed,
+            &server_defaults(SamplingDefaults::default()),
+        )
+    }
+
+    #[test]
+    fn left_out_fields_follow_generation_config_when_it_samples() {
+        let sampling = SamplingDefaults::from_generation_config(Some(
+            &json!({"do_sample": true, "temperature": 0.6, "top_p": 0.9}),
+        ));
+        let d = server_defaults(sampling);
+        let p = super::parse_params(&body(json!({})), "m", 1, &d).unwrap();
+        assert_eq!((p.sampling.temperature, p.sampling.top_p), (0.6, Some(0.9)));
+        let p =
+            super::parse_params(&body(json!({"temperature": 0, "top_p": 1})), "m", 1, &d).unwrap();
+        assert_eq!((p.sampling.temperature, p.sampling.top_p), (0.0, None));
+        // A config that does not sample leaves OpenAI's temperature 1.
+        let d = server_defaults(SamplingDefaults::from_generation_config(Some(&json!({}))));
+        let p = super::parse_params(&body(json!({})), "m", 1, &d).unwrap();
+        assert_eq!((p.sampling.temperature, p.sampling.top_k), (1.0, None));
     }
 
     #[test]

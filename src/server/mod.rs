@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use crate::input::TextTokenizer;
 use crate::runtime::chat::{ChatEncoder, Message};
 use crate::runtime::generate::{generate_text, GenerateOptions, StopReason};
+use crate::runtime::sampling::SamplingDefaults;
 use crate::runtime::Model;
 use api::{ApiError, Params, PromptInput};
 
@@ -63,6 +64,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// Requests waiting beyond the one running; more get 503.
     pub queue: usize,
+    /// Sampling for the fields a request leaves out ([`api::server_defaults`]).
+    pub sampling_defaults: SamplingDefaults,
 }
 
 /// The parts of a [`Backend`] that requests use (shared with the rayon pool).
@@ -107,6 +110,7 @@ struct AppState {
     model_name: String,
     created: u64,
     next_id: AtomicU64,
+    sampling_defaults: SamplingDefaults,
 }
 
 fn unix_now() -> u64 {
@@ -135,6 +139,7 @@ pub fn serve(
         model_name: options.model_name.clone(),
         created: unix_now(),
         next_id: AtomicU64::new(1),
+        sampling_defaults: options.sampling_defaults,
     });
     let app = router(state, options.max_body_bytes);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -437,7 +442,12 @@ async fn completions(
 ) -> Response {
     let parsed = body_bytes(body).and_then(|bytes| {
         let body = api::parse_body(&bytes)?;
-        let params = api::parse_params(&body, &state.model_name, clock_seed())?;
+        let params = api::parse_params(
+            &body,
+            &state.model_name,
+            clock_seed(),
+            &state.sampling_defaults,
+        )?;
         let prompt = api::parse_prompt(&body)?;
         Ok((params, prompt))
     });
@@ -465,7 +475,12 @@ async fn chat_completions(
 ) -> Response {
     let parsed = body_bytes(body).and_then(|bytes| {
         let body = api::parse_body(&bytes)?;
-        let params = api::parse_params(&body, &state.model_name, clock_seed())?;
+        let params = api::parse_params(
+            &body,
+            &state.model_name,
+            clock_seed(),
+            &state.sampling_defaults,
+        )?;
         let messages = api::parse_messages(&body)?;
         Ok((params, messages))
     });
