@@ -442,3 +442,49 @@ fn sparse_modes_read_down_columns_contiguously_and_compute_the_same_bits() {
         }
     }
 }
+
+#[test]
+fn oracle_flash_chooses_by_the_product_criterion_as_the_in_dram_oracle_does() {
+    use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions};
+    use flashpack::runtime::Logits;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = calibrated(tmp.path(), Allocation::Greedy);
+    let mut oracle = open_model(&path).unwrap();
+    let ids: Vec<u32> = heldout_ids(&oracle.tokenizer)[..40].to_vec();
+    let counter = oracle.set_ffn_mode(FfnMode::Oracle).unwrap().unwrap();
+    let run = |model: &flashpack::runtime::Model| -> Vec<f32> {
+        let mut cache = model.new_cache();
+        let mut all = model
+            .forward(&mut cache, &ids[..20], Logits::All, None)
+            .unwrap();
+        for &id in &ids[20..] {
+            all.extend(
+                model
+                    .forward(&mut cache, &[id], Logits::Last, None)
+                    .unwrap(),
+            );
+        }
+        all
+    };
+    let want = run(&oracle.model);
+    let fraction = counter.active_fraction();
+    assert!(
+        fraction > 0.3 && fraction < 0.7,
+        "oracle computed {fraction}"
+    );
+    let (loaded, _rt) = open_flash(
+        &path,
+        &FlashOptions {
+            mode: DiskMode::Oracle,
+            ..FlashOptions::default()
+        },
+    )
+    .unwrap();
+    let got = run(&loaded.model);
+    assert!(
+        got.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "oracle-flash differs from the in-DRAM oracle"
+    );
+}

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::layout::BundlePart;
 use crate::input::config::Activation;
 use crate::predictor::train::LowRankPredictor;
-use crate::runtime::ffn::{neuron_value, ActiveSet, Ffn, Fired};
+use crate::runtime::ffn::{neuron_value, ActiveSet, Criterion, Ffn, Fired};
 use crate::runtime::flash::cache::BundleCache;
 use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
 use crate::runtime::flash::verify::{ChunkVerifier, VerifyCounters};
@@ -159,20 +159,23 @@ pub struct Oracle {
     pub ffn: Box<dyn Ffn>,
     /// Activation magnitude above this fires (0 for ReLU).
     pub threshold: f32,
+    /// What the threshold is compared with (the file's SiLU criterion).
+    pub criterion: Criterion,
 }
 
 impl Oracle {
     /// The firing neurons of each token, as the in-DRAM `oracle` mode picks them.
-    fn sets(&self, x: &[f32], n: usize) -> Vec<Vec<u32>> {
+    fn sets(&self, x: &[f32], n: usize) -> Result<Vec<Vec<u32>>> {
         let width = self.ffn.width();
-        let act = self.ffn.firing_activations(x, n);
-        act.chunks_exact(width)
+        let act = self.ffn.selection_scores(x, n, self.criterion)?;
+        Ok(act
+            .chunks_exact(width)
             .map(|row| {
                 (0..width as u32)
                     .filter(|&j| row[j as usize].abs() > self.threshold)
                     .collect()
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -695,7 +698,7 @@ impl Ffn for FlashFfn {
         let active = match (&self.oracle, active) {
             (Some(o), ActiveSet::All) => {
                 let t0 = Instant::now();
-                oracle_sets = o.sets(x, n);
+                oracle_sets = o.sets(x, n)?;
                 add_ns(&self.stats.ns_predict, t0);
                 ActiveSet::PerToken(&oracle_sets)
             }

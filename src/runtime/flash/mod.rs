@@ -595,6 +595,10 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             oracles.push(Some(Oracle {
                 ffn: layer.ffn,
                 threshold,
+                criterion: match (silu, &sparsity) {
+                    (true, Some(d)) => d.silu_criterion,
+                    _ => crate::runtime::ffn::Criterion::Gate,
+                },
             }));
         }
     }
