@@ -313,6 +313,27 @@ fn a_streamed_chat_completion_equals_the_whole_one_and_the_chat_command() {
             > turns[0]["prompt_tokens"].as_u64().unwrap()
                 + turns[0]["generated_tokens"].as_u64().unwrap() / 2
     );
+    // The second turn reused the first prompt's keys and values, and answers
+    // as the server does from the whole conversation computed afresh.
+    assert_eq!(turns[0]["reused_tokens"], 0);
+    assert!(
+        turns[1]["reused_tokens"].as_u64().unwrap() >= turns[0]["prompt_tokens"].as_u64().unwrap()
+    );
+    let history = json!([
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": turns[0]["assistant"]},
+        {"role": "user", "content": "Go on."},
+    ]);
+    let (status, again) = server.post(
+        "/v1/chat/completions",
+        &json!({"messages": history, "max_tokens": 20, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["usage"]["prompt_tokens"], turns[1]["prompt_tokens"]);
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        turns[1]["assistant"]
+    );
 }
 
 #[test]

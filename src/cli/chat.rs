@@ -10,8 +10,8 @@ use clap::Args;
 
 use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, Opened, MAX_JSON_SAFE_INTEGER};
 use crate::cli::Output;
-use crate::runtime::chat::{ChatEncoder, Message};
-use crate::runtime::generate::{generate_text, GenerateOptions, StopReason};
+use crate::runtime::chat::{ChatEncoder, ChatSession, Message};
+use crate::runtime::generate::{GenerateOptions, StopReason};
 use crate::runtime::sampling::{SamplingDefaults, SamplingParams};
 use crate::runtime::sparse::FfnMode;
 
@@ -20,7 +20,8 @@ use crate::runtime::sparse::FfnMode;
     after_help = "Each line of standard input is a user turn; `/reset` forgets the \
     conversation, `/exit` (or end of input) ends it. The whole conversation is rendered with \
     the model's chat template each turn (as transformers' apply_chat_template with \
-    add_generation_prompt=True); the oldest turns are dropped when it outgrows the context.\n\n\
+    add_generation_prompt=True), and only the tokens past what the KV cache already holds from \
+    earlier turns are computed; the oldest turns are dropped when it outgrows the context.\n\n\
     Examples:\n  \
     flashpack chat fixtures/chat/llama-silu-chat\n  \
     printf 'ROMEO.\\nGo on.\\n' | flashpack chat fixtures/chat/llama-silu-chat --max-new-tokens 20"
@@ -83,6 +84,8 @@ struct Turn {
     stop_reason: StopReason,
     /// Turns dropped from the start of the conversation to fit the context.
     dropped_messages: usize,
+    /// Prompt tokens whose keys and values came from the previous turns.
+    reused_tokens: usize,
     prefill_ms: f64,
     decode_ms: f64,
     decode_tokens_per_s: f64,
@@ -179,6 +182,8 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
         .collect();
     let mut history: Vec<Message> = system.clone();
     let mut turns: Vec<Turn> = Vec::new();
+    // The KV cache carries over: a turn computes only what is new.
+    let mut session = ChatSession::new(&model);
     let mut lines = std::io::stdin().lock().lines();
     loop {
         if interactive {
@@ -192,6 +197,7 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
             "/exit" | "/quit" => break,
             "/reset" => {
                 history = system.clone();
+                session.reset();
                 eprintln!("(conversation forgotten)");
                 continue;
             }
@@ -240,7 +246,7 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
         };
         let streaming = !out.json;
         let generated = pool.install(|| {
-            generate_text(&model, &tokenizer, &ids, &opts, |piece| {
+            session.generate(&model, &tokenizer, &ids, &opts, |piece| {
                 if streaming {
                     crate::cli::write_stdout(piece);
                 }
@@ -252,8 +258,9 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
         }
         let g = &generated.generation;
         eprintln!(
-            "[{} prompt tokens, {} generated, stopped at {}, {:.1} tok/s]",
+            "[{} prompt tokens ({} reused), {} generated, stopped at {}, {:.1} tok/s]",
             ids.len(),
+            generated.reused_tokens,
             g.generated_ids.len(),
             g.stop_reason.describe(),
             g.decode_tokens_per_s()
@@ -266,6 +273,7 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
             generated_tokens: g.generated_ids.len(),
             stop_reason: g.stop_reason,
             dropped_messages: dropped,
+            reused_tokens: generated.reused_tokens,
             prefill_ms: g.prefill_ms,
             decode_ms: g.decode_ms,
             decode_tokens_per_s: g.decode_tokens_per_s(),
