@@ -36,9 +36,9 @@ pub struct CalibrateArgs {
     /// Keep the activation store (FFN inputs as f16, per-token firing bitsets) here.
     #[arg(long, value_name = "DIR")]
     pub keep_trace: Option<PathBuf>,
-    /// SiLU models: share the target among layers by least output error
-    /// (`greedy`) or the same fraction per layer (`uniform`).
-    #[arg(long, value_enum, default_value = "greedy")]
+    /// SiLU models: the same fraction in every layer (`uniform`, measured
+    /// better on a real model) or shared by least output error (`greedy`).
+    #[arg(long, value_enum, default_value = "uniform")]
     pub sparsity_allocation: Allocation,
     /// SiLU models: also report the perplexity of this held-out text, dense and
     /// with the oracle's thresholds at model-wide sparsity 0.3, 0.4, 0.5, 0.6, 0.7

@@ -81,9 +81,9 @@ pub struct CalibArgs {
     /// Keep the calibration activation store (FFN inputs, per-token firing masks) here.
     #[arg(long, value_name = "DIR")]
     pub keep_trace: Option<PathBuf>,
-    /// SiLU models: share the target among layers by least output error
-    /// (`greedy`) or the same fraction per layer (`uniform`).
-    #[arg(long, value_enum, default_value = "greedy")]
+    /// SiLU models: the same fraction in every layer (`uniform`, measured
+    /// better on a real model) or shared by least output error (`greedy`).
+    #[arg(long, value_enum, default_value = "uniform")]
     pub sparsity_allocation: crate::predictor::thresholds::Allocation,
 }
 

@@ -58,7 +58,8 @@ impl Default for CalibrationOptions {
             max_tokens: 16384,
             ctx: 256,
             target_sparsity: 0.5,
-            allocation: Allocation::Greedy,
+            // Measured better than greedy at 0.3-0.5 on SmolLM2-135M (BENCHMARKS.md).
+            allocation: Allocation::Uniform,
             criterion: Criterion::Product,
             keep_trace: None,
             fixed_silu_thresholds: Vec::new(),
