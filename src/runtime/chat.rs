@@ -817,6 +817,30 @@ mod tests {
     }
 
     #[test]
+    fn strftime_now_and_the_none_values_transformers_passes() {
+        let out = render(
+            "{{ strftime_now('%Y-%m-%d') }}|{{ tools is none }}|{{ documents is defined }}|{{ bos_token }}",
+            &[],
+            false,
+        )
+        .unwrap();
+        let (date, rest) = out.split_once('|').unwrap();
+        // Booleans print as Python prints them.
+        assert_eq!(rest, "True|True|<s>");
+        let parts: Vec<&str> = date.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [4, 2, 2],
+            "{date}"
+        );
+        assert!(
+            date.chars().all(|c| c.is_ascii_digit() || c == '-'),
+            "{date}"
+        );
+        assert!(parts[0] >= "2024", "{date}");
+    }
+
+    #[test]
     fn blocks_trim_and_loops_break() {
         let out = render(
             "{% for m in messages %}\n  {% if loop.index > 1 %}{% break %}{% endif %}\n{{ m.content | trim }}\n{% endfor %}",
