@@ -7,7 +7,7 @@ use crate::runtime::kernels::{axpy, dot, softmax};
 
 /// Keys and values of one layer for every position so far, row-major
 /// `[position][kv_dim]` (post-RoPE keys). A sliding-window layer keeps only the
-/// positions from `first` on (the rows its next query can see).
+/// positions from `first` on (at least the rows its next query can see).
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
     pub k: Vec<f32>,
@@ -28,10 +28,12 @@ impl LayerKv {
     }
 
     /// Drops the positions a query at `next` or later cannot see through a
-    /// window of `window` positions.
+    /// window of `window` positions, once there are `window` of them: the
+    /// layer holds fewer than `2 * window` positions (plus a batch's), and each
+    /// row is moved once on average rather than once per token.
     pub fn slide(&mut self, next: usize, window: usize, kv_dim: usize) {
         let first = (next + 1).saturating_sub(window);
-        if first > self.first {
+        if first >= self.first + window.max(1) {
             let drop = ((first - self.first) * kv_dim).min(self.k.len());
             self.k.drain(..drop);
             self.v.drain(..drop);
