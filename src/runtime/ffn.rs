@@ -275,6 +275,10 @@ impl Ffn for DenseFfn {
         }
     }
 
+    fn as_dense(&self) -> Option<&DenseFfn> {
+        Some(self)
+    }
+
     fn selection_scores(&self, x: &[f32], n: usize, criterion: Criterion) -> Result<Vec<f32>> {
         Ok(match criterion {
             Criterion::Gate => self.firing_activations(x, n),
@@ -286,10 +290,6 @@ impl Ffn for DenseFfn {
         &self,
         x: &[f32],
         n: usize,
-    fn as_dense(&self) -> Option<&DenseFfn> {
-        Some(self)
-    }
-
         active: ActiveSet<'_>,
         out: &mut [f32],
         fired: Option<&mut Fired>,
