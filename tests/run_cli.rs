@@ -357,3 +357,36 @@ fn a_hub_repo_id_resolves_in_the_local_cache() {
         "{message}"
     );
 }
+
+#[test]
+fn run_chat_renders_the_prompt_through_the_models_template_as_transformers_does() {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("chat/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let model = fixture("chat/llama-silu-chat");
+    let mut checked = 0;
+    for case in reference["cases"].as_array().unwrap() {
+        let messages = case["messages"].as_array().unwrap();
+        if case["tokenizer"] != "llama-silu-chat"
+            || messages.len() != 1
+            || messages[0]["role"] != "user"
+            || case["add_generation_prompt"] != true
+        {
+            continue;
+        }
+        let prompt = messages[0]["content"].as_str().unwrap();
+        let v = run_json(&[&model, "--chat", "-p", prompt, "-n", "4"]);
+        assert_eq!(v["prompt_ids"], case["ids"], "{prompt:?}");
+        checked += 1;
+    }
+    assert!(checked >= 2, "reference cases for run --chat: {checked}");
+    // Without a template: a clear error, exit 2.
+    let (code, _, stderr) = flashpack_with(
+        &["run", &fixture("models/opt-relu"), "--chat", "-p", "hi"],
+        "",
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("template"), "{stderr}");
+}

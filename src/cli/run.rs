@@ -313,6 +313,12 @@ pub struct RunArgs {
     /// Do not print the prompt before the generated text.
     #[arg(long)]
     pub no_display_prompt: bool,
+    /// Send the prompt as one user message through the model's chat template
+    /// (`chat_template` of tokenizer_config.json or chat_template.jinja), as
+    /// transformers' `apply_chat_template(add_generation_prompt=True)` does;
+    /// the template's end-of-turn token also stops generation.
+    #[arg(long)]
+    pub chat: bool,
     /// Worker threads [default: one per core]. Output does not depend on it.
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -478,10 +484,19 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
     let LoadedModel {
         model, tokenizer, ..
     } = loaded;
-    let prompt_ids = tokenizer.encode(&prompt)?;
-    let proc_before = flash::proc_read_bytes();
     let mut stop_ids = model.config.eos_token_ids.clone();
     stop_ids.extend(tokenizer.special.eos.iter().copied());
+    let prompt_ids = if args.chat {
+        let chat = crate::runtime::chat::ChatEncoder::load(&model_path)?;
+        stop_ids.extend(chat.eos_token_id());
+        chat.encode(
+            &[crate::runtime::chat::Message::new("user", prompt.as_str())],
+            true,
+        )?
+    } else {
+        tokenizer.encode(&prompt)?
+    };
+    let proc_before = flash::proc_read_bytes();
     stop_ids.sort_unstable();
     stop_ids.dedup();
     let ctx = args
