@@ -241,6 +241,13 @@ impl Model {
                 max: cfg.max_context,
             });
         }
+        if let Some(kv) = cache.layers.iter().find(|kv| kv.first > start) {
+            // A sliding-window layer dropped positions the pass would rewind to.
+            return Err(Error::InvalidArgument(format!(
+                "the KV cache holds positions from {} on and cannot restart at {start}",
+                kv.first
+            )));
+        }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(Error::InvalidArgument(format!(
                 "token id {bad} is outside the vocabulary of {}",
