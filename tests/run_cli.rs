@@ -390,3 +390,66 @@ fn run_chat_renders_the_prompt_through_the_models_template_as_transformers_does(
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("template"), "{stderr}");
 }
+
+#[test]
+fn a_chat_template_jinja_file_travels_into_the_packed_file() {
+    // A checkpoint as transformers 5 saves it: the template in
+    // chat_template.jinja, not in tokenizer_config.json.
+    let chat = common::fixtures().join("chat/llama-silu-chat");
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
+        std::os::unix::fs::symlink(chat.join(name), ckpt.join(name)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(chat.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let template = config
+        .as_object_mut()
+        .unwrap()
+        .remove("chat_template")
+        .unwrap();
+    std::fs::write(ckpt.join("tokenizer_config.json"), config.to_string()).unwrap();
+    std::fs::write(ckpt.join("chat_template.jinja"), template.as_str().unwrap()).unwrap();
+    let packed = dir.path().join("m.flashpack");
+    let (code, _, stderr) = flashpack_with(
+        &[
+            "convert",
+            ckpt.to_str().unwrap(),
+            "-o",
+            packed.to_str().unwrap(),
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let prompt = "Hello, who are you?";
+    let from_dir = run_json(&[
+        &chat.display().to_string(),
+        "--chat",
+        "-p",
+        prompt,
+        "-n",
+        "2",
+    ]);
+    let from_file = run_json(&[packed.to_str().unwrap(), "--chat", "-p", prompt, "-n", "2"]);
+    assert_eq!(from_file["prompt_ids"], from_dir["prompt_ids"]);
+    // The template file is a source: the output may not replace it.
+    let (code, _, _) = flashpack_with(
+        &[
+            "convert",
+            ckpt.to_str().unwrap(),
+            "-o",
+            ckpt.join("chat_template.jinja").to_str().unwrap(),
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(code, 2);
+}

@@ -123,11 +123,15 @@ pub(crate) struct PackExtras {
 /// Progress callback: bytes of weights processed so far, of the total.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-const SIDE_FILES: [&str; 3] = [
+const SIDE_FILES: [&str; 4] = [
+    "chat_template.jinja",
     "generation_config.json",
     "tokenizer_config.json",
     "tokenizer.json",
 ];
+
+/// Where transformers 5 saves a chat template (and reads it first).
+const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 /// Converts the checkpoint at `src` into a flashpack file at `out`.
 pub fn convert(
@@ -170,7 +174,7 @@ pub fn convert(
         }
     };
     let generation_config = optional_json("generation_config.json")?;
-    let tokenizer_config = optional_json("tokenizer_config.json")?;
+    let tokenizer_config = with_chat_template_file(src, optional_json("tokenizer_config.json")?)?;
     let extras = match &options.calibration {
         Some(plan) => calibrated_extras(&ckpt, plan)?,
         None => PackExtras {
@@ -209,6 +213,29 @@ pub fn convert(
     })
 }
 
+/// The tokenizer config to store, with the text of `chat_template.jinja` as its
+/// `chat_template` when the checkpoint has that file (transformers 5 writes the
+/// template there, not in tokenizer_config.json, and reads it in preference):
+/// a packed file keeps the one place a reader looks for its template.
+fn with_chat_template_file(
+    src: &Path,
+    tokenizer_config: Option<serde_json::Value>,
+) -> Result<Option<serde_json::Value>> {
+    let path = src.join(CHAT_TEMPLATE_FILE);
+    let template = match std::fs::read(&path) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(tokenizer_config),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let mut config = match tokenizer_config {
+        Some(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    config.insert("chat_template".into(), template.into());
+    Ok(Some(serde_json::Value::Object(config)))
+}
+
 /// Every file of the checkpoint that its reader opens, or would open were it
 /// there (a `model.safetensors.index.json` or `generation_config.json` written
 /// into the directory would change what the checkpoint is).
@@ -221,6 +248,7 @@ fn checkpoint_inputs(ckpt: &Checkpoint) -> Vec<InputPath> {
         tokenizer::TOKENIZER_FILE,
         tokenizer::TOKENIZER_CONFIG_FILE,
         tokenizer::GENERATION_CONFIG_FILE,
+        CHAT_TEMPLATE_FILE,
     ];
     names.extend(ckpt.weights.file_names());
     names
