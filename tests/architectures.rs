@@ -477,3 +477,38 @@ fn configs_the_newer_families_cannot_run_are_refused_by_name() {
         assert!(msg.contains(needle), "{arch} {extra}: {msg}");
     }
 }
+
+/// The new paths (q/k norms, windows, soft-caps, longrope) keep logits
+/// independent of the thread count, prefill and decode.
+#[test]
+fn logits_are_identical_for_one_and_two_threads() {
+    for name in ["qwen3-tiny", "phi3-longrope", "gemma2-tiny", "gemma3-tiny"] {
+        let (json, ckpt) = reference(name);
+        let model = Model::from_checkpoint(&ckpt).expect("load");
+        let prompt = ids(&json["prompts"][3]["ids"]);
+        let run = |threads| {
+            flashpack::runtime::with_threads(Some(threads), || {
+                let mut cache = model.new_cache();
+                let mut all = model
+                    .forward(&mut cache, &prompt, Logits::All, None)
+                    .expect("prefill");
+                for t in [3u32, 5, 7] {
+                    all.extend(
+                        model
+                            .forward(&mut cache, &[t], Logits::Last, None)
+                            .expect("decode"),
+                    );
+                }
+                all
+            })
+            .expect("pool")
+        };
+        let (one, two) = (run(1), run(2));
+        assert!(
+            one.iter()
+                .zip(&two)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: logits differ between 1 and 2 threads"
+        );
+    }
+}

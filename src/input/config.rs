@@ -858,7 +858,7 @@ impl Validator<'_> {
         }
         // transformers: int(head_dim * partial_rotary_factor).
         let rotary_dim = (cfg.head_dim as f64 * partial) as usize;
-        if rotary_dim < 2 || rotary_dim % 2 != 0 {
+        if rotary_dim < 2 || !rotary_dim.is_multiple_of(2) {
             return Err(self.invalid(&format!(
                 "{rotary_dim} rotary dimensions (head_dim {} times partial_rotary_factor {partial}) must be even and at least 2",
                 cfg.head_dim

@@ -259,7 +259,7 @@ impl Model {
         let q_dim = cfg.num_heads * cfg.head_dim;
         let kv_dim = cfg.kv_dim();
         let opt = cfg.opt;
-        let pre_ln = opt.map_or(true, |o| o.do_layer_norm_before);
+        let pre_ln = opt.is_none_or(|o| o.do_layer_norm_before);
         let scale = (cfg.head_dim as f32).powf(-0.5);
         let ext = &cfg.ext;
         let heads = Heads {
