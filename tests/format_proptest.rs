@@ -103,7 +103,7 @@ fn values(seed: &mut u64, n: usize) -> Vec<f32> {
             *seed ^= *seed << 13;
             *seed ^= *seed >> 7;
             *seed ^= *seed << 17;
-            if *seed % 11 == 0 {
+            if seed.is_multiple_of(11) {
                 0.0
             } else {
                 ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0

@@ -244,7 +244,7 @@ pub fn write_synthetic_checkpoint(
         offset += len;
     }
     let mut text = serde_json::Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let path = dir.join("model.safetensors");

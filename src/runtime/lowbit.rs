@@ -120,7 +120,11 @@ impl QuantMatrix {
                         for (k, v) in buf[..len].iter_mut().enumerate() {
                             let i = start + k;
                             let byte = q[i / 2];
-                            let nib = if i % 2 == 0 { byte & 15 } else { byte >> 4 };
+                            let nib = if i.is_multiple_of(2) {
+                                byte & 15
+                            } else {
+                                byte >> 4
+                            };
                             *v = nib as f32 - 8.0;
                         }
                         sum += self.scales[r * blocks + b]
