@@ -453,3 +453,54 @@ fn a_chat_template_jinja_file_travels_into_the_packed_file() {
     );
     assert_eq!(code, 2);
 }
+
+#[test]
+fn flash_equals_predicted_with_the_trained_selector_on_a_product_criterion_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let packed = dir.path().join("silu.flashpack");
+    let (code, _, stderr) = flashpack_with(
+        &[
+            "convert",
+            &fixture("models/llama-silu"),
+            "-o",
+            packed.to_str().unwrap(),
+            "--calib",
+            &fixture("text/train.txt"),
+            "--calib-tokens",
+            "2048",
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let text = dir.path().join("h.txt");
+    let heldout = std::fs::read_to_string(common::fixtures().join("text/heldout.txt")).unwrap();
+    std::fs::write(
+        &text,
+        heldout.lines().take(60).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    let eval = |mode: &[&str]| {
+        let mut args = vec![
+            "eval",
+            packed.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(mode);
+        let (code, stdout, stderr) = flashpack_with(&args, "", &[]);
+        assert_eq!(code, 0, "{mode:?}: {stderr}");
+        let v: Value = serde_json::from_str(&stdout).unwrap();
+        (
+            v["perplexity"].as_f64().unwrap(),
+            v["ffn_active_fraction"].as_f64().unwrap(),
+        )
+    };
+    let flash = eval(&["--ffn", "flash"]);
+    let trained = eval(&["--ffn", "predicted", "--selector", "trained"]);
+    assert_eq!(
+        flash, trained,
+        "flash computes exactly what predicted --selector trained does"
+    );
+}

@@ -326,7 +326,7 @@ pub struct RunArgs {
     /// (`dense`, the exact model), exactly those that fire (`oracle`), those the
     /// packed file's predictors choose (`predicted`); read from disk: the whole
     /// FFN every token (`naive`), the predicted neurons through the window cache
-    /// (`flash`, bit-identical to `predicted`), the firing ones (`oracle-flash`).
+    /// (`flash`, bit-identical to `predicted --selector trained`), the firing ones (`oracle-flash`).
     /// Default: `flash` for a packed file with predictors, `dense` otherwise.
     #[arg(long, value_enum)]
     pub ffn: Option<FfnMode>,

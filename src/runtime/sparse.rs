@@ -37,7 +37,7 @@ pub enum FfnMode {
     /// paper's baseline).
     Naive,
     /// The predictors' neurons read from disk through the window cache
-    /// (bit-identical to `predicted`).
+    /// (bit-identical to `predicted --selector trained`).
     Flash,
     /// The neurons that fire (known from an in-DRAM copy, not counted) read
     /// from disk through the window cache: the lower bound on flash reads.
