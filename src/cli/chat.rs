@@ -8,11 +8,13 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, Opened, MAX_JSON_SAFE_INTEGER};
+use crate::cli::run::{
+    default_ffn_mode, open_for_mode, FlashArgs, Opened, SamplingArgs, MAX_JSON_SAFE_INTEGER,
+};
 use crate::cli::Output;
 use crate::runtime::chat::{ChatEncoder, ChatSession, Message};
 use crate::runtime::generate::{GenerateOptions, StopReason};
-use crate::runtime::sampling::{SamplingDefaults, SamplingParams};
+use crate::runtime::sampling::SamplingParams;
 use crate::runtime::sparse::FfnMode;
 
 #[derive(Debug, Args)]
@@ -22,6 +24,7 @@ use crate::runtime::sparse::FfnMode;
     the model's chat template each turn (as transformers' apply_chat_template with \
     add_generation_prompt=True), and only the tokens past what the KV cache already holds from \
     earlier turns are computed; the oldest turns are dropped when it outgrows the context.\n\n\
+    With sampling, turn i uses seed + i.\n\n\
     Examples:\n  \
     flashpack chat fixtures/chat/llama-silu-chat\n  \
     printf 'ROMEO.\\nGo on.\\n' | flashpack chat fixtures/chat/llama-silu-chat --max-new-tokens 20"
@@ -36,31 +39,8 @@ pub struct ChatArgs {
     /// Most tokens per answer; an answer also ends at an end-of-turn token.
     #[arg(short = 'n', long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy decoding [default: the model's
-    /// generation_config.json when it samples (do_sample), else 0].
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Sample only among the K most likely tokens [default: from
-    /// generation_config.json when it samples, else all].
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probability reaches P,
-    /// in (0, 1] [default: from generation_config.json when it samples, else 1].
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Sample only among tokens at least P times as likely as the most likely
-    /// one, in [0, 1] [default: from generation_config.json, else 0].
-    #[arg(long)]
-    pub min_p: Option<f32>,
-    /// Penalty on tokens already in the conversation (transformers'
-    /// repetition_penalty; 1 is none) [default: from generation_config.json,
-    /// else 1].
-    #[arg(long)]
-    pub repeat_penalty: Option<f32>,
-    /// RNG seed for sampling, at most 2^53 - 1 (default: from the clock;
-    /// reported with --json). Turn i uses seed + i.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(..=MAX_JSON_SAFE_INTEGER))]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Positions the conversation may use [default: the model's context].
     #[arg(long)]
     pub ctx: Option<usize>,
@@ -108,25 +88,9 @@ struct ChatReport {
 
 pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            & MAX_JSON_SAFE_INTEGER
-    });
     let model_path = crate::input::hub::resolve_model(&args.model)?;
-    let defaults = SamplingDefaults::from_generation_config(
-        crate::runtime::open::generation_config(&model_path)?.as_ref(),
-    );
-    let sampling = SamplingParams {
-        temperature: args.temperature.unwrap_or(defaults.temperature),
-        top_k: args.top_k.or(defaults.top_k),
-        top_p: args.top_p.or(defaults.top_p),
-        min_p: args.min_p.or(defaults.min_p),
-        repetition_penalty: args.repeat_penalty.unwrap_or(defaults.repetition_penalty),
-        seed,
-    };
-    sampling.validate()?;
+    let sampling = args.sampling.params(&model_path)?;
+    let seed = sampling.seed;
     if args.ctx == Some(0) {
         return Err(crate::Error::InvalidArgument("--ctx must be at least 1".into()).into());
     }

@@ -286,30 +286,8 @@ pub struct RunArgs {
     /// Stop when the text contains STR (not printed); repeat for several.
     #[arg(long = "stop", value_name = "STR", allow_hyphen_values = true)]
     pub stop: Vec<String>,
-    /// Sampling temperature; 0 is greedy decoding [default: the model's
-    /// generation_config.json when it samples (do_sample), else 0].
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Sample only among the K most likely tokens [default: the model's
-    /// generation_config.json when it samples].
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities add up to
-    /// P, in (0, 1] [default: the model's, else all].
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Sample only among tokens at least P times as likely as the most likely
-    /// one, in [0, 1] [default: the model's, else off].
-    #[arg(long)]
-    pub min_p: Option<f32>,
-    /// Repetition penalty (transformers' semantics: > 1 discourages tokens
-    /// already in the context) [default: the model's, else 1 = off].
-    #[arg(long)]
-    pub repeat_penalty: Option<f32>,
-    /// RNG seed for sampling, at most 2^53 - 1 (default: from the clock;
-    /// reported with --json).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(..=MAX_JSON_SAFE_INTEGER))]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Do not print the prompt before the generated text.
     #[arg(long)]
     pub no_display_prompt: bool,
@@ -412,10 +390,10 @@ struct RunReport {
 /// said, not silently dropped.
 fn sampling_warnings(args: &RunArgs, sampling: &SamplingParams) -> Vec<String> {
     let unused: Vec<&str> = [
-        ("--top-k", args.top_k.is_some()),
-        ("--top-p", args.top_p.is_some()),
-        ("--min-p", args.min_p.is_some()),
-        ("--seed", args.seed.is_some()),
+        ("--top-k", args.sampling.top_k.is_some()),
+        ("--top-p", args.sampling.top_p.is_some()),
+        ("--min-p", args.sampling.min_p.is_some()),
+        ("--seed", args.sampling.seed.is_some()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))
@@ -433,36 +411,68 @@ fn sampling_warnings(args: &RunArgs, sampling: &SamplingParams) -> Vec<String> {
 /// The largest integer every JSON reader holds exactly (2^53 - 1).
 pub(crate) const MAX_JSON_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
-/// Sampling as asked: each option from the command line, else from the
-/// model's `generation_config.json` as transformers reads it, else off.
-fn sampling_params(args: &RunArgs, defaults: &SamplingDefaults) -> SamplingParams {
-    let seed = args.seed.unwrap_or_else(|| {
-        // Any value will do when the user did not ask for reproducibility; kept
-        // below 2^53 so that JSON readers that hold numbers as doubles (most)
-        // read back the exact seed to reproduce the run with.
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            & MAX_JSON_SAFE_INTEGER
-    });
-    SamplingParams {
-        temperature: args.temperature.unwrap_or(defaults.temperature),
-        top_k: args.top_k.or(defaults.top_k),
-        top_p: args.top_p.or(defaults.top_p),
-        min_p: args.min_p.or(defaults.min_p),
-        repetition_penalty: args.repeat_penalty.unwrap_or(defaults.repetition_penalty),
-        seed,
+/// Sampling options shared by `run` and `chat`. Each one left out comes from
+/// the model's `generation_config.json` as transformers reads it, else is off.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy decoding [default: the model's
+    /// generation_config.json when it samples (do_sample), else 0].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample only among the K most likely tokens [default: the model's
+    /// generation_config.json when it samples].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to
+    /// P, in (0, 1] [default: the model's, else all].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Sample only among tokens at least P times as likely as the most likely
+    /// one, in [0, 1] [default: the model's, else off].
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty (transformers' semantics: > 1 discourages tokens
+    /// already in the context) [default: the model's, else 1 = off].
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// RNG seed for sampling, at most 2^53 - 1 (default: from the clock;
+    /// reported with --json).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=MAX_JSON_SAFE_INTEGER))]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The sampling parameters for the model at `model_path`, validated.
+    pub(crate) fn params(&self, model_path: &std::path::Path) -> anyhow::Result<SamplingParams> {
+        let defaults = SamplingDefaults::from_generation_config(
+            crate::runtime::open::generation_config(model_path)?.as_ref(),
+        );
+        let seed = self.seed.unwrap_or_else(|| {
+            // Any value will do when the user did not ask for reproducibility;
+            // kept below 2^53 so that JSON readers that hold numbers as
+            // doubles (most) read back the exact seed to reproduce the run with.
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                & MAX_JSON_SAFE_INTEGER
+        });
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.or(defaults.top_k),
+            top_p: self.top_p.or(defaults.top_p),
+            min_p: self.min_p.or(defaults.min_p),
+            repetition_penalty: self.repeat_penalty.unwrap_or(defaults.repetition_penalty),
+            seed,
+        };
+        params.validate()?;
+        Ok(params)
     }
 }
 
 pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
     let model_path = crate::input::hub::resolve_model(args.model_name())?;
     let prompt = read_prompt(args)?;
-    let defaults = SamplingDefaults::from_generation_config(
-        crate::runtime::open::generation_config(&model_path)?.as_ref(),
-    );
-    let sampling = sampling_params(args, &defaults);
-    sampling.validate()?;
+    let sampling = args.sampling.params(&model_path)?;
     let warnings = sampling_warnings(args, &sampling);
     for w in &warnings {
         eprintln!("warning: {w}");
