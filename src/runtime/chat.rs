@@ -19,7 +19,6 @@
 //! a template that wants BOS writes `{{ bos_token }}` itself.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
@@ -29,9 +28,7 @@ use crate::format::layout::TOKENIZER_SECTION;
 use crate::format::PackedFile;
 use crate::input::tokenizer::{TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 use crate::input::TextTokenizer;
-use crate::runtime::generate::{GenerateOptions, Generation, StopReason, TextStream};
-use crate::runtime::model::Logits;
-use crate::runtime::sampling::Sampler;
+use crate::runtime::generate::{generate_text_in, GenerateOptions, Generation, TextGeneration};
 use crate::runtime::{KvCache, Model};
 
 /// The file transformers writes a model's (default) chat template to.
@@ -662,7 +659,7 @@ impl ChatSession {
         tokenizer: &TextTokenizer,
         prompt: &[u32],
         opts: &GenerateOptions,
-        mut on_text: impl FnMut(&str) -> Result<()>,
+        on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<ChatTurn> {
         if !opts.stop_strings.is_empty() {
             return Err(Error::InvalidArgument(
@@ -705,63 +702,22 @@ impl ChatSession {
             self.cache.len = keep;
             self.ids.truncate(keep);
         }
-        let mut out = Generation {
-            generated_ids: Vec::new(),
-            stop_reason: StopReason::MaxNewTokens,
-            prefill_ms: 0.0,
-            decode_steps: 0,
-            decode_ms: 0.0,
-        };
-        let mut stream = TextStream::new(tokenizer, prompt)?;
-        let mut text = String::new();
-        if opts.max_new_tokens == 0 {
-            return Ok(ChatTurn {
-                text,
-                generation: out,
-                reused_tokens: keep,
-            });
-        }
-        let mut sampler = Sampler::new(opts.sampling)?;
-        let t0 = Instant::now();
-        let mut logits = model.forward(&mut self.cache, &prompt[keep..], Logits::Last, None)?;
-        self.ids.extend_from_slice(&prompt[keep..]);
-        out.prefill_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let t1 = Instant::now();
-        let mut context: Vec<u32> = prompt.to_vec();
-        loop {
-            let next = sampler.sample_after(&logits, &context);
-            context.push(next);
-            out.generated_ids.push(next);
-            if opts.stop_ids.contains(&next) {
-                out.stop_reason = StopReason::Eos;
-                break;
-            }
-            let piece = stream.push(next)?;
-            if !piece.is_empty() {
-                on_text(&piece)?;
-                text.push_str(&piece);
-            }
-            if out.generated_ids.len() >= opts.max_new_tokens {
-                out.stop_reason = StopReason::MaxNewTokens;
-                break;
-            }
-            if self.cache.len >= max {
-                out.stop_reason = StopReason::Context;
-                break;
-            }
-            logits = model.forward(&mut self.cache, &[next], Logits::Last, None)?;
-            self.ids.push(next);
-            out.decode_steps += 1;
-        }
-        let rest = stream.finish()?;
-        if !rest.is_empty() {
-            on_text(&rest)?;
-            text.push_str(&rest);
-        }
-        out.decode_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        let TextGeneration { text, generation } = generate_text_in(
+            model,
+            tokenizer,
+            &mut self.cache,
+            keep,
+            prompt,
+            opts,
+            on_text,
+        )?;
+        // The cache holds the prompt and every generated token but the last.
+        self.ids = prompt.to_vec();
+        self.ids.extend_from_slice(&generation.generated_ids);
+        self.ids.truncate(self.cache.len);
         Ok(ChatTurn {
             text,
-            generation: out,
+            generation,
             reused_tokens: keep,
         })
     }

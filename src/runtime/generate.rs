@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::input::TextTokenizer;
+use crate::runtime::attention::KvCache;
 use crate::runtime::model::{Logits, Model};
 use crate::runtime::sampling::{Sampler, SamplingParams};
 
@@ -100,6 +101,21 @@ pub fn generate_until(
     model: &Model,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_token: impl FnMut(u32) -> Result<Flow>,
+) -> Result<Generation> {
+    generate_until_in(model, &mut model.new_cache(), 0, prompt, opts, on_token)
+}
+
+/// [`generate_until`] in a cache that already holds the first `reused`
+/// positions of `prompt` (a chat's earlier turns; `reused < prompt.len()` and
+/// `cache.len == reused`): only the rest of the prompt is computed. On return
+/// the cache holds the prompt and every generated token but the last.
+pub fn generate_until_in(
+    model: &Model,
+    cache: &mut KvCache,
+    reused: usize,
+    prompt: &[u32],
+    opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<Flow>,
 ) -> Result<Generation> {
     let max = match opts.context {
@@ -119,7 +135,6 @@ pub fn generate_until(
         });
     }
     let mut sampler = Sampler::new(opts.sampling)?;
-    let mut cache = model.new_cache();
     let mut out = Generation {
         generated_ids: Vec::new(),
         stop_reason: StopReason::MaxNewTokens,
@@ -131,7 +146,7 @@ pub fn generate_until(
         return Ok(out);
     }
     let t0 = Instant::now();
-    let mut logits = model.forward(&mut cache, prompt, Logits::Last, None)?;
+    let mut logits = model.forward(cache, &prompt[reused..], Logits::Last, None)?;
     out.prefill_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let t1 = Instant::now();
     let mut context: Vec<u32> = prompt.to_vec();
@@ -158,7 +173,7 @@ pub fn generate_until(
             out.stop_reason = StopReason::Context;
             break;
         }
-        logits = model.forward(&mut cache, &[next], Logits::Last, None)?;
+        logits = model.forward(cache, &[next], Logits::Last, None)?;
         out.decode_steps += 1;
     }
     out.decode_ms = t1.elapsed().as_secs_f64() * 1000.0;
@@ -233,6 +248,28 @@ pub fn generate_text(
     tokenizer: &TextTokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_text: impl FnMut(&str) -> Result<()>,
+) -> Result<TextGeneration> {
+    generate_text_in(
+        model,
+        tokenizer,
+        &mut model.new_cache(),
+        0,
+        prompt,
+        opts,
+        on_text,
+    )
+}
+
+/// [`generate_text`] in a cache that already holds the first `reused`
+/// positions of `prompt` (see [`generate_until_in`]).
+pub fn generate_text_in(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    cache: &mut KvCache,
+    reused: usize,
+    prompt: &[u32],
+    opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<TextGeneration> {
     let mut stream = TextStream::new(tokenizer, prompt)?;
@@ -246,7 +283,7 @@ pub fn generate_text(
     let mut text = String::new();
     let mut sent = 0usize;
     let mut stopped_at: Option<usize> = None;
-    let generation = generate_until(model, prompt, opts, |id| {
+    let generation = generate_until_in(model, cache, reused, prompt, opts, |id| {
         if opts.stop_ids.contains(&id) {
             return Ok(Flow::Continue);
         }
