@@ -408,8 +408,7 @@ fn sampling_warnings(args: &RunArgs, sampling: &SamplingParams) -> Vec<String> {
     }
 }
 
-/// The largest integer every JSON reader holds exactly (2^53 - 1).
-pub(crate) const MAX_JSON_SAFE_INTEGER: u64 = (1 << 53) - 1;
+pub(crate) use crate::runtime::sampling::MAX_JSON_SAFE_INTEGER;
 
 /// Sampling options shared by `run` and `chat`. Each one left out comes from
 /// the model's `generation_config.json` as transformers reads it, else is off.
@@ -447,15 +446,9 @@ impl SamplingArgs {
         let defaults = SamplingDefaults::from_generation_config(
             crate::runtime::open::generation_config(model_path)?.as_ref(),
         );
-        let seed = self.seed.unwrap_or_else(|| {
-            // Any value will do when the user did not ask for reproducibility;
-            // kept below 2^53 so that JSON readers that hold numbers as
-            // doubles (most) read back the exact seed to reproduce the run with.
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-                & MAX_JSON_SAFE_INTEGER
-        });
+        let seed = self
+            .seed
+            .unwrap_or_else(crate::runtime::sampling::clock_seed);
         let params = SamplingParams {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k: self.top_k.or(defaults.top_k),

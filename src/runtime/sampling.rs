@@ -141,6 +141,19 @@ impl SamplingDefaults {
     }
 }
 
+/// The largest integer every JSON reader holds exactly (2^53 - 1).
+pub const MAX_JSON_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// A seed from the clock, for runs that ask for none. Any value will do; it is
+/// kept below 2^53 so that JSON readers that hold numbers as doubles (most)
+/// read back the exact seed to reproduce the run with.
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        & MAX_JSON_SAFE_INTEGER
+}
+
 /// The index of the largest logit; the first one on ties (as `torch.argmax`).
 /// NaN logits are never chosen.
 pub fn argmax(logits: &[f32]) -> u32 {

@@ -490,13 +490,8 @@ async fn chat_completions(
     }
 }
 
-/// A seed for requests that give none, below 2^53 like `run`'s.
-fn clock_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        & ((1 << 53) - 1)
-}
+// Requests that give no seed get one from the clock, below 2^53 like run's.
+use crate::runtime::sampling::clock_seed;
 
 #[derive(Debug, Clone)]
 enum Kind {
