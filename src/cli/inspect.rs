@@ -57,6 +57,20 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         m(s.params_ffn),
         m(s.params_other)
     ));
+    if let Some(e) = &s.experts {
+        let layers: Vec<String> = e.sparse_layers.iter().map(usize::to_string).collect();
+        out.human(format_args!(
+            "  experts {} per layer, top-{}{}, {} neurons each{}; sparse layers {}; ffn parameters per token {:.3}M",
+            e.count,
+            e.per_token,
+            if e.norm_topk_prob { " (renormalised)" } else { "" },
+            e.expert_width,
+            e.shared_expert_width
+                .map_or(String::new(), |w| format!(", a shared expert of {w}")),
+            layers.join(", "),
+            m(e.params_ffn_active)
+        ));
+    }
     let dtypes: Vec<String> = s
         .params_by_dtype
         .iter()

@@ -612,6 +612,13 @@ impl Checker<'_> {
             serde_json::from_value(m.config.clone()).map_err(|e| model(format!("config: {e}")))?;
         let config = ModelConfig::from_raw(&raw, Path::new("manifest config"))
             .map_err(|e| model(e.to_string()))?;
+        if config.moe.is_some() {
+            // Until the format has its expert sections (issue 14, step 2).
+            return Err(model(format!(
+                "{} is a mixture-of-experts model, which this version does not pack",
+                config.architecture.hf_name()
+            )));
+        }
         let names = ModelNames::for_config(&config);
         let ffn_weights: HashSet<String> = names
             .layers
@@ -667,6 +674,7 @@ impl Checker<'_> {
             let parts: &[BundlePart] = match names.ffn {
                 FfnNames::Plain { .. } => &[BundlePart::Up, BundlePart::Down],
                 FfnNames::Gated { .. } => &[BundlePart::Gate, BundlePart::Up, BundlePart::Down],
+                FfnNames::Moe(_) => return Err(bad("a mixture of experts (refused above)".into())),
             };
             if layer.layer != i as u64 || layer.parts != parts {
                 return Err(bad(format!(

@@ -3,8 +3,10 @@
 //! flashpack trusts ([`ModelConfig`]).
 //!
 //! Semantics follow transformers' `configuration_opt.py`, `configuration_llama.py`,
-//! `configuration_mistral.py` and `configuration_qwen2.py`, including their defaults
-//! for keys a file leaves out. Keys we do not use are ignored.
+//! `configuration_mistral.py` and `configuration_qwen2.py` (and the classes added
+//! since: Qwen3, Phi-3, Gemma-2/3, and the mixture-of-experts Mixtral, Qwen2-MoE and
+//! Qwen3-MoE), including their defaults for keys a file leaves out. Keys we do not
+//! use are ignored.
 
 use std::path::Path;
 
@@ -90,6 +92,20 @@ pub struct RawConfig {
     pub rope_local_base_freq: Option<f64>,
     pub sliding_window_pattern: Option<usize>,
     pub use_bidirectional_attention: Option<bool>,
+
+    // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE). transformers 5 writes
+    // Qwen3-MoE's expert count as `num_local_experts` (its attribute map), the
+    // Hub's Qwen configs as `num_experts`: both are read.
+    pub num_experts: Option<usize>,
+    pub num_local_experts: Option<usize>,
+    pub num_experts_per_tok: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    pub shared_expert_intermediate_size: Option<usize>,
+    pub norm_topk_prob: Option<bool>,
+    pub decoder_sparse_step: Option<usize>,
+    pub mlp_only_layers: Option<Vec<usize>>,
+    /// Qwen2-MoE's switch for the q, k and v biases (default true).
+    pub qkv_bias: Option<bool>,
 }
 
 /// A key that is present: `Some(None)` when its value is null.
@@ -150,6 +166,9 @@ pub enum Architecture {
     Phi3,
     Gemma2,
     Gemma3,
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -164,6 +183,9 @@ impl Architecture {
             Architecture::Phi3 => "Phi3ForCausalLM",
             Architecture::Gemma2 => "Gemma2ForCausalLM",
             Architecture::Gemma3 => "Gemma3ForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
@@ -172,10 +194,20 @@ impl Architecture {
     pub fn is_llama_family(self) -> bool {
         !matches!(self, Architecture::Opt)
     }
+
+    /// Mixtral, Qwen2-MoE and Qwen3-MoE: some or all FFNs are a router and
+    /// experts (see [`MoeOptions`]).
+    pub fn is_moe(self) -> bool {
+        matches!(
+            self,
+            Architecture::Mixtral | Architecture::Qwen2Moe | Architecture::Qwen3Moe
+        )
+    }
 }
 
 const SUPPORTED_ARCHITECTURES: &str = "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, \
-     Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM";
+     Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, \
+     MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM";
 
 /// The FFN's activation function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +307,32 @@ pub struct ArchOptions {
     pub fused_projections: bool,
 }
 
+/// A mixture-of-experts FFN (transformers' `*SparseMoeBlock`): a router
+/// (`[num_experts, hidden]`, no bias) scores the experts of each token, the
+/// softmax of those scores (in f32) picks the `top_k` most probable, whose
+/// probabilities (renormalised to sum to 1 with `norm_topk_prob`) weight the
+/// chosen experts' gated FFN outputs; Qwen2-MoE adds a shared expert, always
+/// computed, times `sigmoid(shared_expert_gate . x)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeOptions {
+    pub num_experts: usize,
+    /// Experts chosen per token (`num_experts_per_tok`), at most `num_experts`.
+    pub top_k: usize,
+    /// Neurons of each expert (`moe_intermediate_size`; Mixtral's `intermediate_size`).
+    pub expert_width: usize,
+    /// Whether the chosen probabilities are renormalised (Mixtral: always).
+    pub norm_topk_prob: bool,
+    /// Qwen2-MoE: the shared expert's width (`shared_expert_intermediate_size`).
+    pub shared_expert_width: Option<usize>,
+    /// Per layer: whether its FFN is the mixture (otherwise a dense gated FFN
+    /// of `ffn_width` neurons, Qwen's `mlp_only_layers` and `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+}
+
+/// Caps on the expert counts read from a config (Qwen3-235B: 128 experts, 8 per
+/// token; DeepSeek-V3: 256).
+pub const MAX_EXPERTS: usize = 1 << 12;
+
 /// Options only OPT has.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptOptions {
@@ -331,6 +389,8 @@ pub struct ModelConfig {
     pub declared_dtype: Option<String>,
     /// Qwen3, Phi-3, Gemma-2/3 options (default for the other families).
     pub ext: ArchOptions,
+    /// The mixture-of-experts architectures' FFNs (`None` for dense models).
+    pub moe: Option<MoeOptions>,
 }
 
 impl ModelConfig {
@@ -363,6 +423,9 @@ impl ModelConfig {
             "Phi3ForCausalLM" => Architecture::Phi3,
             "Gemma2ForCausalLM" => Architecture::Gemma2,
             "Gemma3ForCausalLM" => Architecture::Gemma3,
+            "MixtralForCausalLM" => Architecture::Mixtral,
+            "Qwen2MoeForCausalLM" => Architecture::Qwen2Moe,
+            "Qwen3MoeForCausalLM" => Architecture::Qwen3Moe,
             _ => {
                 return Err(Error::UnsupportedArchitecture {
                     path: path.to_path_buf(),
@@ -375,6 +438,9 @@ impl ModelConfig {
             Architecture::Opt => v.opt(raw),
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
                 v.llama_family(raw, architecture)
+            }
+            Architecture::Mixtral | Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
+                v.moe_family(raw, architecture)
             }
             _ => v.newer_family(raw, architecture),
         }
@@ -536,6 +602,7 @@ impl Validator<'_> {
             pad_token_id,
             declared_dtype: raw.dtype.clone().or_else(|| raw.torch_dtype.clone()),
             ext: ArchOptions::default(),
+            moe: None,
         })
     }
 
@@ -639,7 +706,126 @@ impl Validator<'_> {
             pad_token_id,
             declared_dtype: raw.dtype.clone().or_else(|| raw.torch_dtype.clone()),
             ext: ArchOptions::default(),
+            moe: None,
         })
+    }
+
+    /// Mixtral, Qwen2-MoE and Qwen3-MoE: the attention of the dense class each
+    /// extends (Mistral, Qwen2 with `qkv_bias`, Qwen3 with q/k norms), each
+    /// class's defaults, and the experts ([`MoeOptions`]).
+    fn moe_family(&self, raw: &RawConfig, architecture: Architecture) -> Result<ModelConfig> {
+        use Architecture::{Mixtral, Qwen2Moe, Qwen3Moe};
+        let mut base = raw.clone();
+        // transformers' class defaults for keys a file leaves out.
+        let (positions, eps, theta, width) = match architecture {
+            Mixtral => (4096 * 32, 1e-5, 1_000_000.0, 14336),
+            Qwen2Moe => (32_768, 1e-6, 10_000.0, 5632),
+            _ => (32_768, 1e-6, 10_000.0, 6144),
+        };
+        base.max_position_embeddings = raw.max_position_embeddings.or(Some(positions));
+        base.rms_norm_eps = raw.rms_norm_eps.or(Some(eps));
+        base.intermediate_size = raw.intermediate_size.or(Some(width));
+        if raw.rope_parameters.is_none() && raw.rope_scaling.is_none() {
+            base.rope_theta = raw.rope_theta.or(Some(theta));
+        }
+        // Qwen's sliding windows (per layer from max_window_layers, or on every
+        // layer) are not implemented for the MoE classes; released checkpoints
+        // (Qwen1.5-MoE, Qwen3-30B-A3B) do not use them.
+        if architecture != Mixtral && raw.use_sliding_window == Some(true) {
+            return Err(self.unsupported(
+                "use_sliding_window",
+                "true".into(),
+                "Qwen2-MoE and Qwen3-MoE are supported with full attention",
+            ));
+        }
+        base.sliding_window = if architecture == Mixtral {
+            raw.sliding_window
+        } else {
+            None
+        };
+        let attention = match architecture {
+            Mixtral => Architecture::Mistral,
+            _ => Architecture::Llama,
+        };
+        let mut cfg = self.llama_family(&base, attention)?;
+        cfg.architecture = architecture;
+        match architecture {
+            Qwen2Moe => {
+                cfg.qkv_bias = raw.qkv_bias.unwrap_or(true);
+                cfg.o_bias = false;
+            }
+            Qwen3Moe => {
+                let bias = raw.attention_bias.unwrap_or(false);
+                cfg.qkv_bias = bias;
+                cfg.o_bias = bias;
+                cfg.ext.qk_norm = true;
+            }
+            _ => {}
+        }
+        // Experts have no biases in any of the three classes.
+        cfg.ffn_bias = false;
+
+        let experts = match architecture {
+            Mixtral => raw.num_local_experts.or(raw.num_experts).or(Some(8)),
+            Qwen2Moe => raw.num_experts.or(raw.num_local_experts).or(Some(60)),
+            _ => raw.num_experts.or(raw.num_local_experts).or(Some(128)),
+        };
+        let num_experts = self.size(experts, "num_experts", MAX_EXPERTS)?;
+        let top_k = self.size(
+            raw.num_experts_per_tok.or(Some(match architecture {
+                Mixtral => 2,
+                Qwen2Moe => 4,
+                _ => 8,
+            })),
+            "num_experts_per_tok",
+            num_experts,
+        )?;
+        let expert_width = match architecture {
+            Mixtral => cfg.ffn_width,
+            Qwen2Moe => self.size(
+                raw.moe_intermediate_size.or(Some(1408)),
+                "moe_intermediate_size",
+                MAX_FFN_WIDTH,
+            )?,
+            _ => self.size(
+                raw.moe_intermediate_size.or(Some(768)),
+                "moe_intermediate_size",
+                MAX_FFN_WIDTH,
+            )?,
+        };
+        let shared_expert_width = match architecture {
+            Qwen2Moe => Some(self.size(
+                raw.shared_expert_intermediate_size.or(Some(5632)),
+                "shared_expert_intermediate_size",
+                MAX_FFN_WIDTH,
+            )?),
+            _ => None,
+        };
+        let layers = cfg.num_layers;
+        let sparse_layers = match architecture {
+            Mixtral => vec![true; layers],
+            _ => {
+                let step = raw.decoder_sparse_step.unwrap_or(1);
+                if step == 0 {
+                    return Err(self.invalid("`decoder_sparse_step` is 0"));
+                }
+                // transformers tests membership only: indices past the last
+                // layer name no layer.
+                let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+                (0..layers)
+                    .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
+                    .collect()
+            }
+        };
+        cfg.moe = Some(MoeOptions {
+            num_experts,
+            top_k,
+            expert_width,
+            norm_topk_prob: architecture == Mixtral || raw.norm_topk_prob.unwrap_or(false),
+            shared_expert_width,
+            sparse_layers,
+        });
+        Ok(cfg)
     }
 
     /// Qwen3, Phi-3, Gemma-2 and Gemma-3: the Llama family's validation with

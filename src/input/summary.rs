@@ -39,6 +39,29 @@ pub struct CheckpointSummary {
     pub bytes_on_disk: u64,
     /// Tensors in the files that the architecture does not use.
     pub unused_tensors: Vec<String>,
+    /// A mixture-of-experts model's experts (absent for dense models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<ExpertsSummary>,
+}
+
+/// The experts of a mixture-of-experts model, as `inspect` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertsSummary {
+    /// Experts per sparse layer.
+    pub count: usize,
+    /// Experts the router chooses per token.
+    pub per_token: usize,
+    /// Neurons of each expert.
+    pub expert_width: usize,
+    /// Whether the chosen experts' probabilities are renormalised.
+    pub norm_topk_prob: bool,
+    /// Qwen2-MoE's shared expert's neurons.
+    pub shared_expert_width: Option<usize>,
+    /// The layers whose FFN is the mixture (the others are dense, `ffn_width`).
+    pub sparse_layers: Vec<usize>,
+    /// FFN parameters one token uses: its chosen experts' and the shared
+    /// expert's in the sparse layers, the dense layers' whole FFN.
+    pub params_ffn_active: u64,
 }
 
 impl CheckpointSummary {
@@ -88,6 +111,24 @@ impl CheckpointSummary {
             }
         }
         let group = |g: &str| by_group.get(g).copied().unwrap_or(0);
+        let experts = cfg.moe.as_ref().map(|m| {
+            let gated = |width: usize| 3 * (cfg.hidden_size * width) as u64;
+            let sparse: Vec<usize> = (0..cfg.num_layers)
+                .filter(|&i| m.sparse_layers[i])
+                .collect();
+            let per_sparse =
+                m.top_k as u64 * gated(m.expert_width) + m.shared_expert_width.map_or(0, gated);
+            ExpertsSummary {
+                count: m.num_experts,
+                per_token: m.top_k,
+                expert_width: m.expert_width,
+                norm_topk_prob: m.norm_topk_prob,
+                shared_expert_width: m.shared_expert_width,
+                params_ffn_active: sparse.len() as u64 * per_sparse
+                    + (cfg.num_layers - sparse.len()) as u64 * gated(cfg.ffn_width),
+                sparse_layers: sparse,
+            }
+        });
         CheckpointSummary {
             architecture: cfg.architecture.hf_name().to_string(),
             num_layers: cfg.num_layers,
@@ -111,6 +152,7 @@ impl CheckpointSummary {
             sharded: false,
             bytes_on_disk: 0,
             unused_tensors: Vec::new(),
+            experts,
         }
     }
 }

@@ -53,6 +53,23 @@ pub enum FfnNames {
         up: LinearNames,
         down: LinearNames,
     },
+    /// A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    Moe(MoeNames),
+}
+
+/// The tensors of a mixture-of-experts FFN (see
+/// [`crate::input::config::MoeOptions`] for what they compute).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoeNames {
+    /// `[num_experts, hidden]`, no bias (Mixtral's `block_sparse_moe.gate`,
+    /// Qwen's `mlp.gate`).
+    pub router: LinearNames,
+    /// One gated FFN per expert, in expert order: Mixtral's `w1` (gate), `w3`
+    /// (up) and `w2` (down), Qwen's `gate_proj`, `up_proj`, `down_proj`.
+    pub experts: Vec<FfnNames>,
+    /// Qwen2-MoE: the shared expert (a gated FFN) and its gate (`[1, hidden]`).
+    pub shared: Option<Box<FfnNames>>,
+    pub shared_gate: Option<LinearNames>,
 }
 
 /// The tensors of one decoder layer.
@@ -183,14 +200,23 @@ impl ModelNames {
                 add_norm(&mut specs, n);
             }
             match &layer.ffn {
-                FfnNames::Plain { up, down } => {
-                    add_linear(&mut specs, up, ParamGroup::Ffn);
-                    add_linear(&mut specs, down, ParamGroup::Ffn);
+                FfnNames::Moe(moe) => {
+                    // The router and the shared expert's gate are counted as
+                    // "other": what a runtime keeps resident beside attention.
+                    add_linear(&mut specs, &moe.router, ParamGroup::Other);
+                    for l in moe.experts.iter().chain(moe.shared.as_deref()) {
+                        for p in l.projections() {
+                            add_linear(&mut specs, p, ParamGroup::Ffn);
+                        }
+                    }
+                    if let Some(g) = &moe.shared_gate {
+                        add_linear(&mut specs, g, ParamGroup::Other);
+                    }
                 }
-                FfnNames::Gated { gate, up, down } => {
-                    add_linear(&mut specs, gate, ParamGroup::Ffn);
-                    add_linear(&mut specs, up, ParamGroup::Ffn);
-                    add_linear(&mut specs, down, ParamGroup::Ffn);
+                ffn => {
+                    for p in ffn.projections() {
+                        add_linear(&mut specs, p, ParamGroup::Ffn);
+                    }
                 }
             }
         }
@@ -258,6 +284,76 @@ fn opt_names(cfg: &ModelConfig) -> ModelNames {
     }
 }
 
+/// A gated FFN of `width` neurons under `prefix` (`{prefix}.gate_proj`, ...);
+/// Mixtral's experts name the same projections `w1`, `w3` and `w2`.
+fn gated(prefix: &str, names: [&str; 3], width: usize, h: usize, bias: bool) -> FfnNames {
+    let [gate, up, down] = names;
+    FfnNames::Gated {
+        gate: linear(&format!("{prefix}.{gate}"), width, h, bias),
+        up: linear(&format!("{prefix}.{up}"), width, h, bias),
+        down: linear(&format!("{prefix}.{down}"), h, width, bias),
+    }
+}
+
+const LLAMA_MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+const MIXTRAL_EXPERT: [&str; 3] = ["w1", "w3", "w2"];
+
+/// Layer `i`'s FFN: the Llama family's gated MLP, or the mixture of experts of
+/// the MoE classes (as transformers' `save_pretrained` writes it: one tensor
+/// per expert and projection).
+fn llama_ffn(cfg: &ModelConfig, i: usize) -> FfnNames {
+    let h = cfg.hidden_size;
+    let p = format!("model.layers.{i}");
+    let Some(moe) = cfg.moe.as_ref().filter(|m| m.sparse_layers[i]) else {
+        return gated(
+            &format!("{p}.mlp"),
+            LLAMA_MLP,
+            cfg.ffn_width,
+            h,
+            cfg.ffn_bias,
+        );
+    };
+    let (block, projections) = if cfg.architecture == Architecture::Mixtral {
+        (format!("{p}.block_sparse_moe"), MIXTRAL_EXPERT)
+    } else {
+        (format!("{p}.mlp"), LLAMA_MLP)
+    };
+    let experts = (0..moe.num_experts)
+        .map(|e| {
+            gated(
+                &format!("{block}.experts.{e}"),
+                projections,
+                moe.expert_width,
+                h,
+                false,
+            )
+        })
+        .collect();
+    MoeNames {
+        router: linear(&format!("{block}.gate"), moe.num_experts, h, false),
+        experts,
+        shared: moe.shared_expert_width.map(|w| {
+            Box::new(gated(
+                &format!("{block}.shared_expert"),
+                LLAMA_MLP,
+                w,
+                h,
+                false,
+            ))
+        }),
+        shared_gate: moe
+            .shared_expert_width
+            .map(|_| linear(&format!("{block}.shared_expert_gate"), 1, h, false)),
+    }
+    .into()
+}
+
+impl From<MoeNames> for FfnNames {
+    fn from(m: MoeNames) -> FfnNames {
+        FfnNames::Moe(m)
+    }
+}
+
 /// Tensor names of `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
 /// and of the families that add to them: `Qwen3ForCausalLM` (q/k norms),
 /// `Phi3ForCausalLM` (q/k/v and gate/up split from its fused tensors at load, so
@@ -281,8 +377,6 @@ fn llama_names(cfg: &ModelConfig) -> ModelNames {
     let layers = (0..cfg.num_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
-            let mlp =
-                |proj: &str, out, inp| linear(&format!("{p}.mlp.{proj}"), out, inp, cfg.ffn_bias);
             LayerNames {
                 attn_norm: rms(format!("{p}.input_layernorm.weight")),
                 q: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, cfg.qkv_bias),
@@ -294,11 +388,7 @@ fn llama_names(cfg: &ModelConfig) -> ModelNames {
                 } else {
                     format!("{p}.post_attention_layernorm.weight")
                 }),
-                ffn: FfnNames::Gated {
-                    gate: mlp("gate_proj", cfg.ffn_width, h),
-                    up: mlp("up_proj", cfg.ffn_width, h),
-                    down: mlp("down_proj", h, cfg.ffn_width),
-                },
+                ffn: llama_ffn(cfg, i),
                 q_norm: ext
                     .qk_norm
                     .then(|| head_norm(format!("{p}.self_attn.q_norm.weight"))),
@@ -365,11 +455,27 @@ fn llama_names(cfg: &ModelConfig) -> ModelNames {
 }
 
 impl FfnNames {
-    /// The projections in bundle order: gate (gated FFNs only), up, down.
+    /// The projections in bundle order: gate (gated FFNs only), up, down. A
+    /// mixture's are its experts', expert by expert, then its shared expert's
+    /// (the router and the shared expert's gate are not neuron projections).
     pub fn projections(&self) -> Vec<&LinearNames> {
         match self {
             FfnNames::Plain { up, down } => vec![up, down],
             FfnNames::Gated { gate, up, down } => vec![gate, up, down],
+            FfnNames::Moe(m) => m
+                .experts
+                .iter()
+                .chain(m.shared.as_deref())
+                .flat_map(FfnNames::projections)
+                .collect(),
+        }
+    }
+
+    /// The mixture's tensors, when this is one.
+    pub fn moe(&self) -> Option<&MoeNames> {
+        match self {
+            FfnNames::Moe(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -383,11 +489,14 @@ impl FfnNames {
             .collect()
     }
 
-    /// `(gate, up, down)`; `gate` is `None` for a plain FFN.
+    /// `(gate, up, down)`; `gate` is `None` for a plain FFN. A mixture has
+    /// no single set: its first expert's (callers that pack or compare one
+    /// FFN per layer refuse mixtures before they get here).
     pub fn parts(&self) -> (Option<&LinearNames>, &LinearNames, &LinearNames) {
         match self {
             FfnNames::Plain { up, down } => (None, up, down),
             FfnNames::Gated { gate, up, down } => (Some(gate), up, down),
+            FfnNames::Moe(m) => m.experts[0].parts(),
         }
     }
 }

@@ -156,6 +156,12 @@ pub fn convert(
         check_calibration_plan(plan)?;
     }
     let ckpt = Checkpoint::open(src)?;
+    if ckpt.config.moe.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a mixture-of-experts model: this version runs it from the checkpoint but does not pack it yet",
+            ckpt.config.architecture.hf_name()
+        )));
+    }
     // Refuse an output that would destroy an input, or that cannot be written,
     // before anything (a calibration trace, a temporary file) is written.
     let mut inputs = checkpoint_inputs(&ckpt);

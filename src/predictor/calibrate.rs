@@ -262,6 +262,12 @@ pub fn calibrate(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Calibration> {
     let cfg = &model.config;
+    if cfg.moe.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a mixture-of-experts model: calibration does not record routing yet",
+            cfg.architecture.hf_name()
+        )));
+    }
     if files.is_empty() {
         return Err(Error::InvalidArgument(
             "calibration needs at least one text file".into(),

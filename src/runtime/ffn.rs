@@ -46,6 +46,10 @@ pub struct Fired {
     pub width: usize,
     /// Ascending neuron indices with non-zero output, one list per token.
     pub per_token: Vec<Vec<u32>>,
+    /// A mixture-of-experts layer: each token's chosen experts, most probable
+    /// first (empty for a dense FFN). Its neurons are then numbered
+    /// `expert * expert_width + neuron`.
+    pub routed: Vec<Vec<u32>>,
 }
 
 impl Fired {

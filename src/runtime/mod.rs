@@ -6,6 +6,7 @@
 //! - [`rope`], [`attention`]: positions, attention and the KV cache.
 //! - [`ffn`]: the FFN component ([`ffn::Ffn`]) the flash runtime re-implements.
 //! - [`model`]: the one forward pass (prefill batch and decode step).
+//! - [`moe`]: the mixture-of-experts FFN (router, experts, shared expert).
 //! - [`sampling`], [`generate`]: token choice and the generation loop.
 //! - [`perplexity`]: the perplexity definition of the foundation issue.
 //! - [`sparse`]: the `oracle` and `predicted` FFN modes (chosen neurons only).
@@ -22,6 +23,7 @@ pub mod generate;
 pub mod kernels;
 pub mod lowbit;
 pub mod model;
+pub mod moe;
 pub mod open;
 pub mod packed;
 pub mod perplexity;

@@ -9,11 +9,12 @@
 
 use crate::error::{Error, Result};
 use crate::input::config::{ModelConfig, OPT_POSITION_OFFSET};
-use crate::input::tensors::{FfnNames, ModelNames, NormNames};
+use crate::input::tensors::{FfnNames, ModelNames, MoeNames, NormNames};
 use crate::input::Checkpoint;
 use crate::runtime::attention::{attend, Heads, KvCache};
 use crate::runtime::ffn::{ActiveSet, DenseFfn, Ffn, FfnWeights, Fired};
 use crate::runtime::kernels;
+use crate::runtime::moe::{MoeFfn, Router};
 use crate::runtime::rope::Rope;
 use crate::runtime::weights::{load_linear, load_norm, Linear, Matrix, NormWeights, TensorSource};
 
@@ -55,6 +56,59 @@ pub trait Observer {
     fn residual(&mut self, _layer: usize, _x: &[f32], _n: usize) {}
 }
 
+/// A dense FFN (plain or gated) with its weights read from `src`.
+pub fn load_dense_ffn(
+    config: &ModelConfig,
+    names: &FfnNames,
+    src: &dyn TensorSource,
+) -> Result<DenseFfn> {
+    let weights = match names {
+        FfnNames::Plain { up, down } => FfnWeights::Plain {
+            up: load_linear(src, up)?,
+            down: load_linear(src, down)?,
+        },
+        FfnNames::Gated { gate, up, down } => FfnWeights::Gated {
+            gate: load_linear(src, gate)?,
+            up: load_linear(src, up)?,
+            down: load_linear(src, down)?,
+        },
+        FfnNames::Moe(_) => {
+            return Err(Error::InvalidArgument(
+                "a mixture of experts is not one dense FFN".into(),
+            ))
+        }
+    };
+    Ok(DenseFfn {
+        weights,
+        activation: config.activation,
+    })
+}
+
+/// A mixture of experts with every weight read from `src`.
+pub fn load_moe(config: &ModelConfig, names: &MoeNames, src: &dyn TensorSource) -> Result<MoeFfn> {
+    let moe = config.moe.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("mixture-of-experts tensors for a dense model".into())
+    })?;
+    let experts = names
+        .experts
+        .iter()
+        .map(|e| load_dense_ffn(config, e, src))
+        .collect::<Result<Vec<_>>>()?;
+    let shared = match (&names.shared, &names.shared_gate) {
+        (Some(f), Some(g)) => Some((load_dense_ffn(config, f, src)?, load_linear(src, g)?)),
+        _ => None,
+    };
+    Ok(MoeFfn {
+        router: Router {
+            weight: load_linear(src, &names.router)?,
+            top_k: moe.top_k,
+            norm_topk_prob: moe.norm_topk_prob,
+        },
+        experts,
+        shared,
+    })
+}
+
 /// Builds layer `i`'s FFN from its tensor names (see [`Model::load_with_ffn`]).
 pub type MakeFfn<'a> = dyn FnMut(usize, &FfnNames) -> Result<Box<dyn Ffn>> + 'a;
 
@@ -83,22 +137,9 @@ impl Model {
 
     /// Builds a model from any tensor source (a checkpoint, random weights).
     pub fn load(config: &ModelConfig, names: &ModelNames, src: &dyn TensorSource) -> Result<Model> {
-        Model::load_with_ffn(config, names, src, &mut |_, ffn| {
-            let weights = match ffn {
-                FfnNames::Plain { up, down } => FfnWeights::Plain {
-                    up: load_linear(src, up)?,
-                    down: load_linear(src, down)?,
-                },
-                FfnNames::Gated { gate, up, down } => FfnWeights::Gated {
-                    gate: load_linear(src, gate)?,
-                    up: load_linear(src, up)?,
-                    down: load_linear(src, down)?,
-                },
-            };
-            Ok(Box::new(DenseFfn {
-                weights,
-                activation: config.activation,
-            }))
+        Model::load_with_ffn(config, names, src, &mut |_, ffn| match ffn {
+            FfnNames::Moe(m) => Ok(Box::new(load_moe(config, m, src)?)),
+            dense => Ok(Box::new(load_dense_ffn(config, dense, src)?)),
         })
     }
 

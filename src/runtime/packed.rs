@@ -73,6 +73,11 @@ impl<'a> PackedWeights<'a> {
                         (down, BundlePart::Down),
                     ]
                 }
+                FfnNames::Moe(_) => {
+                    return Err(Error::InvalidArgument(
+                        "a packed file does not hold mixture-of-experts layers".into(),
+                    ))
+                }
             };
             for (names, part) in parts {
                 ffn_parts.insert(names.weight.clone(), (i, part));

@@ -623,6 +623,11 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 load_bias(&up.bias, spec.neurons)?,
                 load_bias(&down.bias, spec.hidden)?,
             ),
+            FfnNames::Moe(_) => {
+                return Err(Error::InvalidArgument(
+                    "a packed file does not hold mixture-of-experts layers".into(),
+                ))
+            }
         };
         let predictor = sparsity
             .as_mut()

@@ -1,0 +1,407 @@
+//! Mixture-of-experts models (issue 14): Mixtral, Qwen2-MoE (shared expert and
+//! its sigmoid gate, a dense `mlp_only_layers` layer) and Qwen3-MoE (top-k
+//! renormalised, `decoder_sparse_step`, `mlp_only_layers`), random and
+//! trained, against transformers' references in `fixtures/reference/moe/`
+//! (`fixtures/make_fixtures_moe.py`): final-position logits of five prompts,
+//! KV-cached greedy continuations, held-out perplexity, and each token's chosen
+//! experts on a 162-id prompt; config defaults and refusals.
+
+use std::path::PathBuf;
+
+use flashpack::input::config::Architecture;
+use flashpack::input::Checkpoint;
+use flashpack::runtime::generate::{generate, GenerateOptions};
+use flashpack::runtime::perplexity::perplexity;
+use flashpack::runtime::sampling::SamplingParams;
+use flashpack::runtime::{Fired, Logits, Model, Observer};
+use serde_json::Value;
+
+/// Issue 14's bars, as for the dense families: logit NMSE, relative
+/// perplexity error; the top-2 margin under which a greedy step counts as a
+/// near tie; and the gap between the k-th and (k+1)-th routing probabilities
+/// under which a routing choice may resolve either way in another summation
+/// order.
+const MAX_NMSE: f64 = 1e-6;
+const MAX_PPL_REL: f64 = 1e-5;
+const TIE_MARGIN: f64 = 1e-3;
+const ROUTING_TIE: f64 = 1e-5;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn reference(name: &str) -> (Value, Checkpoint) {
+    let path = fixtures()
+        .join("reference/moe")
+        .join(format!("{name}.json"));
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("reference")).expect("reference JSON");
+    let dir = fixtures().join(json["model_dir"].as_str().expect("model_dir"));
+    let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    (json, ckpt)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("floats")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect()
+}
+
+fn nmse(x: &[f32], r: &[f64]) -> f64 {
+    assert_eq!(x.len(), r.len());
+    let num: f64 = x.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+    num / r.iter().map(|b| b * b).sum::<f64>()
+}
+
+/// Records each layer's chosen experts per token.
+#[derive(Default)]
+struct RoutingLog {
+    layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
+}
+
+impl Observer for RoutingLog {
+    fn ffn(&mut self, layer: usize, _input: &[f32], _n: usize, fired: &Fired) {
+        if !fired.routed.is_empty() {
+            self.layers
+                .entry(layer)
+                .or_default()
+                .extend(fired.routed.iter().cloned());
+        }
+    }
+}
+
+/// Logits, greedy ids, perplexity and routing of one model against its reference.
+fn check(name: &str, arch: Architecture) {
+    let (json, ckpt) = reference(name);
+    assert_eq!(ckpt.config.architecture, arch);
+    assert_eq!(json["architecture"].as_str(), Some(arch.hf_name()));
+    let moe = ckpt
+        .config
+        .moe
+        .as_ref()
+        .expect("a mixture-of-experts config");
+    let sparse: Vec<u64> = (0..moe.sparse_layers.len() as u64)
+        .filter(|&i| moe.sparse_layers[i as usize])
+        .collect();
+    assert_eq!(
+        serde_json::json!(sparse),
+        json["moe_layers"],
+        "{name}: which layers are sparse"
+    );
+    let model = Model::from_checkpoint(&ckpt).expect("load");
+    let tok = ckpt.tokenizer().expect("tokenizer");
+    let mut failures = Vec::new();
+    for (pi, p) in json["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .enumerate()
+    {
+        let prompt = ids(&p["ids"]);
+        assert_eq!(
+            tok.encode(p["text"].as_str().expect("text"))
+                .expect("encode"),
+            prompt,
+            "{name} prompt {pi}: tokenization"
+        );
+        let mut log = RoutingLog::default();
+        let logits = model
+            .forward(
+                &mut model.new_cache(),
+                &prompt,
+                Logits::Last,
+                Some(&mut log),
+            )
+            .expect("forward");
+        let e = nmse(&logits, &floats(&p["final_logits"]));
+        println!("{name} prompt {pi} ({} ids): NMSE {e:.3e}", prompt.len());
+        if e.is_nan() || e > MAX_NMSE {
+            failures.push(format!("prompt {pi}: NMSE {e:.3e}"));
+        }
+        if pi == 3 {
+            // Each token's experts as transformers chose them, top-k order included.
+            for (layer, want) in json["routing"].as_object().expect("routing") {
+                let layer: usize = layer.parse().expect("layer");
+                let got = &log.layers[&layer];
+                let gaps = floats(&want["gaps"]);
+                let want = want["experts"].as_array().expect("experts");
+                assert_eq!(got.len(), want.len(), "{name} layer {layer}: tokens");
+                let mut compared = 0;
+                for (t, (g, w)) in got.iter().zip(want).enumerate() {
+                    if gaps[t] < ROUTING_TIE {
+                        continue;
+                    }
+                    compared += 1;
+                    if *g != ids(w) {
+                        failures.push(format!(
+                            "layer {layer} token {t}: experts {g:?}, transformers {:?}",
+                            ids(w)
+                        ));
+                    }
+                }
+                println!(
+                    "{name} layer {layer}: routing of {compared} of {} tokens identical",
+                    got.len()
+                );
+                assert!(compared > got.len() * 9 / 10);
+            }
+        }
+        let want = ids(&p["greedy_ids"]);
+        let margins = floats(&p["greedy_top2_margins"]);
+        let opts = GenerateOptions {
+            max_new_tokens: want.len(),
+            sampling: SamplingParams::default(),
+            stop_ids: Vec::new(),
+            ..GenerateOptions::default()
+        };
+        let got = generate(&model, &prompt, &opts, |_| Ok(())).expect("generate");
+        let n = margins
+            .iter()
+            .position(|&m| m < TIE_MARGIN)
+            .unwrap_or(want.len());
+        println!(
+            "{name} prompt {pi}: greedy compared on {n} of {} steps",
+            want.len()
+        );
+        if got.generated_ids.len() < n || got.generated_ids[..n] != want[..n] {
+            failures.push(format!(
+                "prompt {pi}: greedy {:?} vs {:?} ({n} steps)",
+                got.generated_ids, want
+            ));
+        }
+    }
+    let p = &json["perplexity"];
+    let text = std::fs::read_to_string(fixtures().join(p["text_file"].as_str().expect("file")))
+        .expect("text");
+    let ctx = p["ctx"].as_u64().expect("ctx") as usize;
+    let got = perplexity(&model, &tok.encode(&text).expect("encode"), ctx).expect("perplexity");
+    let want = p["perplexity"].as_f64().expect("perplexity");
+    let rel = (got.perplexity - want).abs() / want;
+    println!(
+        "{name}: perplexity {:.6} vs {want:.6} (rel {rel:.2e}, {} tokens)",
+        got.perplexity, got.tokens_scored
+    );
+    assert_eq!(
+        got.tokens_scored as u64,
+        p["tokens_scored"].as_u64().expect("tokens")
+    );
+    if rel.is_nan() || rel > MAX_PPL_REL {
+        failures.push(format!("perplexity rel error {rel:.2e}"));
+    }
+    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check("mixtral-tiny", Architecture::Mixtral);
+}
+
+#[test]
+fn qwen2_moe_with_shared_expert_matches_transformers() {
+    check("qwen2moe-tiny", Architecture::Qwen2Moe);
+}
+
+#[test]
+fn qwen3_moe_with_sparse_step_and_mlp_only_layers_matches_transformers() {
+    check("qwen3moe-tiny", Architecture::Qwen3Moe);
+}
+
+#[test]
+fn trained_qwen3_moe_matches_transformers() {
+    check("qwen3moe-trained", Architecture::Qwen3Moe);
+}
+
+fn config(json: Value) -> flashpack::error::Result<flashpack::input::ModelConfig> {
+    let raw: flashpack::input::config::RawConfig = serde_json::from_value(json).expect("raw");
+    flashpack::input::ModelConfig::from_raw(&raw, std::path::Path::new("config.json"))
+}
+
+fn with(arch: &str, extra: Value) -> Value {
+    let mut v = serde_json::json!({
+        "architectures": [arch], "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96
+    });
+    for (k, x) in extra.as_object().expect("object") {
+        v[k] = x.clone();
+    }
+    v
+}
+
+#[test]
+fn moe_configs_take_each_class_defaults() {
+    // Mixtral: 8 experts, top-2, always renormalised, every layer sparse,
+    // experts as wide as intermediate_size; eps 1e-5, theta 1e6.
+    let m = config(with("MixtralForCausalLM", serde_json::json!({}))).expect("mixtral");
+    let moe = m.moe.as_ref().expect("moe");
+    assert_eq!((moe.num_experts, moe.top_k, moe.expert_width), (8, 2, 96));
+    assert!(moe.norm_topk_prob && moe.shared_expert_width.is_none());
+    assert_eq!(moe.sparse_layers, vec![true; 6]);
+    assert_eq!((m.norm_eps, m.rope_theta), (1e-5, 1e6));
+    assert!(!m.qkv_bias && !m.ext.qk_norm);
+    // Mixtral's sliding window caps the context, as Mistral's does.
+    let m = config(with(
+        "MixtralForCausalLM",
+        serde_json::json!({"max_position_embeddings": 256, "sliding_window": 64}),
+    ))
+    .expect("mixtral");
+    assert_eq!(m.max_context, 64);
+
+    // Qwen2-MoE: 60 experts, top-4, not renormalised, the shared expert of
+    // 5632, biases on q/k/v from qkv_bias.
+    let q2 = config(with("Qwen2MoeForCausalLM", serde_json::json!({}))).expect("qwen2moe");
+    let moe = q2.moe.as_ref().expect("moe");
+    assert_eq!(
+        (moe.num_experts, moe.top_k, moe.expert_width),
+        (60, 4, 1408)
+    );
+    assert_eq!(moe.shared_expert_width, Some(5632));
+    assert!(!moe.norm_topk_prob && q2.qkv_bias && !q2.o_bias);
+    let q2 = config(with(
+        "Qwen2MoeForCausalLM",
+        serde_json::json!({"qkv_bias": false, "layer_types": vec!["full_attention"; 6]}),
+    ))
+    .expect("qwen2moe");
+    assert!(!q2.qkv_bias);
+
+    // Qwen3-MoE: num_local_experts (what transformers 5 writes) or num_experts
+    // (the Hub's configs); decoder_sparse_step and mlp_only_layers; head_dim
+    // hidden / heads when absent (not Qwen3's 128); q/k norms.
+    for key in ["num_experts", "num_local_experts"] {
+        let q3 = config(with(
+            "Qwen3MoeForCausalLM",
+            serde_json::json!({key: 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+                "norm_topk_prob": true, "decoder_sparse_step": 2, "mlp_only_layers": [3, 99]}),
+        ))
+        .expect("qwen3moe");
+        let moe = q3.moe.as_ref().expect("moe");
+        assert_eq!((moe.num_experts, moe.top_k, moe.expert_width), (16, 4, 32));
+        assert!(moe.norm_topk_prob);
+        assert_eq!(
+            moe.sparse_layers,
+            vec![false, true, false, false, false, true]
+        );
+        assert_eq!(q3.head_dim, 16);
+        assert!(q3.ext.qk_norm);
+    }
+    let q3 = config(with("Qwen3MoeForCausalLM", serde_json::json!({}))).expect("qwen3moe");
+    let moe = q3.moe.as_ref().expect("moe");
+    assert_eq!(
+        (moe.num_experts, moe.top_k, moe.expert_width),
+        (128, 8, 768)
+    );
+    assert!(!moe.norm_topk_prob);
+}
+
+#[test]
+fn moe_configs_that_cannot_run_are_refused_by_name() {
+    let refused = [
+        (
+            "Qwen3MoeForCausalLM",
+            serde_json::json!({"decoder_sparse_step": 0}),
+            "decoder_sparse_step",
+        ),
+        (
+            "Qwen3MoeForCausalLM",
+            serde_json::json!({"num_experts": 4, "num_experts_per_tok": 5}),
+            "num_experts_per_tok",
+        ),
+        (
+            "MixtralForCausalLM",
+            serde_json::json!({"num_local_experts": 0}),
+            "num_experts",
+        ),
+        (
+            "Qwen2MoeForCausalLM",
+            serde_json::json!({"use_sliding_window": true, "sliding_window": 16}),
+            "use_sliding_window",
+        ),
+        (
+            "Qwen3MoeForCausalLM",
+            serde_json::json!({"use_sliding_window": true, "sliding_window": 16}),
+            "use_sliding_window",
+        ),
+        (
+            "Qwen2MoeForCausalLM",
+            serde_json::json!({"shared_expert_intermediate_size": 0}),
+            "shared_expert_intermediate_size",
+        ),
+    ];
+    for (arch, extra, needle) in refused {
+        let err = config(with(arch, extra.clone())).expect_err(&format!("{arch} {extra}"));
+        let msg = err.to_string();
+        assert!(msg.contains(needle), "{arch} {extra}: {msg}");
+    }
+}
+
+/// `flashpack ARGS... --json`: exit code and the one JSON object.
+fn flashpack(args: &[&str]) -> (i32, Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run flashpack");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: stdout is not JSON ({e}): {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code().expect("exit code"), json)
+}
+
+/// inspect shows the experts; run and eval work from the checkpoint (eval's
+/// perplexity is transformers'); convert refuses what it cannot pack yet,
+/// writing nothing.
+#[test]
+fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
+    let (json, _) = reference("qwen2moe-tiny");
+    let src = fixtures().join("models/qwen2moe-tiny");
+    let src = src.to_str().expect("utf-8");
+    let (code, info) = flashpack(&["inspect", src]);
+    assert_eq!(code, 0, "{info}");
+    let e = &info["experts"];
+    assert_eq!(e["count"], 6, "{info}");
+    assert_eq!(e["per_token"], 2);
+    assert_eq!(e["expert_width"], 24);
+    assert_eq!(e["shared_expert_width"], 40);
+    assert_eq!(e["sparse_layers"], serde_json::json!([0, 2]));
+    // 2 sparse layers of 2 experts of 24 and the shared 40, 1 dense of 64; 3 x 32 each.
+    assert_eq!(e["params_ffn_active"], 3 * 32 * (2 * (2 * 24 + 40) + 64));
+    assert_eq!(info["unused_tensors"], serde_json::json!([]));
+
+    let text = fixtures().join("text/heldout.txt");
+    let (code, out) = flashpack(&["eval", src, "--text", text.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{out}");
+    let want = json["perplexity"]["perplexity"].as_f64().expect("ppl");
+    let got = out["perplexity"].as_f64().expect("ppl");
+    assert!((got - want).abs() / want <= MAX_PPL_REL, "{got} vs {want}");
+
+    let (code, out) = flashpack(&["run", src, "-p", "KING HENRY.", "-n", "8"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["generated_tokens"], 8, "{out}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let packed = dir.path().join("x.flashpack");
+    let (code, out) = flashpack(&["convert", src, "-o", packed.to_str().expect("utf-8")]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out["error"]
+            .as_str()
+            .expect("error")
+            .contains("mixture-of-experts"),
+        "{out}"
+    );
+    assert!(!packed.exists());
+}
