@@ -13,7 +13,11 @@
 //! product criterion and their DRAM bytes; then the FFN time per token: every
 //! layer's FFN evaluated for one token at a time on FFN inputs recorded in a
 //! dense pass (`FLASHPACK_REAL_TIMING_TOKENS`, default 64), selection included.
-//! `FLASHPACK_REAL_TOKENS` caps the held-out tokens (default: all).
+//! `FLASHPACK_REAL_TOKENS` caps the held-out tokens (default: all);
+//! `FLASHPACK_REAL_MODES` (for example `dense,oracle,int8`) picks the modes;
+//! `FLASHPACK_REAL_PPL=0` skips the quality table; `FLASHPACK_REAL_ROUNDS`
+//! (default 3) timing rounds, all modes in turn in each, the best reported
+//! with its split into selection, gate/up rows and down columns.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -77,6 +81,7 @@ fn main() {
     let path = PathBuf::from(file);
     let timing_tokens: usize =
         env("FLASHPACK_REAL_TIMING_TOKENS").map_or(64, |v| v.parse().expect("a number"));
+    let rounds: usize = env("FLASHPACK_REAL_ROUNDS").map_or(3, |v| v.parse().expect("a number"));
     let dense = open(&path, Config::Dense, false).0;
     let mut ids = dense
         .tokenizer
@@ -113,38 +118,83 @@ fn main() {
     );
     println!("| mode | selector | perplexity | neurons computed | recall vs exact product | chosen / exact | selector DRAM bytes | selector / FFN f16 bytes | FFN ms/token (neurons computed) |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    let configs = [
-        Config::Dense,
-        Config::Oracle,
-        Config::Predicted(Selector::Int8),
-        Config::Predicted(Selector::Int4),
-        Config::Predicted(Selector::Trained),
+    let all = [
+        ("dense", Config::Dense),
+        ("oracle", Config::Oracle),
+        ("int8", Config::Predicted(Selector::Int8)),
+        ("int4", Config::Predicted(Selector::Int4)),
+        ("trained", Config::Predicted(Selector::Trained)),
     ];
-    let mut dense_ms = None;
-    for config in configs {
-        let (m, counter) = open(&path, config, true);
-        let r = perplexity(&m.model, &ids, 256).expect("perplexity");
-        let (active, recall, over, bytes) = match &counter {
-            None => (1.0, None, None, 0),
-            Some(c) => {
-                let exact = c.exact.load(Ordering::Relaxed);
-                let chosen = c.exact_chosen.load(Ordering::Relaxed);
-                let computed = c.computed.load(Ordering::Relaxed);
-                (
-                    c.active_fraction(),
-                    (exact > 0).then(|| chosen as f64 / exact as f64),
-                    (exact > 0).then(|| computed as f64 / exact as f64),
-                    c.selector_bytes.load(Ordering::Relaxed),
-                )
-            }
-        };
-        drop(m);
-        // Timing, without the agreement measurement.
-        let (m, timed) = open(&path, config, false);
-        let hidden = m.model.config.hidden_size;
-        let mut out = vec![0.0f32; hidden];
-        let mut best = f64::INFINITY;
-        for _round in 0..3 {
+    // `FLASHPACK_REAL_MODES=dense,oracle,int8` measures only those (dense
+    // first: the ratios are to it).
+    let wanted = env("FLASHPACK_REAL_MODES");
+    let configs: Vec<Config> = all
+        .iter()
+        .filter(|(name, _)| {
+            wanted
+                .as_deref()
+                .is_none_or(|w| w.split(',').any(|m| m.trim() == *name))
+        })
+        .map(|(_, c)| *c)
+        .collect();
+    let name = |config: Config| match config {
+        Config::Dense => ("dense", "-".to_string()),
+        Config::Oracle => ("oracle", "exact".to_string()),
+        Config::Predicted(s) => ("predicted", format!("{s:?}").to_lowercase()),
+    };
+    if env("FLASHPACK_REAL_PPL").as_deref() != Some("0") {
+        println!("| mode | selector | perplexity | neurons computed | recall vs exact product | chosen / exact | selector DRAM bytes | selector / FFN f16 bytes |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for &config in &configs {
+            let (m, counter) = open(&path, config, true);
+            let r = perplexity(&m.model, &ids, 256).expect("perplexity");
+            let (active, recall, over, bytes) = match &counter {
+                None => (1.0, None, None, 0),
+                Some(c) => {
+                    let exact = c.exact.load(Ordering::Relaxed);
+                    let chosen = c.exact_chosen.load(Ordering::Relaxed);
+                    let computed = c.computed.load(Ordering::Relaxed);
+                    (
+                        c.active_fraction(),
+                        (exact > 0).then(|| chosen as f64 / exact as f64),
+                        (exact > 0).then(|| computed as f64 / exact as f64),
+                        c.selector_bytes.load(Ordering::Relaxed),
+                    )
+                }
+            };
+            let (mode, selector) = name(config);
+            let f = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
+            println!(
+                "| {mode} | {selector} | {:.4} | {:.1}% | {} | {} | {} | {} |",
+                r.perplexity,
+                100.0 * active,
+                f(recall, 4),
+                f(over, 3),
+                if bytes > 0 {
+                    bytes.to_string()
+                } else {
+                    "-".into()
+                },
+                if bytes > 0 {
+                    format!("{:.3}", bytes as f64 / (ffn_bytes / 2) as f64)
+                } else {
+                    "-".into()
+                },
+            );
+        }
+    }
+    // Timing, without the agreement measurement: every mode open at once and
+    // timed in turn within each round, so that a busy moment of the machine
+    // falls on all of them alike; the best round of each is reported, with
+    // its split into selection, gate/up rows and down columns.
+    let models: Vec<_> = configs.iter().map(|&c| open(&path, c, false)).collect();
+    let hidden = models[0].0.model.config.hidden_size;
+    let mut out = vec![0.0f32; hidden];
+    let tokens = inputs.0[0].len() as f64;
+    let mut best = vec![(f64::INFINITY, None); models.len()];
+    for _round in 0..rounds {
+        for ((m, timed), best) in models.iter().zip(best.iter_mut()) {
+            let before = timed.as_ref().map(|c| c.phase_ms());
             let started = Instant::now();
             for (layer, xs) in m.model.layers.iter().zip(&inputs.0) {
                 for x in xs {
@@ -154,29 +204,38 @@ fn main() {
                         .expect("FFN");
                 }
             }
-            best = best.min(started.elapsed().as_secs_f64() * 1e3 / inputs.0[0].len() as f64);
+            let ms = started.elapsed().as_secs_f64() * 1e3 / tokens;
+            if ms < best.0 {
+                let split = timed.as_ref().zip(before).map(|(c, b)| {
+                    let a = c.phase_ms();
+                    (
+                        (a.0 - b.0) / tokens,
+                        (a.1 - b.1) / tokens,
+                        (a.2 - b.2) / tokens,
+                    )
+                });
+                *best = (ms, split);
+            }
         }
-        if matches!(config, Config::Dense) {
-            dense_ms = Some(best);
-        }
-        // The fraction computed in the timed runs (the timing tokens').
-        let timed_fraction = timed.map_or(1.0, |c| c.active_fraction());
-        let (mode, selector) = match config {
-            Config::Dense => ("dense", "-".to_string()),
-            Config::Oracle => ("oracle", "exact".to_string()),
-            Config::Predicted(s) => ("predicted", format!("{s:?}").to_lowercase()),
+    }
+    println!(
+        "\nFFN time per token ({} threads, best of {rounds} rounds)\n| mode | selector | FFN ms/token | vs dense | neurons computed | selection ms | gate/up rows ms | down columns ms |\n|---|---|---|---|---|---|---|---|",
+        rayon::current_num_threads()
+    );
+    let dense_ms = configs
+        .iter()
+        .position(|c| matches!(c, Config::Dense))
+        .map(|i| best[i].0);
+    for ((&config, (_, timed)), (ms, split)) in configs.iter().zip(&models).zip(&best) {
+        let (mode, selector) = name(config);
+        let (sel, rows, down) = match split {
+            Some((a, b, c)) => (format!("{a:.2}"), format!("{b:.2}"), format!("{c:.2}")),
+            None => ("-".into(), "-".into(), "-".into()),
         };
-        let f = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
         println!(
-            "| {mode} | {selector} | {:.4} | {:.1}% | {} | {} | {} | {} | {best:.2} ({:.2}x dense at {:.1}%) |",
-            r.perplexity,
-            100.0 * active,
-            f(recall, 4),
-            f(over, 3),
-            if bytes > 0 { bytes.to_string() } else { "-".into() },
-            if bytes > 0 { format!("{:.3}", bytes as f64 / (ffn_bytes / 2) as f64) } else { "-".into() },
-            best / dense_ms.unwrap_or(best),
-            100.0 * timed_fraction
+            "| {mode} | {selector} | {ms:.2} | {} | {:.1}% | {sel} | {rows} | {down} |",
+            dense_ms.map_or("-".into(), |d| format!("{:.2}x", ms / d)),
+            100.0 * timed.as_ref().map_or(1.0, |c| c.active_fraction()),
         );
     }
 }

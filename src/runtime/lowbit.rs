@@ -5,12 +5,27 @@
 //! selects are then computed exactly (in DRAM or from their bundles on flash):
 //! selection errors can happen only near the threshold, and no training is
 //! needed.
+//!
+//! The token's activation is quantized too (int8, one scale per vector), so
+//! that every product is an integer dot product: exact in `i32`, so the AVX2
+//! kernel (`maddubs`/`madd`, chosen at run time) and the portable one return
+//! the same integers, and the few float operations after them (scales, int4's
+//! eight block lanes) are the same sequence in both. Selections are therefore
+//! identical on every CPU path and for any thread count (rows are split across
+//! threads, never a sum).
+
+use rayon::prelude::*;
 
 use crate::runtime::kernels::silu;
 use crate::runtime::weights::Matrix;
 
 /// Values per int4 block (one f16 scale each).
 pub const INT4_BLOCK: usize = 32;
+
+/// Rows and activations are padded with zeros to a multiple of this many
+/// values, so that the kernels work on whole 32-byte vectors (int4: whole
+/// blocks).
+const PAD: usize = 32;
 
 /// How a low-precision copy stores its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -28,8 +43,12 @@ pub struct QuantMatrix {
     pub rows: usize,
     pub cols: usize,
     pub bits: LowBits,
-    /// Int8: `rows * cols` bytes (i8). Int4: `rows * ceil(cols / 2)` bytes, low
-    /// nibble first, each nibble `q + 8` for `q` in `-8..=7`.
+    /// `cols` rounded up to a multiple of 32 (the padding holds zeros).
+    pub padded_cols: usize,
+    /// Int8: `rows * padded_cols` bytes (i8). Int4: `rows * padded_cols / 2`
+    /// bytes, 16 per block of 32 values: byte `j` of a block holds value `j`
+    /// in its low nibble and value `j + 16` in its high nibble, each as `q + 8`
+    /// for `q` in `-8..=7` (the layout a 32-byte vector unpacks in two steps).
     pub data: Vec<u8>,
     /// Int8: one per row. Int4: one per block of 32 of a row (f16 values, held
     /// widened).
@@ -40,8 +59,9 @@ impl QuantMatrix {
     /// Symmetric round-to-nearest quantization of `m`.
     pub fn quantize(m: &Matrix, bits: LowBits) -> QuantMatrix {
         let (rows, cols) = (m.rows, m.cols);
+        let padded_cols = cols.div_ceil(PAD) * PAD;
         let w = m.data.to_f32();
-        let mut data = Vec::new();
+        let mut data = Vec::with_capacity(rows * padded_cols);
         let mut scales = Vec::new();
         for r in 0..rows {
             let row = &w[r * cols..(r + 1) * cols];
@@ -54,9 +74,9 @@ impl QuantMatrix {
                         row.iter()
                             .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
                     );
+                    data.resize(data.len() + padded_cols - cols, 0);
                 }
                 LowBits::Int4 => {
-                    let mut nibbles = Vec::with_capacity(cols);
                     for block in row.chunks(INT4_BLOCK) {
                         let max = block.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                         // The scale is stored as f16: quantize against the
@@ -65,14 +85,13 @@ impl QuantMatrix {
                             half::f16::from_f32(if max > 0.0 { max / 7.0 } else { 1.0 }).to_f32();
                         let scale = if scale > 0.0 { scale } else { 1.0 };
                         scales.push(scale);
-                        nibbles.extend(
-                            block
-                                .iter()
-                                .map(|v| ((v / scale).round().clamp(-8.0, 7.0) as i8 + 8) as u8),
-                        );
-                    }
-                    for pair in nibbles.chunks(2) {
-                        data.push(pair[0] | pair.get(1).map_or(0, |h| h << 4));
+                        // `q + 8`; padding is q = 0.
+                        let mut nibbles = [8u8; INT4_BLOCK];
+                        for (n, v) in nibbles.iter_mut().zip(block) {
+                            *n = ((v / scale).round().clamp(-8.0, 7.0) as i8 + 8) as u8;
+                        }
+                        let half = INT4_BLOCK / 2;
+                        data.extend((0..half).map(|j| nibbles[j] | (nibbles[j + half] << 4)));
                     }
                 }
             }
@@ -81,6 +100,7 @@ impl QuantMatrix {
             rows,
             cols,
             bits,
+            padded_cols,
             data,
             scales,
         }
@@ -97,77 +117,219 @@ impl QuantMatrix {
                 }
     }
 
-    /// `out[r] = row r . x`, dequantized.
-    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        debug_assert_eq!(x.len(), self.cols);
+    fn row_bytes(&self) -> usize {
         match self.bits {
-            LowBits::Int8 => {
-                for (r, o) in out.iter_mut().enumerate() {
-                    let q = &self.data[r * self.cols..(r + 1) * self.cols];
-                    *o = self.scales[r] * dot_i8(q, x);
-                }
-            }
+            LowBits::Int8 => self.padded_cols,
+            LowBits::Int4 => self.padded_cols / 2,
+        }
+    }
+
+    /// `row r . x` with `x` quantized: the integer dot product times the
+    /// scales (int4: eight block lanes, see [`dot_i4`]).
+    #[inline]
+    pub fn row_dot(&self, r: usize, x: &QuantActivation, path: Path) -> f32 {
+        debug_assert_eq!(x.q.len(), self.padded_cols);
+        let rb = self.row_bytes();
+        let w = &self.data[r * rb..(r + 1) * rb];
+        match self.bits {
+            LowBits::Int8 => dot_i8(w, &x.q, path) as f32 * self.scales[r] * x.scale,
             LowBits::Int4 => {
-                let row_bytes = self.cols.div_ceil(2);
-                let blocks = self.cols.div_ceil(INT4_BLOCK);
-                let mut buf = [0.0f32; INT4_BLOCK];
-                for (r, o) in out.iter_mut().enumerate() {
-                    let q = &self.data[r * row_bytes..(r + 1) * row_bytes];
-                    let mut sum = 0.0f32;
-                    for b in 0..blocks {
-                        let start = b * INT4_BLOCK;
-                        let len = INT4_BLOCK.min(self.cols - start);
-                        for (k, v) in buf[..len].iter_mut().enumerate() {
-                            let i = start + k;
-                            let byte = q[i / 2];
-                            let nib = if i.is_multiple_of(2) {
-                                byte & 15
-                            } else {
-                                byte >> 4
-                            };
-                            *v = nib as f32 - 8.0;
-                        }
-                        sum += self.scales[r * blocks + b]
-                            * dot_f32(&buf[..len], &x[start..start + len]);
-                    }
-                    *o = sum;
-                }
+                let blocks = self.padded_cols / INT4_BLOCK;
+                dot_i4(w, &self.scales[r * blocks..(r + 1) * blocks], &x.q, path) * x.scale
             }
         }
     }
-}
 
-/// Eight independent sums, so that the compiler vectorizes.
-fn dot_i8(q: &[u8], x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (qc, xc) = (q.chunks_exact(8), x.chunks_exact(8));
-    let (qr, xr) = (qc.remainder(), xc.remainder());
-    for (a, b) in qc.zip(xc) {
-        for k in 0..8 {
-            acc[k] += (a[k] as i8) as f32 * b[k];
+    /// `out[r] = row r . x` for every row, `x` quantized first.
+    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        let mut q = QuantActivation::default();
+        q.quantize(x, self.padded_cols);
+        let path = Path::best();
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = self.row_dot(r, &q, path);
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for (a, b) in qr.iter().zip(xr) {
-        s += (*a as i8) as f32 * b;
-    }
-    s
 }
 
-fn dot_f32(a: &[f32], x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, xc) = (a.chunks_exact(8), x.chunks_exact(8));
-    let (ar, xr) = (ac.remainder(), xc.remainder());
-    for (a, b) in ac.zip(xc) {
-        for k in 0..8 {
-            acc[k] += a[k] * b[k];
+/// One token's activation as int8 with one scale (symmetric, round to
+/// nearest), padded with zeros.
+#[derive(Debug, Clone, Default)]
+pub struct QuantActivation {
+    pub q: Vec<i8>,
+    pub scale: f32,
+}
+
+impl QuantActivation {
+    /// Quantizes `x` into `padded` values (`padded >= x.len()`), reusing the
+    /// buffer.
+    pub fn quantize(&mut self, x: &[f32], padded: usize) {
+        let max = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        self.scale = if max > 0.0 && max.is_finite() {
+            max / 127.0
+        } else {
+            1.0
+        };
+        self.q.clear();
+        self.q.extend(
+            x.iter()
+                .map(|v| (v / self.scale).round().clamp(-127.0, 127.0) as i8),
+        );
+        self.q.resize(padded, 0);
+    }
+}
+
+/// Which kernels compute the integer dot products. Both give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Path {
+    /// The fastest path this CPU has.
+    pub fn best() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            if *AVX2.get_or_init(|| is_x86_feature_detected!("avx2")) {
+                return Path::Avx2;
+            }
         }
+        Path::Portable
     }
-    let mut s: f32 = acc.iter().sum();
-    for (a, b) in ar.iter().zip(xr) {
-        s += a * b;
+}
+
+/// `sum w[k] * x[k]` over signed bytes (`w` holds i8 as u8), exact.
+#[inline]
+pub fn dot_i8(w: &[u8], x: &[i8], path: Path) -> i32 {
+    assert_eq!(w.len(), x.len(), "dot_i8: length mismatch");
+    assert!(x.len().is_multiple_of(PAD), "dot_i8: unpadded");
+    match path {
+        Path::Portable => w.iter().zip(x).fold(0i32, |s, (&w, &x)| {
+            s.wrapping_add(w as i8 as i32 * x as i32)
+        }),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Path::Avx2` is only chosen when the CPU has AVX2; lengths
+        // are equal multiples of 32.
+        Path::Avx2 => unsafe { x86::dot_i8(w, x) },
     }
-    s
+}
+
+/// An int4 row (`w`: 16 bytes per block, see [`QuantMatrix::data`]) with
+/// `x`: for each block, eight integer partial sums (lane `k` over values
+/// `4k..4k + 4`) are scaled and added to eight f32 lanes in block order, then
+/// the lanes are summed pairwise (`k + 4`, `k + 2`, `k + 1`). The order is
+/// what a 256-bit vector computes, and the portable path follows it.
+#[inline]
+pub fn dot_i4(w: &[u8], scales: &[f32], x: &[i8], path: Path) -> f32 {
+    assert_eq!(w.len() * 2, x.len(), "dot_i4: length mismatch");
+    assert_eq!(scales.len() * INT4_BLOCK, x.len(), "dot_i4: scales");
+    match path {
+        Path::Portable => {
+            let mut acc = [0.0f32; 8];
+            for (b, &scale) in scales.iter().enumerate() {
+                let bytes = &w[b * 16..(b + 1) * 16];
+                let xb = &x[b * INT4_BLOCK..(b + 1) * INT4_BLOCK];
+                let mut lanes = [0i32; 8];
+                for (j, &byte) in bytes.iter().enumerate() {
+                    lanes[j / 4] += ((byte & 15) as i32 - 8) * xb[j] as i32;
+                    lanes[(j + 16) / 4] += ((byte >> 4) as i32 - 8) * xb[j + 16] as i32;
+                }
+                for (a, l) in acc.iter_mut().zip(lanes) {
+                    *a += l as f32 * scale;
+                }
+            }
+            reduce8(acc)
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_i8`; lengths checked above.
+        Path::Avx2 => unsafe { x86::dot_i4(w, scales, x) },
+    }
+}
+
+/// Eight lanes summed pairwise: `k + 4`, then `k + 2`, then `k + 1`.
+#[inline]
+fn reduce8(mut a: [f32; 8]) -> f32 {
+    for k in 0..4 {
+        a[k] += a[k + 4];
+    }
+    for k in 0..2 {
+        a[k] += a[k + 2];
+    }
+    a[0] + a[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Sum of eight i32 lanes (integers: any order gives the same).
+    #[inline(always)]
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// `maddubs` multiplies unsigned by signed bytes: `|x|` times `w` with
+    /// `x`'s sign (neither is -128, so pairs fit in i16), then pairs of i16 are
+    /// summed into i32 by `madd`.
+    #[inline(always)]
+    unsafe fn products(w: __m256i, x: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; `w.len() == x.len()`, a multiple of 32.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i8(w: &[u8], x: &[i8]) -> i32 {
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let n = x.len();
+        let mut i = 0;
+        while i + 64 <= n {
+            let w0 = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+            let x0 = _mm256_loadu_si256(xp.add(i) as *const __m256i);
+            let w1 = _mm256_loadu_si256(wp.add(i + 32) as *const __m256i);
+            let x1 = _mm256_loadu_si256(xp.add(i + 32) as *const __m256i);
+            a0 = _mm256_add_epi32(a0, products(w0, x0));
+            a1 = _mm256_add_epi32(a1, products(w1, x1));
+            i += 64;
+        }
+        if i < n {
+            let w0 = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+            let x0 = _mm256_loadu_si256(xp.add(i) as *const __m256i);
+            a0 = _mm256_add_epi32(a0, products(w0, x0));
+        }
+        hsum_i32(_mm256_add_epi32(a0, a1))
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; `2 * w.len() == x.len() == 32 * scales.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i4(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
+        let mask = _mm_set1_epi8(0x0F);
+        let eight = _mm256_set1_epi8(8);
+        let mut acc = _mm256_setzero_ps();
+        for (b, &scale) in scales.iter().enumerate() {
+            let bytes = _mm_loadu_si128(w.as_ptr().add(16 * b) as *const __m128i);
+            let lo = _mm_and_si128(bytes, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+            // Values 0..16 in the low half, 16..32 in the high half.
+            let q = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), eight);
+            let xv = _mm256_loadu_si256(x.as_ptr().add(32 * b) as *const __m256i);
+            // i32 lane k: values 4k..4k + 4 of the block.
+            let lanes = _mm256_cvtepi32_ps(products(q, xv));
+            // Multiply, then add (no fused multiply-add): the portable order.
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(lanes, _mm256_set1_ps(scale)));
+        }
+        let mut a = [0.0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), acc);
+        super::reduce8(a)
+    }
 }
 
 /// One layer's selector: low-precision gate and up, biases, the threshold.
@@ -181,6 +343,17 @@ pub struct LowBitSelector {
     pub threshold: f32,
 }
 
+/// Reused buffers of [`LowBitSelector::select`].
+#[derive(Debug, Clone, Default)]
+pub struct SelectScratch {
+    pub x: QuantActivation,
+    pub values: Vec<f32>,
+}
+
+/// Neurons per parallel task of the selector (a fixed split: results never
+/// depend on it, as every neuron is computed whole by one task).
+const SELECT_CHUNK: usize = 256;
+
 impl LowBitSelector {
     /// Bytes the selector holds in DRAM (what counts against a budget).
     pub fn stored_bytes(&self) -> usize {
@@ -190,33 +363,40 @@ impl LowBitSelector {
                 + self.up_bias.as_ref().map_or(0, Vec::len))
     }
 
-    /// The approximate neuron values `silu(g~) * u~` for one token (`scratch`
-    /// is resized; `values` gets `width` entries).
-    pub fn values(&self, x: &[f32], scratch: &mut Vec<f32>, values: &mut Vec<f32>) {
+    /// The approximate neuron values `silu(g~) * u~` for one token into
+    /// `scratch.values` (`width` entries), on `path`.
+    pub fn values_on(&self, x: &[f32], scratch: &mut SelectScratch, path: Path) {
         let width = self.gate.rows;
-        scratch.resize(width, 0.0);
-        values.resize(width, 0.0);
-        self.gate.matvec(x, scratch);
-        self.up.matvec(x, values);
-        for (j, (v, g)) in values.iter_mut().zip(scratch.iter()).enumerate() {
-            let g = g + self.gate_bias.as_ref().map_or(0.0, |b| b[j]);
-            let u = *v + self.up_bias.as_ref().map_or(0.0, |b| b[j]);
-            *v = silu(g) * u;
+        scratch.x.quantize(x, self.gate.padded_cols);
+        scratch.values.resize(width, 0.0);
+        let q = &scratch.x;
+        let fill = |j0: usize, chunk: &mut [f32]| {
+            for (k, v) in chunk.iter_mut().enumerate() {
+                let j = j0 + k;
+                let g =
+                    self.gate.row_dot(j, q, path) + self.gate_bias.as_ref().map_or(0.0, |b| b[j]);
+                let u = self.up.row_dot(j, q, path) + self.up_bias.as_ref().map_or(0.0, |b| b[j]);
+                *v = silu(g) * u;
+            }
+        };
+        if rayon::current_num_threads() > 1 && width > SELECT_CHUNK {
+            scratch
+                .values
+                .par_chunks_mut(SELECT_CHUNK)
+                .enumerate()
+                .for_each(|(c, chunk)| fill(c * SELECT_CHUNK, chunk));
+        } else {
+            fill(0, &mut scratch.values);
         }
     }
 
     /// The selected neurons of one token, ascending.
-    pub fn select(
-        &self,
-        x: &[f32],
-        scratch: &mut Vec<f32>,
-        values: &mut Vec<f32>,
-        active: &mut Vec<u32>,
-    ) {
-        self.values(x, scratch, values);
+    pub fn select(&self, x: &[f32], scratch: &mut SelectScratch, active: &mut Vec<u32>) {
+        self.values_on(x, scratch, Path::best());
         active.clear();
         active.extend(
-            values
+            scratch
+                .values
                 .iter()
                 .enumerate()
                 .filter(|(_, v)| v.abs() > self.threshold)
@@ -237,12 +417,30 @@ mod tests {
         Matrix::new(rows, cols, Storage::F32(data)).unwrap()
     }
 
+    /// Every path this CPU can run.
+    fn paths() -> Vec<Path> {
+        // On a CPU with AVX2 the SIMD kernels are the ones compared.
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            assert_eq!(Path::best(), Path::Avx2);
+        }
+        let mut p = vec![Path::Portable];
+        if Path::best() != Path::Portable {
+            p.push(Path::best());
+        }
+        p
+    }
+
     #[test]
-    fn dequantized_products_are_within_half_a_step_per_weight() {
+    fn quantized_products_are_within_the_quantization_bound() {
+        // Against an f64 reference of the unquantized product: each weight
+        // and each activation value is off by at most half its step.
         let (rows, cols) = (5, 70);
         let m = matrix(rows, cols);
         let w = m.data.to_f32();
         let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let xmax = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+        let sx = xmax / 127.0;
         for bits in [LowBits::Int8, LowBits::Int4] {
             let q = QuantMatrix::quantize(&m, bits);
             let mut out = vec![0.0; rows];
@@ -251,16 +449,18 @@ mod tests {
                 let exact: f64 = (0..cols)
                     .map(|k| w[r * cols + k] as f64 * x[k] as f64)
                     .sum();
-                // |error| <= sum_k (scale_k / 2) |x_k|.
+                // |w x - w~ x~| <= |w - w~| |x| + |w~| |x - x~|
+                //              <= (s_w / 2) (|x| + sx / 2) + |w| sx / 2 (+ rounding).
                 let bound: f64 = (0..cols)
                     .map(|k| {
                         let s = match bits {
                             LowBits::Int8 => q.scales[r],
                             LowBits::Int4 => {
-                                q.scales[r * cols.div_ceil(INT4_BLOCK) + k / INT4_BLOCK]
+                                q.scales[r * q.padded_cols / INT4_BLOCK + k / INT4_BLOCK]
                             }
-                        };
-                        0.5 * s as f64 * x[k].abs() as f64
+                        } as f64;
+                        0.5 * s * (x[k].abs() as f64 + 0.5 * sx)
+                            + (w[r * cols + k].abs() as f64) * 0.5 * sx
                     })
                     .sum();
                 let err = (out[r] as f64 - exact).abs();
@@ -272,8 +472,111 @@ mod tests {
         }
         let q8 = QuantMatrix::quantize(&m, LowBits::Int8);
         let q4 = QuantMatrix::quantize(&m, LowBits::Int4);
-        assert_eq!(q8.stored_bytes(), rows * cols + 4 * rows);
-        // 70 columns: 35 bytes and 3 f16 scales per row.
-        assert_eq!(q4.stored_bytes(), rows * (35 + 3 * 2));
+        // 70 columns padded to 96.
+        assert_eq!(q8.stored_bytes(), rows * 96 + 4 * rows);
+        // 3 blocks of 16 bytes and an f16 scale per row.
+        assert_eq!(q4.stored_bytes(), rows * (48 + 3 * 2));
+    }
+
+    #[test]
+    fn integer_kernels_equal_an_exact_reference_on_every_path() {
+        // Values at the ends of the ranges (+-127, -8 and 7) and lengths of
+        // one, two and three 32-byte vectors.
+        for n in [32usize, 64, 96, 576] {
+            let w: Vec<u8> = (0..n)
+                .map(|i| match i % 5 {
+                    0 => 127i8,
+                    1 => -127,
+                    _ => ((i * 37 % 255) as i32 - 127) as i8,
+                } as u8)
+                .collect();
+            let x: Vec<i8> = (0..n)
+                .map(|i| match i % 7 {
+                    0 => -127,
+                    1 => 127,
+                    _ => ((i * 91 % 255) as i32 - 127) as i8,
+                })
+                .collect();
+            let exact: i64 = w
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| a as i8 as i64 * b as i64)
+                .sum();
+            for path in paths() {
+                assert_eq!(dot_i8(&w, &x, path) as i64, exact, "int8 {path:?} n {n}");
+            }
+            // Int4: nibbles 0..16 (q -8..7), scales that are not powers of two.
+            let w4: Vec<u8> = (0..n / 2).map(|i| (i * 29 % 256) as u8).collect();
+            let scales: Vec<f32> = (0..n / INT4_BLOCK)
+                .map(|b| 0.013 + b as f32 * 0.0071)
+                .collect();
+            let reference: f64 = (0..n)
+                .map(|k| {
+                    let (b, j) = (k / INT4_BLOCK, k % INT4_BLOCK);
+                    let byte = w4[b * 16 + j % 16];
+                    let nib = if j < 16 { byte & 15 } else { byte >> 4 };
+                    (nib as f64 - 8.0) * scales[b] as f64 * x[k] as f64
+                })
+                .sum();
+            let results: Vec<f32> = paths()
+                .into_iter()
+                .map(|p| dot_i4(&w4, &scales, &x, p))
+                .collect();
+            for r in &results {
+                assert_eq!(
+                    r.to_bits(),
+                    results[0].to_bits(),
+                    "int4 paths differ at n {n}"
+                );
+                assert!(
+                    (*r as f64 - reference).abs() <= 1e-5 * reference.abs().max(1.0),
+                    "int4 n {n}: {r} vs {reference}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn selections_are_identical_on_every_path_and_thread_count() {
+        let (rows, cols) = (600, 96);
+        let gate = matrix(rows, cols);
+        let up_data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        let up = Matrix::new(rows, cols, Storage::F32(up_data)).unwrap();
+        for bits in [LowBits::Int8, LowBits::Int4] {
+            let sel = LowBitSelector {
+                gate: QuantMatrix::quantize(&gate, bits),
+                up: QuantMatrix::quantize(&up, bits),
+                gate_bias: Some((0..rows).map(|j| j as f32 * 0.01).collect()),
+                up_bias: None,
+                threshold: 1.0,
+            };
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.71).cos()).collect();
+            let mut runs = Vec::new();
+            for path in paths() {
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut s = SelectScratch::default();
+                    pool.install(|| sel.values_on(&x, &mut s, path));
+                    runs.push((path, threads, s.values));
+                }
+            }
+            let first: Vec<u32> = runs[0].2.iter().map(|v| v.to_bits()).collect();
+            for (path, threads, v) in &runs {
+                let bits_v: Vec<u32> = v.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(bits_v, first, "{bits:?} {path:?} threads {threads}");
+            }
+            let mut active = Vec::new();
+            sel.select(&x, &mut SelectScratch::default(), &mut active);
+            let chosen = active.len();
+            assert!(
+                chosen > 0 && chosen < rows,
+                "{bits:?}: a threshold that chooses some: {chosen}"
+            );
+        }
     }
 }

@@ -12,13 +12,16 @@
 //! can report (and tests can check) how sparse the run was.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::{neuron_value, ActiveSet, Criterion, DenseFfn, Ffn, FfnWeights, Fired};
 use crate::runtime::kernels;
-use crate::runtime::lowbit::{LowBitSelector, LowBits, QuantMatrix};
+use crate::runtime::lowbit::{LowBitSelector, LowBits, QuantMatrix, SelectScratch};
 use crate::runtime::model::Layer;
 use crate::runtime::weights::Storage;
 use crate::runtime::Model;
@@ -66,6 +69,12 @@ pub struct NeuronCounter {
     pub exact_chosen: AtomicU64,
     /// DRAM bytes of the low-precision selectors.
     pub selector_bytes: AtomicU64,
+    /// Wall time of the in-DRAM sparse FFN, summed over layers and tokens
+    /// (ns): choosing the neurons, computing the chosen ones' gate and up
+    /// rows, adding their down columns.
+    pub select_ns: AtomicU64,
+    pub rows_ns: AtomicU64,
+    pub down_ns: AtomicU64,
 }
 
 impl NeuronCounter {
@@ -84,6 +93,12 @@ impl NeuronCounter {
         self.evaluations.fetch_add(evaluations, Ordering::Relaxed);
         self.computed.fetch_add(computed, Ordering::Relaxed);
         self.total.fetch_add(total, Ordering::Relaxed);
+    }
+
+    /// Milliseconds of (selection, gate/up rows, down columns) so far.
+    pub fn phase_ms(&self) -> (f64, f64, f64) {
+        let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e6;
+        (ms(&self.select_ns), ms(&self.rows_ns), ms(&self.down_ns))
     }
 
     fn add(&self, sets: &[Vec<u32>], width: usize) {
@@ -123,7 +138,27 @@ pub struct SparseFfn {
     /// element), it makes the sparse FFN cost the chosen fraction of the
     /// dense one; the arithmetic, and so every bit, is the same.
     down_columns: Option<Storage>,
+    /// Buffers reused from call to call (no allocation per token).
+    scratch: Mutex<Scratch>,
 }
+
+/// [`SparseFfn`]'s reused buffers.
+#[derive(Default)]
+struct Scratch {
+    select: SelectScratch,
+    /// Chosen neurons of one token, ascending, and their exact values.
+    chosen: Vec<u32>,
+    values: Vec<f32>,
+    /// Down-projection accumulators, one per slice of the output.
+    accumulators: Vec<(usize, kernels::ColumnAccumulator)>,
+}
+
+/// Chosen neurons per parallel task of the gate/up phase.
+const ROWS_CHUNK: usize = 64;
+
+/// The rows (columns) of the chosen neuron this many places ahead are
+/// prefetched while one is computed.
+const PREFETCH_AHEAD: usize = 1;
 
 /// `[rows, cols]` row-major as `[cols, rows]`.
 fn transposed(s: &Storage, rows: usize, cols: usize) -> Storage {
@@ -145,6 +180,10 @@ impl SparseFfn {
     /// The chosen neurons of each token computed exactly from `dense`'s
     /// weights and the column copy: what `DenseFfn::forward` computes for the
     /// same sets, bit for bit, without its strided reads of the down columns.
+    /// Two phases per token, each split across threads over independent
+    /// outputs (neurons, then slices of the output), so the bits do not
+    /// depend on the thread count.
+    #[allow(clippy::too_many_arguments)]
     fn forward_columns(
         &self,
         dense: &DenseFfn,
@@ -153,6 +192,7 @@ impl SparseFfn {
         sets: &[Vec<u32>],
         out: &mut [f32],
         mut fired: Option<&mut Fired>,
+        scratch: &mut Scratch,
     ) -> Result<()> {
         let (hidden, width) = (dense.hidden_size(), dense.width());
         let (up, down) = (dense.up(), dense.down());
@@ -161,57 +201,140 @@ impl SparseFfn {
             FfnWeights::Plain { .. } => None,
         };
         let columns = kernels::Weights::of(columns);
-        let mut acc = kernels::ColumnAccumulator::new(hidden, width);
-        let mut sorted = Vec::new();
+        let threads = rayon::current_num_threads();
+        // Output slices for the down phase: one per thread, 16-aligned.
+        let slices = if threads > 1 && hidden >= 128 {
+            threads.min(hidden / 64)
+        } else {
+            1
+        };
+        let slice_len = hidden.div_ceil(slices).div_ceil(16) * 16;
+        if scratch.accumulators.len() != hidden.div_ceil(slice_len)
+            || scratch
+                .accumulators
+                .first()
+                .is_none_or(|(len, _)| *len != slice_len.min(hidden))
+        {
+            scratch.accumulators = (0..hidden.div_ceil(slice_len))
+                .map(|s| {
+                    let len = slice_len.min(hidden - s * slice_len);
+                    (len, kernels::ColumnAccumulator::new(len, width))
+                })
+                .collect();
+        }
         if let Some(f) = fired.as_deref_mut() {
             f.width = width;
             f.per_token.clear();
         }
+        let (mut rows_ns, mut down_ns) = (0u64, 0u64);
         for (t, set) in sets.iter().enumerate() {
             let xt = &x[t * hidden..(t + 1) * hidden];
-            sorted.clear();
-            sorted.extend_from_slice(set);
-            if !sorted.windows(2).all(|w| w[0] < w[1]) {
-                sorted.sort_unstable();
-                sorted.dedup();
+            let started = Instant::now();
+            let chosen = &mut scratch.chosen;
+            chosen.clear();
+            chosen.extend_from_slice(set);
+            if !chosen.windows(2).all(|w| w[0] < w[1]) {
+                chosen.sort_unstable();
+                chosen.dedup();
             }
-            acc.clear();
-            let mut fired_t = Vec::new();
-            for &i in &sorted {
-                let i = i as usize;
-                if i >= width {
+            if let Some(&i) = chosen.last() {
+                if i as usize >= width {
                     return Err(Error::InvalidArgument(format!(
                         "active neuron {i} is outside the FFN width {width}"
                     )));
                 }
-                let mut u = kernels::row_dot(&up.weight, i, xt);
-                if let Some(b) = &up.bias {
-                    u += b[i];
-                }
-                let g = gate.map(|gate| {
-                    let mut g = kernels::row_dot(&gate.weight, i, xt);
-                    if let Some(b) = &gate.bias {
-                        g += b[i];
-                    }
-                    g
-                });
-                let v = neuron_value(dense.activation, g, u);
-                if v != 0.0 {
-                    acc.add(i, v, columns, i * hidden, 1);
-                    fired_t.push(i as u32);
-                }
             }
-            acc.finish(down.bias.as_deref(), &mut out[t * hidden..(t + 1) * hidden]);
+            // Phase 1: the chosen neurons' values from their gate and up rows.
+            let values = &mut scratch.values;
+            values.resize(chosen.len(), 0.0);
+            let compute = |ids: &[u32], vals: &mut [f32]| {
+                for (k, (&i, v)) in ids.iter().zip(vals.iter_mut()).enumerate() {
+                    if let Some(&next) = ids.get(k + PREFETCH_AHEAD) {
+                        let next = next as usize * hidden;
+                        kernels::prefetch(kernels::Weights::of(&up.weight.data), next, hidden);
+                        if let Some(gate) = gate {
+                            kernels::prefetch(
+                                kernels::Weights::of(&gate.weight.data),
+                                next,
+                                hidden,
+                            );
+                        }
+                    }
+                    let i = i as usize;
+                    let mut u = kernels::row_dot(&up.weight, i, xt);
+                    if let Some(b) = &up.bias {
+                        u += b[i];
+                    }
+                    let g = gate.map(|gate| {
+                        let mut g = kernels::row_dot(&gate.weight, i, xt);
+                        if let Some(b) = &gate.bias {
+                            g += b[i];
+                        }
+                        g
+                    });
+                    *v = neuron_value(dense.activation, g, u);
+                }
+            };
+            if threads > 1 && chosen.len() > ROWS_CHUNK {
+                chosen
+                    .par_chunks(ROWS_CHUNK)
+                    .zip(values.par_chunks_mut(ROWS_CHUNK))
+                    .for_each(|(ids, vals)| compute(ids, vals));
+            } else {
+                compute(chosen, values);
+            }
+            let rows_done = Instant::now();
+            rows_ns += (rows_done - started).as_nanos() as u64;
+            // Phase 2: their down columns, ascending, each output slice by
+            // one task.
+            let chosen = &scratch.chosen;
+            let values = &scratch.values;
+            let bias = down.bias.as_deref();
+            let add_slice =
+                |s: usize, (_, acc): &mut (usize, kernels::ColumnAccumulator), o: &mut [f32]| {
+                    let r0 = s * slice_len;
+                    acc.clear();
+                    for (k, (&i, &v)) in chosen.iter().zip(values).enumerate() {
+                        if let Some(&next) = chosen.get(k + PREFETCH_AHEAD) {
+                            kernels::prefetch(columns, next as usize * hidden + r0, o.len());
+                        }
+                        if v != 0.0 {
+                            acc.add(i as usize, v, columns, i as usize * hidden + r0, 1);
+                        }
+                    }
+                    acc.finish(bias.map(|b| &b[r0..r0 + o.len()]), o);
+                };
+            let out_t = &mut out[t * hidden..(t + 1) * hidden];
+            if scratch.accumulators.len() > 1 {
+                scratch
+                    .accumulators
+                    .par_iter_mut()
+                    .zip(out_t.par_chunks_mut(slice_len))
+                    .enumerate()
+                    .for_each(|(s, (acc, o))| add_slice(s, acc, o));
+            } else {
+                add_slice(0, &mut scratch.accumulators[0], out_t);
+            }
+            down_ns += rows_done.elapsed().as_nanos() as u64;
             if let Some(f) = fired.as_deref_mut() {
-                f.per_token.push(fired_t);
+                f.per_token.push(
+                    chosen
+                        .iter()
+                        .zip(values)
+                        .filter(|(_, v)| **v != 0.0)
+                        .map(|(i, _)| *i)
+                        .collect(),
+                );
             }
         }
+        self.counter.rows_ns.fetch_add(rows_ns, Ordering::Relaxed);
+        self.counter.down_ns.fetch_add(down_ns, Ordering::Relaxed);
         Ok(())
     }
 }
 
 impl SparseFfn {
-    fn choose(&self, x: &[f32], n: usize) -> Result<Vec<Vec<u32>>> {
+    fn choose(&self, x: &[f32], n: usize, scratch: &mut Scratch) -> Result<Vec<Vec<u32>>> {
         let (hidden, width) = (self.inner.hidden_size(), self.inner.width());
         Ok(match &self.chooser {
             Chooser::Oracle {
@@ -228,12 +351,11 @@ impl SparseFfn {
                     .collect()
             }
             Chooser::LowBit { selector, measure } => {
-                let (mut scratch, mut values) = (Vec::new(), Vec::new());
                 let sets: Vec<Vec<u32>> = x
                     .chunks_exact(hidden)
                     .map(|xt| {
                         let mut active = Vec::new();
-                        selector.select(xt, &mut scratch, &mut values, &mut active);
+                        selector.select(xt, &mut scratch.select, &mut active);
                         active
                     })
                     .collect();
@@ -293,11 +415,22 @@ impl Ffn for SparseFfn {
             // A caller's explicit sets win (tests, experiments).
             ActiveSet::PerToken(_) => self.inner.forward(x, n, active, out, fired),
             ActiveSet::All => {
-                let sets = self.choose(x, n)?;
+                // A second caller at the same time (none today) gets fresh buffers.
+                let mut own = None;
+                let mut guard = self.scratch.try_lock().ok();
+                let scratch = match guard.as_deref_mut() {
+                    Some(s) => s,
+                    None => own.insert(Scratch::default()),
+                };
+                let started = Instant::now();
+                let sets = self.choose(x, n, scratch)?;
+                self.counter
+                    .select_ns
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 self.counter.add(&sets, self.inner.width());
                 match (&self.down_columns, self.inner.as_dense()) {
                     (Some(columns), Some(dense)) => {
-                        self.forward_columns(dense, columns, x, &sets, out, fired)
+                        self.forward_columns(dense, columns, x, &sets, out, fired, scratch)
                     }
                     _ => self
                         .inner
@@ -456,6 +589,7 @@ pub fn apply_ffn_mode(
                 chooser,
                 counter,
                 down_columns,
+                scratch: Mutex::new(Scratch::default()),
             }),
             ..layer
         });
