@@ -116,8 +116,6 @@ fn main() {
         ffn_bytes >> 20,
         inputs.0[0].len()
     );
-    println!("| mode | selector | perplexity | neurons computed | recall vs exact product | chosen / exact | selector DRAM bytes | selector / FFN f16 bytes | FFN ms/token (neurons computed) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
     let all = [
         ("dense", Config::Dense),
         ("oracle", Config::Oracle),

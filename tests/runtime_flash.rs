@@ -532,7 +532,9 @@ fn bench_compares_the_modes_on_a_packed_file() {
             "flash window 0",
             "flash window 4",
             "oracle-flash",
-            "dense (in DRAM)"
+            "dense (in DRAM)",
+            "oracle (in DRAM)",
+            "predicted (in DRAM)"
         ]
     );
     let bytes = |i: usize| rows[i]["read_bytes_per_token"].as_f64().unwrap();
@@ -541,7 +543,20 @@ fn bench_compares_the_modes_on_a_packed_file() {
         assert!(r["ms_per_token"].as_f64().unwrap() > 0.0);
         assert!(r["io_ms_per_token"].as_f64().is_some());
         assert!(r["ffn_compute_ms_per_token"].as_f64().is_some());
+        // The FFNs' share of each mode's time, measured the same way in all.
+        let ffn = r["ffn_ms_per_token"].as_f64().unwrap();
+        assert!(
+            ffn > 0.0 && ffn < r["ms_per_token"].as_f64().unwrap(),
+            "{r}"
+        );
     }
+    // Dense computes every neuron, the sparse in-DRAM modes fewer; predicted
+    // names its selector (a ReLU file: the trained predictors).
+    let active = |i: usize| rows[i]["ffn_active_fraction"].as_f64().unwrap();
+    assert_eq!(active(4), 1.0);
+    assert!(active(5) < 1.0 && active(6) < 1.0 && active(6) >= active(5));
+    assert_eq!(rows[6]["selector"], "trained");
+    assert!(rows[4]["selector"].is_null());
 
     // A file without predictors is refused before any work, with the reason.
     let dir = tempfile::tempdir_in(path.parent().unwrap()).unwrap();

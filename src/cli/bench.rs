@@ -13,12 +13,13 @@ use crate::runtime::{with_threads, Model};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples (the commands behind BENCHMARKS.md):\n  \
-    flashpack bench model.flashpack            the paper's Table 2: naive, flash, oracle-flash, dense\n  \
+    flashpack bench model.flashpack            the paper's Table 2: naive, flash, oracle-flash, dense;\n                                               then oracle and predicted in DRAM (FFN wall ms: sparse vs dense FFN)\n  \
     flashpack bench --model fixtures/models/opt-relu --thread-counts 1,2 --json")]
 pub struct BenchArgs {
     /// Calibrated packed files: each is run through naive, flash (window 0
-    /// and --window), oracle-flash and dense on the same tokens, and the
-    /// dense-speed part is skipped unless --model asks for it.
+    /// and --window), oracle-flash, dense, and in DRAM oracle and predicted
+    /// (its default selector) on the same tokens, and the dense-speed part
+    /// is skipped unless --model asks for it.
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Checkpoint directories to measure (in addition to the synthetic model).
@@ -118,7 +119,7 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
         ids.truncate(args.decode_tokens);
         let file = path.display().to_string();
         out.human(format_args!(
-            "{file}: {} tokens decoded per mode (per token: I/O, predictor, memory management and FFN compute ms as in the paper's Table 3)\n{:<18} {:>14} {:>10} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8}",
+            "{file}: {} tokens decoded per mode (per token: I/O, predictor, memory management and FFN compute ms as in the paper's Table 3; FFN wall: all time in the FFNs, selection and reads included, and the fraction of neurons computed)\n{:<20} {:>14} {:>10} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>12} {:>10} {:>8}",
             ids.len(),
             "mode",
             "bytes/token",
@@ -129,12 +130,14 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
             "pred ms",
             "mem ms",
             "FFN ms",
+            "FFN wall ms",
+            "computed",
             "ms/token",
             "speedup"
         ));
         for row in compare_modes(path, &ids, &opts)? {
             out.human(format_args!(
-                "{:<18} {:>14.0} {:>10.1} {:>12.3} {:>10.3} {:>10.3} {:>8.3} {:>8.3} {:>8.3} {:>10.3} {:>7.2}x",
+                "{:<20} {:>14.0} {:>10.1} {:>12.3} {:>10.3} {:>10.3} {:>8.3} {:>8.3} {:>8.3} {:>12.3} {:>9.1}% {:>10.3} {:>7.2}x{}",
                 row.mode,
                 row.bytes_read_per_token,
                 row.read_ops_per_token,
@@ -144,8 +147,12 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
                 row.predictor_ms_per_token,
                 row.memory_ms_per_token,
                 row.ffn_compute_ms_per_token,
+                row.ffn_ms_per_token,
+                100.0 * row.ffn_active_fraction,
                 row.ms_per_token,
-                row.speedup_over_naive
+                row.speedup_over_naive,
+                row.selector
+                    .map_or(String::new(), |s| format!(" (selector {s:?})").to_lowercase())
             ));
             rows.push(FlashRow {
                 file: file.clone(),

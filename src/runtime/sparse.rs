@@ -151,6 +151,10 @@ struct Scratch {
     values: Vec<f32>,
     /// Down-projection accumulators, one per slice of the output.
     accumulators: Vec<(usize, kernels::ColumnAccumulator)>,
+    /// Every neuron's exact value for the one token of this call, when the
+    /// oracle's selection computed them the way phase 1 would (`known_ok`).
+    known: Vec<f32>,
+    known_ok: bool,
 }
 
 /// Chosen neurons per parallel task of the gate/up phase.
@@ -244,9 +248,15 @@ impl SparseFfn {
                     )));
                 }
             }
-            // Phase 1: the chosen neurons' values from their gate and up rows.
+            // Phase 1: the chosen neurons' values from their gate and up rows
+            // (or, for the oracle of one token, the values it chose by).
             let values = &mut scratch.values;
             values.resize(chosen.len(), 0.0);
+            if scratch.known_ok {
+                for (v, &i) in values.iter_mut().zip(chosen.iter()) {
+                    *v = scratch.known[i as usize];
+                }
+            }
             let compute = |ids: &[u32], vals: &mut [f32]| {
                 for (k, (&i, v)) in ids.iter().zip(vals.iter_mut()).enumerate() {
                     if let Some(&next) = ids.get(k + PREFETCH_AHEAD) {
@@ -275,7 +285,8 @@ impl SparseFfn {
                     *v = neuron_value(dense.activation, g, u);
                 }
             };
-            if threads > 1 && chosen.len() > ROWS_CHUNK {
+            if scratch.known_ok {
+            } else if threads > 1 && chosen.len() > ROWS_CHUNK {
                 chosen
                     .par_chunks(ROWS_CHUNK)
                     .zip(values.par_chunks_mut(ROWS_CHUNK))
@@ -336,19 +347,33 @@ impl SparseFfn {
 impl SparseFfn {
     fn choose(&self, x: &[f32], n: usize, scratch: &mut Scratch) -> Result<Vec<Vec<u32>>> {
         let (hidden, width) = (self.inner.hidden_size(), self.inner.width());
+        scratch.known_ok = false;
         Ok(match &self.chooser {
             Chooser::Oracle {
                 threshold,
                 criterion,
             } => {
                 let act = self.inner.selection_scores(x, n, *criterion)?;
-                act.chunks_exact(width)
+                let sets = act
+                    .chunks_exact(width)
                     .map(|row| {
                         (0..width as u32)
                             .filter(|&j| row[j as usize].abs() > *threshold)
                             .collect()
                     })
-                    .collect()
+                    .collect();
+                // For one token the scores are the neurons' values computed
+                // row by row (`matvec`: one `row_dot` per neuron, then the
+                // bias, then the activation), as phase 1 computes them, when
+                // they are values at all: the product criterion, or a plain
+                // FFN. Phase 1 then reuses them; the bits are the same.
+                let values =
+                    *criterion == Criterion::Product || self.inner.gated_projections().is_none();
+                if n == 1 && values {
+                    scratch.known = act;
+                    scratch.known_ok = true;
+                }
+                sets
             }
             Chooser::LowBit { selector, measure } => {
                 let sets: Vec<Vec<u32>> = x
@@ -596,4 +621,170 @@ pub fn apply_ffn_mode(
     }
     model.layers = wrapped;
     Ok(Some(counter))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::config::Activation;
+    use crate::runtime::weights::{Linear, Matrix};
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn linear(rows: usize, cols: usize, seed: u64, bias: bool) -> Linear {
+        Linear {
+            weight: Matrix::new(
+                rows,
+                cols,
+                Storage::F32(values(rows * cols, seed, 1.0 / (cols as f32).sqrt())),
+            )
+            .unwrap(),
+            bias: bias.then(|| values(rows, seed + 100, 0.1)),
+        }
+    }
+
+    /// Wide enough that both phases split across threads (several chunks of
+    /// chosen neurons, two or more output slices).
+    fn ffn() -> DenseFfn {
+        let (hidden, width) = (256, 700);
+        DenseFfn {
+            weights: FfnWeights::Gated {
+                gate: linear(width, hidden, 1, true),
+                up: linear(width, hidden, 2, false),
+                down: linear(hidden, width, 3, true),
+            },
+            activation: Activation::Silu,
+        }
+    }
+
+    fn sparse(dense: DenseFfn, chooser: Chooser) -> SparseFfn {
+        let down = &dense.down().weight;
+        let down_columns = Some(transposed(&down.data, down.rows, down.cols));
+        SparseFfn {
+            inner: Box::new(dense),
+            chooser,
+            counter: Arc::new(NeuronCounter::default()),
+            down_columns,
+            scratch: Mutex::new(Scratch::default()),
+        }
+    }
+
+    #[test]
+    fn sparse_forward_is_the_same_for_any_thread_count_and_equals_the_reference() {
+        let dense = ffn();
+        let (hidden, width) = (dense.hidden_size(), dense.width());
+        // A threshold that keeps about half the neurons of a typical token.
+        let probe = dense.neurons_all(&values(hidden, 7, 1.0), 1);
+        let mut mags: Vec<f32> = probe.iter().map(|v| v.abs()).collect();
+        mags.sort_by(f32::total_cmp);
+        let threshold = mags[width / 2];
+        let (gate, up) = dense.gated_projections().unwrap();
+        let low_bit = |bits| Chooser::LowBit {
+            selector: LowBitSelector {
+                gate: QuantMatrix::quantize(&gate.weight, bits),
+                up: QuantMatrix::quantize(&up.weight, bits),
+                gate_bias: gate.bias.clone(),
+                up_bias: up.bias.clone(),
+                threshold,
+            },
+            measure: false,
+        };
+        let choosers = [
+            (
+                "oracle",
+                Chooser::Oracle {
+                    threshold,
+                    criterion: Criterion::Product,
+                },
+            ),
+            ("int8", low_bit(LowBits::Int8)),
+            ("int4", low_bit(LowBits::Int4)),
+        ];
+        for (name, chooser) in choosers {
+            let ffn = sparse(dense.clone(), chooser);
+            // One token (the oracle reuses its selection's values) and a batch.
+            for n in [1usize, 3] {
+                let x = values(n * hidden, 11 + n as u64, 1.0);
+                let mut runs = Vec::new();
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = vec![0.0f32; n * hidden];
+                    let mut fired = Fired::default();
+                    pool.install(|| ffn.forward(&x, n, ActiveSet::All, &mut out, Some(&mut fired)))
+                        .unwrap();
+                    runs.push((out, fired));
+                }
+                let (out, fired) = &runs[0];
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                for (threads, (o, f)) in [1, 2, 3].iter().zip(&runs) {
+                    assert_eq!(bits(o), bits(out), "{name} n {n} threads {threads}");
+                    assert_eq!(f, fired, "{name} n {n} threads {threads}");
+                }
+                let chosen: usize = fired.per_token.iter().map(Vec::len).sum();
+                assert!(
+                    chosen > n * width / 4 && chosen < n * width * 3 / 4,
+                    "{name}: {chosen} of {}",
+                    n * width
+                );
+                // The dense FFN's own sparse path (row-major down) on the same sets.
+                let mut given = vec![0.0f32; n * hidden];
+                dense
+                    .forward(
+                        &x,
+                        n,
+                        ActiveSet::PerToken(&fired.per_token),
+                        &mut given,
+                        None,
+                    )
+                    .unwrap();
+                assert_eq!(bits(&given), bits(out), "{name} n {n}: vs DenseFfn");
+                // And an f64 reference of the same neurons.
+                let w = |l: &Linear| l.weight.data.to_f32();
+                let FfnWeights::Gated { gate, up, down } = &dense.weights else {
+                    unreachable!("built gated above")
+                };
+                let (gw, uw, dw) = (w(gate), w(up), w(down));
+                for (t, set) in fired.per_token.iter().enumerate() {
+                    let xt = &x[t * hidden..(t + 1) * hidden];
+                    let dot = |m: &[f32], r: usize| -> f64 {
+                        (0..hidden)
+                            .map(|k| m[r * hidden + k] as f64 * xt[k] as f64)
+                            .sum()
+                    };
+                    let h: Vec<(usize, f64)> = set
+                        .iter()
+                        .map(|&i| {
+                            let i = i as usize;
+                            let g = dot(&gw, i) + gate.bias.as_ref().unwrap()[i] as f64;
+                            (i, g / (1.0 + (-g).exp()) * dot(&uw, i))
+                        })
+                        .collect();
+                    for r in 0..hidden {
+                        let terms = h.iter().map(|&(i, v)| dw[r * width + i] as f64 * v);
+                        let exact: f64 =
+                            terms.clone().sum::<f64>() + down.bias.as_ref().unwrap()[r] as f64;
+                        let size: f64 = terms.map(f64::abs).sum::<f64>() + 1.0;
+                        let got = out[t * hidden + r] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * size,
+                            "{name} token {t} output {r}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

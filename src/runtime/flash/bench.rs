@@ -1,14 +1,22 @@
 //! The paper's Table 2 on one packed file: the same tokens through `naive`,
 //! `flash` (window 0 and the chosen window), `oracle-flash` and `dense`, each
 //! opened fresh (direct reads: nothing is served from the page cache), with
-//! bytes read, I/O time and total time per token.
+//! bytes read, I/O time and total time per token; then the in-DRAM sparse
+//! modes `oracle` and `predicted`. Every row also has the wall time spent in
+//! the layers' FFNs per token (selection and reads included), so the sparse
+//! FFN's cost against the dense one is read off one run.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::Result;
+use crate::runtime::ffn::{ActiveSet, Criterion, Ffn, Fired};
 use crate::runtime::flash::io::{ReadOp, Staging};
 use crate::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashReader};
+use crate::runtime::sparse::FfnMode;
+use crate::runtime::weights::Linear;
 use crate::runtime::{open_model, Logits, Model};
 
 /// One mode's measurement.
@@ -29,6 +37,13 @@ pub struct ModeRow {
     pub predictor_ms_per_token: f64,
     pub memory_ms_per_token: f64,
     pub ffn_compute_ms_per_token: f64,
+    /// Wall time inside the layers' FFNs per token: choosing neurons, reads
+    /// (flash modes) and arithmetic; the same measure in every mode.
+    pub ffn_ms_per_token: f64,
+    /// Fraction of FFN neurons computed (1 for dense and naive).
+    pub ffn_active_fraction: f64,
+    /// What chose the neurons of `predicted` (`trained`, `int8`, `int4`).
+    pub selector: Option<crate::runtime::sparse::Selector>,
     pub ms_per_token: f64,
     pub window_hit_rate: f64,
     /// Whether each FFN chunk was verified on first use.
@@ -60,6 +75,94 @@ fn decode(model: &Model, ids: &[u32]) -> Result<f64> {
         model.forward(&mut cache, &[id], Logits::Last, None)?;
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// A layer's FFN with the wall time of its `forward` counted.
+struct TimedFfn {
+    inner: Box<dyn Ffn>,
+    ns: Arc<AtomicU64>,
+}
+
+impl Ffn for TimedFfn {
+    fn hidden_size(&self) -> usize {
+        self.inner.hidden_size()
+    }
+    fn width(&self) -> usize {
+        self.inner.width()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.inner.firing_activations(x, n)
+    }
+    fn gated_projections(&self) -> Option<(&Linear, &Linear)> {
+        self.inner.gated_projections()
+    }
+    fn as_dense(&self) -> Option<&crate::runtime::ffn::DenseFfn> {
+        self.inner.as_dense()
+    }
+    fn selection_scores(&self, x: &[f32], n: usize, criterion: Criterion) -> Result<Vec<f32>> {
+        self.inner.selection_scores(x, n, criterion)
+    }
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let r = self.inner.forward(x, n, active, out, fired);
+        self.ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+/// Wraps every layer's FFN of `model` in a [`TimedFfn`]; returns their
+/// shared clock (ns).
+fn time_ffns(model: &mut Model) -> Arc<AtomicU64> {
+    let ns = Arc::new(AtomicU64::new(0));
+    for layer in &mut model.layers {
+        let inner = std::mem::replace(&mut layer.ffn, Box::new(Unset));
+        layer.ffn = Box::new(TimedFfn {
+            inner,
+            ns: Arc::clone(&ns),
+        });
+    }
+    ns
+}
+
+/// Stands in for a layer's FFN for the moment it is being wrapped.
+struct Unset;
+
+impl Ffn for Unset {
+    fn hidden_size(&self) -> usize {
+        0
+    }
+    fn width(&self) -> usize {
+        0
+    }
+    fn weight_bytes(&self) -> usize {
+        0
+    }
+    fn firing_activations(&self, _: &[f32], _: usize) -> Vec<f32> {
+        Vec::new()
+    }
+    fn forward(
+        &self,
+        _: &[f32],
+        _: usize,
+        _: ActiveSet<'_>,
+        _: &mut [f32],
+        _: Option<&mut Fired>,
+    ) -> Result<()> {
+        Err(crate::Error::InvalidArgument(
+            "an FFN being replaced was called".into(),
+        ))
+    }
 }
 
 /// Throughput of reads of `size` bytes (rounded out to the alignment) at
@@ -102,7 +205,8 @@ pub fn disk_gb_per_s(reader: &FlashReader, from: u64, size: usize) -> Result<f64
 /// Opens `path` with `opts`, feeds `ids` and measures (one row of the table).
 pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -> Result<ModeRow> {
     let n = ids.len().max(1) as f64;
-    let (loaded, rt) = open_flash(path, opts)?;
+    let (mut loaded, rt) = open_flash(path, opts)?;
+    let ffn_ns = time_ffns(&mut loaded.model);
     let secs = decode(&loaded.model, ids)?;
     let r = rt.report();
     let io_s = r.ms_io / 1e3;
@@ -124,6 +228,9 @@ pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -
         predictor_ms_per_token: r.ms_predictor / n,
         memory_ms_per_token: r.ms_memory / n,
         ffn_compute_ms_per_token: r.ms_compute / n,
+        ffn_ms_per_token: ffn_ns.load(Ordering::Relaxed) as f64 / 1e6 / n,
+        ffn_active_fraction: rt.neuron_counter().active_fraction(),
+        selector: None,
         ms_per_token: secs * 1e3 / n,
         window_hit_rate: r.window_hit_rate,
         verify_reads: r.verify_reads,
@@ -167,30 +274,47 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         };
         rows.push(measure_mode(path, ids, &opts, &name)?);
     }
-    let dense = open_model(path)?;
-    let secs = decode(&dense.model, ids)?;
-    rows.push(ModeRow {
-        mode: "dense (in DRAM)".into(),
-        io_mode: None,
-        tokens: ids.len(),
-        bytes_read_per_token: 0.0,
-        read_ops_per_token: 0.0,
-        mean_read_bytes: 0.0,
-        read_gb_per_s: 0.0,
-        io_ms_per_token: 0.0,
-        predictor_ms_per_token: 0.0,
-        memory_ms_per_token: 0.0,
-        ffn_compute_ms_per_token: 0.0,
-        ms_per_token: secs * 1e3 / n,
-        window_hit_rate: 0.0,
-        verify_reads: false,
-        hashed_bytes: 0,
-        verify_extra_read_bytes: 0,
-        verify_hash_cpu_ms_per_token: 0.0,
-        disk_gb_per_s_same_size: 0.0,
-        speedup_over_naive: 0.0,
-        dram_plan: Default::default(),
-    });
+    // The in-DRAM modes: dense, then the sparse modes computed from DRAM.
+    for mode in [FfnMode::Dense, FfnMode::Oracle, FfnMode::Predicted] {
+        let mut loaded = open_model(path)?;
+        let counter = loaded.set_ffn_mode(mode)?;
+        let selector = match (mode, &loaded.sparsity) {
+            (FfnMode::Predicted, Some(d)) => Some(d.selector.resolve(d.silu_criterion)),
+            _ => None,
+        };
+        let ffn_ns = time_ffns(&mut loaded.model);
+        let secs = decode(&loaded.model, ids)?;
+        let name = match mode {
+            FfnMode::Dense => "dense (in DRAM)".to_string(),
+            FfnMode::Oracle => "oracle (in DRAM)".to_string(),
+            _ => "predicted (in DRAM)".to_string(),
+        };
+        rows.push(ModeRow {
+            mode: name,
+            io_mode: None,
+            tokens: ids.len(),
+            bytes_read_per_token: 0.0,
+            read_ops_per_token: 0.0,
+            mean_read_bytes: 0.0,
+            read_gb_per_s: 0.0,
+            io_ms_per_token: 0.0,
+            predictor_ms_per_token: 0.0,
+            memory_ms_per_token: 0.0,
+            ffn_compute_ms_per_token: 0.0,
+            ffn_ms_per_token: ffn_ns.load(Ordering::Relaxed) as f64 / 1e6 / n,
+            ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
+            selector,
+            ms_per_token: secs * 1e3 / n,
+            window_hit_rate: 0.0,
+            verify_reads: false,
+            hashed_bytes: 0,
+            verify_extra_read_bytes: 0,
+            verify_hash_cpu_ms_per_token: 0.0,
+            disk_gb_per_s_same_size: 0.0,
+            speedup_over_naive: 0.0,
+            dram_plan: Default::default(),
+        });
+    }
     let naive_ms = rows[0].ms_per_token;
     for r in &mut rows {
         r.speedup_over_naive = naive_ms / r.ms_per_token.max(1e-9);
