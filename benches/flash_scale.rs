@@ -190,7 +190,7 @@ fn main() {
         &ckpt,
         &packed,
         &flashpack::pack::ConvertOptions::default(),
-        &|_, _| {},
+        flashpack::progress::SILENT,
     )
     .expect("convert");
     eprintln!("converted in {:.1} s", t0.elapsed().as_secs_f64());

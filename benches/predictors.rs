@@ -49,7 +49,7 @@ fn main() {
             &fixtures().join("models").join(name),
             &out,
             &options,
-            &|_, _| {},
+            flashpack::progress::SILENT,
         )
         .unwrap();
         let cal_s = summary.calibrate_ms.unwrap() / 1e3;

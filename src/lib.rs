@@ -20,6 +20,7 @@ pub mod format;
 pub mod input;
 pub mod pack;
 pub mod predictor;
+pub mod progress;
 pub mod runtime;
 pub mod server;
 

@@ -198,7 +198,7 @@ proptest! {
         let target = match c.target { 0 => TargetDType::Keep, t => TargetDType::To(dtype(t - 1)) };
         let options = ConvertOptions { dtype: target, zstd_level: c.zstd, alignment: 1 << c.align_shift, calibration: None };
         let out = tmp.path().join("m.flashpack");
-        convert(&src, &out, &options, &|_, _| {}).unwrap();
+        convert(&src, &out, &options, flashpack::progress::SILENT).unwrap();
 
         let file = PackedFile::open(&out).unwrap();
         prop_assert_eq!(&file.config, &cfg);

@@ -28,7 +28,7 @@ fn packed(zstd_level: i32) -> (tempfile::TempDir, PathBuf) {
         zstd_level,
         ..ConvertOptions::default()
     };
-    convert(&fixture(MODEL), &out, &options, &|_, _| {}).unwrap();
+    convert(&fixture(MODEL), &out, &options, flashpack::progress::SILENT).unwrap();
     (tmp, out)
 }
 

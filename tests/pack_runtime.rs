@@ -51,7 +51,13 @@ fn packed_models_match_their_checkpoints() {
             continue;
         }
         let out = tmp.path().join("m.flashpack");
-        convert(&dir, &out, &ConvertOptions::default(), &|_, _| {}).unwrap();
+        convert(
+            &dir,
+            &out,
+            &ConvertOptions::default(),
+            flashpack::progress::SILENT,
+        )
+        .unwrap();
         let source = open_model(&dir).unwrap();
         let packed = open_model(&out).unwrap();
         assert_eq!(packed.source, ModelSource::Packed);
@@ -94,7 +100,13 @@ fn run_and_eval_accept_a_packed_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixtures().join("models/opt-relu");
     let out = tmp.path().join("m.flashpack");
-    convert(&dir, &out, &ConvertOptions::default(), &|_, _| {}).unwrap();
+    convert(
+        &dir,
+        &out,
+        &ConvertOptions::default(),
+        flashpack::progress::SILENT,
+    )
+    .unwrap();
     let bin = env!("CARGO_BIN_EXE_flashpack");
     let json = |args: &[&str]| -> serde_json::Value {
         let o = std::process::Command::new(bin)

@@ -51,7 +51,7 @@ fn calibrated(name: &'static str) -> &'static Path {
         }),
         ..ConvertOptions::default()
     };
-    convert(&model_dir(name), out, &options, &|_, _| {}).unwrap();
+    convert(&model_dir(name), out, &options, flashpack::progress::SILENT).unwrap();
     files.push((name, out));
     out
 }
@@ -150,7 +150,7 @@ fn calibration_statistics_are_consistent_with_the_firing_masks() {
         &tok,
         &[fixtures().join("text/train.txt")],
         &opts,
-        &|_, _| {},
+        flashpack::progress::SILENT,
     )
     .unwrap();
     assert_eq!(cal.tokens, 700);

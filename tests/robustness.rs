@@ -43,7 +43,13 @@ fn packed_bytes() -> &'static [u8] {
             alignment: 512,
             ..ConvertOptions::default()
         };
-        convert(&fixture("opt-postln-proj"), &out, &options, &|_, _| {}).unwrap();
+        convert(
+            &fixture("opt-postln-proj"),
+            &out,
+            &options,
+            flashpack::progress::SILENT,
+        )
+        .unwrap();
         std::fs::read(out).unwrap()
     })
 }

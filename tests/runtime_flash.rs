@@ -84,7 +84,7 @@ fn calibrated(name: &'static str) -> &'static Path {
         &fixtures().join("models").join(name),
         out,
         &options,
-        &|_, _| {},
+        flashpack::progress::SILENT,
     )
     .unwrap();
     files.push((name, out));
@@ -565,7 +565,7 @@ fn bench_compares_the_modes_on_a_packed_file() {
         &fixtures().join("models/opt-relu"),
         &plain,
         &ConvertOptions::default(),
-        &|_, _| {},
+        flashpack::progress::SILENT,
     )
     .unwrap();
     let out = cli(&["bench", plain.to_str().unwrap(), "--json"]);
@@ -1011,7 +1011,13 @@ fn a_dense_heavy_model_loads_within_the_budget() {
     let tokenizer = fixtures().join("models/opt-relu/tokenizer.json");
     write_synthetic_checkpoint(&ckpt, &shape, &tokenizer).unwrap();
     let packed = dir.path().join("dense-heavy.flashpack");
-    convert(&ckpt, &packed, &ConvertOptions::default(), &|_, _| {}).unwrap();
+    convert(
+        &ckpt,
+        &packed,
+        &ConvertOptions::default(),
+        flashpack::progress::SILENT,
+    )
+    .unwrap();
     let run = |budget: &str| {
         cli(&[
             "run",

@@ -48,7 +48,7 @@ fn calibrated(dir: &Path, allocation: Allocation) -> PathBuf {
         &fixtures().join("models/llama-silu"),
         &out,
         &options,
-        &|_, _| {},
+        flashpack::progress::SILENT,
     )
     .unwrap();
     out
@@ -201,7 +201,7 @@ fn greedy_allocation_has_no_more_output_error_than_uniform() {
             max_tokens: 2048,
             ..CalibrationOptions::default()
         },
-        &|_, _| {},
+        flashpack::progress::SILENT,
     )
     .unwrap();
     assert_eq!(cal.curves.len(), model.config.num_layers);
@@ -317,7 +317,7 @@ fn a_file_calibrated_with_the_gate_criterion_still_runs_by_the_gate() {
             allocation: Allocation::Uniform,
             ..CalibrationOptions::default()
         },
-        &|_, _| {},
+        flashpack::progress::SILENT,
     )
     .unwrap();
     let gate: Vec<f32> = cal

@@ -79,6 +79,7 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let bars = crate::cli::progress::PhaseBars::on_terminal();
     let started = std::time::Instant::now();
     let (cal, heldout) = if args.model.is_file() {
         let file = crate::format::PackedFile::open(&args.model)?;
@@ -93,7 +94,7 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
             &tokenizer,
             &args.calib,
             &opts,
-            &|_, _| {},
+            &|phase, done, total| bars.report(phase, done, total),
         )?;
         let heldout = match &heldout_text {
             Some(text) => {
@@ -116,7 +117,7 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
             &tokenizer,
             &args.calib,
             &opts,
-            &|_, _| {},
+            &|phase, done, total| bars.report(phase, done, total),
         )?;
         let heldout = match &heldout_text {
             Some(text) => {

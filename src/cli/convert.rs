@@ -1,6 +1,5 @@
 //! `flashpack convert <HF_DIR> -o <OUT>`: checkpoint to packed file.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
@@ -143,32 +142,14 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         alignment: args.align,
         calibration: args.calib.plan()?,
     };
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        bar.set_message("converting");
-        Some(bar)
-    } else {
-        None
-    };
-    let progress = |done: u64, total: u64| {
-        if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-    };
+    let bars = crate::cli::progress::PhaseBars::on_terminal();
     let started = std::time::Instant::now();
     let source = crate::input::hub::resolve_model(&args.model)?;
-    let summary = convert(&source, &args.output, &options, &progress)?;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    let summary = convert(&source, &args.output, &options, &|phase, done, total| {
+        bars.report(phase, done, total)
+    });
+    bars.clear();
+    let summary = summary?;
     let convert_s = started.elapsed().as_secs_f64();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     out.human(format_args!(

@@ -14,6 +14,7 @@ mod convert;
 mod eval;
 mod inspect;
 mod predictors;
+mod progress;
 mod run;
 mod serve;
 mod verify;

@@ -45,7 +45,15 @@ pub fn run(args: &PredictorsArgs, out: &Output) -> anyhow::Result<()> {
             crate::Error::InvalidArgument("predictors train needs --calib FILE...".into()).into(),
         );
     };
-    let summary = retrain_predictors(&args.file, args.output.as_deref(), &plan)?;
+    let bars = crate::cli::progress::PhaseBars::on_terminal();
+    let summary = retrain_predictors(
+        &args.file,
+        args.output.as_deref(),
+        &plan,
+        &|phase, done, total| bars.report(phase, done, total),
+    );
+    bars.clear();
+    let summary = summary?;
     let output = args.output.as_ref().unwrap_or(&args.file);
     out.human(format_args!(
         "wrote {} ({} bytes): calibrated on {} tokens in {:.1}s, trained in {:.1}s",

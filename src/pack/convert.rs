@@ -120,8 +120,8 @@ pub(crate) struct PackExtras {
     pub train_ms: Option<f64>,
 }
 
-/// Progress callback: bytes of weights processed so far, of the total.
-pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+use crate::progress::Phase;
+pub use crate::progress::Progress;
 
 const SIDE_FILES: [&str; 4] = [
     "chat_template.jinja",
@@ -182,7 +182,7 @@ pub fn convert(
     let generation_config = optional_json("generation_config.json")?;
     let tokenizer_config = with_chat_template_file(src, optional_json("tokenizer_config.json")?)?;
     let extras = match &options.calibration {
-        Some(plan) => calibrated_extras(&ckpt, plan)?,
+        Some(plan) => calibrated_extras(&ckpt, plan, progress)?,
         None => PackExtras {
             orders: (0..ckpt.config.num_layers)
                 .map(|_| (0..ckpt.config.ffn_width as u32).collect())
@@ -199,7 +199,7 @@ pub fn convert(
     std::thread::scope(|scope| {
         let hashing = scope.spawn(|| {
             let clock = std::time::Instant::now();
-            hash_sources(&ckpt).map(|files| (files, clock.elapsed().as_secs_f64() * 1e3))
+            hash_sources(&ckpt, progress).map(|files| (files, clock.elapsed().as_secs_f64() * 1e3))
         });
         write_pack(
             &ckpt,
@@ -437,7 +437,7 @@ fn write_pack(
             length: (t.numel() * dtype.size_bytes()) as u64,
         });
         done += t.bytes.len() as u64;
-        progress(done, total_weight_bytes);
+        progress(Phase::Writing, done, total_weight_bytes);
     }
     for (layer, order) in orders.iter().enumerate() {
         dense.pad_raw(&mut file, TENSOR_ALIGN)?;
@@ -506,7 +506,7 @@ fn write_pack(
             .flatten()
             .map(|t| t.bytes.len() as u64)
             .sum::<u64>();
-        progress(done, total_weight_bytes);
+        progress(Phase::Writing, done, total_weight_bytes);
     }
 
     let ffn_ms = ms_since(ffn_clock);
@@ -650,10 +650,14 @@ pub(crate) fn write_predictors(
 
 /// Calibrates on the plan's text with the dense model, trains the predictors, and
 /// turns the result into what the writer records.
-fn calibrated_extras(ckpt: &Checkpoint, plan: &CalibrationPlan) -> Result<PackExtras> {
+fn calibrated_extras(
+    ckpt: &Checkpoint,
+    plan: &CalibrationPlan,
+    progress: Progress<'_>,
+) -> Result<PackExtras> {
     let model = crate::runtime::Model::from_checkpoint(ckpt)?;
     let tokenizer = ckpt.tokenizer()?;
-    let trained = calibrate_and_train(&model, &ckpt.names, ckpt, &tokenizer, plan, &|_| {})?;
+    let trained = calibrate_and_train(&model, &ckpt.names, ckpt, &tokenizer, plan, progress)?;
     drop(model);
     extras_from(trained, plan, &ckpt.config)
 }
@@ -751,7 +755,7 @@ fn write_converted(
 }
 
 /// sha256 of every file the pack is made from, by name, in parallel.
-fn hash_sources(ckpt: &Checkpoint) -> Result<Vec<SourceFile>> {
+fn hash_sources(ckpt: &Checkpoint, progress: Progress<'_>) -> Result<Vec<SourceFile>> {
     let mut names: Vec<String> = vec![crate::input::CONFIG_FILE.to_string()];
     names.extend(
         SIDE_FILES
@@ -764,13 +768,34 @@ fn hash_sources(ckpt: &Checkpoint) -> Result<Vec<SourceFile>> {
     }
     names.extend(ckpt.weights.file_names().map(str::to_string));
     names.sort();
+    // Sizes first, so that progress counts against the whole.
+    let total: u64 = names
+        .iter()
+        .map(|name| std::fs::metadata(ckpt.dir.join(name)).map_or(0, |m| m.len()))
+        .sum();
+    let hashed = std::sync::atomic::AtomicU64::new(0);
+    progress(Phase::Hashing, 0, total);
     names
         .par_iter()
         .map(|name| {
             let path = ckpt.dir.join(name);
             let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             let mut hasher = Sha256::new();
-            let bytes = std::io::copy(&mut f, &mut hasher).map_err(|e| Error::io(&path, e))?;
+            let mut buf = vec![0u8; HASH_PIECE_BYTES];
+            let mut bytes = 0u64;
+            loop {
+                let n = match std::io::Read::read(&mut f, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::io(&path, e)),
+                };
+                hasher.update(&buf[..n]);
+                bytes += n as u64;
+                let done = hashed.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                // A file that grew while hashed would pass the total: cap it.
+                progress(Phase::Hashing, (done + n as u64).min(total), total);
+            }
             Ok(SourceFile {
                 name: name.clone(),
                 bytes,
@@ -779,3 +804,6 @@ fn hash_sources(ckpt: &Checkpoint) -> Result<Vec<SourceFile>> {
         })
         .collect()
 }
+
+/// Bytes read (and reported) at a time while hashing a source file.
+const HASH_PIECE_BYTES: usize = 4 << 20;

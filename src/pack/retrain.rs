@@ -45,6 +45,7 @@ pub fn retrain_predictors(
     input: &Path,
     output: Option<&Path>,
     plan: &CalibrationPlan,
+    progress: crate::progress::Progress<'_>,
 ) -> Result<RetrainSummary> {
     check_calibration_plan(plan)?;
     if input.is_dir() {
@@ -74,7 +75,7 @@ pub fn retrain_predictors(
     let weights = PackedWeights::read_all(&file)?;
     let model = Model::load(&file.config, &file.names, &weights)?;
     let tokenizer = packed_tokenizer(&file)?;
-    let trained = calibrate_and_train(&model, &file.names, &weights, &tokenizer, plan, &|_| {})?;
+    let trained = calibrate_and_train(&model, &file.names, &weights, &tokenizer, plan, progress)?;
     drop((model, weights));
     let mut extras = extras_from(trained, plan, &file.config)?;
     // Calibration ran on the packed model: its neuron indices are packed positions.

@@ -20,6 +20,7 @@ use crate::input::config::Activation;
 use crate::input::tensors::{FfnNames, ModelNames};
 use crate::input::TextTokenizer;
 use crate::predictor::thresholds::{allocate, layer_curve, Allocation, SparsityCurve};
+use crate::progress::{Phase, Progress};
 use crate::runtime::ffn::{Criterion, DenseFfn, Ffn, FfnWeights, Fired};
 use crate::runtime::weights::TensorSource;
 use crate::runtime::{Logits, Model, Observer};
@@ -259,7 +260,7 @@ pub fn calibrate(
     tokenizer: &TextTokenizer,
     files: &[PathBuf],
     opts: &CalibrationOptions,
-    progress: &dyn Fn(usize, usize),
+    progress: Progress<'_>,
 ) -> Result<Calibration> {
     let cfg = &model.config;
     if cfg.moe.is_some() {
@@ -334,14 +335,26 @@ pub fn calibrate(
     };
 
     // Phase 1: forward passes over windows of the calibration text.
-    let mut windows = Vec::new();
-    let mut tokens = 0usize;
-    let mut cache = model.new_cache();
-    'files: for file in files {
+    // The texts are encoded first (only as many files as the token limit needs)
+    // so that progress counts against the number of tokens that will be used.
+    let mut texts = Vec::new();
+    let mut available = 0usize;
+    for file in files {
+        if available >= opts.max_tokens {
+            break;
+        }
         let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
         let text = String::from_utf8(bytes)
             .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", file.display())))?;
         let ids = tokenizer.encode(&text)?;
+        available += ids.len();
+        texts.push(ids);
+    }
+    let will_use = available.min(opts.max_tokens);
+    let mut windows = Vec::new();
+    let mut tokens = 0usize;
+    let mut cache = model.new_cache();
+    'files: for ids in &texts {
         for window in ids.chunks(opts.ctx) {
             let take = window.len().min(opts.max_tokens - tokens);
             if take == 0 {
@@ -359,9 +372,10 @@ pub fn calibrate(
             }
             windows.push(take);
             tokens += take;
-            progress(tokens, opts.max_tokens);
+            progress(Phase::Calibrating, tokens as u64, will_use as u64);
         }
     }
+    drop(texts);
     if tokens == 0 {
         return Err(Error::InvalidArgument(
             "the calibration text encodes to no tokens".into(),
@@ -398,6 +412,7 @@ pub fn calibrate(
                 let ffn = load_gated(names, weights, layer, cfg.activation)?;
                 let curve = sparsity_curve(&calibration, layer, &ffn, opts.criterion)?;
                 calibration.curves.push(curve);
+                progress(Phase::Thresholds, layer as u64 + 1, layers as u64);
             }
         }
         let choices = if calibration.curves.is_empty() {
@@ -427,6 +442,7 @@ pub fn calibrate(
             stats.layer_sparsity = sparsity;
         }
         calibration.layers.push(stats);
+        progress(Phase::Statistics, layer as u64 + 1, layers as u64);
     }
     Ok(calibration)
 }

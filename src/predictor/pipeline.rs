@@ -12,6 +12,7 @@ use crate::predictor::calibrate::{calibrate, Calibration, CalibrationOptions};
 use crate::predictor::train::{
     train_layer, LowRankPredictor, PredictorMetrics, TrainOptions, TrainingSet,
 };
+use crate::progress::{Phase, Progress, SILENT};
 use crate::runtime::weights::TensorSource;
 use crate::runtime::Model;
 
@@ -41,7 +42,7 @@ pub fn calibrate_and_train(
     weights: &dyn TensorSource,
     tokenizer: &TextTokenizer,
     plan: &CalibrationPlan,
-    say: &dyn Fn(String),
+    progress: Progress<'_>,
 ) -> Result<Trained> {
     let started = std::time::Instant::now();
     let calibration = calibrate(
@@ -51,17 +52,12 @@ pub fn calibrate_and_train(
         tokenizer,
         &plan.files,
         &plan.calibrate,
-        &|_, _| {},
+        progress,
     )?;
     let calibrate_seconds = started.elapsed().as_secs_f64();
-    say(format!(
-        "calibrated on {} tokens in {:.1}s ({:.0} tokens/s)",
-        calibration.tokens,
-        calibrate_seconds,
-        calibration.tokens as f64 / calibrate_seconds
-    ));
     let mut predictors = Vec::new();
     let mut train_seconds = Vec::new();
+    progress(Phase::Training, 0, model.config.num_layers as u64);
     for layer in 0..model.config.num_layers {
         let t = std::time::Instant::now();
         let (inputs, fired) = calibration.layer_data(layer)?;
@@ -74,15 +70,11 @@ pub fn calibrate_and_train(
         };
         let (predictor, metrics) = train_layer(&set, &plan.train)?;
         let seconds = t.elapsed().as_secs_f64();
-        say(format!(
-            "layer {layer}: rank {} recall {:.4} precision {:.3} predicted {:.1}% of neurons, truly active {:.1}% ({:.1}s)",
-            metrics.rank,
-            metrics.recall,
-            metrics.precision,
-            100.0 * metrics.frac_predicted,
-            100.0 * metrics.frac_true,
-            seconds
-        ));
+        progress(
+            Phase::Training,
+            layer as u64 + 1,
+            model.config.num_layers as u64,
+        );
         train_seconds.push(seconds);
         predictors.push((predictor, metrics));
     }
@@ -119,7 +111,7 @@ pub fn measure_recall(
     opts: &CalibrationOptions,
     predictors: &[Option<LowRankPredictor>],
 ) -> Result<Vec<MeasuredRecall>> {
-    let cal = calibrate(model, names, weights, tokenizer, files, opts, &|_, _| {})?;
+    let cal = calibrate(model, names, weights, tokenizer, files, opts, SILENT)?;
     let w = crate::predictor::calibrate::words(cal.width);
     let mut out = Vec::new();
     for (layer, p) in predictors.iter().enumerate() {
