@@ -504,3 +504,64 @@ fn flash_equals_predicted_with_the_trained_selector_on_a_product_criterion_file(
         "flash computes exactly what predicted --selector trained does"
     );
 }
+
+/// Ctrl-C in the middle of a generation: exit 130, and the summary says how many
+/// tokens were generated and at what speed, after the text streamed so far.
+#[test]
+fn an_interrupted_run_reports_how_far_it_got() {
+    use std::io::Read;
+    let model = common::endless_model();
+    let prompt = "Hello there";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(["run", model.path().to_str().unwrap(), "-p", prompt])
+        .args(["-n", "1000000", "--threads", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until generated text streams after the echoed prompt.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while seen.len() < prompt.len() + 40 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the run ended before it was interrupted");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(String::from_utf8_lossy(&seen).starts_with(prompt));
+    // "interrupted: N tokens generated in T ms (X ms/token, load L ms)"
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("interrupted: "))
+        .unwrap_or_else(|| panic!("no summary in {stderr:?}"));
+    let n: usize = line["interrupted: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    assert!(
+        line.contains(" tokens generated in ") && line.contains(" ms/token"),
+        "{line}"
+    );
+    // At least the tokens whose text was seen before the signal; the text is
+    // ordinary bytes of the micro tokenizer (one or a few per token).
+    assert!(n >= 1, "{line}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -21,3 +21,22 @@ pub fn nmse(x: &[f32], r: &[f32]) -> f64 {
     let den: f64 = r.iter().map(|&b| (b as f64).powi(2)).sum();
     num / den
 }
+
+/// A copy of the micro fixture whose context is a million positions: greedy
+/// generation from it does not reach its end-of-sequence token, so a run with a
+/// large token limit goes on for minutes (attention grows with every token),
+/// long enough to interrupt it or to send other requests meanwhile.
+pub fn endless_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("models/micro-llama");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["max_position_embeddings"] = 1_000_000.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    dir
+}
