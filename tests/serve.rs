@@ -6,6 +6,8 @@
 //! the conversation; bad requests get 4xx with OpenAI's error object, and the
 //! server answers after them.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -515,4 +517,83 @@ fn a_hub_repo_id_in_the_local_cache_is_served_under_its_id() {
     );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 5);
+}
+
+/// One streamed request that would run for hours holds the only slot (`--queue
+/// 0`): another request is answered 503 with OpenAI's error object, at once.
+/// When the streaming client goes away, its generation stops and the next
+/// request is served.
+#[test]
+fn a_full_queue_answers_503_and_a_client_that_leaves_frees_the_model() {
+    use std::io::Read;
+    let model = common::endless_model();
+    let server = Server::start_model(model.path().to_str().unwrap(), &["--queue", "0"], &[]);
+    let addr = server.url.strip_prefix("http://").unwrap().to_string();
+    let body =
+        json!({"prompt": "Hello there", "max_tokens": 1_000_000, "temperature": 0, "stream": true})
+            .to_string();
+    let mut long = std::net::TcpStream::connect(&addr).unwrap();
+    // A stalled stream fails the test instead of hanging it.
+    long.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        long,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Wait for generated chunks: the model is busy with this request.
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    while seen.matches("data: ").count() < 3 {
+        let n = long.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        // The one slot is free when the server has just started: admitted.
+        assert!(
+            seen.len() < 12 || seen.starts_with("HTTP/1.1 200"),
+            "{seen}"
+        );
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+
+    let short = json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0});
+    let (status, v) = server.post("/v1/completions", &short);
+    assert_eq!(status, 503, "{v}");
+    let (kind, message) = error_of(&v);
+    assert_eq!(kind, "server_error");
+    assert!(message.contains("busy"), "{message}");
+
+    drop(long);
+    // The disconnect is noticed at the next token the server sends; the request
+    // that was refused is then served. Without the stop the model would stay
+    // busy for hours and every try would get 503.
+    let started = std::time::Instant::now();
+    loop {
+        let (status, v) = server.post("/v1/completions", &short);
+        if status == 200 {
+            assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+            break;
+        }
+        assert_eq!(status, 503, "{v}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the model stayed busy after its client left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `max_tokens` left out of a completion: 16 tokens, as OpenAI's completions.
+#[test]
+fn a_completion_without_max_tokens_stops_at_16() {
+    let model = common::endless_model();
+    let server = Server::start_model(model.path().to_str().unwrap(), &[], &[]);
+    let (status, v) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "Hello there", "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 16, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
 }

@@ -17,8 +17,9 @@ use crate::server::{Backend, ServeOptions};
     after_help = "Endpoints: POST /v1/completions, POST /v1/chat/completions (\"stream\": true \
     for server-sent events), GET /v1/models, GET /health. Requests run one at a time, in order.\n\n\
     Sampling fields a request leaves out follow the model's generation_config.json when it \
-    samples (do_sample), else OpenAI's defaults (temperature 1); max_tokens left out: until \
-    the end of sequence or the context.\n\n\
+    samples (do_sample), else OpenAI's defaults (temperature 1); max_tokens left out: 16 \
+    tokens in /v1/completions (as OpenAI's), until the end of sequence or the context in \
+    /v1/chat/completions.\n\n\
     Examples:\n  \
     flashpack serve fixtures/chat/llama-silu-chat --port 8080\n  \
     curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    \

@@ -11,6 +11,10 @@ use crate::runtime::sampling::{SamplingDefaults, SamplingParams};
 
 /// The most tokens one request may ask for (the context bounds it further).
 pub const MAX_TOKENS_CAP: u64 = 1 << 20;
+
+/// Tokens a `/v1/completions` request generates when it leaves out
+/// `max_tokens`, as OpenAI's completions API does.
+pub const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 /// The most stop strings one request may give (OpenAI's limit is 4).
 pub const MAX_STOP_STRINGS: usize = 16;
 

@@ -15,7 +15,7 @@
 pub mod api;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -105,8 +105,38 @@ enum Event {
     Failed(ApiError),
 }
 
+/// The requests admitted (running or waiting) and the way to the worker. A
+/// count decides admission, not the channel's capacity: a rendezvous channel
+/// would refuse a request that arrives while the idle worker is between two
+/// jobs, and `--queue 0` must still admit one request whenever none runs.
+struct JobQueue {
+    sender: std::sync::mpsc::Sender<Job>,
+    admitted: Arc<AtomicUsize>,
+    /// The one running plus `--queue` waiting.
+    limit: usize,
+}
+
+enum Refused {
+    Full,
+    WorkerGone,
+}
+
+impl JobQueue {
+    fn submit(&self, job: Job) -> Result<(), Refused> {
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .map_err(|_| Refused::Full)?;
+        self.sender.send(job).map_err(|_| {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            Refused::WorkerGone
+        })
+    }
+}
+
 struct AppState {
-    jobs: std::sync::mpsc::SyncSender<Job>,
+    jobs: JobQueue,
     model_name: String,
     created: u64,
     next_id: AtomicU64,
@@ -172,8 +202,10 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
 fn start_worker(
     open: impl FnOnce() -> anyhow::Result<Backend> + Send + 'static,
     queue: usize,
-) -> anyhow::Result<std::sync::mpsc::SyncSender<Job>> {
-    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(queue);
+) -> anyhow::Result<JobQueue> {
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let done = admitted.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     std::thread::Builder::new()
         .name("flashpack-model".into())
@@ -227,10 +259,15 @@ fn start_worker(
                         "internal error while generating (a bug: the server goes on)",
                     )));
                 }
+                done.fetch_sub(1, Ordering::AcqRel);
             }
         })?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(job_tx),
+        Ok(Ok(())) => Ok(JobQueue {
+            sender: job_tx,
+            admitted,
+            limit: queue.saturating_add(1),
+        }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(anyhow::anyhow!(
             "the model thread ended while opening the model"
@@ -452,7 +489,12 @@ async fn completions(
         Ok((params, prompt))
     });
     match parsed {
-        Ok((params, prompt)) => {
+        Ok((mut params, prompt)) => {
+            // OpenAI's (legacy) completions stop at 16 tokens when max_tokens is
+            // left out, and clients written for it expect that; chat has no cap.
+            params
+                .max_tokens
+                .get_or_insert(api::COMPLETIONS_DEFAULT_MAX_TOKENS);
             let echo = match (&prompt, params.echo) {
                 (PromptInput::Text(t), true) => Some(t.clone()),
                 _ => None,
@@ -624,14 +666,14 @@ async fn respond(state: Arc<AppState>, prompt: Prompt, params: Params, kind: Kin
         params,
         events: tx,
     };
-    if let Err(e) = state.jobs.try_send(job) {
+    if let Err(e) = state.jobs.submit(job) {
         return match e {
-            std::sync::mpsc::TrySendError::Full(_) => ApiError::new(
+            Refused::Full => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "the server is busy (its request queue is full); retry later",
             ),
-            std::sync::mpsc::TrySendError::Disconnected(_) => ApiError::new(
+            Refused::WorkerGone => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "the model thread has stopped",
