@@ -20,7 +20,7 @@ type Mutation = fn(&[u8]) -> Vec<u8>;
 
 /// Every damaged file, `(file name, bytes)`, in rule order.
 pub fn broken_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mutations: [(&str, Mutation); 31] = [
+    let mutations: [(&str, Mutation); 32] = [
         ("r01-bad-magic", bad_magic),
         ("r01-shorter-than-preamble", shorter_than_preamble),
         ("r02-version-2", version_2),
@@ -55,6 +55,10 @@ pub fn broken_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
         ("r18-tensor-in-wrong-section", tensor_in_wrong_section),
         ("r18-infinite-silu-threshold", infinite_silu_threshold),
         ("r19-order-not-permutation", order_not_permutation),
+        (
+            "r20-product-threshold-in-one-layer",
+            product_threshold_in_one_layer,
+        ),
     ];
     mutations
         .iter()
@@ -486,4 +490,15 @@ fn order_not_permutation(base: &[u8]) -> Vec<u8> {
         chunk,
         zstd::bulk::compress(&raw, level).unwrap(),
     )
+}
+
+/// Layer 0 alone is switched to the product criterion (a product threshold, a
+/// null gate threshold) while layer 1 keeps the gate's: the layers would select
+/// neurons by different quantities.
+fn product_threshold_in_one_layer(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let layer = &mut m["calibration"]["layers"][0];
+        layer["product_threshold"] = json!(0.05);
+        layer["silu_threshold"] = Value::Null;
+    })
 }
