@@ -28,7 +28,8 @@ pub struct FlashArgs {
     pub coalesce_gap: Option<usize>,
     /// DRAM budget for `--ffn flash|naive`: bytes, `512MiB`, `1.5GB`, or a
     /// percentage of the packed file such as `50%`. Below the minimum the
-    /// command stops with exit 2 and says the minimum.
+    /// command stops with exit 2 and says the minimum. [default: none: each
+    /// layer's cache holds what the last --window tokens used]
     #[arg(long)]
     pub dram_budget: Option<String>,
     /// Do not check FFN chunks. By default (`--ffn naive|flash|oracle-flash`)
