@@ -11,8 +11,9 @@
 //! held-out perplexity (windows of 256 tokens), the fraction of FFN neurons
 //! computed, for the low-precision selectors their recall against the exact
 //! product criterion and their DRAM bytes; then the FFN time per token: every
-//! layer's FFN evaluated for one token at a time on FFN inputs recorded in a
-//! dense pass (`FLASHPACK_REAL_TIMING_TOKENS`, default 64), selection included.
+//! layer's FFN evaluated for one token at a time (token by token through all
+//! layers, as decoding reads them) on FFN inputs recorded in a dense pass
+//! (`FLASHPACK_REAL_TIMING_TOKENS`, default 64), selection included.
 //! `FLASHPACK_REAL_TOKENS` caps the held-out tokens (default: all);
 //! `FLASHPACK_REAL_MODES` (for example `dense,oracle,int8`) picks the modes;
 //! `FLASHPACK_REAL_PPL=0` skips the quality table; `FLASHPACK_REAL_ROUNDS`
@@ -194,11 +195,14 @@ fn main() {
         for ((m, timed), best) in models.iter().zip(best.iter_mut()) {
             let before = timed.as_ref().map(|c| c.phase_ms());
             let started = Instant::now();
-            for (layer, xs) in m.model.layers.iter().zip(&inputs.0) {
-                for x in xs {
+            // Token by token through all layers, as decoding goes: each
+            // layer's weights come back from DRAM for every token (a layer
+            // at a time for all tokens would keep its weights in cache).
+            for t in 0..inputs.0[0].len() {
+                for (layer, xs) in m.model.layers.iter().zip(&inputs.0) {
                     layer
                         .ffn
-                        .forward(x, 1, ActiveSet::All, &mut out, None)
+                        .forward(&xs[t], 1, ActiveSet::All, &mut out, None)
                         .expect("FFN");
                 }
             }
