@@ -1,8 +1,11 @@
 //! Writes the damaged packed files of `fixtures/broken/` from its valid base:
 //!
 //! ```sh
-//! cargo run --example make_broken_files -- fixtures/broken/base.flashpack fixtures/broken
+//! cargo run --example make_broken_files -- fixtures/broken/base.flashpack fixtures/broken \
+//!     fixtures/broken/base-q.flashpack
 //! ```
+//!
+//! (the third argument, the quantized base, derives the files of rules 21-24).
 //!
 //! The mutations live in `tests/common/broken.rs`, which `tests/broken_files.rs`
 //! also runs to check that the committed files are exactly what this writes.
@@ -20,23 +23,39 @@ mod broken;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
-    let [base, outdir] = args.as_slice() else {
-        bail!("usage: make_broken_files <BASE.flashpack> <OUTDIR>");
+    let (base, outdir, base_q) = match args.as_slice() {
+        [base, outdir] => (base, outdir, None),
+        [base, outdir, base_q] => (base, outdir, Some(base_q)),
+        _ => bail!("usage: make_broken_files <BASE.flashpack> <OUTDIR> [<BASE-Q.flashpack>]"),
     };
     let bytes = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
-    // A damaged base would make every derived file fail for the wrong reason.
-    let file = PackedFile::open(base)?;
-    let failures = check_integrity(&file)?.failures;
-    if !failures.is_empty() {
-        bail!("{} does not verify: {failures:?}", base.display());
-    }
     std::fs::create_dir_all(outdir)?;
-    for (name, content) in broken::broken_files(&bytes) {
+    let mut files = derive(base, &bytes, broken::broken_files)?;
+    if let Some(base_q) = base_q {
+        let bytes_q =
+            std::fs::read(base_q).with_context(|| format!("reading {}", base_q.display()))?;
+        files.extend(derive(base_q, &bytes_q, broken::broken_quant_files)?);
+    }
+    for (name, content) in files {
         let path = outdir.join(&name);
         std::fs::write(&path, &content).with_context(|| format!("writing {}", path.display()))?;
         println!("{name}  {} bytes  {}", content.len(), reported(&path));
     }
     Ok(())
+}
+
+/// Named files derived from a base's bytes.
+type Derived = Vec<(String, Vec<u8>)>;
+
+/// The files `mutations` derives from `base`, once it is known to verify (a
+/// damaged base would make every derived file fail for the wrong reason).
+fn derive(base: &Path, bytes: &[u8], mutations: fn(&[u8]) -> Derived) -> anyhow::Result<Derived> {
+    let file = PackedFile::open(base)?;
+    let failures = check_integrity(&file)?.failures;
+    if !failures.is_empty() {
+        bail!("{} does not verify: {failures:?}", base.display());
+    }
+    Ok(mutations(bytes))
 }
 
 /// The first error the library reports for `path`: at open, or else from the

@@ -21,6 +21,7 @@ pub mod input;
 pub mod pack;
 pub mod predictor;
 pub mod progress;
+pub mod quant;
 pub mod runtime;
 pub mod server;
 

@@ -20,6 +20,9 @@ mod common;
 mod broken;
 
 const BASE: &str = "base.flashpack";
+/// The quantized base (format section 9), from which the files of rules 21-24
+/// are derived.
+const BASE_Q: &str = "base-q.flashpack";
 
 fn dir() -> PathBuf {
     common::fixtures().join("broken")
@@ -134,7 +137,7 @@ fn the_readme_table_and_the_directory_list_the_same_files() {
 #[test]
 fn every_numbered_rule_has_a_broken_file() {
     let rules: BTreeSet<u32> = broken_rows().iter().map(|r| r.1).collect();
-    assert_eq!(rules, (1..=20).collect::<BTreeSet<u32>>());
+    assert_eq!(rules, (1..=24).collect::<BTreeSet<u32>>());
 }
 
 #[test]
@@ -153,6 +156,25 @@ fn the_base_verifies_and_matches_its_checkpoint() {
 }
 
 #[test]
+fn the_quantized_base_verifies_against_its_checkpoint() {
+    let base = dir().join(BASE_Q);
+    let reported = library(&base);
+    assert!(!reported.at_open && reported.failures.is_empty());
+    let row = readme_rows()
+        .into_iter()
+        .find(|r| r.file == BASE_Q)
+        .unwrap();
+    assert_eq!((row.rule, row.exit), (None, 0));
+    let checkpoint = common::fixtures().join("models/micro-llama-q");
+    let (code, json) = verify_cli(&base, &["--against", checkpoint.to_str().unwrap()]);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["ok"], true);
+    let errors = json["quant_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 15, "{json}");
+    assert!(errors.iter().all(|e| e["blocks_differing"] == 0));
+}
+
+#[test]
 fn each_broken_file_fails_its_rule_in_the_library() {
     for (file, rule, _) in broken_rows() {
         let r = library(&dir().join(&file));
@@ -163,7 +185,7 @@ fn each_broken_file_fails_its_rule_in_the_library() {
         assert_eq!(first.rule(), rule, "{file}: {first}");
         // Rules 11, 12, 14, 15 and 19 need the section bytes: the file must get
         // past open and fail the full check; every other rule fails at open.
-        let needs_bytes = [11, 12, 14, 15, 19].contains(&rule);
+        let needs_bytes = [11, 12, 14, 15, 19, 24].contains(&rule);
         assert_eq!(
             !r.at_open, needs_bytes,
             "{file}: found at open: {}",
@@ -299,7 +321,10 @@ fn tensors_and_required_sections_in_the_wrong_place_are_rejected() {
 #[test]
 fn the_generator_reproduces_the_committed_files() {
     let base = std::fs::read(dir().join(BASE)).unwrap();
-    let generated = broken::broken_files(&base);
+    let mut generated = broken::broken_files(&base);
+    generated.extend(broken::broken_quant_files(
+        &std::fs::read(dir().join(BASE_Q)).unwrap(),
+    ));
     let names: BTreeSet<String> = generated.iter().map(|(n, _)| n.clone()).collect();
     let listed: BTreeSet<String> = broken_rows().into_iter().map(|r| r.0).collect();
     assert_eq!(names, listed, "generated files vs README rows");
@@ -308,7 +333,8 @@ fn the_generator_reproduces_the_committed_files() {
         assert!(
             committed == bytes,
             "{name} differs from what the generator writes now; run \
-             `cargo run --example make_broken_files -- fixtures/broken/base.flashpack fixtures/broken`"
+             `cargo run --example make_broken_files -- fixtures/broken/base.flashpack fixtures/broken \
+             fixtures/broken/base-q.flashpack`"
         );
     }
 }

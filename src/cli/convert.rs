@@ -43,6 +43,13 @@ pub struct ConvertArgs {
     /// devices with 16 KiB pages.
     #[arg(long, default_value_t = 4096)]
     pub align: u64,
+    /// Block-quantize weight matrices (format section 9): `q8` (q8_0) or `q4`
+    /// (q4_1) for the embedding, attention, FFN bundles and an untied output
+    /// projection, or per part: `ffn=q4,attn=q8,embed=q8,head=q8` (a part left
+    /// out, or `none`, keeps --dtype). Norms, biases and predictors stay float;
+    /// calibration runs on the checkpoint's own weights.
+    #[arg(long, value_name = "POLICY")]
+    pub quant: Option<String>,
     /// Check the written file (every hash and rule, and its weights against the
     /// checkpoint) before reporting success.
     #[arg(long)]
@@ -141,6 +148,11 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         zstd_level: args.zstd_level,
         alignment: args.align,
         calibration: args.calib.plan()?,
+        quant: match &args.quant {
+            Some(text) => crate::format::quant_policy::parse_policy(text)
+                .map_err(|e| crate::Error::InvalidArgument(format!("--quant: {e}")))?,
+            None => Default::default(),
+        },
     };
     let bars = crate::cli::progress::PhaseBars::on_terminal();
     let started = std::time::Instant::now();

@@ -109,6 +109,22 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
             p.bundle_bytes,
             p.manifest_sha256
         ));
+        if let Some(q) = &p.quantization {
+            let name = |t: Option<crate::quant::QuantType>| t.map_or("float", |t| t.name());
+            let b = &p.part_bytes;
+            out.human(format_args!(
+                "  quantization (raw bytes): embed {} {:.2} MiB, attn {} {:.2} MiB, ffn {} {:.2} MiB, head {} {:.2} MiB, other {:.2} MiB",
+                name(q.embed),
+                mib(b.embed_bytes),
+                name(q.attn),
+                mib(b.attn_bytes),
+                name(q.ffn),
+                mib(b.ffn_bytes),
+                name(q.head),
+                mib(b.head_bytes),
+                mib(b.other_bytes)
+            ));
+        }
         print_layer_table(out, &p.layers);
         for (k, v) in serde_json::to_value(&p)?
             .as_object()
@@ -182,8 +198,45 @@ struct PackedLayout {
     convert_dtype: String,
     zstd_level: i32,
     calibration_tokens: Option<u64>,
+    /// Format section 9: the block type of each part (null for a float file).
+    quantization: Option<crate::format::layout::QuantPolicy>,
+    /// Raw bytes of each part's weights (the policy's parts; `other`: norms,
+    /// biases, orders, predictors and every other tensor).
+    part_bytes: PartBytes,
     /// Per layer: predictor rank, threshold and held-out metrics, calibration maxima.
     layers: Vec<serde_json::Value>,
+}
+
+/// Raw bytes per part of the model, as `inspect` reports them.
+#[derive(serde::Serialize, Default)]
+struct PartBytes {
+    embed_bytes: u64,
+    attn_bytes: u64,
+    ffn_bytes: u64,
+    head_bytes: u64,
+    other_bytes: u64,
+}
+
+fn part_bytes(file: &PackedFile) -> PartBytes {
+    use crate::format::quant_policy::{part_of_tensor, QuantPart};
+    let parts = part_of_tensor(&file.config, &file.names);
+    let mut b = PartBytes::default();
+    for t in &file.manifest.tensors {
+        let slot = match parts.get(t.name.as_str()) {
+            Some(QuantPart::Embed) => &mut b.embed_bytes,
+            Some(QuantPart::Attn) => &mut b.attn_bytes,
+            Some(QuantPart::Head) => &mut b.head_bytes,
+            Some(QuantPart::Ffn) | None => &mut b.other_bytes,
+        };
+        *slot += t.length;
+    }
+    b.ffn_bytes = file
+        .manifest
+        .ffn_layers
+        .iter()
+        .map(|l| l.neurons * l.bundle_bytes)
+        .sum();
+    b
 }
 
 fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, PackedLayout)> {
@@ -228,8 +281,7 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
         ffn_dtype: m
             .ffn_layers
             .first()
-            .and_then(|l| l.dtype.weight())
-            .map_or("none", |d| d.name())
+            .map_or("none", |l| l.dtype.name())
             .into(),
         bundle_bytes: m.ffn_layers.first().map_or(0, |l| l.bundle_bytes),
         has_predictors: m.sections.iter().any(|x| x.kind == SectionKind::Predictor),
@@ -238,6 +290,8 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
         convert_dtype: m.provenance.options.dtype.clone(),
         zstd_level: m.provenance.options.zstd_level,
         calibration_tokens: m.calibration.as_ref().map(|c| c.tokens),
+        quantization: m.quantization,
+        part_bytes: part_bytes(&file),
         layers: (0..file.config.num_layers)
             .map(|i| {
                 let mut layer = serde_json::json!({ "layer": i });

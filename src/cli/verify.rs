@@ -37,6 +37,11 @@ pub struct VerifyArgs {
     /// With --calib: most calibration tokens to use.
     #[arg(long, default_value_t = 4096)]
     pub calib_tokens: usize,
+    /// With --against, a quantized file (format section 9): held-out text on
+    /// which to compare the perplexity of the packed model with the source's
+    /// (windows of 256 tokens).
+    #[arg(long = "text", value_name = "FILE")]
+    pub text: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +63,19 @@ pub struct VerifyReport {
     pub logit_nmse_gated: bool,
     /// Predictor recall per layer re-measured on `--calib` text.
     pub predictor_recall: Vec<crate::predictor::pipeline::MeasuredRecall>,
+    /// A quantized file with `--against`: the error of each block-typed tensor
+    /// (FFN parts by their checkpoint names), held to `tensor_nmse_limit`.
+    pub quant_errors: Vec<crate::pack::quantize::TensorQuantError>,
+    /// The limits a quantized file is held to (null for a float file): per
+    /// tensor NMSE, logit NMSE, and perplexity ratio minus one with `--text`.
+    pub tensor_nmse_limit: Option<f64>,
+    pub logit_nmse_limit: Option<f64>,
+    pub perplexity_increase_limit: Option<f64>,
+    /// With `--text`: perplexity of the source and of the packed model (dense),
+    /// and their ratio.
+    pub perplexity_source: Option<f64>,
+    pub perplexity_packed: Option<f64>,
+    pub perplexity_ratio: Option<f64>,
 }
 
 /// The packed model computes what the checkpoint computes, up to summation order.
@@ -71,7 +89,18 @@ const CHECK_PROMPTS: [&str; 3] = [
 ];
 
 pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
-    let mut report = verify_file(&args.file, args.against.as_deref(), out)?;
+    if args.text.is_some() && args.against.is_none() {
+        return Err(crate::Error::InvalidArgument(
+            "--text compares perplexity with the source: it needs --against".into(),
+        )
+        .into());
+    }
+    let mut report = verify_file_with(
+        &args.file,
+        args.against.as_deref(),
+        args.text.as_deref(),
+        out,
+    )?;
     if !args.calib.is_empty() {
         check_recall(args, &mut report, out)?;
     }
@@ -98,6 +127,16 @@ pub fn verify_file(
     against: Option<&Path>,
     out: &Output,
 ) -> anyhow::Result<VerifyReport> {
+    verify_file_with(path, against, None, out)
+}
+
+/// [`verify_file`], with held-out `text` for a quantized file's perplexity.
+pub fn verify_file_with(
+    path: &Path,
+    against: Option<&Path>,
+    text: Option<&Path>,
+    out: &Output,
+) -> anyhow::Result<VerifyReport> {
     let started = std::time::Instant::now();
     let file = PackedFile::open(path)?;
     let integrity = check_integrity(&file)?;
@@ -113,7 +152,17 @@ pub fn verify_file(
     let mut failures: Vec<String> = integrity.failures.iter().map(|f| f.to_string()).collect();
     let (mut compared, mut mismatched) = (0, 0);
     let mut logit_nmse = None;
-    let gated = file.manifest.provenance.options.dtype == "keep";
+    // Format section 9: a quantized file is held to the limits of its
+    // coarsest type instead of identity.
+    let coarsest = file.manifest.quantization.and_then(|p| {
+        use crate::quant::QuantType::{Q4_1, Q8_0};
+        let types = [p.embed, p.attn, p.ffn, p.head];
+        [Q4_1, Q8_0].into_iter().find(|q| types.contains(&Some(*q)))
+    });
+    let limits = coarsest.map(crate::pack::quantize::limits);
+    let gated = file.manifest.provenance.options.dtype == "keep" && limits.is_none();
+    let mut quant_errors = Vec::new();
+    let mut perplexities = None;
     if let Some(dir) = against {
         if failures.is_empty() {
             let ckpt = Checkpoint::open(dir)?;
@@ -121,13 +170,51 @@ pub fn verify_file(
             compared = r.0;
             mismatched = r.1;
             failures.extend(r.2);
+            if let Some((tensor_limit, _, _)) = limits {
+                quant_errors = r.3;
+                for e in &quant_errors {
+                    out.human(format_args!(
+                        "{} {}: NMSE {:.3e}",
+                        e.tensor, e.dtype, e.nmse
+                    ));
+                    if e.blocks_differing > 0 {
+                        failures.push(format!(
+                            "tensor {:?}: {} blocks differ from the source quantized as the format says",
+                            e.tensor, e.blocks_differing
+                        ));
+                    }
+                    if !within_limit(e.nmse, tensor_limit) {
+                        failures.push(format!(
+                            "tensor {:?}: quantization NMSE {:.3e} exceeds {tensor_limit:e}",
+                            e.tensor, e.nmse
+                        ));
+                    }
+                }
+            }
             if failures.is_empty() {
+                if let (Some(text), Some((_, _, ppl_limit))) = (text, limits) {
+                    let (source, packed) = compare_perplexity(&file, &ckpt, text)?;
+                    out.human(format_args!(
+                        "perplexity on {}: source {source:.4}, packed {packed:.4} ({:+.3}%)",
+                        text.display(),
+                        100.0 * (packed / source - 1.0)
+                    ));
+                    if !within_limit(packed / source - 1.0, ppl_limit) {
+                        failures.push(format!(
+                            "perplexity {packed:.4} exceeds the source's {source:.4} by more than {:.1}%",
+                            100.0 * ppl_limit
+                        ));
+                    }
+                    perplexities = Some((source, packed));
+                }
                 let e = compare_logits(&file, &ckpt)?;
                 out.human(format_args!(
                     "logits against the source: max NMSE {e:.3e} over {} prompts{}",
                     CHECK_PROMPTS.len(),
                     if gated {
                         String::new()
+                    } else if let Some((_, limit, _)) = limits {
+                        format!(" (quantized: limit {limit:e})")
                     } else {
                         " (not gated: the weights changed dtype)".into()
                     }
@@ -137,6 +224,13 @@ pub fn verify_file(
                     failures.push(format!(
                         "logit NMSE {e:.3e} against the source exceeds {LOGIT_NMSE_LIMIT:e}"
                     ));
+                }
+                if let Some((_, logit_limit, _)) = limits {
+                    if !within_limit(e, logit_limit) {
+                        failures.push(format!(
+                            "logit NMSE {e:.3e} of the quantized model exceeds {logit_limit:e}"
+                        ));
+                    }
                 }
                 logit_nmse = Some(e);
             }
@@ -175,7 +269,19 @@ pub fn verify_file(
         logit_nmse,
         logit_nmse_gated: gated && against.is_some(),
         predictor_recall: Vec::new(),
+        quant_errors,
+        tensor_nmse_limit: limits.map(|l| l.0),
+        logit_nmse_limit: limits.map(|l| l.1),
+        perplexity_increase_limit: limits.map(|l| l.2),
+        perplexity_source: perplexities.map(|p| p.0),
+        perplexity_packed: perplexities.map(|p| p.1),
+        perplexity_ratio: perplexities.map(|p| p.1 / p.0),
     })
+}
+
+/// `value <= limit`, false for a NaN value.
+fn within_limit(value: f64, limit: f64) -> bool {
+    value.partial_cmp(&limit).is_some_and(|o| o.is_le())
 }
 
 /// Narrows a source value to the packed dtype and compares bit patterns (so NaN
@@ -190,15 +296,21 @@ fn same(packed: f32, source: f32, dtype: crate::dtype::DType) -> bool {
 
 /// Every packed weight against the source: dense tensors element by element,
 /// per-neuron biases and bundles through the recorded neuron order.
+#[allow(clippy::type_complexity)]
 fn compare_weights(
     file: &PackedFile,
     ckpt: &Checkpoint,
-) -> anyhow::Result<(u64, u64, Vec<String>)> {
+) -> anyhow::Result<(
+    u64,
+    u64,
+    Vec<String>,
+    Vec<crate::pack::quantize::TensorQuantError>,
+)> {
     let mut failures = Vec::new();
     let (mut compared, mut mismatched) = (0u64, 0u64);
     if file.config != ckpt.config {
         failures.push("the packed model config differs from the checkpoint's".to_string());
-        return Ok((0, 0, failures));
+        return Ok((0, 0, failures, Vec::new()));
     }
     let dense = file.read_section(DENSE_SECTION)?;
     let order_of = |layer: usize| -> Vec<usize> {
@@ -253,9 +365,13 @@ fn compare_weights(
             ));
         }
     }
+    // Block-typed tensors and bundles are compared by their quantization error.
+    let quant = crate::pack::quantize::quantization_errors(file, ckpt, &dense, &orders)?;
     for (i, layer) in file.manifest.ffn_layers.iter().enumerate() {
+        let Some(dtype) = layer.dtype.weight() else {
+            continue;
+        };
         let section = file.read_section(&layer.section)?;
-        let dtype = layer.dtype.weight().expect("checked at open");
         let h = layer.hidden as usize;
         let n = layer.neurons as usize;
         let (gate, up, down) = ckpt.names.layers[i].ffn.parts();
@@ -293,7 +409,25 @@ fn compare_weights(
             ));
         }
     }
-    Ok((compared, mismatched, failures))
+    Ok((compared, mismatched, failures, quant))
+}
+
+/// Perplexity of the source and the packed model (both dense, in DRAM) on
+/// `text`, windows of 256 tokens.
+fn compare_perplexity(
+    file: &PackedFile,
+    ckpt: &Checkpoint,
+    text: &Path,
+) -> anyhow::Result<(f64, f64)> {
+    use crate::runtime::{packed::PackedWeights, Model};
+    let content = std::fs::read_to_string(text).map_err(|e| crate::Error::io(text, e))?;
+    let ids = ckpt.tokenizer()?.encode(&content)?;
+    let source = Model::from_checkpoint(ckpt)?;
+    let a = crate::runtime::perplexity::perplexity(&source, &ids, 256)?.perplexity;
+    drop(source);
+    let packed = Model::load(&file.config, &file.names, &PackedWeights::read_all(file)?)?;
+    let b = crate::runtime::perplexity::perplexity(&packed, &ids, 256)?.perplexity;
+    Ok((a, b))
 }
 
 /// Largest final-position logit NMSE between the packed model (all bundles in DRAM)

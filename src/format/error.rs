@@ -96,6 +96,18 @@ pub enum FormatError {
 
     #[error("rule 20: calibration of layer {layer}: {message}")]
     ProductThreshold { layer: u64, message: String },
+
+    #[error("rule 21: the quantization policy does not match the tensors: {message}")]
+    QuantPolicy { message: String },
+
+    #[error("rule 22: tensor {tensor:?} is {dtype}, a block type only the weight matrices of section 9 may have")]
+    QuantNotAllowed { tensor: String, dtype: String },
+
+    #[error("rule 23: {what}: {message}")]
+    QuantLayout { what: String, message: String },
+
+    #[error("rule 24: {what}: {message}")]
+    QuantData { what: String, message: String },
 }
 
 impl FormatError {
@@ -123,6 +135,10 @@ impl FormatError {
             Model { .. } => 18,
             NeuronOrder { .. } => 19,
             ProductThreshold { .. } => 20,
+            QuantPolicy { .. } => 21,
+            QuantNotAllowed { .. } => 22,
+            QuantLayout { .. } => 23,
+            QuantData { .. } => 24,
         }
     }
 

@@ -45,7 +45,51 @@ pub fn check_integrity(file: &PackedFile) -> Result<IntegrityReport> {
     if report.failures.is_empty() {
         report.failures.extend(check_orders(file)?);
     }
+    if report.failures.is_empty() {
+        report.failures.extend(quant_data_errors(file)?);
+    }
     Ok(report)
+}
+
+/// Rule 24: every block of every block-typed tensor and FFN section has a
+/// finite scale and minimum, and quantized bundles are zero-padded. One error
+/// per tensor or section, naming the first bad byte.
+pub fn quant_data_errors(file: &PackedFile) -> Result<Vec<FormatError>> {
+    let mut failures = Vec::new();
+    let mut dense = SectionReader::new(file, DENSE_SECTION)?;
+    for t in &file.manifest.tensors {
+        let Some(q) = t.dtype.quant() else { continue };
+        let bytes = if t.section == DENSE_SECTION {
+            dense.read_bytes(t.offset, t.length)?
+        } else {
+            SectionReader::new(file, &t.section)?.read_bytes(t.offset, t.length)?
+        };
+        if let Some(block) = q.first_bad_block(&bytes) {
+            failures.push(FormatError::QuantData {
+                what: format!("tensor {:?}", t.name),
+                message: format!("block {block} has a scale or minimum that is not finite"),
+            });
+        }
+    }
+    for layer in &file.manifest.ffn_layers {
+        let Some(q) = layer.dtype.quant() else {
+            continue;
+        };
+        let bytes = file.read_section(&layer.section)?;
+        if let Some((at, what)) = crate::format::quant_policy::first_bad_bundle_byte(
+            q,
+            layer.parts.len(),
+            layer.hidden as usize,
+            layer.bundle_bytes as usize,
+            &bytes,
+        ) {
+            failures.push(FormatError::QuantData {
+                what: format!("section {:?}", layer.section),
+                message: format!("raw byte {at}: {what}"),
+            });
+        }
+    }
+    Ok(failures)
 }
 
 fn check_section(file: &PackedFile, s: &SectionEntry) -> Result<(usize, u64, Vec<FormatError>)> {

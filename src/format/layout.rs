@@ -134,13 +134,64 @@ pub enum TableDType {
     Bf16,
     /// Neuron orders.
     U32,
+    /// Blocks of 32 values, 8-bit (section 9).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// Blocks of 32 values, 4-bit with a minimum (section 9).
+    #[serde(rename = "q4_1")]
+    Q4_1,
 }
 
 impl TableDType {
-    pub fn size_bytes(self) -> u64 {
+    /// Bytes of one element; `None` for a block type, whose elements are not
+    /// whole bytes ([`TableDType::row_bytes`] sizes those).
+    pub fn element_bytes(self) -> Option<u64> {
         match self {
-            TableDType::F32 | TableDType::U32 => 4,
-            TableDType::F16 | TableDType::Bf16 => 2,
+            TableDType::F32 | TableDType::U32 => Some(4),
+            TableDType::F16 | TableDType::Bf16 => Some(2),
+            TableDType::Q8_0 | TableDType::Q4_1 => None,
+        }
+    }
+
+    /// Bytes of a row of `cols` values: `cols` elements, or for a block type
+    /// `cols / 32` blocks (`None` when `cols` is not a multiple of 32 or the
+    /// product overflows).
+    pub fn row_bytes(self, cols: u64) -> Option<u64> {
+        match (self.element_bytes(), self.quant()) {
+            (Some(size), _) => cols.checked_mul(size),
+            (None, Some(q)) => cols
+                .is_multiple_of(crate::quant::BLOCK as u64)
+                .then(|| (cols / crate::quant::BLOCK as u64).checked_mul(q.block_bytes() as u64))
+                .flatten(),
+            (None, None) => None,
+        }
+    }
+
+    /// Bytes of a tensor of `shape` (rows of the last dimension); `None` on
+    /// overflow or, for a block type, a last dimension that is not a multiple of
+    /// 32. A shape of no dimensions is one element.
+    pub fn tensor_bytes(self, shape: &[u64]) -> Option<u64> {
+        let (last, rows) = match shape.split_last() {
+            Some((last, rows)) => (*last, rows),
+            None => (1, &[][..]),
+        };
+        let rows = rows.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+        rows.checked_mul(self.row_bytes(last)?)
+    }
+
+    /// The block type, for `q8_0` and `q4_1`.
+    pub fn quant(self) -> Option<crate::quant::QuantType> {
+        match self {
+            TableDType::Q8_0 => Some(crate::quant::QuantType::Q8_0),
+            TableDType::Q4_1 => Some(crate::quant::QuantType::Q4_1),
+            _ => None,
+        }
+    }
+
+    pub fn from_quant(q: crate::quant::QuantType) -> TableDType {
+        match q {
+            crate::quant::QuantType::Q8_0 => TableDType::Q8_0,
+            crate::quant::QuantType::Q4_1 => TableDType::Q4_1,
         }
     }
 
@@ -152,12 +203,30 @@ impl TableDType {
         }
     }
 
+    /// The floating-point type (`None` for `u32` and the block types).
     pub fn weight(self) -> Option<crate::dtype::DType> {
         match self {
             TableDType::F32 => Some(crate::dtype::DType::F32),
             TableDType::F16 => Some(crate::dtype::DType::F16),
             TableDType::Bf16 => Some(crate::dtype::DType::BF16),
-            TableDType::U32 => None,
+            TableDType::U32 | TableDType::Q8_0 | TableDType::Q4_1 => None,
+        }
+    }
+
+    /// Whether the type holds weights: a floating-point or a block type.
+    pub fn is_weight(self) -> bool {
+        self != TableDType::U32
+    }
+
+    /// The name the manifest uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            TableDType::F32 => "f32",
+            TableDType::F16 => "f16",
+            TableDType::Bf16 => "bf16",
+            TableDType::U32 => "u32",
+            TableDType::Q8_0 => "q8_0",
+            TableDType::Q4_1 => "q4_1",
         }
     }
 }
@@ -256,6 +325,35 @@ pub struct Manifest {
     /// One low-rank sparsity predictor per layer (empty without `--calib`).
     #[serde(default)]
     pub predictors: Vec<PredictorEntry>,
+    /// Section 9: which parts are block-quantized, and to which type. Absent
+    /// (and not written) in a file without block types.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantPolicy>,
+}
+
+/// Section 9: the block type of each part of the model, null where the part
+/// keeps its floating-point type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QuantPolicy {
+    /// The token embedding.
+    #[serde(deserialize_with = "present_quant")]
+    pub embed: Option<crate::quant::QuantType>,
+    /// The attention projections' weights (q, k, v, o).
+    #[serde(deserialize_with = "present_quant")]
+    pub attn: Option<crate::quant::QuantType>,
+    /// The FFN bundles.
+    #[serde(deserialize_with = "present_quant")]
+    pub ffn: Option<crate::quant::QuantType>,
+    /// The output projection `lm_head.weight`; null with tied embeddings.
+    #[serde(deserialize_with = "present_quant")]
+    pub head: Option<crate::quant::QuantType>,
+}
+
+/// Like `present`: the policy's four keys are required, their values may be null.
+fn present_quant<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<crate::quant::QuantType>, D::Error> {
+    Option::<crate::quant::QuantType>::deserialize(d)
 }
 
 /// Calibration facts the runtime sizes itself from.

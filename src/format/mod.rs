@@ -6,6 +6,7 @@
 pub mod error;
 pub mod integrity;
 pub mod layout;
+pub mod quant_policy;
 pub mod reader;
 
 pub use error::FormatError;

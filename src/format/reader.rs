@@ -562,8 +562,24 @@ impl Checker<'_> {
                         t.section
                     ))
                 })?;
-            let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let bytes = numel.and_then(|n| n.checked_mul(t.dtype.size_bytes()));
+            if let Some(q) = t.dtype.quant() {
+                // Rule 23: rows of whole blocks. (That a block type is 2-D
+                // follows from rule 22 and the shapes rule 18 checks.)
+                let bytes = t.dtype.tensor_bytes(&t.shape);
+                if bytes != Some(t.length) {
+                    return Err(FormatError::QuantLayout {
+                        what: format!("tensor {:?}", t.name),
+                        message: format!(
+                            "{q} of shape {:?} needs a last dimension that is a multiple of {} and {} bytes, not {}",
+                            t.shape,
+                            crate::quant::BLOCK,
+                            bytes.map_or("an overflowing number of".to_string(), |b| b.to_string()),
+                            t.length
+                        ),
+                    });
+                }
+            }
+            let bytes = t.dtype.tensor_bytes(&t.shape);
             if bytes != Some(t.length) {
                 return Err(bad(format!(
                     "length {} does not match shape {:?} of {:?}",
@@ -644,7 +660,7 @@ impl Checker<'_> {
                 )));
             }
             let shape: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
-            if shape != spec.shape || entry.dtype == TableDType::U32 {
+            if shape != spec.shape || !entry.dtype.is_weight() {
                 return Err(model(format!(
                     "tensor {:?} has shape {:?} ({:?}), the config implies {:?}",
                     spec.name, entry.shape, entry.dtype, spec.shape
@@ -689,10 +705,44 @@ impl Checker<'_> {
                     layer.neurons, layer.hidden
                 )));
             }
-            if layer.dtype == TableDType::U32 {
-                return Err(bad("bundles must be f32, f16 or bf16".into()));
+            if !layer.dtype.is_weight() {
+                return Err(bad("bundles must be f32, f16, bf16, q8_0 or q4_1".into()));
             }
-            let stride = parts.len() as u64 * layer.hidden * layer.dtype.size_bytes();
+            let stride = match layer.dtype.quant() {
+                Some(q) => crate::format::quant_policy::quantized_bundle_bytes(
+                    q,
+                    parts.len() as u64,
+                    layer.hidden,
+                    m.alignment,
+                ),
+                None => layer
+                    .dtype
+                    .row_bytes(layer.hidden)
+                    .and_then(|r| r.checked_mul(parts.len() as u64)),
+            };
+            let Some(stride) = stride else {
+                return Err(FormatError::QuantLayout {
+                    what: format!("FFN layer {i}"),
+                    message: format!(
+                        "{} bundles need a hidden size that is a multiple of {}, not {}",
+                        layer.dtype.name(),
+                        crate::quant::BLOCK,
+                        layer.hidden
+                    ),
+                });
+            };
+            if layer.bundle_bytes != stride && layer.dtype.quant().is_some() {
+                return Err(FormatError::QuantLayout {
+                    what: format!("FFN layer {i}"),
+                    message: format!(
+                        "bundle_bytes {} should be {stride}: {} parts of {} {} blocks, padded as 9.3 says",
+                        layer.bundle_bytes,
+                        parts.len(),
+                        layer.hidden / crate::quant::BLOCK as u64,
+                        layer.dtype.name()
+                    ),
+                });
+            }
             if layer.bundle_bytes != stride {
                 return Err(bad(format!(
                     "bundle_bytes {} should be {stride}",
@@ -732,6 +782,7 @@ impl Checker<'_> {
             }
         }
         self.check_predictors(&config, tensors)?;
+        check_quantization(m, &config, &names)?;
         Ok((config, names))
     }
 
@@ -786,7 +837,7 @@ impl Checker<'_> {
             ] {
                 // The runtime reads predictor tensors from the predictor section.
                 let ok = tensors.get(name).map(|&i| &m.tensors[i]).is_some_and(|t| {
-                    t.shape == shape && t.dtype != TableDType::U32 && t.section == PREDICTOR_SECTION
+                    t.shape == shape && t.dtype.weight().is_some() && t.section == PREDICTOR_SECTION
                 });
                 if !ok {
                     return Err(bad(format!(
@@ -837,6 +888,66 @@ fn check_product_thresholds(m: &Manifest) -> std::result::Result<(), FormatError
         }
         if let Some(s) = l.layer_sparsity.filter(|s| !(0.0..=1.0).contains(s)) {
             return Err(bad(format!("layer_sparsity {s} is not in [0, 1]")));
+        }
+    }
+    Ok(())
+}
+
+/// Rules 21 and 22: block types only on the weight matrices section 9 lists,
+/// and exactly where the manifest's `quantization` policy says.
+fn check_quantization(
+    m: &Manifest,
+    config: &ModelConfig,
+    names: &ModelNames,
+) -> std::result::Result<(), FormatError> {
+    use crate::format::quant_policy::{part_of_tensor, QuantPart};
+    let parts = part_of_tensor(config, names);
+    // Rule 22 first: a block type on a tensor that may not have one is wrong
+    // whatever the policy says.
+    for t in &m.tensors {
+        if t.dtype.quant().is_some() && !parts.contains_key(t.name.as_str()) {
+            return Err(FormatError::QuantNotAllowed {
+                tensor: t.name.clone(),
+                dtype: t.dtype.name().into(),
+            });
+        }
+    }
+    let policy = m.quantization.unwrap_or_default();
+    let bad = |message: String| FormatError::QuantPolicy { message };
+    if config.tie_word_embeddings && policy.head.is_some() {
+        return Err(bad(
+            "`head` must be null: the embeddings are tied, the output projection is the embedding"
+                .into(),
+        ));
+    }
+    let expect = |part: QuantPart| crate::format::quant_policy::policy_type(&policy, part);
+    let describe = |q: Option<crate::quant::QuantType>| {
+        q.map_or("a floating-point type".to_string(), |q| {
+            q.name().to_string()
+        })
+    };
+    for t in &m.tensors {
+        let Some(&part) = parts.get(t.name.as_str()) else {
+            continue;
+        };
+        if t.dtype.quant() != expect(part) {
+            return Err(bad(format!(
+                "tensor {:?} is {}, the policy's `{}` says {}",
+                t.name,
+                t.dtype.name(),
+                part.key(),
+                describe(expect(part))
+            )));
+        }
+    }
+    for l in &m.ffn_layers {
+        if l.dtype.quant() != policy.ffn {
+            return Err(bad(format!(
+                "FFN layer {} is {}, the policy's `ffn` says {}",
+                l.layer,
+                l.dtype.name(),
+                describe(policy.ffn)
+            )));
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::layout::*;
+use crate::format::quant_policy::{part_of_tensor, policy_type};
 use crate::input::{Checkpoint, TensorRef};
 use crate::pack::bundle::{build_layer_bundles, convert_range, LayerFfn};
 use crate::pack::output::{finish_packed_file, AtomicOutput, InputPath};
@@ -55,6 +56,9 @@ pub struct ConvertOptions {
     /// Calibrate on text and train predictors (hot-first neuron order, predictor
     /// section); `None` packs the checkpoint's neuron order without predictors.
     pub calibration: Option<CalibrationPlan>,
+    /// Format section 9: the block type of each part (`convert --quant`); all
+    /// null packs floating point only.
+    pub quant: QuantPolicy,
 }
 
 impl Default for ConvertOptions {
@@ -64,6 +68,7 @@ impl Default for ConvertOptions {
             zstd_level: 3,
             alignment: 4096,
             calibration: None,
+            quant: QuantPolicy::default(),
         }
     }
 }
@@ -397,6 +402,13 @@ fn write_pack(
         })
         .collect();
 
+    // Format section 9: the block type of each quantizable tensor. With tied
+    // embeddings the output projection is the embedding: no `head` of its own.
+    let mut quant = options.quant;
+    if ckpt.config.tie_word_embeddings {
+        quant.head = None;
+    }
+    let quant_parts = part_of_tensor(&ckpt.config, &ckpt.names);
     let dense_clock = std::time::Instant::now();
     file.pad_to(a)?;
     let mut dense = SectionWriter::new(
@@ -417,6 +429,25 @@ fn write_pack(
         let dtype = options.dtype.resolve(t.dtype);
         dense.pad_raw(&mut file, TENSOR_ALIGN)?;
         let offset = dense.raw_position();
+        if let Some(q) = quant_parts
+            .get(spec.name.as_str())
+            .and_then(|&part| policy_type(&quant, part))
+        {
+            crate::pack::quantize::quantize_matrix(&t, q, &mut |piece| {
+                dense.write(&mut file, piece)
+            })?;
+            tensors.push(TensorEntry {
+                name: spec.name.clone(),
+                dtype: TableDType::from_quant(q),
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
+                section: DENSE_SECTION.into(),
+                offset,
+                length: dense.raw_position() - offset,
+            });
+            done += t.bytes.len() as u64;
+            progress(done, total_weight_bytes);
+            continue;
+        }
         match per_neuron_bias.get(&spec.name) {
             Some(&layer) => {
                 let mut buf = vec![0u8; t.numel() * dtype.size_bytes()];
@@ -477,14 +508,41 @@ fn write_pack(
             neurons: ckpt.config.ffn_width,
             hidden: ckpt.config.hidden_size,
         };
-        let dtype = options.dtype.resolve(layer.up.dtype);
-        let bundles = build_layer_bundles(&layer, &orders[i], dtype);
         let parts = if gate.is_some() {
             vec![BundlePart::Gate, BundlePart::Up, BundlePart::Down]
         } else {
             vec![BundlePart::Up, BundlePart::Down]
         };
-        let stride = (parts.len() * layer.hidden * dtype.size_bytes()) as u64;
+        let (bundles, table_dtype, stride) = match quant.ffn {
+            Some(q) => {
+                let stride = crate::format::quant_policy::quantized_bundle_bytes(
+                    q,
+                    parts.len() as u64,
+                    layer.hidden as u64,
+                    a,
+                )
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "cannot quantize the FFN bundles: hidden size {} is not a multiple of {}",
+                        layer.hidden,
+                        crate::quant::BLOCK
+                    ))
+                })?;
+                let bundles = crate::pack::quantize::build_quantized_bundles(
+                    &layer,
+                    &orders[i],
+                    q,
+                    stride as usize,
+                )?;
+                (bundles, TableDType::from_quant(q), stride)
+            }
+            None => {
+                let dtype = options.dtype.resolve(layer.up.dtype);
+                let bundles = build_layer_bundles(&layer, &orders[i], dtype);
+                let stride = (parts.len() * layer.hidden * dtype.size_bytes()) as u64;
+                (bundles, TableDType::from_weight(dtype), stride)
+            }
+        };
         let chunk = FFN_CHUNK_TARGET_BYTES.max(stride) / stride * stride;
         file.pad_to(a)?;
         let name = ffn_section_name(i);
@@ -496,7 +554,7 @@ fn write_pack(
             section: name,
             neurons: layer.neurons as u64,
             hidden: layer.hidden as u64,
-            dtype: TableDType::from_weight(dtype),
+            dtype: table_dtype,
             parts,
             bundle_bytes: stride,
             order_tensor: order_tensor_name(i),
@@ -531,6 +589,7 @@ fn write_pack(
         },
         calibration: extras.calibration.clone(),
         predictors: predictor_entries,
+        quantization: (quant != QuantPolicy::default()).then_some(quant),
     };
     let finished = finish_packed_file(file, &manifest)?;
     let (file_bytes, commit_ms) = (finished.file_bytes, finished.commit_ms);

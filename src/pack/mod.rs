@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod convert;
 pub mod output;
+pub mod quantize;
 pub mod retrain;
 pub mod section;
 

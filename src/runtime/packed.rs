@@ -95,10 +95,9 @@ impl<'a> PackedWeights<'a> {
     /// hidden]` for gate and up, `[hidden, neurons]` for down), neurons in packed order.
     fn ffn_matrix(&self, layer: usize, part: BundlePart) -> Result<Storage> {
         let entry = &self.file.manifest.ffn_layers[layer];
-        let dtype = entry
-            .dtype
-            .weight()
-            .expect("checked at open: bundles are floating point");
+        let Some(dtype) = entry.dtype.weight() else {
+            return self.quantized_ffn_matrix(layer, part);
+        };
         let size = dtype.size_bytes();
         let (h, n, stride) = (
             entry.hidden as usize,
@@ -150,6 +149,102 @@ impl<'a> PackedWeights<'a> {
     }
 }
 
+impl PackedWeights<'_> {
+    /// The FFN section of `layer`, read unless it is the one read last.
+    fn with_section<T>(&self, layer: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        let entry = &self.file.manifest.ffn_layers[layer];
+        let mut last = self
+            .ffn
+            .as_ref()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "FFN weights of layer {layer} were not loaded (flash mode reads bundles from disk)"
+                ))
+            })?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().map(|l| l.0) != Some(layer) {
+            *last = None;
+            *last = Some((layer, self.file.read_section(&entry.section)?));
+        }
+        Ok(f(&last.as_ref().expect("set above").1))
+    }
+
+    /// A block-quantized layer's projection `part`, dequantized to f32 (format
+    /// section 9), in the layout of [`PackedWeights::ffn_matrix`]. Checks rule 24
+    /// on the way.
+    fn quantized_ffn_matrix(&self, layer: usize, part: BundlePart) -> Result<Storage> {
+        let entry = &self.file.manifest.ffn_layers[layer];
+        let q = entry.dtype.quant().expect("checked at open: a weight type");
+        let (h, n, stride) = (
+            entry.hidden as usize,
+            entry.neurons as usize,
+            entry.bundle_bytes as usize,
+        );
+        let part_bytes = q.row_bytes(h).expect("checked at open: rule 23");
+        let k = entry
+            .parts
+            .iter()
+            .position(|p| *p == part)
+            .expect("checked at open: parts match the architecture");
+        let values = self.with_section(layer, |bundles| -> Result<Vec<f32>> {
+            if let Some((at, what)) = crate::format::quant_policy::first_bad_bundle_byte(
+                q,
+                entry.parts.len(),
+                h,
+                stride,
+                bundles,
+            ) {
+                return Err(Error::Format {
+                    path: self.file.path.clone(),
+                    source: crate::format::FormatError::QuantData {
+                        what: format!("section {:?}", entry.section),
+                        message: format!("raw byte {at}: {what}"),
+                    },
+                });
+            }
+            let mut out = vec![0.0f32; n * h];
+            let mut column = vec![0.0f32; h];
+            for p in 0..n {
+                let bytes =
+                    &bundles[p * stride + k * part_bytes..p * stride + (k + 1) * part_bytes];
+                match part {
+                    BundlePart::Gate | BundlePart::Up => {
+                        q.dequantize_row(bytes, &mut out[p * h..(p + 1) * h])
+                    }
+                    BundlePart::Down => {
+                        q.dequantize_row(bytes, &mut column);
+                        for (r, v) in column.iter().enumerate() {
+                            out[r * n + p] = *v;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })??;
+        Ok(Storage::F32(values))
+    }
+}
+
+/// Rule 24 on bytes just read: every block's scale (and minimum) is finite.
+fn check_blocks(
+    file: &PackedFile,
+    what: &str,
+    q: crate::quant::QuantType,
+    bytes: &[u8],
+) -> Result<()> {
+    match q.first_bad_block(bytes) {
+        Some(block) => Err(Error::Format {
+            path: file.path.clone(),
+            source: crate::format::FormatError::QuantData {
+                what: what.to_string(),
+                message: format!("block {block} has a scale or minimum that is not finite"),
+            },
+        }),
+        None => Ok(()),
+    }
+}
+
 impl TensorSource for PackedWeights<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Storage> {
         if let Some(&(layer, part)) = self.ffn_parts.get(name) {
@@ -162,6 +257,18 @@ impl TensorSource for PackedWeights<'_> {
                 tensor: name.to_string(),
             })?;
         let found: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
+        if let Some(q) = entry.dtype.quant().filter(|_| found == shape) {
+            // Format section 9: dequantized to f32 at load.
+            let bytes = self
+                .dense
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_bytes(entry.offset, entry.length)?;
+            check_blocks(self.file, &format!("tensor {name:?}"), q, &bytes)?;
+            let mut values = vec![0.0f32; found.iter().product()];
+            q.dequantize_row(&bytes, &mut values);
+            return Ok(Storage::F32(values));
+        }
         let dtype = entry
             .dtype
             .weight()

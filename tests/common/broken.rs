@@ -502,3 +502,81 @@ fn product_threshold_in_one_layer(base: &[u8]) -> Vec<u8> {
         layer["silu_threshold"] = Value::Null;
     })
 }
+
+// ----------------------------------------------------------------- R21-R24: block types
+
+/// The damaged files derived from the quantized base (`base-q.flashpack`:
+/// micro-llama-q with `--quant ffn=q4,attn=q4,embed=q8`), in rule order.
+pub fn broken_quant_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mutations: [(&str, Mutation); 5] = [
+        ("r21-policy-mismatch", policy_mismatch),
+        ("r22-norm-quantized", norm_quantized),
+        ("r23-tensor-length", quant_tensor_length),
+        ("r23-bundle-bytes", quant_bundle_bytes),
+        ("r24-nan-scale", nan_scale),
+    ];
+    mutations
+        .iter()
+        .map(|(name, mutate)| (format!("{name}.flashpack"), mutate(base)))
+        .collect()
+}
+
+/// The policy says `q8_0` for the FFN, whose layers are `q4_1`.
+fn policy_mismatch(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        assert_eq!(m["quantization"]["ffn"], "q4_1");
+        m["quantization"]["ffn"] = json!("q8_0");
+    })
+}
+
+/// `model.norm.weight` (32 values, f16: 64 bytes) declared `q8_0` of one
+/// block, 34 bytes within its slot: its length fits its shape (rule 17 and
+/// 23 hold), but a norm may not have a block type.
+fn norm_quantized(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let norm = tensor_index(m, "model.norm.weight");
+        assert_eq!(m["tensors"][norm]["shape"], json!([32]));
+        m["tensors"][norm]["dtype"] = json!("q8_0");
+        m["tensors"][norm]["length"] = json!(34);
+    })
+}
+
+/// The quantized embedding's length 2 bytes more than its blocks.
+fn quant_tensor_length(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let embed = tensor_index(m, "model.embed_tokens.weight");
+        assert_eq!(m["tensors"][embed]["dtype"], "q8_0");
+        m["tensors"][embed]["length"] = json!(u64_of(&m["tensors"][embed]["length"]) + 2);
+    })
+}
+
+/// Layer 0's `bundle_bytes` 64 (its three 20-byte parts padded to 64), where
+/// 9.3 says 60.
+fn quant_bundle_bytes(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        assert_eq!(m["ffn_layers"][0]["bundle_bytes"], 60);
+        m["ffn_layers"][0]["bundle_bytes"] = json!(64);
+    })
+}
+
+/// The embedding's first block scale set to a binary16 NaN (0x7E00) in the
+/// dense chunk, recompressed at the base's zstd level, hashes updated.
+fn nan_scale(base: &[u8]) -> Vec<u8> {
+    let m = manifest(base);
+    let dense = &m["sections"][section_index(&m, "dense")];
+    let embed = &m["tensors"][tensor_index(&m, "model.embed_tokens.weight")];
+    let chunk_raw = u64_of(&dense["chunk_raw_bytes"]);
+    let at = u64_of(&embed["offset"]);
+    let chunk = (at / chunk_raw) as usize;
+    let within = (at % chunk_raw) as usize;
+    let (stored, raw_len) = stored_chunk(base, "dense", chunk);
+    let mut raw = zstd::bulk::decompress(&stored, raw_len).unwrap();
+    raw[within..within + 2].copy_from_slice(&0x7E00u16.to_le_bytes());
+    let level = m["provenance"]["options"]["zstd_level"].as_i64().unwrap() as i32;
+    replace_chunk(
+        base,
+        "dense",
+        chunk,
+        zstd::bulk::compress(&raw, level).unwrap(),
+    )
+}

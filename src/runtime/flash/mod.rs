@@ -385,10 +385,14 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 entry.section
             )));
         }
-        let dtype: DType = entry
-            .dtype
-            .weight()
-            .expect("checked at open: bundles are floating point");
+        let dtype: DType = entry.dtype.weight().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}: the FFN bundles are {} (format section 9), which the flash modes do not \
+                 read yet; use --ffn dense, oracle or predicted",
+                path.display(),
+                entry.dtype.name()
+            ))
+        })?;
         specs.push(LayerSpec {
             layer: entry.layer as usize,
             offset: section.offset,
