@@ -27,6 +27,7 @@ pub mod moe;
 pub mod open;
 pub mod packed;
 pub mod perplexity;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod sparse;
