@@ -111,7 +111,7 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         ));
         if let Some(q) = &p.quantization {
             let name = |t: Option<crate::quant::QuantType>| t.map_or("float", |t| t.name());
-            let b = &p.bytes_per_part;
+            let b = &p.part_sizes;
             out.human(format_args!(
                 "  quantization (raw bytes): embed {} {:.2} MiB, attn {} {:.2} MiB, ffn {} {:.2} MiB, head {} {:.2} MiB, other {:.2} MiB",
                 name(q.embed),
@@ -202,7 +202,7 @@ struct PackedLayout {
     quantization: Option<crate::format::layout::QuantPolicy>,
     /// Raw bytes of each part's weights (the policy's parts; `other`: norms,
     /// biases, orders, predictors and every other tensor).
-    bytes_per_part: PartBytes,
+    part_sizes: PartBytes,
     /// Per layer: predictor rank, threshold and held-out metrics, calibration maxima.
     layers: Vec<serde_json::Value>,
 }
@@ -291,7 +291,7 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
         zstd_level: m.provenance.options.zstd_level,
         calibration_tokens: m.calibration.as_ref().map(|c| c.tokens),
         quantization: m.quantization,
-        bytes_per_part: part_bytes(&file),
+        part_sizes: part_bytes(&file),
         layers: (0..file.config.num_layers)
             .map(|i| {
                 let mut layer = serde_json::json!({ "layer": i });
