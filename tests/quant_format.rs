@@ -44,7 +44,7 @@ fn packed(policy: &str) -> (tempfile::TempDir, PathBuf) {
         quant: parse_policy(policy).unwrap(),
         ..ConvertOptions::default()
     };
-    convert(&model_dir(), &out, &options, &|_, _| {}).unwrap();
+    convert(&model_dir(), &out, &options, &|_, _, _| {}).unwrap();
     (tmp, out)
 }
 
@@ -224,7 +224,7 @@ fn a_float_file_has_no_quantization_key_and_a_quantized_one_states_its_policy() 
         alignment: 512,
         ..ConvertOptions::default()
     };
-    convert(&model_dir(), &out, &options, &|_, _| {}).unwrap();
+    convert(&model_dir(), &out, &options, &|_, _, _| {}).unwrap();
     let m = manifest(&out);
     assert!(m.get("quantization").is_none(), "float files are unchanged");
     let (_t, path) = packed("ffn=q4,attn=q8,head=q8");
@@ -345,7 +345,7 @@ fn convert_refuses_what_it_cannot_quantize() {
         &common::fixtures().join("models/micro-llama"),
         &out,
         &options,
-        &|_, _| {},
+        &|_, _, _| {},
     )
     .unwrap_err();
     assert!(e.to_string().contains("not a multiple of 32"), "{e}");

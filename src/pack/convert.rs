@@ -445,7 +445,7 @@ fn write_pack(
                 length: dense.raw_position() - offset,
             });
             done += t.bytes.len() as u64;
-            progress(done, total_weight_bytes);
+            progress(Phase::Writing, done, total_weight_bytes);
             continue;
         }
         match per_neuron_bias.get(&spec.name) {
