@@ -565,3 +565,166 @@ fn an_interrupted_run_reports_how_far_it_got() {
     assert!(n >= 1, "{line}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Reads a `.npy` of f32 as (shape, values), checking the header's fields.
+fn read_npy(path: &Path) -> ((usize, usize), Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"));
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(|d| d.trim().parse().unwrap())
+        .collect();
+    let values: Vec<f32> = bytes[10 + len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(values.len(), dims[0] * dims[1]);
+    ((dims[0], dims[1]), values)
+}
+
+/// `--logits-out`: the prompt's last row equals transformers' final logits,
+/// every later row's argmax is the greedy token it chose, the generated ids
+/// are those of a run without it, and `-n 0` keeps the prompt's rows.
+#[test]
+fn logits_out_writes_every_computed_row_against_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let npy = dir.path().join("logits.npy");
+    for name in ["llama-silu", "opt-relu", "qwen2-silu"] {
+        let reference: Value = serde_json::from_slice(
+            &std::fs::read(common::fixtures().join(format!("reference/{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let model = fixture(&format!("models/{name}"));
+        for prompt in reference["prompts"].as_array().unwrap().iter().take(3) {
+            let text = prompt["text"].as_str().unwrap();
+            let want_ids: Vec<u64> = prompt["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            let n = 5;
+            let base = [
+                "run",
+                model.as_str(),
+                "-p",
+                text,
+                "--temperature",
+                "0",
+                "--json",
+            ];
+            let (code, stdout, stderr) = flashpack_with(&base, "", &[]);
+            assert_eq!(code, 0, "{stderr}");
+            let plain: Value = serde_json::from_str(&stdout).unwrap();
+            let mut args = base.to_vec();
+            args.extend(["-n", "5", "--logits-out", npy.to_str().unwrap()]);
+            let (code, stdout, stderr) = flashpack_with(&args, "", &[]);
+            assert_eq!(code, 0, "{stderr}");
+            let json: Value = serde_json::from_str(&stdout).unwrap();
+            let ids: Vec<u64> = json["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(ids, want_ids, "{name} {text:?}");
+            let generated: Vec<u64> = json["generated_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(generated.len(), n, "{json}");
+            let plain_ids = &plain["generated_ids"].as_array().unwrap()[..n];
+            assert_eq!(
+                json["generated_ids"].as_array().unwrap(),
+                plain_ids,
+                "{name}"
+            );
+
+            let ((rows, vocab), logits) = read_npy(&npy);
+            let p = ids.len();
+            assert_eq!(rows, p + n - 1, "{name}");
+            assert_eq!(json["logits_rows"], rows, "{json}");
+            let final_ref: Vec<f32> = prompt["final_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(final_ref.len(), vocab);
+            let last_prompt_row = &logits[(p - 1) * vocab..p * vocab];
+            let nmse = common::nmse(last_prompt_row, &final_ref);
+            assert!(nmse <= 1e-6, "{name} {text:?}: NMSE {nmse}");
+            for (i, &id) in generated.iter().enumerate() {
+                let row = &logits[(p - 1 + i) * vocab..(p + i) * vocab];
+                let argmax = (0..vocab)
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+                    .unwrap();
+                assert_eq!(argmax as u64, id, "{name}: row {} chose {id}", p - 1 + i);
+            }
+        }
+        // -n 0: the prompt's rows only.
+        let text = reference["prompts"][1]["text"].as_str().unwrap();
+        let (code, _, stderr) = flashpack_with(
+            &[
+                "run",
+                &model,
+                "-p",
+                text,
+                "-n",
+                "0",
+                "--logits-out",
+                npy.to_str().unwrap(),
+            ],
+            "",
+            &[],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        let ((rows, _), _) = read_npy(&npy);
+        assert_eq!(
+            rows,
+            reference["prompts"][1]["ids"].as_array().unwrap().len()
+        );
+    }
+}
+
+/// `--logits-out` never replaces the model: a packed file, a file of a
+/// checkpoint directory (or any new name in it), checked before loading.
+#[test]
+fn logits_out_refuses_to_replace_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let packed = common::fixtures().join("broken/base.flashpack");
+    let copy = dir.path().join("m.flashpack");
+    std::fs::copy(&packed, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let model_dir = fixture("models/micro-llama");
+    let weights = format!("{model_dir}/model.safetensors");
+    let new_in_dir = format!("{model_dir}/logits.npy");
+    for (model, out) in [
+        (copy.to_str().unwrap(), copy.to_str().unwrap()),
+        (model_dir.as_str(), weights.as_str()),
+        (model_dir.as_str(), new_in_dir.as_str()),
+    ] {
+        let (code, stdout, _) = flashpack_with(
+            &["run", model, "-p", "a", "--logits-out", out, "--json"],
+            "",
+            &[],
+        );
+        assert_eq!(code, 2, "{model} -> {out}: {stdout}");
+        let json: Value = serde_json::from_str(&stdout).unwrap();
+        assert!(json["error"].as_str().unwrap().contains(out), "{json}");
+    }
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+    assert!(!Path::new(&new_in_dir).exists());
+}

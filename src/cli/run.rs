@@ -1,6 +1,6 @@
 //! `flashpack run <MODEL> --prompt TEXT`: generate text, streamed to stdout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
@@ -298,6 +298,13 @@ pub struct RunArgs {
     /// the template's end-of-turn token also stops generation.
     #[arg(long)]
     pub chat: bool,
+    /// Write the logits the run computes to FILE, a NumPy `.npy` of f32 with
+    /// shape [rows, vocab]: one row per prompt position, then one per generated
+    /// token fed back (row P-1+i chose generated token i, P = prompt tokens).
+    /// To check a converted model against your own reference; `-n 0` gives the
+    /// prompt's rows only. The generated tokens are those of a run without it.
+    #[arg(long, value_name = "FILE")]
+    pub logits_out: Option<PathBuf>,
     /// Worker threads [default: one per core]. Output does not depend on it.
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -383,6 +390,9 @@ struct RunReport {
     ffn_active_fraction: f64,
     /// Options given that this run does not use (also printed on stderr).
     warnings: Vec<String>,
+    /// `--logits-out`: the file written and its rows.
+    logits_file: Option<String>,
+    logits_rows: Option<usize>,
     #[serde(flatten)]
     io: IoSummary,
 }
@@ -471,6 +481,9 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
     for w in &warnings {
         eprintln!("warning: {w}");
     }
+    if let Some(path) = &args.logits_out {
+        check_logits_out(path, &model_path, args.file.as_deref())?;
+    }
     let ffn = default_ffn_mode(&model_path, args.ffn);
     // Enough KV cache for the prompt (a byte is at least a token's worth) and
     // the tokens asked for, unless --ctx says otherwise.
@@ -514,6 +527,7 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         stop_strings: args.stop.clone(),
         context: ctx,
         progress: Some(Default::default()),
+        keep_logits: args.logits_out.is_some(),
     };
     let streaming = !out.json;
     if streaming && !args.no_display_prompt {
@@ -544,7 +558,24 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         // The text ends with a newline before the statistics.
         crate::cli::write_stdout("\n");
     }
-    let TextGeneration { text, generation } = result;
+    let TextGeneration {
+        text,
+        mut generation,
+    } = result;
+    let logits_rows = match &args.logits_out {
+        Some(path) => {
+            let vocab = model.config.vocab_size;
+            let rows = generation.logits.len() / vocab;
+            crate::runtime::npy::write_f32_matrix(path, &generation.logits, rows, vocab)?;
+            generation.logits = Vec::new();
+            eprintln!(
+                "logits: {rows} x {vocab} (f32) written to {}",
+                path.display()
+            );
+            Some(rows)
+        }
+        None => None,
+    };
     let proc_read = proc_before
         .zip(flash::proc_read_bytes())
         .map(|(a, b)| b - a);
@@ -598,6 +629,50 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         ffn,
         ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
         warnings,
+        logits_file: args.logits_out.as_ref().map(|p| p.display().to_string()),
+        logits_rows,
         io,
     })
+}
+
+/// `--logits-out` must not replace the model or the prompt file under any
+/// name, and must be writable: checked before the model is loaded.
+fn check_logits_out(
+    path: &Path,
+    model_path: &Path,
+    prompt_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    use crate::pack::output::{check_output_path, InputPath};
+    let mut inputs = Vec::new();
+    if model_path.is_dir() {
+        // Every file of the checkpoint directory, and any name in it.
+        let entries = std::fs::read_dir(model_path).map_err(|e| crate::Error::io(model_path, e))?;
+        for entry in entries.flatten() {
+            inputs.push(InputPath::new(entry.path(), "a file of the model"));
+        }
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let (Ok(a), Ok(b)) = (
+            std::fs::canonicalize(parent),
+            std::fs::canonicalize(model_path),
+        ) {
+            if a == b {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "--logits-out {} is inside the model directory {}; write it elsewhere",
+                    path.display(),
+                    model_path.display()
+                ))
+                .into());
+            }
+        }
+    } else {
+        inputs.push(InputPath::new(model_path, "the model file"));
+    }
+    if let Some(f) = prompt_file.filter(|f| *f != Path::new("-")) {
+        inputs.push(InputPath::new(f, "the prompt file"));
+    }
+    check_output_path(path, &inputs)?;
+    Ok(())
 }

@@ -27,6 +27,10 @@ pub struct GenerateOptions {
     /// Counts the tokens generated as they are chosen, for whoever watches
     /// from another thread (the interrupt summary).
     pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// Keep the logits of every position computed ([`Generation::logits`]):
+    /// each prompt position, then each generated token fed back. The prompt is
+    /// computed as it always is; only its other rows are kept too.
+    pub keep_logits: bool,
 }
 
 /// Why generation stopped.
@@ -69,6 +73,12 @@ pub struct Generation {
     /// Decode steps run (the first generated token comes from the prefill).
     pub decode_steps: usize,
     pub decode_ms: f64,
+    /// With [`GenerateOptions::keep_logits`]: `rows x vocab` logits, one row
+    /// per position computed (the prompt's positions after those reused, then
+    /// one per decode step); row `p + i` (p = prompt positions) chose the
+    /// generated token `i + 1`, row `p - 1` the first.
+    #[serde(skip)]
+    pub logits: Vec<f32>,
 }
 
 impl Generation {
@@ -141,13 +151,24 @@ pub fn generate_until_in(
         prefill_ms: 0.0,
         decode_steps: 0,
         decode_ms: 0.0,
+        logits: Vec::new(),
     };
-    if opts.max_new_tokens == 0 {
+    if opts.max_new_tokens == 0 && !opts.keep_logits {
         return Ok(out);
     }
     let t0 = Instant::now();
-    let mut logits = model.forward(cache, &prompt[reused..], Logits::Last, None)?;
+    let vocab = model.config.vocab_size;
+    let mut logits = if opts.keep_logits {
+        // Every row; the last equals what `Logits::Last` gives (model.rs).
+        out.logits = model.forward(cache, &prompt[reused..], Logits::All, None)?;
+        out.logits[out.logits.len() - vocab..].to_vec()
+    } else {
+        model.forward(cache, &prompt[reused..], Logits::Last, None)?
+    };
     out.prefill_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if opts.max_new_tokens == 0 {
+        return Ok(out);
+    }
     let t1 = Instant::now();
     let mut context: Vec<u32> = prompt.to_vec();
     loop {
@@ -174,6 +195,9 @@ pub fn generate_until_in(
             break;
         }
         logits = model.forward(cache, &[next], Logits::Last, None)?;
+        if opts.keep_logits {
+            out.logits.extend_from_slice(&logits);
+        }
         out.decode_steps += 1;
     }
     out.decode_ms = t1.elapsed().as_secs_f64() * 1000.0;

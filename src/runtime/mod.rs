@@ -24,6 +24,7 @@ pub mod kernels;
 pub mod lowbit;
 pub mod model;
 pub mod moe;
+pub mod npy;
 pub mod open;
 pub mod packed;
 pub mod perplexity;

@@ -421,18 +421,30 @@ impl Model {
         if let Some(norm) = &self.final_norm {
             self.norm(rows, norm);
         }
-        let projected;
-        let rows: &[f32] = match &self.project_out {
-            Some(p) => {
-                let mut out = vec![0.0f32; m * p.out_dim()];
-                kernels::linear(p, rows, m, &mut out);
-                projected = out;
-                &projected
-            }
-            None => rows,
+        let head = |rows: &[f32], m: usize| -> Vec<f32> {
+            let projected;
+            let rows: &[f32] = match &self.project_out {
+                Some(p) => {
+                    let mut out = vec![0.0f32; m * p.out_dim()];
+                    kernels::linear(p, rows, m, &mut out);
+                    projected = out;
+                    &projected
+                }
+                None => rows,
+            };
+            let mut logits = vec![0.0f32; m * cfg.vocab_size];
+            kernels::linear(&self.lm_head, rows, m, &mut logits);
+            logits
         };
-        let mut logits = vec![0.0f32; m * cfg.vocab_size];
-        kernels::linear(&self.lm_head, rows, m, &mut logits);
+        let mut logits = head(rows, m);
+        if m > 1 {
+            // The batch kernels may round differently from the one-row kernel:
+            // the last row is computed as `Logits::Last` computes it, so that a
+            // caller that keeps every row (`run --logits-out`) samples exactly
+            // what a run without it samples.
+            let last = head(&rows[(m - 1) * h..], 1);
+            logits[(m - 1) * cfg.vocab_size..].copy_from_slice(&last);
+        }
         if let Some(cap) = cfg.ext.final_softcap {
             let cap = cap as f32;
             for l in &mut logits {
