@@ -6,6 +6,8 @@
 //! ```
 //!
 //! (the third argument, the quantized base, derives the files of rules 21-24).
+//! The files of the mixture-of-experts rules (31-33) derive from another base,
+//! `base-moe.flashpack` in the output directory, when it is there.
 //!
 //! The mutations live in `tests/common/broken.rs`, which `tests/broken_files.rs`
 //! also runs to check that the committed files are exactly what this writes.
@@ -35,6 +37,12 @@ fn main() -> anyhow::Result<()> {
         let bytes_q =
             std::fs::read(base_q).with_context(|| format!("reading {}", base_q.display()))?;
         files.extend(derive(base_q, &bytes_q, broken::broken_quant_files)?);
+    }
+    let moe_base = outdir.join(broken::MOE_BASE);
+    if moe_base.exists() {
+        let moe_bytes =
+            std::fs::read(&moe_base).with_context(|| format!("reading {}", moe_base.display()))?;
+        files.extend(derive(&moe_base, &moe_bytes, broken::broken_moe_files)?);
     }
     for (name, content) in files {
         let path = outdir.join(&name);

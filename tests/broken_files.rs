@@ -137,7 +137,9 @@ fn the_readme_table_and_the_directory_list_the_same_files() {
 #[test]
 fn every_numbered_rule_has_a_broken_file() {
     let rules: BTreeSet<u32> = broken_rows().iter().map(|r| r.1).collect();
-    assert_eq!(rules, (1..=24).collect::<BTreeSet<u32>>());
+    let mut want: BTreeSet<u32> = (1..=24).collect();
+    want.extend(31..=33);
+    assert_eq!(rules, want);
 }
 
 #[test]
@@ -152,6 +154,20 @@ fn the_base_verifies_and_matches_its_checkpoint() {
     assert_eq!(code, 0, "{json}");
     assert_eq!(json["ok"], true);
     assert!(json["weights_compared"].as_u64().unwrap() > 0);
+    assert_eq!(json["weights_mismatched"], 0);
+    // The mixture-of-experts base, with its expert sections.
+    let base = dir().join(broken::MOE_BASE);
+    let reported = library(&base);
+    assert!(!reported.at_open && reported.failures.is_empty());
+    let row = readme_rows()
+        .into_iter()
+        .find(|r| r.file == broken::MOE_BASE)
+        .unwrap();
+    assert_eq!((row.rule, row.exit), (None, 0));
+    assert_eq!(PackedFile::open(&base).unwrap().manifest.experts.len(), 4);
+    let checkpoint = common::fixtures().join("models/micro-qwen2moe");
+    let (code, json) = verify_cli(&base, &["--against", checkpoint.to_str().unwrap()]);
+    assert_eq!(code, 0, "{json}");
     assert_eq!(json["weights_mismatched"], 0);
 }
 
@@ -183,9 +199,9 @@ fn each_broken_file_fails_its_rule_in_the_library() {
             .first()
             .unwrap_or_else(|| panic!("{file}: accepted"));
         assert_eq!(first.rule(), rule, "{file}: {first}");
-        // Rules 11, 12, 14, 15 and 19 need the section bytes: the file must get
+        // Rules 11, 12, 14, 15, 19, 24 and 33 need the section bytes: the file must get
         // past open and fail the full check; every other rule fails at open.
-        let needs_bytes = [11, 12, 14, 15, 19, 24].contains(&rule);
+        let needs_bytes = [11, 12, 14, 15, 19, 24, 33].contains(&rule);
         assert_eq!(
             !r.at_open, needs_bytes,
             "{file}: found at open: {}",
@@ -325,6 +341,8 @@ fn the_generator_reproduces_the_committed_files() {
     generated.extend(broken::broken_quant_files(
         &std::fs::read(dir().join(BASE_Q)).unwrap(),
     ));
+    let moe = std::fs::read(dir().join(broken::MOE_BASE)).unwrap();
+    generated.extend(broken::broken_moe_files(&moe));
     let names: BTreeSet<String> = generated.iter().map(|(n, _)| n.clone()).collect();
     let listed: BTreeSet<String> = broken_rows().into_iter().map(|r| r.0).collect();
     assert_eq!(names, listed, "generated files vs README rows");

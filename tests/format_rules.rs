@@ -794,3 +794,116 @@ fn rule_13_compression_ratio_is_capped() {
     assert_eq!(err.rule(), 13, "{err}");
     assert!(err.to_string().contains("compression ratio"), "{err}");
 }
+
+/// A freshly converted mixture-of-experts file (Qwen2-MoE: layers 0 and 2
+/// sparse with 6 experts each, layer 1 dense; uncompressed dense part).
+fn packed_moe() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe.flashpack");
+    let options = ConvertOptions {
+        zstd_level: 0,
+        ..ConvertOptions::default()
+    };
+    convert(&fixture("qwen2moe-tiny"), &out, &options, &|_, _| {}).unwrap();
+    (tmp, out)
+}
+
+#[test]
+fn rule_31_one_expert_entry_per_expert_of_each_sparse_layer() {
+    let (_t, path) = packed_moe();
+    PackedFile::open(&path).unwrap();
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit); 6] = [
+        ("an expert missing", |m| {
+            m["experts"].as_array_mut().unwrap().pop();
+        }),
+        ("two experts swapped", |m| {
+            m["experts"].as_array_mut().unwrap().swap(0, 1);
+        }),
+        ("the wrong width", |m| {
+            m["experts"][3]["neurons"] = 23.into()
+        }),
+        ("the wrong parts", |m| {
+            m["experts"][3]["parts"] = serde_json::json!(["up", "down"])
+        }),
+        ("a dense section", |m| {
+            m["experts"][3]["section"] = "dense".into()
+        }),
+        ("two experts share an order", |m| {
+            let first = m["experts"][0]["order_tensor"].clone();
+            m["experts"][1]["order_tensor"] = first;
+        }),
+    ];
+    for (what, edit) in edits {
+        let (_t, path) = packed_moe();
+        rewrite_manifest(&path, edit);
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 31, "{what}: {e}");
+    }
+    // A dense model with an expert entry.
+    let (_t, moe) = packed_moe();
+    let expert = manifest(&moe)["experts"][0].clone();
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| m["experts"] = serde_json::json!([expert]));
+    let e = open_error(&path);
+    assert_eq!(e.rule(), 31, "{e}");
+    assert!(e.to_string().contains("without experts"), "{e}");
+}
+
+#[test]
+fn rule_32_ffn_layers_of_a_moe_model_are_its_dense_layers() {
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit); 2] = [
+        ("the dense layer missing", |m| {
+            m["ffn_layers"].as_array_mut().unwrap().clear();
+        }),
+        ("a sparse layer listed", |m| {
+            let mut sparse = m["ffn_layers"][0].clone();
+            sparse["layer"] = 2.into();
+            m["ffn_layers"].as_array_mut().unwrap().push(sparse);
+        }),
+    ];
+    for (what, edit) in edits {
+        let (_t, path) = packed_moe();
+        rewrite_manifest(&path, edit);
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 32, "{what}: {e}");
+    }
+}
+
+#[test]
+fn rule_33_expert_order_must_be_a_permutation() {
+    let (_t, path) = packed_moe();
+    let m = manifest(&path);
+    let i = section_index(&m, "dense");
+    let dense = &m["sections"][i];
+    let order = m["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "flashpack.ffn.2.expert.5.order")
+        .unwrap();
+    let at = dense["offset"].as_u64().unwrap() + order["offset"].as_u64().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at as usize..at as usize + 4].copy_from_slice(&1u32.to_le_bytes());
+    let chunk_raw = dense["chunk_raw_bytes"].as_u64().unwrap();
+    let chunk = ((at - dense["offset"].as_u64().unwrap()) / chunk_raw) as usize;
+    let start = dense["offset"].as_u64().unwrap() as usize + chunk * chunk_raw as usize;
+    let chunk_len = dense["chunks"][chunk]["length"].as_u64().unwrap() as usize;
+    let chunk_sha = hex_sha(&bytes[start..start + chunk_len]);
+    let s0 = dense["offset"].as_u64().unwrap() as usize;
+    let section_sha = hex_sha(&bytes[s0..s0 + dense["length"].as_u64().unwrap() as usize]);
+    std::fs::write(&path, bytes).unwrap();
+    rewrite_manifest(&path, |m| {
+        m["sections"][i]["chunks"][chunk]["sha256"] = chunk_sha.into();
+        m["sections"][i]["sha256"] = section_sha.into();
+    });
+    let failures = integrity_failures(&path);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].rule(), 33);
+    assert!(
+        failures[0].to_string().contains("expert 5 of layer 2"),
+        "{}",
+        failures[0]
+    );
+}

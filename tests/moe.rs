@@ -4,7 +4,9 @@
 //! trained, against transformers' references in `fixtures/reference/moe/`
 //! (`fixtures/make_fixtures_moe.py`): final-position logits of five prompts,
 //! KV-cached greedy continuations, held-out perplexity, and each token's chosen
-//! experts on a 162-id prompt; config defaults and refusals.
+//! experts on a 162-id prompt; config defaults and refusals; packing (spec
+//! 4.1: a section per expert), verify against the checkpoint, and the packed
+//! file computed in DRAM.
 
 use std::path::PathBuf;
 
@@ -362,8 +364,8 @@ fn flashpack(args: &[&str]) -> (i32, Value) {
 }
 
 /// inspect shows the experts; run and eval work from the checkpoint (eval's
-/// perplexity is transformers'); convert refuses what it cannot pack yet,
-/// writing nothing.
+/// perplexity is transformers'); convert with calibration refuses what it
+/// cannot calibrate yet, writing nothing.
 #[test]
 fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
     let (json, _) = reference("qwen2moe-tiny");
@@ -392,9 +394,19 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(out["generated_tokens"], 8, "{out}");
 
+    // Calibration does not record routing yet: convert --calib refuses,
+    // writing nothing.
     let dir = tempfile::tempdir().expect("tempdir");
     let packed = dir.path().join("x.flashpack");
-    let (code, out) = flashpack(&["convert", src, "-o", packed.to_str().expect("utf-8")]);
+    let train = fixtures().join("text/train.txt");
+    let (code, out) = flashpack(&[
+        "convert",
+        src,
+        "-o",
+        packed.to_str().expect("utf-8"),
+        "--calib",
+        train.to_str().expect("utf-8"),
+    ]);
     assert_eq!(code, 2, "{out}");
     assert!(
         out["error"]
@@ -404,4 +416,112 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
         "{out}"
     );
     assert!(!packed.exists());
+}
+
+/// Spec 4.1: convert packs each expert as its own section of bundles, the
+/// router and shared expert in the dense part; verify --against finds every
+/// packed weight equal to the source and the logits equal; inspect shows the
+/// expert sections; the packed file computed dense is transformers' model
+/// (perplexity within 1e-5); the disk modes, which do not read experts yet,
+/// refuse with exit 2.
+#[test]
+fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = fixtures().join("text/heldout.txt");
+    let text = text.to_str().expect("utf-8");
+    for name in [
+        "mixtral-tiny",
+        "qwen2moe-tiny",
+        "qwen3moe-tiny",
+        "qwen3moe-trained",
+    ] {
+        let (json, ckpt) = reference(name);
+        let moe = ckpt.config.moe.clone().expect("moe");
+        let src = fixtures().join("models").join(name);
+        let src = src.to_str().expect("utf-8");
+        let packed = dir.path().join(format!("{name}.flashpack"));
+        let packed = packed.to_str().expect("utf-8");
+        let (code, out) = flashpack(&["convert", src, "-o", packed]);
+        assert_eq!(code, 0, "{name}: {out}");
+
+        let file = flashpack::format::PackedFile::open(std::path::Path::new(packed)).expect("open");
+        let m = &file.manifest;
+        let sparse: Vec<usize> = (0..ckpt.config.num_layers)
+            .filter(|&l| moe.sparse_layers[l])
+            .collect();
+        assert_eq!(m.experts.len(), sparse.len() * moe.num_experts, "{name}");
+        let dense_layers: Vec<u64> = (0..ckpt.config.num_layers as u64)
+            .filter(|&l| !moe.sparse_layers[l as usize])
+            .collect();
+        assert_eq!(
+            m.ffn_layers.iter().map(|l| l.layer).collect::<Vec<_>>(),
+            dense_layers,
+            "{name}"
+        );
+        for e in &m.experts {
+            let s = file.section(&e.section).expect("expert section");
+            assert_eq!(
+                e.section,
+                format!("ffn.{}.expert.{}", e.layer, e.expert),
+                "{name}"
+            );
+            assert_eq!(s.raw_length, e.neurons * e.bundle_bytes);
+            assert_eq!(
+                s.offset % m.alignment,
+                0,
+                "{name}: expert sections start aligned"
+            );
+            assert_eq!(e.neurons as usize, moe.expert_width);
+        }
+        // The router is resident: in the dense table, not in any bundle.
+        let router = match ckpt.config.architecture {
+            Architecture::Mixtral => {
+                format!("model.layers.{}.block_sparse_moe.gate.weight", sparse[0])
+            }
+            _ => format!("model.layers.{}.mlp.gate.weight", sparse[0]),
+        };
+        assert!(file.tensor_entry(&router).is_some(), "{name}: {router}");
+        if moe.shared_expert_width.is_some() {
+            for t in ["shared_expert.up_proj.weight", "shared_expert_gate.weight"] {
+                let t = format!("model.layers.{}.mlp.{t}", sparse[0]);
+                assert!(file.tensor_entry(&t).is_some(), "{name}: {t}");
+            }
+        }
+
+        let (code, out) = flashpack(&["verify", packed, "--against", src]);
+        assert_eq!(code, 0, "{name}: verify {out}");
+        assert_eq!(out["ok"], true, "{out}");
+        assert_eq!(out["weights_mismatched"], 0, "{out}");
+        assert!(out["weights_compared"].as_u64().expect("compared") > 0);
+
+        let (code, info) = flashpack(&["inspect", packed]);
+        assert_eq!(code, 0, "{info}");
+        assert_eq!(info["expert_sections"], m.experts.len(), "{info}");
+        assert_eq!(info["experts"]["count"], moe.num_experts, "{info}");
+        assert_eq!(
+            info["expert_bytes"],
+            m.experts[0].neurons * m.experts[0].bundle_bytes,
+            "{info}"
+        );
+
+        let (code, out) = flashpack(&["eval", packed, "--text", text, "--ffn", "dense"]);
+        assert_eq!(code, 0, "{name}: {out}");
+        let want = json["perplexity"]["perplexity"].as_f64().expect("ppl");
+        let got = out["perplexity"].as_f64().expect("ppl");
+        let rel = (got - want).abs() / want;
+        println!(
+            "{name}: packed dense perplexity {got:.6} vs transformers {want:.6} (rel {rel:.2e})"
+        );
+        assert!(rel <= MAX_PPL_REL, "{name}: {got} vs {want}");
+
+        let (code, out) = flashpack(&["eval", packed, "--text", text, "--ffn", "naive"]);
+        assert_eq!(code, 2, "{name}: {out}");
+        assert!(
+            out["error"]
+                .as_str()
+                .expect("error")
+                .contains("mixture-of-experts"),
+            "{out}"
+        );
+    }
 }

@@ -63,15 +63,6 @@ fn every_fixture() -> Vec<PathBuf> {
 fn every_fixture_round_trips_through_convert_and_verify() {
     let tmp = tempfile::tempdir().unwrap();
     for dir in every_fixture() {
-        // Mixture-of-experts checkpoints are not packed yet (issue 14, step 2).
-        if flashpack::input::Checkpoint::open(&dir)
-            .unwrap()
-            .config
-            .moe
-            .is_some()
-        {
-            continue;
-        }
         let out = tmp.path().join(format!(
             "{}.flashpack",
             dir.file_name().unwrap().to_string_lossy()

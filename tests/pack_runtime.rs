@@ -41,15 +41,6 @@ fn packed_models_match_their_checkpoints() {
         "KING HENRY.\nOnce more unto the breach, dear friends, once more;",
     ];
     for dir in models {
-        // Mixture-of-experts checkpoints are not packed yet (issue 14, step 2).
-        if flashpack::input::Checkpoint::open(&dir)
-            .unwrap()
-            .config
-            .moe
-            .is_some()
-        {
-            continue;
-        }
         let out = tmp.path().join("m.flashpack");
         convert(
             &dir,

@@ -125,6 +125,16 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
                 mib(b.other_bytes)
             ));
         }
+        if let (Some(e), Some(bytes)) = (&s.experts, p.expert_bytes) {
+            out.human(format_args!(
+                "  experts: {} sections (one per expert of each sparse layer), {} bundles of {} bytes each ({:.3} MiB per expert); router{} resident in the dense part",
+                p.expert_sections,
+                e.expert_width,
+                p.bundle_bytes,
+                mib(bytes),
+                if e.shared_expert_width.is_some() { " and shared expert" } else { "" }
+            ));
+        }
         print_layer_table(out, &p.layers);
         for (k, v) in serde_json::to_value(&p)?
             .as_object()
@@ -192,6 +202,12 @@ struct PackedLayout {
     ffn_bytes: u64,
     ffn_dtype: String,
     bundle_bytes: u64,
+    /// Mixture-of-experts files: one section per expert (spec 4.1), each of
+    /// `expert_bytes` (its bundles).
+    #[serde(skip_serializing_if = "is_zero")]
+    expert_sections: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expert_bytes: Option<u64>,
     has_predictors: bool,
     manifest_sha256: String,
     flashpack_version: String,
@@ -235,8 +251,13 @@ fn part_bytes(file: &PackedFile) -> PartBytes {
         .ffn_layers
         .iter()
         .map(|l| l.neurons * l.bundle_bytes)
+        .chain(file.manifest.experts.iter().map(|e| e.neurons * e.bundle_bytes))
         .sum();
     b
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, PackedLayout)> {
@@ -248,8 +269,15 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
             .names
             .layers
             .iter()
-            .position(|l| l.ffn.projections().iter().any(|p| p.weight == name))?;
-        m.ffn_layers[layer].dtype.weight()
+            .position(|l| l.ffn.projections().iter().any(|p| p.weight == name))?
+            as u64;
+        // A dense layer's bundles, or (a sparse layer) its experts'.
+        m.ffn_layers
+            .iter()
+            .find(|l| l.layer == layer)
+            .map(|l| l.dtype)
+            .or_else(|| m.experts.iter().find(|e| e.layer == layer).map(|e| e.dtype))?
+            .weight()
     };
     let dtype_of = |name: &str| {
         file.tensor_entry(name)
@@ -281,9 +309,18 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
         ffn_dtype: m
             .ffn_layers
             .first()
-            .map_or("none", |l| l.dtype.name())
+            .map(|l| l.dtype)
+            .or_else(|| m.experts.first().map(|e| e.dtype))
+            .map_or("none", |d| d.name())
             .into(),
-        bundle_bytes: m.ffn_layers.first().map_or(0, |l| l.bundle_bytes),
+        bundle_bytes: m
+            .ffn_layers
+            .first()
+            .map(|l| l.bundle_bytes)
+            .or_else(|| m.experts.first().map(|e| e.bundle_bytes))
+            .unwrap_or(0),
+        expert_sections: m.experts.len(),
+        expert_bytes: m.experts.first().map(|e| e.neurons * e.bundle_bytes),
         has_predictors: m.sections.iter().any(|x| x.kind == SectionKind::Predictor),
         manifest_sha256: hex::encode(file.preamble.manifest_sha256),
         flashpack_version: m.provenance.flashpack_version.clone(),

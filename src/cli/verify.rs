@@ -10,6 +10,7 @@ use crate::cli::Output;
 use crate::format::integrity::check_integrity;
 use crate::format::layout::{BundlePart, DENSE_SECTION};
 use crate::format::PackedFile;
+use crate::input::tensors::FfnNames;
 use crate::input::Checkpoint;
 use crate::pack::bundle::get_element;
 
@@ -313,16 +314,39 @@ fn compare_weights(
         return Ok((0, 0, failures, Vec::new()));
     }
     let dense = file.read_section(DENSE_SECTION)?;
-    let order_of = |layer: usize| -> Vec<usize> {
-        let entry = file
-            .tensor_entry(&file.manifest.ffn_layers[layer].order_tensor)
-            .expect("checked at open");
+    let order_of = |tensor: &str| -> Vec<usize> {
+        let entry = file.tensor_entry(tensor).expect("checked at open");
         dense[entry.offset as usize..(entry.offset + entry.length) as usize]
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
             .collect()
     };
-    let orders: Vec<Vec<usize>> = (0..file.manifest.ffn_layers.len()).map(order_of).collect();
+    // Every stored set of bundles with the checkpoint FFN it holds: the FFN
+    // layers', then the experts' (spec 4.1).
+    let mut bundle_sets: Vec<(crate::format::layout::FfnLayerEntry, &FfnNames)> = file
+        .manifest
+        .ffn_layers
+        .iter()
+        .map(|l| (l.clone(), &ckpt.names.layers[l.layer as usize].ffn))
+        .collect();
+    for e in &file.manifest.experts {
+        let Some(moe) = ckpt.names.layers[e.layer as usize].ffn.moe() else {
+            failures.push(format!("expert {} of dense layer {}", e.expert, e.layer));
+            return Ok((compared, mismatched, failures, Vec::new()));
+        };
+        bundle_sets.push((e.bundles(), &moe.experts[e.expert as usize]));
+    }
+    let orders: Vec<Vec<usize>> = bundle_sets
+        .iter()
+        .map(|(l, _)| order_of(&l.order_tensor))
+        .collect();
+    let layer_orders: std::collections::HashMap<usize, &[usize]> = file
+        .manifest
+        .ffn_layers
+        .iter()
+        .zip(&orders)
+        .map(|(l, o)| (l.layer as usize, o.as_slice()))
+        .collect();
     let mut per_neuron = std::collections::HashMap::new();
     for (i, l) in ckpt.names.layers.iter().enumerate() {
         for b in l.ffn.per_neuron_biases() {
@@ -345,7 +369,7 @@ fn compare_weights(
         // Per-neuron biases are stored in packed order.
         let order = per_neuron
             .get(&entry.name)
-            .map(|&layer| orders[layer].as_slice());
+            .and_then(|layer| layer_orders.get(layer).copied());
         let source_index = |p: usize| order.map_or(p, |o| o[p]);
         let bad = (0..src.numel())
             .filter(|&p| {
@@ -365,16 +389,26 @@ fn compare_weights(
             ));
         }
     }
-    // Block-typed tensors and bundles are compared by their quantization error.
+    // Block-typed tensors and FFN layers are compared by their quantization error.
     let quant = crate::pack::quantize::quantization_errors(file, ckpt, &dense, &orders)?;
-    for (i, layer) in file.manifest.ffn_layers.iter().enumerate() {
+    let dense_sets = file.manifest.ffn_layers.len();
+    for (i, (layer, ffn)) in bundle_sets.iter().enumerate() {
         let Some(dtype) = layer.dtype.weight() else {
+            // A quantized expert: no writer of this version makes one, and its
+            // blocks are not compared, which must not pass as verified.
+            if i >= dense_sets {
+                failures.push(format!(
+                    "section {:?}: {} expert bundles are not compared by this version",
+                    layer.section,
+                    layer.dtype.name()
+                ));
+            }
             continue;
         };
         let section = file.read_section(&layer.section)?;
         let h = layer.hidden as usize;
         let n = layer.neurons as usize;
-        let (gate, up, down) = ckpt.names.layers[i].ffn.parts();
+        let (gate, up, down) = ffn.parts();
         let gate = gate.map(|g| ckpt.tensor(&g.weight)).transpose()?;
         let up = ckpt.tensor(&up.weight)?;
         let down = ckpt.tensor(&down.weight)?;

@@ -108,6 +108,19 @@ pub enum FormatError {
 
     #[error("rule 24: {what}: {message}")]
     QuantData { what: String, message: String },
+
+    #[error("rule 31: experts: {message}")]
+    Experts { message: String },
+
+    #[error("rule 32: FFN layers of a mixture-of-experts model: {message}")]
+    MoeFfnLayers { message: String },
+
+    #[error("rule 33: neuron order of expert {expert} of layer {layer} is not a permutation of 0..{neurons}")]
+    ExpertNeuronOrder {
+        layer: u64,
+        expert: u64,
+        neurons: u64,
+    },
 }
 
 impl FormatError {
@@ -139,6 +152,9 @@ impl FormatError {
             QuantNotAllowed { .. } => 22,
             QuantLayout { .. } => 23,
             QuantData { .. } => 24,
+            Experts { .. } => 31,
+            MoeFfnLayers { .. } => 32,
+            ExpertNeuronOrder { .. } => 33,
         }
     }
 

@@ -160,8 +160,8 @@ fn check_orders(file: &PackedFile) -> Result<Vec<FormatError>> {
     neuron_order_errors(file, &mut SectionReader::new(file, DENSE_SECTION)?)
 }
 
-/// Rule 19 through a reader of the dense section: one error per layer whose
-/// order tensor is not a permutation of its neurons. Readers that load the
+/// Rules 19 and 33 through a reader of the dense section: one error per layer
+/// or expert whose order tensor is not a permutation of its neurons. Readers that load the
 /// dense part check it here, as `verify` does.
 pub fn neuron_order_errors(
     file: &PackedFile,
@@ -177,6 +177,20 @@ pub fn neuron_order_errors(
             failures.push(FormatError::NeuronOrder {
                 layer: layer.layer,
                 neurons: layer.neurons,
+            });
+        }
+    }
+    // Rule 33: the same of each expert's order.
+    for expert in &file.manifest.experts {
+        let Some(entry) = file.tensor_entry(&expert.order_tensor) else {
+            continue;
+        };
+        let bytes = dense.read_bytes(entry.offset, entry.length)?;
+        if !is_permutation(&bytes, expert.neurons) {
+            failures.push(FormatError::ExpertNeuronOrder {
+                layer: expert.layer,
+                expert: expert.expert,
+                neurons: expert.neurons,
             });
         }
     }

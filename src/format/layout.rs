@@ -269,6 +269,38 @@ pub struct FfnLayerEntry {
     pub order_tensor: String,
 }
 
+/// How one expert of a mixture-of-experts layer is stored (spec 4.1, R31):
+/// exactly as an FFN layer, in a section of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpertEntry {
+    pub layer: u64,
+    pub expert: u64,
+    pub section: String,
+    pub neurons: u64,
+    pub hidden: u64,
+    pub dtype: TableDType,
+    pub parts: Vec<BundlePart>,
+    pub bundle_bytes: u64,
+    pub order_tensor: String,
+}
+
+impl ExpertEntry {
+    /// The expert's bundles described as an FFN layer's are (the code that
+    /// reads bundles takes either).
+    pub fn bundles(&self) -> FfnLayerEntry {
+        FfnLayerEntry {
+            layer: self.layer,
+            section: self.section.clone(),
+            neurons: self.neurons,
+            hidden: self.hidden,
+            dtype: self.dtype,
+            parts: self.parts.clone(),
+            bundle_bytes: self.bundle_bytes,
+            order_tensor: self.order_tensor.clone(),
+        }
+    }
+}
+
 /// A source file the pack was made from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceFile {
@@ -318,6 +350,10 @@ pub struct Manifest {
     pub sections: Vec<SectionEntry>,
     pub tensors: Vec<TensorEntry>,
     pub ffn_layers: Vec<FfnLayerEntry>,
+    /// Mixture-of-experts models: one entry per expert of each sparse layer,
+    /// by layer then expert (spec 4.1); absent (empty) for dense models.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ExpertEntry>,
     pub provenance: Provenance,
     /// What calibration measured (absent without `--calib`).
     #[serde(default)]
@@ -421,6 +457,16 @@ pub fn ffn_section_name(layer: usize) -> String {
 
 pub fn order_tensor_name(layer: usize) -> String {
     format!("flashpack.ffn.{layer}.order")
+}
+
+/// The section of expert `expert` of layer `layer` (spec 4.1).
+pub fn expert_section_name(layer: usize, expert: usize) -> String {
+    format!("ffn.{layer}.expert.{expert}")
+}
+
+/// The neuron order tensor of expert `expert` of layer `layer`.
+pub fn expert_order_tensor_name(layer: usize, expert: usize) -> String {
+    format!("flashpack.ffn.{layer}.expert.{expert}.order")
 }
 
 pub fn align_up(value: u64, alignment: u64) -> Option<u64> {

@@ -628,13 +628,6 @@ impl Checker<'_> {
             serde_json::from_value(m.config.clone()).map_err(|e| model(format!("config: {e}")))?;
         let config = ModelConfig::from_raw(&raw, Path::new("manifest config"))
             .map_err(|e| model(e.to_string()))?;
-        if config.moe.is_some() {
-            // Until the format has its expert sections (issue 14, step 2).
-            return Err(model(format!(
-                "{} is a mixture-of-experts model, which this version does not pack",
-                config.architecture.hf_name()
-            )));
-        }
         let names = ModelNames::for_config(&config);
         let ffn_weights: HashSet<String> = names
             .layers
@@ -667,123 +660,243 @@ impl Checker<'_> {
                 )));
             }
         }
-        if m.ffn_layers.len() != config.num_layers {
-            return Err(model(format!(
-                "{} FFN layers for a {}-layer model",
-                m.ffn_layers.len(),
-                config.num_layers
-            )));
+        // The layers with a dense FFN (all of them but a mixture-of-experts
+        // model's sparse layers), each with one entry, in layer order.
+        let sparse = |i: usize| config.moe.as_ref().is_some_and(|moe| moe.sparse_layers[i]);
+        let dense_layers: Vec<usize> = (0..config.num_layers).filter(|&i| !sparse(i)).collect();
+        let listed: Vec<u64> = m.ffn_layers.iter().map(|l| l.layer).collect();
+        let want: Vec<u64> = dense_layers.iter().map(|&i| i as u64).collect();
+        if listed != want {
+            let message = format!("entries for layers {listed:?}, expected {want:?}");
+            return Err(if config.moe.is_some() {
+                FormatError::MoeFfnLayers { message }
+            } else if m.ffn_layers.len() != config.num_layers {
+                model(format!(
+                    "{} FFN layers for a {}-layer model",
+                    m.ffn_layers.len(),
+                    config.num_layers
+                ))
+            } else {
+                model(message)
+            });
         }
-        // Each layer has its own bundles and order: a section or order tensor
-        // named by two layers would give both the same weights and leave the
-        // other section unread, which no writer does.
-        let mut used: HashMap<&str, usize> = HashMap::new();
-        for (i, layer) in m.ffn_layers.iter().enumerate() {
+        // Each layer and expert has its own bundles and order: a section or
+        // order tensor named twice would give both the same weights and leave
+        // another section unread, which no writer does.
+        let mut used: HashMap<&str, String> = HashMap::new();
+        for layer in &m.ffn_layers {
             for name in [&layer.section, &layer.order_tensor] {
-                if let Some(j) = used.insert(name.as_str(), i) {
-                    return Err(model(format!("FFN layers {j} and {i} both name {name:?}")));
+                if let Some(other) = used.insert(name.as_str(), layer.layer.to_string()) {
+                    return Err(model(format!(
+                        "FFN layers {other} and {} both name {name:?}",
+                        layer.layer
+                    )));
                 }
             }
         }
-        for (i, (layer, names)) in m.ffn_layers.iter().zip(&names.layers).enumerate() {
-            let bad = |message: String| model(format!("FFN layer {i}: {message}"));
-            let parts: &[BundlePart] = match names.ffn {
-                FfnNames::Plain { .. } => &[BundlePart::Up, BundlePart::Down],
-                FfnNames::Gated { .. } => &[BundlePart::Gate, BundlePart::Up, BundlePart::Down],
-                FfnNames::Moe(_) => return Err(bad("a mixture of experts (refused above)".into())),
-            };
-            if layer.layer != i as u64 || layer.parts != parts {
-                return Err(bad(format!(
-                    "layer {} with parts {:?}, expected {parts:?}",
-                    layer.layer, layer.parts
-                )));
-            }
-            if layer.neurons != config.ffn_width as u64 || layer.hidden != config.hidden_size as u64
-            {
-                return Err(bad(format!(
-                    "{} neurons of width {}",
-                    layer.neurons, layer.hidden
-                )));
-            }
-            if !layer.dtype.is_weight() {
-                return Err(bad("bundles must be f32, f16, bf16, q8_0 or q4_1".into()));
-            }
-            let stride = match layer.dtype.quant() {
-                Some(q) => crate::format::quant_policy::quantized_bundle_bytes(
-                    q,
-                    parts.len() as u64,
-                    layer.hidden,
-                    m.alignment,
-                ),
-                None => layer
-                    .dtype
-                    .row_bytes(layer.hidden)
-                    .and_then(|r| r.checked_mul(parts.len() as u64)),
-            };
-            let Some(stride) = stride else {
-                return Err(FormatError::QuantLayout {
-                    what: format!("FFN layer {i}"),
-                    message: format!(
-                        "{} bundles need a hidden size that is a multiple of {}, not {}",
-                        layer.dtype.name(),
-                        crate::quant::BLOCK,
-                        layer.hidden
-                    ),
-                });
-            };
-            if layer.bundle_bytes != stride && layer.dtype.quant().is_some() {
-                return Err(FormatError::QuantLayout {
-                    what: format!("FFN layer {i}"),
-                    message: format!(
-                        "bundle_bytes {} should be {stride}: {} parts of {} {} blocks, padded as 9.3 says",
-                        layer.bundle_bytes,
-                        parts.len(),
-                        layer.hidden / crate::quant::BLOCK as u64,
-                        layer.dtype.name()
-                    ),
-                });
-            }
-            if layer.bundle_bytes != stride {
-                return Err(bad(format!(
-                    "bundle_bytes {} should be {stride}",
-                    layer.bundle_bytes
-                )));
-            }
-            let section = sections
-                .get(&layer.section)
-                .map(|&s| &m.sections[s])
-                .filter(|s| s.kind == SectionKind::Ffn)
-                .ok_or_else(|| bad(format!("section {:?} is not an FFN section", layer.section)))?;
-            if section.raw_length != layer.neurons * stride {
-                return Err(bad(format!(
-                    "section holds {} bytes, {} bundles of {stride} need {}",
-                    section.raw_length,
-                    layer.neurons,
-                    layer.neurons * stride
-                )));
-            }
-            let max_chunk = FFN_CHUNK_TARGET_BYTES.max(stride);
-            if section.chunk_raw_bytes % stride != 0 || section.chunk_raw_bytes > max_chunk {
-                return Err(FormatError::ChunkTable {
-                    section: section.name.clone(),
-                    message: format!("chunks of {} bytes must be whole bundles of {stride} and at most {max_chunk}", section.chunk_raw_bytes),
-                });
-            }
-            let order = tensors.get(&layer.order_tensor).map(|&t| &m.tensors[t]);
-            if !order.is_some_and(|o| {
-                o.dtype == TableDType::U32
-                    && o.shape == [layer.neurons]
-                    && o.section == DENSE_SECTION
-            }) {
-                return Err(bad(format!(
-                    "order tensor {:?} must be u32 of shape [{}] in section {DENSE_SECTION:?}",
-                    layer.order_tensor, layer.neurons
-                )));
+        for expert in &m.experts {
+            for name in [&expert.section, &expert.order_tensor] {
+                let who = format!("expert {} of layer {}", expert.expert, expert.layer);
+                if let Some(other) = used.insert(name.as_str(), who.clone()) {
+                    let other = if other.starts_with("expert") {
+                        other
+                    } else {
+                        format!("FFN layer {other}")
+                    };
+                    return Err(FormatError::Experts {
+                        message: format!("{other} and {who} both name {name:?}"),
+                    });
+                }
             }
         }
+        for layer in &m.ffn_layers {
+            let i = layer.layer as usize;
+            let bad = |message: String| model(format!("FFN layer {i}: {message}"));
+            let parts: &[BundlePart] = match names.layers[i].ffn {
+                FfnNames::Plain { .. } => &[BundlePart::Up, BundlePart::Down],
+                FfnNames::Gated { .. } | FfnNames::Moe(_) => {
+                    &[BundlePart::Gate, BundlePart::Up, BundlePart::Down]
+                }
+            };
+            self.check_bundles(
+                &format!("FFN layer {i}"),
+                layer,
+                parts,
+                config.ffn_width as u64,
+                config.hidden_size as u64,
+                sections,
+                tensors,
+            )?
+            .map_err(bad)?;
+        }
+        self.check_experts(&config, sections, tensors)?;
         self.check_predictors(&config, tensors)?;
         check_quantization(m, &config, &names)?;
         Ok((config, names))
+    }
+
+    /// Rule 18 (4) for one FFN layer's or expert's bundles: parts, widths,
+    /// dtype, stride, section and order tensor. A broken chunk table is a rule
+    /// 13 error; the rest comes back as the message of the caller's rule.
+    /// A quantized stride that is not 9.3's is a rule 23 error (`what` names
+    /// the layer or expert).
+    fn check_bundles(
+        &self,
+        what: &str,
+        layer: &FfnLayerEntry,
+        parts: &[BundlePart],
+        neurons: u64,
+        hidden: u64,
+        sections: &HashMap<String, usize>,
+        tensors: &HashMap<String, usize>,
+    ) -> std::result::Result<std::result::Result<(), String>, FormatError> {
+        let m = self.manifest;
+        if layer.parts != parts {
+            return Ok(Err(format!("parts {:?}, expected {parts:?}", layer.parts)));
+        }
+        if layer.neurons != neurons || layer.hidden != hidden {
+            return Ok(Err(format!(
+                "{} neurons of width {}, expected {neurons} of width {hidden}",
+                layer.neurons, layer.hidden
+            )));
+        }
+        if !layer.dtype.is_weight() {
+            return Ok(Err("bundles must be f32, f16, bf16, q8_0 or q4_1".into()));
+        }
+        let stride = match layer.dtype.quant() {
+            Some(q) => crate::format::quant_policy::quantized_bundle_bytes(
+                q,
+                parts.len() as u64,
+                layer.hidden,
+                m.alignment,
+            ),
+            None => layer
+                .dtype
+                .row_bytes(layer.hidden)
+                .and_then(|r| r.checked_mul(parts.len() as u64)),
+        };
+        let Some(stride) = stride else {
+            return Err(FormatError::QuantLayout {
+                what: what.into(),
+                message: format!(
+                    "{} bundles need a hidden size that is a multiple of {}, not {}",
+                    layer.dtype.name(),
+                    crate::quant::BLOCK,
+                    layer.hidden
+                ),
+            });
+        };
+        if layer.bundle_bytes != stride && layer.dtype.quant().is_some() {
+            return Err(FormatError::QuantLayout {
+                what: what.into(),
+                message: format!(
+                    "bundle_bytes {} should be {stride}: {} parts of {} {} blocks, padded as 9.3 says",
+                    layer.bundle_bytes,
+                    parts.len(),
+                    layer.hidden / crate::quant::BLOCK as u64,
+                    layer.dtype.name()
+                ),
+            });
+        }
+        if layer.bundle_bytes != stride {
+            return Ok(Err(format!(
+                "bundle_bytes {} should be {stride}",
+                layer.bundle_bytes
+            )));
+        }
+        let Some(section) = sections
+            .get(&layer.section)
+            .map(|&s| &m.sections[s])
+            .filter(|s| s.kind == SectionKind::Ffn)
+        else {
+            return Ok(Err(format!(
+                "section {:?} is not an FFN section",
+                layer.section
+            )));
+        };
+        if section.raw_length != layer.neurons * stride {
+            return Ok(Err(format!(
+                "section holds {} bytes, {} bundles of {stride} need {}",
+                section.raw_length,
+                layer.neurons,
+                layer.neurons * stride
+            )));
+        }
+        let max_chunk = FFN_CHUNK_TARGET_BYTES.max(stride);
+        if section.chunk_raw_bytes % stride != 0 || section.chunk_raw_bytes > max_chunk {
+            return Err(FormatError::ChunkTable {
+                section: section.name.clone(),
+                message: format!(
+                    "chunks of {} bytes must be whole bundles of {stride} and at most {max_chunk}",
+                    section.chunk_raw_bytes
+                ),
+            });
+        }
+        let order = tensors.get(&layer.order_tensor).map(|&t| &m.tensors[t]);
+        if !order.is_some_and(|o| {
+            o.dtype == TableDType::U32 && o.shape == [layer.neurons] && o.section == DENSE_SECTION
+        }) {
+            return Ok(Err(format!(
+                "order tensor {:?} must be u32 of shape [{}] in section {DENSE_SECTION:?}",
+                layer.order_tensor, layer.neurons
+            )));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Rule 31: a mixture-of-experts model has one expert entry per expert of
+    /// each sparse layer, by layer then expert, each stored as 4.1 says; any
+    /// other model has none.
+    fn check_experts(
+        &self,
+        config: &ModelConfig,
+        sections: &HashMap<String, usize>,
+        tensors: &HashMap<String, usize>,
+    ) -> std::result::Result<(), FormatError> {
+        let m = self.manifest;
+        let bad = |message: String| FormatError::Experts { message };
+        let Some(moe) = &config.moe else {
+            if !m.experts.is_empty() {
+                return Err(bad(format!(
+                    "{} expert entries in a model without experts",
+                    m.experts.len()
+                )));
+            }
+            return Ok(());
+        };
+        let want: Vec<(u64, u64)> = (0..config.num_layers)
+            .filter(|&l| moe.sparse_layers[l])
+            .flat_map(|l| (0..moe.num_experts).map(move |e| (l as u64, e as u64)))
+            .collect();
+        if m.experts.len() != want.len() {
+            return Err(bad(format!(
+                "{} entries, expected {} ({} experts in each of {} sparse layers)",
+                m.experts.len(),
+                want.len(),
+                moe.num_experts,
+                want.len() / moe.num_experts.max(1)
+            )));
+        }
+        for (entry, &(layer, expert)) in m.experts.iter().zip(&want) {
+            let at = |message: String| bad(format!("expert {expert} of layer {layer}: {message}"));
+            if (entry.layer, entry.expert) != (layer, expert) {
+                return Err(at(format!(
+                    "found the entry of expert {} of layer {} in its place",
+                    entry.expert, entry.layer
+                )));
+            }
+            self.check_bundles(
+                &format!("expert {expert} of layer {layer}"),
+                &entry.bundles(),
+                &[BundlePart::Gate, BundlePart::Up, BundlePart::Down],
+                moe.expert_width as u64,
+                config.hidden_size as u64,
+                sections,
+                tensors,
+            )?
+            .map_err(at)?;
+        }
+        Ok(())
     }
 
     /// Rule 18, predictors and calibration: at most one predictor per layer, its
@@ -946,6 +1059,17 @@ fn check_quantization(
                 "FFN layer {} is {}, the policy's `ffn` says {}",
                 l.layer,
                 l.dtype.name(),
+                describe(policy.ffn)
+            )));
+        }
+    }
+    for e in &m.experts {
+        if e.dtype.quant() != policy.ffn {
+            return Err(bad(format!(
+                "expert {} of layer {} is {}, the policy's `ffn` says {}",
+                e.expert,
+                e.layer,
+                e.dtype.name(),
                 describe(policy.ffn)
             )));
         }

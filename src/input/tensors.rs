@@ -455,19 +455,14 @@ fn llama_names(cfg: &ModelConfig) -> ModelNames {
 }
 
 impl FfnNames {
-    /// The projections in bundle order: gate (gated FFNs only), up, down. A
-    /// mixture's are its experts', expert by expert, then its shared expert's
-    /// (the router and the shared expert's gate are not neuron projections).
+    /// The projections stored as bundles, in bundle order: gate (gated FFNs
+    /// only), up, down. A mixture's are its experts', expert by expert; its
+    /// router and shared expert are dense tensors (spec 4.1).
     pub fn projections(&self) -> Vec<&LinearNames> {
         match self {
             FfnNames::Plain { up, down } => vec![up, down],
             FfnNames::Gated { gate, up, down } => vec![gate, up, down],
-            FfnNames::Moe(m) => m
-                .experts
-                .iter()
-                .chain(m.shared.as_deref())
-                .flat_map(FfnNames::projections)
-                .collect(),
+            FfnNames::Moe(m) => m.experts.iter().flat_map(FfnNames::projections).collect(),
         }
     }
 

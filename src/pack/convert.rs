@@ -15,6 +15,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::layout::*;
 use crate::format::quant_policy::{part_of_tensor, policy_type};
+use crate::input::tensors::FfnNames;
 use crate::input::{Checkpoint, TensorRef};
 use crate::pack::bundle::{build_layer_bundles, convert_range, LayerFfn};
 use crate::pack::output::{finish_packed_file, AtomicOutput, InputPath};
@@ -161,9 +162,18 @@ pub fn convert(
         check_calibration_plan(plan)?;
     }
     let ckpt = Checkpoint::open(src)?;
-    if ckpt.config.moe.is_some() {
+    if ckpt.config.moe.is_some() && options.calibration.is_some() {
         return Err(Error::InvalidArgument(format!(
-            "{} is a mixture-of-experts model: this version runs it from the checkpoint but does not pack it yet",
+            "{} is a mixture-of-experts model: calibration does not record routing yet; convert it without --calib",
+            ckpt.config.architecture.hf_name()
+        )));
+    }
+    // Quantized experts would be written and read, but `verify --against` does
+    // not compare their blocks with the source yet: refuse rather than write a
+    // file that cannot be checked.
+    if ckpt.config.moe.is_some() && options.quant != QuantPolicy::default() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a mixture-of-experts model: --quant is not supported for it yet; convert it without --quant",
             ckpt.config.architecture.hf_name()
         )));
     }
@@ -409,6 +419,11 @@ fn write_pack(
         quant.head = None;
     }
     let quant_parts = part_of_tensor(&ckpt.config, &ckpt.names);
+    let expert_order: Vec<u32> = ckpt
+        .config
+        .moe
+        .as_ref()
+        .map_or(Vec::new(), |m| (0..m.expert_width as u32).collect());
     let dense_clock = std::time::Instant::now();
     file.pad_to(a)?;
     let mut dense = SectionWriter::new(
@@ -470,19 +485,29 @@ fn write_pack(
         done += t.bytes.len() as u64;
         progress(Phase::Writing, done, total_weight_bytes);
     }
+    // The neuron orders, layer by layer: a dense FFN's, or each expert's of a
+    // sparse layer (the identity: experts are not calibrated yet).
     for (layer, order) in orders.iter().enumerate() {
-        dense.pad_raw(&mut file, TENSOR_ALIGN)?;
-        let offset = dense.raw_position();
-        let bytes: Vec<u8> = order.iter().flat_map(|v| v.to_le_bytes()).collect();
-        dense.write(&mut file, &bytes)?;
-        tensors.push(TensorEntry {
-            name: order_tensor_name(layer),
-            dtype: TableDType::U32,
-            shape: vec![order.len() as u64],
-            section: DENSE_SECTION.into(),
-            offset,
-            length: bytes.len() as u64,
-        });
+        let named: Vec<(String, &[u32])> = match ckpt.names.layers[layer].ffn.moe() {
+            Some(moe) => (0..moe.experts.len())
+                .map(|e| (expert_order_tensor_name(layer, e), &expert_order[..]))
+                .collect(),
+            None => vec![(order_tensor_name(layer), &order[..])],
+        };
+        for (name, order) in named {
+            dense.pad_raw(&mut file, TENSOR_ALIGN)?;
+            let offset = dense.raw_position();
+            let bytes: Vec<u8> = order.iter().flat_map(|v| v.to_le_bytes()).collect();
+            dense.write(&mut file, &bytes)?;
+            tensors.push(TensorEntry {
+                name,
+                dtype: TableDType::U32,
+                shape: vec![order.len() as u64],
+                section: DENSE_SECTION.into(),
+                offset,
+                length: bytes.len() as u64,
+            });
+        }
     }
     sections.push(dense.finish(&mut file)?);
     let predictor_entries = write_predictors(
@@ -497,15 +522,23 @@ fn write_pack(
     let dense_ms = ms_since(dense_clock);
     let ffn_clock = std::time::Instant::now();
 
-    // One FFN section per layer: fixed-stride bundles, uncompressed.
+    // One FFN section per layer, or per expert of a sparse layer (spec 4.1):
+    // fixed-stride bundles, uncompressed.
     let mut ffn_layers = Vec::new();
-    for (i, names) in ckpt.names.layers.iter().enumerate() {
-        let (gate, up, down) = names.ffn.parts();
+    let mut experts = Vec::new();
+    let mut write_bundles = |file: &mut AtomicOutput,
+                             sections: &mut Vec<SectionEntry>,
+                             name: String,
+                             ffn: &FfnNames,
+                             order: &[u32],
+                             neurons: usize|
+     -> Result<FfnLayerEntry> {
+        let (gate, up, down) = ffn.parts();
         let layer = LayerFfn {
             gate: gate.map(|g| ckpt.tensor(&g.weight)).transpose()?,
             up: ckpt.tensor(&up.weight)?,
             down: ckpt.tensor(&down.weight)?,
-            neurons: ckpt.config.ffn_width,
+            neurons,
             hidden: ckpt.config.hidden_size,
         };
         let parts = if gate.is_some() {
@@ -530,7 +563,7 @@ fn write_pack(
                 })?;
                 let bundles = crate::pack::quantize::build_quantized_bundles(
                     &layer,
-                    &orders[i],
+                    order,
                     q,
                     stride as usize,
                 )?;
@@ -538,33 +571,74 @@ fn write_pack(
             }
             None => {
                 let dtype = options.dtype.resolve(layer.up.dtype);
-                let bundles = build_layer_bundles(&layer, &orders[i], dtype);
+                let bundles = build_layer_bundles(&layer, order, dtype);
                 let stride = (parts.len() * layer.hidden * dtype.size_bytes()) as u64;
                 (bundles, TableDType::from_weight(dtype), stride)
             }
         };
         let chunk = FFN_CHUNK_TARGET_BYTES.max(stride) / stride * stride;
         file.pad_to(a)?;
-        let name = ffn_section_name(i);
-        let mut w = SectionWriter::new(&file, &name, SectionKind::Ffn, None, chunk);
-        w.write(&mut file, &bundles)?;
-        sections.push(w.finish(&mut file)?);
-        ffn_layers.push(FfnLayerEntry {
-            layer: i as u64,
-            section: name,
-            neurons: layer.neurons as u64,
-            hidden: layer.hidden as u64,
-            dtype: table_dtype,
-            parts,
-            bundle_bytes: stride,
-            order_tensor: order_tensor_name(i),
-        });
+        let mut w = SectionWriter::new(file, &name, SectionKind::Ffn, None, chunk);
+        w.write(file, &bundles)?;
+        sections.push(w.finish(file)?);
         done += [Some(&layer.up), Some(&layer.down), layer.gate.as_ref()]
             .iter()
             .flatten()
             .map(|t| t.bytes.len() as u64)
             .sum::<u64>();
         progress(Phase::Writing, done, total_weight_bytes);
+        Ok(FfnLayerEntry {
+            layer: 0,
+            section: name,
+            neurons: layer.neurons as u64,
+            hidden: layer.hidden as u64,
+            dtype: table_dtype,
+            parts,
+            bundle_bytes: stride,
+            order_tensor: String::new(),
+        })
+    };
+    for (i, names) in ckpt.names.layers.iter().enumerate() {
+        match names.ffn.moe() {
+            Some(moe) => {
+                for (e, expert) in moe.experts.iter().enumerate() {
+                    let b = write_bundles(
+                        &mut file,
+                        &mut sections,
+                        expert_section_name(i, e),
+                        expert,
+                        &expert_order,
+                        expert_order.len(),
+                    )?;
+                    experts.push(ExpertEntry {
+                        layer: i as u64,
+                        expert: e as u64,
+                        section: b.section,
+                        neurons: b.neurons,
+                        hidden: b.hidden,
+                        dtype: b.dtype,
+                        parts: b.parts,
+                        bundle_bytes: b.bundle_bytes,
+                        order_tensor: expert_order_tensor_name(i, e),
+                    });
+                }
+            }
+            None => {
+                let b = write_bundles(
+                    &mut file,
+                    &mut sections,
+                    ffn_section_name(i),
+                    &names.ffn,
+                    &orders[i],
+                    ckpt.config.ffn_width,
+                )?;
+                ffn_layers.push(FfnLayerEntry {
+                    layer: i as u64,
+                    order_tensor: order_tensor_name(i),
+                    ..b
+                });
+            }
+        }
     }
 
     let ffn_ms = ms_since(ffn_clock);
@@ -578,6 +652,7 @@ fn write_pack(
         sections,
         tensors,
         ffn_layers,
+        experts,
         provenance: Provenance {
             flashpack_version: env!("CARGO_PKG_VERSION").to_string(),
             source_files,

@@ -194,8 +194,10 @@ fn compare_row(q: QuantType, source: &[f32], packed: &[u8], nmse: &mut Nmse) -> 
 }
 
 /// The quantization error of every block-typed tensor and FFN part of `file`
-/// against `ckpt` (`dense`: the raw dense section; `orders`: each layer's
-/// neuron order).
+/// against `ckpt` (`dense`: the raw dense section; `orders`: each FFN layer
+/// entry's neuron order, in `ffn_layers` order). Experts are not compared here:
+/// this version does not write quantized experts (`convert --quant` refuses a
+/// mixture of experts) and `verify --against` reports one as a failure.
 pub fn quantization_errors(
     file: &crate::format::PackedFile,
     ckpt: &crate::input::Checkpoint,
@@ -236,7 +238,7 @@ pub fn quantization_errors(
         let section = file.read_section(&layer.section)?;
         let (h, n) = (layer.hidden as usize, layer.neurons as usize);
         let row_bytes = q.row_bytes(h).expect("checked at open: rule 23");
-        let (gate, up, down) = ckpt.names.layers[i].ffn.parts();
+        let (gate, up, down) = ckpt.names.layers[layer.layer as usize].ffn.parts();
         for (k, part) in layer.parts.iter().enumerate() {
             let names = match part {
                 BundlePart::Gate => gate.expect("parts match the architecture"),

@@ -10,7 +10,7 @@
 //! projection follows the packed order.
 
 use crate::error::{Error, Result};
-use crate::format::layout::{BundlePart, DENSE_SECTION, TOKENIZER_SECTION};
+use crate::format::layout::{BundlePart, FfnLayerEntry, DENSE_SECTION, TOKENIZER_SECTION};
 use crate::format::reader::SectionReader;
 use crate::format::PackedFile;
 use crate::input::tensors::FfnNames;
@@ -31,8 +31,10 @@ pub struct PackedWeights<'a> {
     /// last (layer, raw bytes): a layer's three matrices are asked for in a
     /// row, so one section in memory beside the model suffices.
     ffn: Option<LastSection>,
-    /// FFN weight name -> (layer, part).
+    /// FFN weight name -> (index into `bundles`, part).
     ffn_parts: HashMap<String, (usize, BundlePart)>,
+    /// Every stored set of bundles: the FFN layers', then the experts' (spec 4.1).
+    bundles: Vec<FfnLayerEntry>,
 }
 
 impl<'a> PackedWeights<'a> {
@@ -60,41 +62,49 @@ impl<'a> PackedWeights<'a> {
                 source: e,
             });
         }
+        // Each bundle set with the projection names it stores: an FFN layer's
+        // under its layer's names, an expert's under its expert's.
+        let m = &file.manifest;
+        let mut bundles: Vec<FfnLayerEntry> = Vec::new();
         let mut ffn_parts = HashMap::new();
-        for (i, layer) in file.names.layers.iter().enumerate() {
-            let parts = match &layer.ffn {
-                FfnNames::Plain { up, down } => {
-                    vec![(up, BundlePart::Up), (down, BundlePart::Down)]
+        let mut add = |entry: FfnLayerEntry, ffn: &FfnNames| {
+            let (gate, up, down) = ffn.parts();
+            let at = bundles.len();
+            for (names, part) in [
+                (gate, BundlePart::Gate),
+                (Some(up), BundlePart::Up),
+                (Some(down), BundlePart::Down),
+            ] {
+                if let Some(names) = names {
+                    ffn_parts.insert(names.weight.clone(), (at, part));
                 }
-                FfnNames::Gated { gate, up, down } => {
-                    vec![
-                        (gate, BundlePart::Gate),
-                        (up, BundlePart::Up),
-                        (down, BundlePart::Down),
-                    ]
-                }
-                FfnNames::Moe(_) => {
-                    return Err(Error::InvalidArgument(
-                        "a packed file does not hold mixture-of-experts layers".into(),
-                    ))
-                }
-            };
-            for (names, part) in parts {
-                ffn_parts.insert(names.weight.clone(), (i, part));
             }
+            bundles.push(entry);
+        };
+        for entry in &m.ffn_layers {
+            add(entry.clone(), &file.names.layers[entry.layer as usize].ffn);
+        }
+        for entry in &m.experts {
+            let moe = file.names.layers[entry.layer as usize]
+                .ffn
+                .moe()
+                .ok_or_else(|| Error::InvalidArgument("an expert of a dense layer".into()))?;
+            add(entry.bundles(), &moe.experts[entry.expert as usize]);
         }
         Ok(PackedWeights {
             file,
             dense: Mutex::new(dense),
             ffn,
             ffn_parts,
+            bundles,
         })
     }
 
-    /// The projection matrix `part` of `layer` in its checkpoint layout (`[neurons,
-    /// hidden]` for gate and up, `[hidden, neurons]` for down), neurons in packed order.
+    /// The projection matrix `part` of bundle set `layer` (an FFN layer's or an
+    /// expert's) in its checkpoint layout (`[neurons, hidden]` for gate and up,
+    /// `[hidden, neurons]` for down), neurons in packed order.
     fn ffn_matrix(&self, layer: usize, part: BundlePart) -> Result<Storage> {
-        let entry = &self.file.manifest.ffn_layers[layer];
+        let entry = &self.bundles[layer];
         let Some(dtype) = entry.dtype.weight() else {
             return self.quantized_ffn_matrix(layer, part);
         };
@@ -150,9 +160,10 @@ impl<'a> PackedWeights<'a> {
 }
 
 impl PackedWeights<'_> {
-    /// The FFN section of `layer`, read unless it is the one read last.
+    /// The FFN section of bundle set `layer` (an index into `bundles`: an FFN
+    /// layer's or an expert's), read unless it is the one read last.
     fn with_section<T>(&self, layer: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
-        let entry = &self.file.manifest.ffn_layers[layer];
+        let entry = &self.bundles[layer];
         let mut last = self
             .ffn
             .as_ref()
@@ -170,11 +181,11 @@ impl PackedWeights<'_> {
         Ok(f(&last.as_ref().expect("set above").1))
     }
 
-    /// A block-quantized layer's projection `part`, dequantized to f32 (format
+    /// A block-quantized bundle set's projection `part`, dequantized to f32 (format
     /// section 9), in the layout of [`PackedWeights::ffn_matrix`]. Checks rule 24
     /// on the way.
     fn quantized_ffn_matrix(&self, layer: usize, part: BundlePart) -> Result<Storage> {
-        let entry = &self.file.manifest.ffn_layers[layer];
+        let entry = &self.bundles[layer];
         let q = entry.dtype.quant().expect("checked at open: a weight type");
         let (h, n, stride) = (
             entry.hidden as usize,

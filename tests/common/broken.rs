@@ -468,13 +468,20 @@ fn infinite_silu_threshold(base: &[u8]) -> Vec<u8> {
 /// the dense chunk holding it is decompressed, edited and recompressed at the
 /// base's zstd level, its hashes updated.
 fn order_not_permutation(base: &[u8]) -> Vec<u8> {
+    tensor_order_not_permutation(base, "flashpack.ffn.0.order")
+}
+
+/// The order tensor `name` lists its second neuron twice (its first never):
+/// the dense chunk holding it decompressed, edited, recompressed and
+/// re-hashed.
+fn tensor_order_not_permutation(base: &[u8], name: &str) -> Vec<u8> {
     let m = manifest(base);
     let dense = &m["sections"][section_index(&m, "dense")];
     assert_eq!(
         dense["compression"], "zstd",
         "the base's dense part is compressed"
     );
-    let order = &m["tensors"][tensor_index(&m, "flashpack.ffn.0.order")];
+    let order = &m["tensors"][tensor_index(&m, name)];
     let chunk_raw = u64_of(&dense["chunk_raw_bytes"]);
     let at = u64_of(&order["offset"]);
     let chunk = (at / chunk_raw) as usize;
@@ -579,4 +586,49 @@ fn nan_scale(base: &[u8]) -> Vec<u8> {
         chunk,
         zstd::bulk::compress(&raw, level).unwrap(),
     )
+}
+
+// ------------------------------------------------- mixture of experts (base-moe)
+
+/// The valid base of the mixture-of-experts rules' files.
+pub const MOE_BASE: &str = "base-moe.flashpack";
+
+/// Every damaged file derived from `base-moe.flashpack` (the micro Qwen2-MoE:
+/// layer 0 dense, layer 1 sparse with 4 experts), in rule order.
+pub fn broken_moe_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mutations: [(&str, Mutation); 3] = [
+        ("r31-expert-missing", expert_missing),
+        ("r32-sparse-layer-listed", sparse_layer_listed),
+        (
+            "r33-expert-order-not-permutation",
+            expert_order_not_permutation,
+        ),
+    ];
+    mutations
+        .iter()
+        .map(|(name, mutate)| (format!("{name}.flashpack"), mutate(base)))
+        .collect()
+}
+
+/// The last expert entry (expert 3 of layer 1) removed: its section is still
+/// there, but no entry describes it.
+fn expert_missing(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        m["experts"].as_array_mut().unwrap().pop();
+    })
+}
+
+/// Layer 0's FFN layer entry copied for layer 1, which is sparse: a runtime
+/// would look for a dense FFN that the layer does not have.
+fn sparse_layer_listed(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let mut entry = m["ffn_layers"][0].clone();
+        entry["layer"] = 1.into();
+        m["ffn_layers"].as_array_mut().unwrap().push(entry);
+    })
+}
+
+/// Expert 0 of layer 1 lists its second neuron twice.
+fn expert_order_not_permutation(base: &[u8]) -> Vec<u8> {
+    tensor_order_not_permutation(base, "flashpack.ffn.1.expert.0.order")
 }

@@ -368,6 +368,12 @@ pub fn window_rows(window_max: &[u64], tokens: usize) -> f64 {
 /// budget is below what the mode needs.
 pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, FlashRuntime)> {
     let file = PackedFile::open(path)?;
+    if file.config.moe.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a mixture-of-experts model: the disk modes (naive, flash, oracle-flash) do not read experts yet; use --ffn dense",
+            file.config.architecture.hf_name()
+        )));
+    }
     let m = &file.manifest;
     let cfg = &file.config;
     let align = (m.alignment as usize).max(512);
