@@ -804,7 +804,7 @@ fn packed_moe() -> (tempfile::TempDir, PathBuf) {
         zstd_level: 0,
         ..ConvertOptions::default()
     };
-    convert(&fixture("qwen2moe-tiny"), &out, &options, &|_, _| {}).unwrap();
+    convert(&fixture("qwen2moe-tiny"), &out, &options, &|_, _, _| {}).unwrap();
     (tmp, out)
 }
 
