@@ -813,7 +813,7 @@ fn rule_31_one_expert_entry_per_expert_of_each_sparse_layer() {
     let (_t, path) = packed_moe();
     PackedFile::open(&path).unwrap();
     type Edit = fn(&mut Value);
-    let edits: [(&str, Edit); 6] = [
+    let edits: [(&str, Edit); 7] = [
         ("an expert missing", |m| {
             m["experts"].as_array_mut().unwrap().pop();
         }),
@@ -833,6 +833,8 @@ fn rule_31_one_expert_entry_per_expert_of_each_sparse_layer() {
             let first = m["experts"][0]["order_tensor"].clone();
             m["experts"][1]["order_tensor"] = first;
         }),
+        // Experts have no block types in this version (spec 4.1).
+        ("a block type", |m| m["experts"][3]["dtype"] = "q4_1".into()),
     ];
     for (what, edit) in edits {
         let (_t, path) = packed_moe();

@@ -364,8 +364,8 @@ fn flashpack(args: &[&str]) -> (i32, Value) {
 }
 
 /// inspect shows the experts; run and eval work from the checkpoint (eval's
-/// perplexity is transformers'); convert with calibration refuses what it
-/// cannot calibrate yet, writing nothing.
+/// perplexity is transformers'); convert with calibration or block types
+/// refuses what it cannot calibrate or quantize yet, writing nothing.
 #[test]
 fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
     let (json, _) = reference("qwen2moe-tiny");
@@ -416,6 +416,26 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
         "{out}"
     );
     assert!(!packed.exists());
+
+    // Experts have no block types yet (spec 4.1): convert --quant refuses,
+    // writing nothing.
+    for quant in ["q8", "ffn=q4", "attn=q8"] {
+        let (code, out) = flashpack(&[
+            "convert",
+            src,
+            "-o",
+            packed.to_str().expect("utf-8"),
+            "--quant",
+            quant,
+        ]);
+        assert_eq!(code, 2, "{quant}: {out}");
+        let error = out["error"].as_str().expect("error");
+        assert!(
+            error.contains("mixture-of-experts") && error.contains("--quant"),
+            "{quant}: {out}"
+        );
+        assert!(!packed.exists(), "{quant}");
+    }
 }
 
 /// Spec 4.1: convert packs each expert as its own section of bundles, the

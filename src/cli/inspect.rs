@@ -251,7 +251,12 @@ fn part_bytes(file: &PackedFile) -> PartBytes {
         .ffn_layers
         .iter()
         .map(|l| l.neurons * l.bundle_bytes)
-        .chain(file.manifest.experts.iter().map(|e| e.neurons * e.bundle_bytes))
+        .chain(
+            file.manifest
+                .experts
+                .iter()
+                .map(|e| e.neurons * e.bundle_bytes),
+        )
         .sum();
     b
 }

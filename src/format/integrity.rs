@@ -71,7 +71,9 @@ pub fn quant_data_errors(file: &PackedFile) -> Result<Vec<FormatError>> {
             });
         }
     }
-    for layer in &file.manifest.ffn_layers {
+    // FFN layers and experts alike (spec 4.1: an expert is stored as a layer).
+    let experts = file.manifest.experts.iter().map(|e| e.bundles());
+    for layer in file.manifest.ffn_layers.iter().cloned().chain(experts) {
         let Some(q) = layer.dtype.quant() else {
             continue;
         };
