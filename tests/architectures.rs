@@ -7,63 +7,19 @@
 //! (32 steps, past every window), and held-out perplexity in 256-token windows;
 //! then each through convert, verify and the flash runtime.
 
-use std::path::PathBuf;
+mod common;
 
 use flashpack::input::config::Architecture;
-use flashpack::input::Checkpoint;
-use flashpack::runtime::generate::{generate, GenerateOptions};
-use flashpack::runtime::perplexity::perplexity;
-use flashpack::runtime::sampling::SamplingParams;
 use flashpack::runtime::{Logits, Model};
-use serde_json::Value;
 
-/// Issue 18's bars: logit NMSE, relative perplexity error; and the top-2
-/// margin under which a greedy step counts as a near tie (as
-/// tests/runtime_reference.rs).
+/// Issue 18's bars: logit NMSE and relative perplexity error (greedy ids are
+/// compared up to the reference's first near tie, `common::TIE_MARGIN`).
 const MAX_NMSE: f64 = 1e-6;
 const MAX_PPL_REL: f64 = 1e-5;
-const TIE_MARGIN: f64 = 1e-3;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn reference(name: &str) -> (Value, Checkpoint) {
-    let path = fixtures()
-        .join("reference/arch")
-        .join(format!("{name}.json"));
-    let json: Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("reference")).expect("reference JSON");
-    let dir = fixtures().join(json["model_dir"].as_str().expect("model_dir"));
-    let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    (json, ckpt)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("floats")
-        .iter()
-        .map(|x| x.as_f64().expect("float"))
-        .collect()
-}
-
-fn nmse(x: &[f32], r: &[f64]) -> f64 {
-    assert_eq!(x.len(), r.len());
-    let num: f64 = x.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
-    num / r.iter().map(|b| b * b).sum::<f64>()
-}
 
 /// Logits, greedy ids and perplexity of one family against its reference.
 fn check(name: &str, arch: Architecture) {
-    let (json, ckpt) = reference(name);
+    let (json, ckpt) = common::reference("arch", name);
     assert_eq!(ckpt.config.architecture, arch);
     assert_eq!(json["architecture"].as_str(), Some(arch.hf_name()));
     let model = Model::from_checkpoint(&ckpt).expect("load");
@@ -75,7 +31,7 @@ fn check(name: &str, arch: Architecture) {
         .iter()
         .enumerate()
     {
-        let prompt = ids(&p["ids"]);
+        let prompt = common::ids(&p["ids"]);
         assert_eq!(
             tok.encode(p["text"].as_str().expect("text"))
                 .expect("encode"),
@@ -85,53 +41,25 @@ fn check(name: &str, arch: Architecture) {
         let logits = model
             .forward(&mut model.new_cache(), &prompt, Logits::Last, None)
             .expect("forward");
-        let e = nmse(&logits, &floats(&p["final_logits"]));
+        let e = common::nmse_f64(&logits, &common::floats(&p["final_logits"]));
         println!("{name} prompt {pi} ({} ids): NMSE {e:.3e}", prompt.len());
         if e.is_nan() || e > MAX_NMSE {
             failures.push(format!("prompt {pi}: NMSE {e:.3e}"));
         }
-        let want = ids(&p["greedy_ids"]);
-        let margins = floats(&p["greedy_top2_margins"]);
-        let opts = GenerateOptions {
-            max_new_tokens: want.len(),
-            sampling: SamplingParams::default(),
-            stop_ids: Vec::new(),
-            ..GenerateOptions::default()
-        };
-        let got = generate(&model, &prompt, &opts, |_| Ok(())).expect("generate");
-        let n = margins
-            .iter()
-            .position(|&m| m < TIE_MARGIN)
-            .unwrap_or(want.len());
-        println!(
-            "{name} prompt {pi}: greedy compared on {n} of {} steps",
-            want.len()
-        );
-        if got.generated_ids.len() < n || got.generated_ids[..n] != want[..n] {
-            failures.push(format!(
-                "prompt {pi}: greedy {:?} vs {:?} ({n} steps)",
-                got.generated_ids, want
-            ));
-        }
+        failures.extend(common::greedy_mismatch(
+            &model,
+            &prompt,
+            p,
+            &format!("{name} prompt {pi}"),
+        ));
     }
-    let p = &json["perplexity"];
-    let text = std::fs::read_to_string(fixtures().join(p["text_file"].as_str().expect("file")))
-        .expect("text");
-    let ctx = p["ctx"].as_u64().expect("ctx") as usize;
-    let got = perplexity(&model, &tok.encode(&text).expect("encode"), ctx).expect("perplexity");
-    let want = p["perplexity"].as_f64().expect("perplexity");
-    let rel = (got.perplexity - want).abs() / want;
-    println!(
-        "{name}: perplexity {:.6} vs {want:.6} (rel {rel:.2e}, {} tokens)",
-        got.perplexity, got.tokens_scored
-    );
-    assert_eq!(
-        got.tokens_scored as u64,
-        p["tokens_scored"].as_u64().expect("tokens")
-    );
-    if rel.is_nan() || rel > MAX_PPL_REL {
-        failures.push(format!("perplexity rel error {rel:.2e}"));
-    }
+    failures.extend(common::perplexity_mismatch(
+        &model,
+        &tok,
+        &json,
+        MAX_PPL_REL,
+        name,
+    ));
     assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
 }
 
@@ -161,47 +89,29 @@ fn gemma3_matches_transformers() {
     check("gemma3-tiny", Architecture::Gemma3);
 }
 
-/// `flashpack ARGS... --json`: exit code and the one JSON object.
-fn flashpack(args: &[&str]) -> (i32, Value) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run flashpack");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?}: stdout is not JSON ({e}): {}\n{stderr}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    (out.status.code().expect("exit code"), json)
-}
-
 /// The whole pipeline for one family: inspect, convert with calibration
 /// (GeGLU neurons calibrated and predicted as SwiGLU ones), verify against the
 /// checkpoint with the predictors re-measured, eval of the packed file dense
 /// (transformers' perplexity), naive (the same) and flash, and a flash run.
 fn pipeline(name: &str, arch: Architecture, activation: &str) {
-    let (json, _) = reference(name);
+    let (json, _) = common::reference("arch", name);
     let want = json["perplexity"]["perplexity"].as_f64().expect("ppl");
-    let src = fixtures().join("models").join(name);
+    let src = common::fixtures().join("models").join(name);
     let src = src.to_str().expect("utf-8 path");
-    let text = fixtures().join("text/heldout.txt");
+    let text = common::fixtures().join("text/heldout.txt");
     let text = text.to_str().expect("utf-8 path");
-    let train = fixtures().join("text/train.txt");
+    let train = common::fixtures().join("text/train.txt");
     let dir = tempfile::tempdir().expect("tempdir");
     let packed = dir.path().join(format!("{name}.flashpack"));
     let packed = packed.to_str().expect("utf-8 path");
 
-    let (code, info) = flashpack(&["inspect", src]);
+    let (code, info) = common::flashpack_json(&["inspect", src]);
     assert_eq!(code, 0, "{info}");
     assert_eq!(info["architecture"], arch.hf_name(), "{info}");
     assert_eq!(info["activation"], activation, "{info}");
     assert_eq!(info["unused_tensors"], serde_json::json!([]), "{info}");
 
-    let (code, out) = flashpack(&[
+    let (code, out) = common::flashpack_json(&[
         "convert",
         src,
         "-o",
@@ -212,11 +122,12 @@ fn pipeline(name: &str, arch: Architecture, activation: &str) {
         "2048",
     ]);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = flashpack(&["verify", packed, "--against", src, "--calib", text]);
+    let (code, out) =
+        common::flashpack_json(&["verify", packed, "--against", src, "--calib", text]);
     assert_eq!(code, 0, "{name}: verify {out}");
 
     let eval = |mode: &str| {
-        let (code, out) = flashpack(&["eval", packed, "--text", text, "--ffn", mode]);
+        let (code, out) = common::flashpack_json(&["eval", packed, "--text", text, "--ffn", mode]);
         assert_eq!(code, 0, "{name} --ffn {mode}: {out}");
         out["perplexity"].as_f64().expect("perplexity")
     };
@@ -234,7 +145,7 @@ fn pipeline(name: &str, arch: Architecture, activation: &str) {
     assert!(rel <= MAX_PPL_REL, "{name}: naive {naive} vs dense {dense}");
     let rel = (flash - dense).abs() / dense;
     assert!(rel < 0.02, "{name}: flash {flash} vs dense {dense}");
-    let (code, out) = flashpack(&[
+    let (code, out) = common::flashpack_json(&[
         "run",
         packed,
         "--ffn",
@@ -281,12 +192,12 @@ fn gemma3_through_the_pipeline() {
 #[test]
 fn sliding_window_cache_keeps_only_the_window_and_decodes_exactly() {
     for name in ["gemma2-tiny", "gemma3-tiny", "phi3-window"] {
-        let (json, ckpt) = reference(name);
+        let (json, ckpt) = common::reference("arch", name);
         let model = Model::from_checkpoint(&ckpt).expect("load");
         let windows = ckpt.config.ext.layer_windows.clone();
         assert!(windows.iter().any(Option::is_some));
-        let prompt = ids(&json["prompts"][4]["ids"]);
-        let next = ids(&json["prompts"][4]["greedy_ids"])[0];
+        let prompt = common::ids(&json["prompts"][4]["ids"]);
+        let next = common::ids(&json["prompts"][4]["greedy_ids"])[0];
         let mut cache = model.new_cache();
         model
             .forward(&mut cache, &prompt, Logits::None, None)
@@ -322,7 +233,7 @@ fn sliding_window_cache_keeps_only_the_window_and_decodes_exactly() {
             .forward(&mut model.new_cache(), &all, Logits::Last, None)
             .expect("prefill");
         let fresh: Vec<f64> = fresh.iter().map(|&v| v as f64).collect();
-        let e = nmse(&decoded, &fresh);
+        let e = common::nmse_f64(&decoded, &fresh);
         println!("{name}: 40 decode steps past the window vs a fresh prefill: NMSE {e:.3e}");
         assert!(e < 1e-10, "{name}: {e:.3e}");
     }
@@ -483,9 +394,9 @@ fn configs_the_newer_families_cannot_run_are_refused_by_name() {
 #[test]
 fn logits_are_identical_for_one_and_two_threads() {
     for name in ["qwen3-tiny", "phi3-longrope", "gemma2-tiny", "gemma3-tiny"] {
-        let (json, ckpt) = reference(name);
+        let (json, ckpt) = common::reference("arch", name);
         let model = Model::from_checkpoint(&ckpt).expect("load");
-        let prompt = ids(&json["prompts"][3]["ids"]);
+        let prompt = common::ids(&json["prompts"][3]["ids"]);
         let run = |threads| {
             flashpack::runtime::with_threads(Some(threads), || {
                 let mut cache = model.new_cache();

@@ -8,62 +8,20 @@
 //! 4.1: a section per expert), verify against the checkpoint, and the packed
 //! file computed in DRAM.
 
-use std::path::PathBuf;
+mod common;
 
 use flashpack::input::config::Architecture;
-use flashpack::input::Checkpoint;
-use flashpack::runtime::generate::{generate, GenerateOptions};
-use flashpack::runtime::perplexity::perplexity;
-use flashpack::runtime::sampling::SamplingParams;
 use flashpack::runtime::{Fired, Logits, Model, Observer};
 use serde_json::Value;
 
 /// Issue 14's bars, as for the dense families: logit NMSE, relative
-/// perplexity error; the top-2 margin under which a greedy step counts as a
-/// near tie; and the gap between the k-th and (k+1)-th routing probabilities
+/// perplexity error (greedy ids up to the first near tie,
+/// `common::TIE_MARGIN`); and the gap between the k-th and (k+1)-th routing probabilities
 /// under which a routing choice may resolve either way in another summation
 /// order.
 const MAX_NMSE: f64 = 1e-6;
 const MAX_PPL_REL: f64 = 1e-5;
-const TIE_MARGIN: f64 = 1e-3;
 const ROUTING_TIE: f64 = 1e-5;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn reference(name: &str) -> (Value, Checkpoint) {
-    let path = fixtures()
-        .join("reference/moe")
-        .join(format!("{name}.json"));
-    let json: Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("reference")).expect("reference JSON");
-    let dir = fixtures().join(json["model_dir"].as_str().expect("model_dir"));
-    let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    (json, ckpt)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("floats")
-        .iter()
-        .map(|x| x.as_f64().expect("float"))
-        .collect()
-}
-
-fn nmse(x: &[f32], r: &[f64]) -> f64 {
-    assert_eq!(x.len(), r.len());
-    let num: f64 = x.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
-    num / r.iter().map(|b| b * b).sum::<f64>()
-}
 
 /// Records each layer's chosen experts per token.
 #[derive(Default)]
@@ -84,7 +42,7 @@ impl Observer for RoutingLog {
 
 /// Logits, greedy ids, perplexity and routing of one model against its reference.
 fn check(name: &str, arch: Architecture) {
-    let (json, ckpt) = reference(name);
+    let (json, ckpt) = common::reference("moe", name);
     assert_eq!(ckpt.config.architecture, arch);
     assert_eq!(json["architecture"].as_str(), Some(arch.hf_name()));
     let moe = ckpt
@@ -109,7 +67,7 @@ fn check(name: &str, arch: Architecture) {
         .iter()
         .enumerate()
     {
-        let prompt = ids(&p["ids"]);
+        let prompt = common::ids(&p["ids"]);
         assert_eq!(
             tok.encode(p["text"].as_str().expect("text"))
                 .expect("encode"),
@@ -125,7 +83,7 @@ fn check(name: &str, arch: Architecture) {
                 Some(&mut log),
             )
             .expect("forward");
-        let e = nmse(&logits, &floats(&p["final_logits"]));
+        let e = common::nmse_f64(&logits, &common::floats(&p["final_logits"]));
         println!("{name} prompt {pi} ({} ids): NMSE {e:.3e}", prompt.len());
         if e.is_nan() || e > MAX_NMSE {
             failures.push(format!("prompt {pi}: NMSE {e:.3e}"));
@@ -135,7 +93,7 @@ fn check(name: &str, arch: Architecture) {
             for (layer, want) in json["routing"].as_object().expect("routing") {
                 let layer: usize = layer.parse().expect("layer");
                 let got = &log.layers[&layer];
-                let gaps = floats(&want["gaps"]);
+                let gaps = common::floats(&want["gaps"]);
                 let want = want["experts"].as_array().expect("experts");
                 assert_eq!(got.len(), want.len(), "{name} layer {layer}: tokens");
                 let mut compared = 0;
@@ -144,10 +102,10 @@ fn check(name: &str, arch: Architecture) {
                         continue;
                     }
                     compared += 1;
-                    if *g != ids(w) {
+                    if *g != common::ids(w) {
                         failures.push(format!(
                             "layer {layer} token {t}: experts {g:?}, transformers {:?}",
-                            ids(w)
+                            common::ids(w)
                         ));
                     }
                 }
@@ -158,48 +116,20 @@ fn check(name: &str, arch: Architecture) {
                 assert!(compared > got.len() * 9 / 10);
             }
         }
-        let want = ids(&p["greedy_ids"]);
-        let margins = floats(&p["greedy_top2_margins"]);
-        let opts = GenerateOptions {
-            max_new_tokens: want.len(),
-            sampling: SamplingParams::default(),
-            stop_ids: Vec::new(),
-            ..GenerateOptions::default()
-        };
-        let got = generate(&model, &prompt, &opts, |_| Ok(())).expect("generate");
-        let n = margins
-            .iter()
-            .position(|&m| m < TIE_MARGIN)
-            .unwrap_or(want.len());
-        println!(
-            "{name} prompt {pi}: greedy compared on {n} of {} steps",
-            want.len()
-        );
-        if got.generated_ids.len() < n || got.generated_ids[..n] != want[..n] {
-            failures.push(format!(
-                "prompt {pi}: greedy {:?} vs {:?} ({n} steps)",
-                got.generated_ids, want
-            ));
-        }
+        failures.extend(common::greedy_mismatch(
+            &model,
+            &prompt,
+            p,
+            &format!("{name} prompt {pi}"),
+        ));
     }
-    let p = &json["perplexity"];
-    let text = std::fs::read_to_string(fixtures().join(p["text_file"].as_str().expect("file")))
-        .expect("text");
-    let ctx = p["ctx"].as_u64().expect("ctx") as usize;
-    let got = perplexity(&model, &tok.encode(&text).expect("encode"), ctx).expect("perplexity");
-    let want = p["perplexity"].as_f64().expect("perplexity");
-    let rel = (got.perplexity - want).abs() / want;
-    println!(
-        "{name}: perplexity {:.6} vs {want:.6} (rel {rel:.2e}, {} tokens)",
-        got.perplexity, got.tokens_scored
-    );
-    assert_eq!(
-        got.tokens_scored as u64,
-        p["tokens_scored"].as_u64().expect("tokens")
-    );
-    if rel.is_nan() || rel > MAX_PPL_REL {
-        failures.push(format!("perplexity rel error {rel:.2e}"));
-    }
+    failures.extend(common::perplexity_mismatch(
+        &model,
+        &tok,
+        &json,
+        MAX_PPL_REL,
+        name,
+    ));
     assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
 }
 
@@ -345,33 +275,15 @@ fn moe_configs_that_cannot_run_are_refused_by_name() {
     }
 }
 
-/// `flashpack ARGS... --json`: exit code and the one JSON object.
-fn flashpack(args: &[&str]) -> (i32, Value) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run flashpack");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?}: stdout is not JSON ({e}): {}\n{stderr}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    (out.status.code().expect("exit code"), json)
-}
-
 /// inspect shows the experts; run and eval work from the checkpoint (eval's
 /// perplexity is transformers'); convert with calibration or block types
 /// refuses what it cannot calibrate or quantize yet, writing nothing.
 #[test]
 fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
-    let (json, _) = reference("qwen2moe-tiny");
-    let src = fixtures().join("models/qwen2moe-tiny");
+    let (json, _) = common::reference("moe", "qwen2moe-tiny");
+    let src = common::fixtures().join("models/qwen2moe-tiny");
     let src = src.to_str().expect("utf-8");
-    let (code, info) = flashpack(&["inspect", src]);
+    let (code, info) = common::flashpack_json(&["inspect", src]);
     assert_eq!(code, 0, "{info}");
     let e = &info["experts"];
     assert_eq!(e["count"], 6, "{info}");
@@ -383,14 +295,15 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
     assert_eq!(e["params_ffn_active"], 3 * 32 * (2 * (2 * 24 + 40) + 64));
     assert_eq!(info["unused_tensors"], serde_json::json!([]));
 
-    let text = fixtures().join("text/heldout.txt");
-    let (code, out) = flashpack(&["eval", src, "--text", text.to_str().expect("utf-8")]);
+    let text = common::fixtures().join("text/heldout.txt");
+    let (code, out) =
+        common::flashpack_json(&["eval", src, "--text", text.to_str().expect("utf-8")]);
     assert_eq!(code, 0, "{out}");
     let want = json["perplexity"]["perplexity"].as_f64().expect("ppl");
     let got = out["perplexity"].as_f64().expect("ppl");
     assert!((got - want).abs() / want <= MAX_PPL_REL, "{got} vs {want}");
 
-    let (code, out) = flashpack(&["run", src, "-p", "KING HENRY.", "-n", "8"]);
+    let (code, out) = common::flashpack_json(&["run", src, "-p", "KING HENRY.", "-n", "8"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(out["generated_tokens"], 8, "{out}");
 
@@ -398,8 +311,8 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
     // writing nothing.
     let dir = tempfile::tempdir().expect("tempdir");
     let packed = dir.path().join("x.flashpack");
-    let train = fixtures().join("text/train.txt");
-    let (code, out) = flashpack(&[
+    let train = common::fixtures().join("text/train.txt");
+    let (code, out) = common::flashpack_json(&[
         "convert",
         src,
         "-o",
@@ -420,7 +333,7 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
     // Experts have no block types yet (spec 4.1): convert --quant refuses,
     // writing nothing.
     for quant in ["q8", "ffn=q4", "attn=q8"] {
-        let (code, out) = flashpack(&[
+        let (code, out) = common::flashpack_json(&[
             "convert",
             src,
             "-o",
@@ -447,7 +360,7 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
 #[test]
 fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = fixtures().join("text/heldout.txt");
+    let text = common::fixtures().join("text/heldout.txt");
     let text = text.to_str().expect("utf-8");
     for name in [
         "mixtral-tiny",
@@ -455,13 +368,13 @@ fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
         "qwen3moe-tiny",
         "qwen3moe-trained",
     ] {
-        let (json, ckpt) = reference(name);
+        let (json, ckpt) = common::reference("moe", name);
         let moe = ckpt.config.moe.clone().expect("moe");
-        let src = fixtures().join("models").join(name);
+        let src = common::fixtures().join("models").join(name);
         let src = src.to_str().expect("utf-8");
         let packed = dir.path().join(format!("{name}.flashpack"));
         let packed = packed.to_str().expect("utf-8");
-        let (code, out) = flashpack(&["convert", src, "-o", packed]);
+        let (code, out) = common::flashpack_json(&["convert", src, "-o", packed]);
         assert_eq!(code, 0, "{name}: {out}");
 
         let file = flashpack::format::PackedFile::open(std::path::Path::new(packed)).expect("open");
@@ -508,13 +421,13 @@ fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
             }
         }
 
-        let (code, out) = flashpack(&["verify", packed, "--against", src]);
+        let (code, out) = common::flashpack_json(&["verify", packed, "--against", src]);
         assert_eq!(code, 0, "{name}: verify {out}");
         assert_eq!(out["ok"], true, "{out}");
         assert_eq!(out["weights_mismatched"], 0, "{out}");
         assert!(out["weights_compared"].as_u64().expect("compared") > 0);
 
-        let (code, info) = flashpack(&["inspect", packed]);
+        let (code, info) = common::flashpack_json(&["inspect", packed]);
         assert_eq!(code, 0, "{info}");
         assert_eq!(info["expert_sections"], m.experts.len(), "{info}");
         assert_eq!(info["experts"]["count"], moe.num_experts, "{info}");
@@ -524,7 +437,8 @@ fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
             "{info}"
         );
 
-        let (code, out) = flashpack(&["eval", packed, "--text", text, "--ffn", "dense"]);
+        let (code, out) =
+            common::flashpack_json(&["eval", packed, "--text", text, "--ffn", "dense"]);
         assert_eq!(code, 0, "{name}: {out}");
         let want = json["perplexity"]["perplexity"].as_f64().expect("ppl");
         let got = out["perplexity"].as_f64().expect("ppl");
@@ -534,7 +448,8 @@ fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
         );
         assert!(rel <= MAX_PPL_REL, "{name}: {got} vs {want}");
 
-        let (code, out) = flashpack(&["eval", packed, "--text", text, "--ffn", "naive"]);
+        let (code, out) =
+            common::flashpack_json(&["eval", packed, "--text", text, "--ffn", "naive"]);
         assert_eq!(code, 2, "{name}: {out}");
         assert!(
             out["error"]

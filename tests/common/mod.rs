@@ -40,3 +40,127 @@ pub fn endless_model() -> tempfile::TempDir {
     std::fs::write(&config_path, config.to_string()).unwrap();
     dir
 }
+
+/// The top-2 margin under which a reference's greedy step counts as a near tie
+/// (the runtime may then pick either token): greedy ids are compared up to the
+/// first such step.
+pub const TIE_MARGIN: f64 = 1e-3;
+
+/// A transformers reference `fixtures/reference/<group>/<name>.json` and the
+/// checkpoint it was computed from.
+pub fn reference(group: &str, name: &str) -> (serde_json::Value, flashpack::input::Checkpoint) {
+    let path = fixtures()
+        .join("reference")
+        .join(group)
+        .join(format!("{name}.json"));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("reference")).expect("reference JSON");
+    let dir = fixtures().join(json["model_dir"].as_str().expect("model_dir"));
+    let ckpt = flashpack::input::Checkpoint::open(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    (json, ckpt)
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// A JSON array of numbers.
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("floats")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect()
+}
+
+/// [`nmse`] against a reference kept in f64.
+pub fn nmse_f64(x: &[f32], r: &[f64]) -> f64 {
+    assert_eq!(x.len(), r.len());
+    let num: f64 = x.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+    num / r.iter().map(|b| b * b).sum::<f64>()
+}
+
+/// Greedy generation from `prompt` against a reference prompt entry's
+/// `greedy_ids`, compared up to its first near tie: `None` when equal, else
+/// what differs.
+pub fn greedy_mismatch(
+    model: &flashpack::runtime::Model,
+    prompt: &[u32],
+    p: &serde_json::Value,
+    label: &str,
+) -> Option<String> {
+    use flashpack::runtime::generate::{generate, GenerateOptions};
+    let want = ids(&p["greedy_ids"]);
+    let margins = floats(&p["greedy_top2_margins"]);
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        ..GenerateOptions::default()
+    };
+    let got = generate(model, prompt, &opts, |_| Ok(())).expect("generate");
+    let n = margins
+        .iter()
+        .position(|&m| m < TIE_MARGIN)
+        .unwrap_or(want.len());
+    println!("{label}: greedy compared on {n} of {} steps", want.len());
+    (got.generated_ids.len() < n || got.generated_ids[..n] != want[..n]).then(|| {
+        format!(
+            "{label}: greedy {:?} vs {:?} ({n} steps)",
+            got.generated_ids, want
+        )
+    })
+}
+
+/// Perplexity of the reference's text (its `perplexity` entry: file, window,
+/// tokens scored, value) against transformers': the token count must be equal;
+/// `None` when the relative error is at most `max_rel`, else the error.
+pub fn perplexity_mismatch(
+    model: &flashpack::runtime::Model,
+    tokenizer: &flashpack::input::TextTokenizer,
+    reference: &serde_json::Value,
+    max_rel: f64,
+    label: &str,
+) -> Option<String> {
+    let p = &reference["perplexity"];
+    let text = std::fs::read_to_string(fixtures().join(p["text_file"].as_str().expect("file")))
+        .expect("text");
+    let ctx = p["ctx"].as_u64().expect("ctx") as usize;
+    let ids = tokenizer.encode(&text).expect("encode");
+    let got = flashpack::runtime::perplexity::perplexity(model, &ids, ctx).expect("perplexity");
+    let want = p["perplexity"].as_f64().expect("perplexity");
+    let rel = (got.perplexity - want).abs() / want;
+    println!(
+        "{label}: perplexity {:.6} vs {want:.6} (rel {rel:.2e}, {} tokens)",
+        got.perplexity, got.tokens_scored
+    );
+    assert_eq!(
+        got.tokens_scored as u64,
+        p["tokens_scored"].as_u64().expect("tokens"),
+        "{label}"
+    );
+    (rel.is_nan() || rel > max_rel).then(|| format!("{label}: perplexity rel error {rel:.2e}"))
+}
+
+/// `flashpack ARGS... --json`: the exit code and the one JSON object on stdout
+/// (a panic on stderr fails the test).
+pub fn flashpack_json(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run flashpack");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: stdout is not JSON ({e}): {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code().expect("exit code"), json)
+}
