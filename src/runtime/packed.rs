@@ -119,42 +119,29 @@ impl<'a> PackedWeights<'a> {
             .iter()
             .position(|p| *p == part)
             .expect("checked at open: parts match the architecture");
-        let mut last = self
-            .ffn
-            .as_ref()
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "FFN weights of layer {layer} were not loaded (flash mode reads bundles from disk)"
-                ))
-            })?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if last.as_ref().map(|l| l.0) != Some(layer) {
-            // Dropped before the next is read: one section at a time.
-            *last = None;
-            *last = Some((layer, self.file.read_section(&entry.section)?));
-        }
-        let bundles = &last.as_ref().expect("set above").1;
-        let part_of =
-            |p: usize| &bundles[p * stride + k * h * size..p * stride + (k + 1) * h * size];
-        let mut bytes = vec![0u8; n * h * size];
-        match part {
-            BundlePart::Gate | BundlePart::Up => {
-                for (p, row) in bytes.chunks_exact_mut(h * size).enumerate() {
-                    row.copy_from_slice(part_of(p));
+        let bytes = self.with_section(layer, |bundles| {
+            let part_of =
+                |p: usize| &bundles[p * stride + k * h * size..p * stride + (k + 1) * h * size];
+            let mut bytes = vec![0u8; n * h * size];
+            match part {
+                BundlePart::Gate | BundlePart::Up => {
+                    for (p, row) in bytes.chunks_exact_mut(h * size).enumerate() {
+                        row.copy_from_slice(part_of(p));
+                    }
                 }
-            }
-            BundlePart::Down => {
-                // Bundle p holds column p; the matrix is stored row-major [hidden, neurons].
-                for p in 0..n {
-                    let column = part_of(p);
-                    for r in 0..h {
-                        let at = (r * n + p) * size;
-                        bytes[at..at + size].copy_from_slice(&column[r * size..(r + 1) * size]);
+                BundlePart::Down => {
+                    // Bundle p holds column p; the matrix is stored row-major [hidden, neurons].
+                    for p in 0..n {
+                        let column = part_of(p);
+                        for r in 0..h {
+                            let at = (r * n + p) * size;
+                            bytes[at..at + size].copy_from_slice(&column[r * size..(r + 1) * size]);
+                        }
                     }
                 }
             }
-        }
+            bytes
+        })?;
         Ok(Storage::from_le_bytes(dtype, &bytes))
     }
 }
@@ -175,6 +162,7 @@ impl PackedWeights<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if last.as_ref().map(|l| l.0) != Some(layer) {
+            // Dropped before the next is read: one section at a time.
             *last = None;
             *last = Some((layer, self.file.read_section(&entry.section)?));
         }
