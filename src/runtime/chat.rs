@@ -666,22 +666,7 @@ impl ChatSession {
                 "ChatSession::generate takes no stop strings".into(),
             ));
         }
-        let max = match opts.context {
-            0 => model.config.max_context,
-            n => n.min(model.config.max_context),
-        };
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the prompt encodes to no tokens".into(),
-            ));
-        }
-        if prompt.len() > max {
-            return Err(Error::ContextTooLong {
-                what: format!("the conversation ({} tokens)", prompt.len()),
-                needed: prompt.len(),
-                max,
-            });
-        }
+        crate::runtime::generate::check_prompt(model, prompt, opts, "the conversation")?;
         // A sliding-window layer has dropped old rows: start over.
         let slid = self.cache.layers.iter().any(|l| l.first > 0);
         let common = if slid {

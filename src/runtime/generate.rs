@@ -128,22 +128,7 @@ pub fn generate_until_in(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<Flow>,
 ) -> Result<Generation> {
-    let max = match opts.context {
-        0 => model.config.max_context,
-        n => n.min(model.config.max_context),
-    };
-    if prompt.is_empty() {
-        return Err(Error::InvalidArgument(
-            "the prompt encodes to no tokens".into(),
-        ));
-    }
-    if prompt.len() > max {
-        return Err(Error::ContextTooLong {
-            what: format!("the prompt ({} tokens)", prompt.len()),
-            needed: prompt.len(),
-            max,
-        });
-    }
+    let max = check_prompt(model, prompt, opts, "the prompt")?;
     let mut sampler = Sampler::new(opts.sampling)?;
     let mut out = Generation {
         generated_ids: Vec::new(),
@@ -202,6 +187,34 @@ pub fn generate_until_in(
     }
     out.decode_ms = t1.elapsed().as_secs_f64() * 1000.0;
     Ok(out)
+}
+
+/// The context `opts` allows for `model` (its own when `opts.context` is 0),
+/// after checking that `prompt` (named `what` in the error) is not empty and
+/// fits in it.
+pub(crate) fn check_prompt(
+    model: &Model,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    what: &str,
+) -> Result<usize> {
+    let max = match opts.context {
+        0 => model.config.max_context,
+        n => n.min(model.config.max_context),
+    };
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prompt encodes to no tokens".into(),
+        ));
+    }
+    if prompt.len() > max {
+        return Err(Error::ContextTooLong {
+            what: format!("{what} ({} tokens)", prompt.len()),
+            needed: prompt.len(),
+            max,
+        });
+    }
+    Ok(max)
 }
 
 /// Turns a growing id sequence into text increments that are safe to print.
