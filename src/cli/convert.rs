@@ -157,11 +157,10 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
     let bars = crate::cli::progress::PhaseBars::on_terminal();
     let started = std::time::Instant::now();
     let source = crate::input::hub::resolve_model(&args.model)?;
+    // On an error the bars are dropped (and cleared) before main prints it.
     let summary = convert(&source, &args.output, &options, &|phase, done, total| {
         bars.report(phase, done, total)
-    });
-    bars.clear();
-    let summary = summary?;
+    })?;
     let convert_s = started.elapsed().as_secs_f64();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     out.human(format_args!(

@@ -51,9 +51,7 @@ pub fn run(args: &PredictorsArgs, out: &Output) -> anyhow::Result<()> {
         args.output.as_deref(),
         &plan,
         &|phase, done, total| bars.report(phase, done, total),
-    );
-    bars.clear();
-    let summary = summary?;
+    )?;
     let output = args.output.as_ref().unwrap_or(&args.file);
     out.human(format_args!(
         "wrote {} ({} bytes): calibrated on {} tokens in {:.1}s, trained in {:.1}s",

@@ -53,21 +53,17 @@ impl PhaseBars {
             bar.finish();
         }
     }
+}
 
-    /// Removes unfinished bars (an error ended the work) so that the error
-    /// message stands on its own line.
-    pub(crate) fn clear(&self) {
+/// Unfinished bars (an error ended the work) are removed so that the error
+/// message stands on its own line; finished phases stay on screen.
+impl Drop for PhaseBars {
+    fn drop(&mut self) {
         if let Ok(bars) = self.bars.lock() {
             for bar in bars.values().filter(|b| !b.is_finished()) {
                 bar.finish_and_clear();
             }
         }
-    }
-}
-
-impl Drop for PhaseBars {
-    fn drop(&mut self) {
-        self.clear();
     }
 }
 
