@@ -10,9 +10,13 @@
 //! - [`format`]: the packed file format (spec: `formats/flashpack-v1.md`), reader and checks.
 //! - [`pack`]: writing packed files (`convert`).
 //! - [`runtime`]: the forward pass, KV cache, FFN and sampling.
-//! - [`cli`]: the `flashpack` command line, a thin layer over the library.
+//! - [`server`]: the OpenAI-compatible HTTP server (cargo feature `server`).
+//! - [`cli`]: the `flashpack` command line, a thin layer over the library (cargo
+//!   feature `cli`, on by default; `default-features = false` leaves out clap,
+//!   indicatif, ctrlc and the HTTP stack).
 
 pub mod cleanup;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod dtype;
 pub mod error;
@@ -23,6 +27,7 @@ pub mod predictor;
 pub mod progress;
 pub mod quant;
 pub mod runtime;
+#[cfg(feature = "server")]
 pub mod server;
 
 pub use error::{Error, ExitClass, Result};

@@ -24,7 +24,8 @@
 pub const LEVELS: usize = 100;
 
 /// How the model-wide target is shared among the layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Allocation {
     /// The same fraction in every layer.

@@ -28,7 +28,8 @@ pub const INT4_BLOCK: usize = 32;
 const PAD: usize = 32;
 
 /// How a low-precision copy stores its weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum LowBits {
     /// One signed byte per weight, one f32 scale per row (8 bits and 32 per row).

@@ -27,7 +27,8 @@ use crate::runtime::weights::Storage;
 use crate::runtime::Model;
 
 /// Which neurons the FFN computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum FfnMode {
     /// Every neuron: the exact model.
@@ -481,7 +482,8 @@ pub struct SparsityData {
 }
 
 /// What `predicted` (and `flash`) choose neurons with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Selector {
     /// `int8` for SiLU files calibrated by the product criterion (measured
