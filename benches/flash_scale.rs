@@ -39,7 +39,9 @@
 //! Run: `cargo bench --bench flash_scale` (`FLASHPACK_BENCH_DIR` for the
 //! 5.5 GiB of scratch, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
 //! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4),
-//! `FLASHPACK_SCALE_IO_THREADS` reads in flight and
+//! `FLASHPACK_SCALE_IO_THREADS` reads in flight, `FLASHPACK_SCALE_IO_ENGINE`
+//! what keeps them in flight (`threads`, the default, `uring`, or `both`: flash
+//! window W once more through io_uring right after the pool) and
 //! `FLASHPACK_SCALE_COALESCE_GAP` the coalescing gap (the runtime's defaults),
 //! `FLASHPACK_SCALE_VERIFY` first-use verification of FFN chunks: `on` (the
 //! runtime's default), `off`, or `both` (default: naive and flash window W
@@ -58,6 +60,7 @@ use flashpack::format::layout::DENSE_SECTION;
 use flashpack::format::PackedFile;
 use flashpack::runtime::bench::{write_synthetic_checkpoint, SyntheticShape};
 use flashpack::runtime::flash::bench::{measure_mode, ModeRow};
+use flashpack::runtime::flash::io::IoEngine;
 use flashpack::runtime::flash::replay::from_kept_trace;
 use flashpack::runtime::flash::{parse_size, DiskMode, FlashOptions, Replay};
 use flashpack::runtime::kernels::{dot_weights, Weights};
@@ -70,7 +73,7 @@ const MMAP_CHILD: &str = "FLASHPACK_SCALE_MMAP_CHILD";
 const BUDGET_CHILD: &str = "FLASHPACK_SCALE_BUDGET_CHILD";
 
 /// One measured mode: name, mode, window, replayed sets, tokens, whether FFN
-/// chunks are verified on first use.
+/// chunks are verified on first use, the reader's engine.
 type Run<'a> = (
     String,
     DiskMode,
@@ -78,6 +81,7 @@ type Run<'a> = (
     Option<&'a Arc<Replay>>,
     usize,
     bool,
+    IoEngine,
 );
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -219,12 +223,22 @@ fn main() {
         predicted.mean_fraction() * 100.0
     );
     let ids = token_ids(tokens);
+    let engines = std::env::var("FLASHPACK_SCALE_IO_ENGINE").unwrap_or_else(|_| "threads".into());
+    assert!(
+        ["threads", "uring", "both"].contains(&engines.as_str()),
+        "FLASHPACK_SCALE_IO_ENGINE={engines}: threads, uring or both"
+    );
     let base = FlashOptions {
         dram_budget: Some(budget),
         io_threads: env_usize(
             "FLASHPACK_SCALE_IO_THREADS",
             FlashOptions::default().io_threads,
         ),
+        io_engine: if engines == "uring" {
+            IoEngine::Uring
+        } else {
+            IoEngine::Threads
+        },
         coalesce_gap: env_usize(
             "FLASHPACK_SCALE_COALESCE_GAP",
             FlashOptions::default().coalesce_gap,
@@ -244,10 +258,18 @@ fn main() {
     let both = |name: String, mode, w, replay, n| -> Vec<Run> {
         let mut v = Vec::new();
         if on {
-            v.push((name.clone(), mode, w, replay, n, true));
+            v.push((name.clone(), mode, w, replay, n, true, base.io_engine));
         }
         if off {
-            v.push((format!("{name}, verify off"), mode, w, replay, n, false));
+            v.push((
+                format!("{name}, verify off"),
+                mode,
+                w,
+                replay,
+                n,
+                false,
+                base.io_engine,
+            ));
         }
         v
     };
@@ -273,6 +295,7 @@ fn main() {
         Some(&predicted),
         tokens,
         on,
+        base.io_engine,
     ));
     runs.extend(both(
         format!("flash window {window}"),
@@ -281,6 +304,18 @@ fn main() {
         Some(&predicted),
         tokens,
     ));
+    if engines == "both" {
+        // The same mode through io_uring, right after the thread pool's.
+        runs.push((
+            label(format!("flash window {window}, io_uring")),
+            DiskMode::Flash,
+            window,
+            Some(&predicted),
+            tokens,
+            on,
+            IoEngine::Uring,
+        ));
+    }
     runs.push((
         label(format!("oracle-flash window {window}")),
         DiskMode::Oracle,
@@ -288,10 +323,11 @@ fn main() {
         Some(&fired),
         tokens,
         on,
+        base.io_engine,
     ));
     let mut rows: Vec<ModeRow> = Vec::new();
     let mut mmap = Err("not run".to_string());
-    for (name, mode, w, replay, n, verify_reads) in runs {
+    for (name, mode, w, replay, n, verify_reads, io_engine) in runs {
         if mode != DiskMode::Naive {
             // The llama.cpp-style baseline beside naive, a few seconds apart:
             // this disk's throughput drifts over minutes.
@@ -306,6 +342,7 @@ fn main() {
             window: w,
             replay: replay.cloned(),
             verify_reads,
+            io_engine,
             ..base.clone()
         };
         match measure_mode(&packed, &ids[..n.min(ids.len())], &opts, &name) {
@@ -332,6 +369,7 @@ fn main() {
             "FLASHPACK_SCALE_CHILD_IO_THREADS",
             base.io_threads.to_string(),
         )
+        .env("FLASHPACK_SCALE_CHILD_IO_ENGINE", base.io_engine.as_str())
         .stderr(std::process::Stdio::inherit())
         .output()
         .ok()
@@ -460,6 +498,11 @@ fn budget_child(packed: &Path) {
         mode: DiskMode::Flash,
         window: num("FLASHPACK_SCALE_CHILD_WINDOW"),
         io_threads: num("FLASHPACK_SCALE_CHILD_IO_THREADS"),
+        io_engine: if var("FLASHPACK_SCALE_CHILD_IO_ENGINE") == "uring" {
+            IoEngine::Uring
+        } else {
+            IoEngine::Threads
+        },
         dram_budget: Some(num("FLASHPACK_SCALE_CHILD_BUDGET") as u64),
         context: tokens,
         replay: Some(Arc::new(predicted)),

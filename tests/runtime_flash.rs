@@ -14,6 +14,7 @@ use flashpack::pack::{convert, ConvertOptions};
 use flashpack::predictor::calibrate::CalibrationOptions;
 use flashpack::predictor::pipeline::CalibrationPlan;
 use flashpack::predictor::train::TrainOptions;
+use flashpack::runtime::flash::io::IoEngine;
 use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashRuntime};
 use flashpack::runtime::sparse::FfnMode;
 use flashpack::runtime::{open_model, with_threads, ActiveSet, Logits, Model};
@@ -126,17 +127,19 @@ fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
         let mut predicted = open_model(path).unwrap();
         predicted.set_ffn_mode(FfnMode::Predicted).unwrap();
         let want = logits(&predicted.model, &ids);
-        // (window, cache rows, DRAM budget, compute threads, I/O threads)
+        // (window, cache rows, DRAM budget, compute threads, reads in flight, engine)
         let cases = [
-            (0, None, None, 1, 1),
-            (1, None, None, 2, 2),
-            (4, None, None, 1, 3),
+            (0, None, None, 1, 1, IoEngine::Threads),
+            (1, None, None, 2, 2, IoEngine::Threads),
+            (4, None, None, 1, 3, IoEngine::Threads),
+            (4, None, None, 2, 3, IoEngine::Uring),
             // A tiny cache: most neurons go through scratch.
-            (2, Some(8), None, 2, 1),
+            (2, Some(8), None, 2, 1, IoEngine::Threads),
+            (2, Some(8), None, 1, 16, IoEngine::Uring),
             // Budget to spare: the hottest neurons pinned.
-            (0, None, Some(1 << 30), 1, 2),
+            (0, None, Some(1 << 30), 1, 2, IoEngine::Threads),
         ];
-        for (window, capacity, dram_budget, threads, io_threads) in cases {
+        for (window, capacity, dram_budget, threads, io_threads, io_engine) in cases {
             let (model, rt) = flash(
                 path,
                 FlashOptions {
@@ -144,6 +147,7 @@ fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
                     capacity,
                     dram_budget,
                     io_threads,
+                    io_engine,
                     ..FlashOptions::default()
                 },
             );
@@ -159,6 +163,7 @@ fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
                 nmse(&got, &want)
             );
             assert!(r.bytes_read > 0 && r.read_ops > 0);
+            assert_eq!(r.io_engine, io_engine);
             if window == 0 && dram_budget.is_none() {
                 assert_eq!(r.window_hit_rate, 0.0, "{name}: window 0 keeps nothing");
             }
@@ -389,17 +394,22 @@ fn oracle_flash_is_bit_identical_to_oracle_and_reads_no_more_than_flash() {
 fn a_decode_step_of_the_flash_ffn_does_not_allocate() {
     // One I/O thread: reads happen on this thread, where allocations are
     // counted. Sixteen: this thread hands reads to the pool and waits.
-    for io_threads in [1, 16] {
-        decode_steps_do_not_allocate(io_threads);
+    for (io_threads, engine) in [
+        (1, IoEngine::Threads),
+        (16, IoEngine::Threads),
+        (16, IoEngine::Uring),
+    ] {
+        decode_steps_do_not_allocate(io_threads, engine);
     }
 }
 
-fn decode_steps_do_not_allocate(io_threads: usize) {
+fn decode_steps_do_not_allocate(io_threads: usize, io_engine: IoEngine) {
     let path = calibrated("opt-relu");
     let (model, rt) = flash(
         path,
         FlashOptions {
             io_threads,
+            io_engine,
             window: 2,
             ..FlashOptions::default()
         },
@@ -437,15 +447,17 @@ fn decode_steps_do_not_allocate(io_threads: usize) {
     );
     assert_eq!(
         allocations, 0,
-        "heap allocations on the per-token path ({io_threads} I/O threads)"
+        "heap allocations on the per-token path ({io_threads} reads in flight, {io_engine:?})"
     );
 }
 
+/// Direct or buffered reads, through the thread pool or io_uring: the same
+/// tokens from the same bytes, and the run says which it used.
 #[test]
-fn buffered_fallback_gives_the_same_tokens_and_says_so() {
+fn buffered_fallback_and_either_engine_give_the_same_tokens_and_say_so() {
     let path = calibrated("opt-relu");
     let p = path.to_str().unwrap();
-    let run = |no_direct: bool| {
+    let run = |no_direct: bool, engine: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flashpack"));
         cmd.args([
             "run",
@@ -456,6 +468,8 @@ fn buffered_fallback_gives_the_same_tokens_and_says_so() {
             "6",
             "--ffn",
             "flash",
+            "--io-engine",
+            engine,
             "--json",
         ]);
         if no_direct {
@@ -467,12 +481,24 @@ fn buffered_fallback_gives_the_same_tokens_and_says_so() {
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         (json, String::from_utf8_lossy(&out.stderr).to_string())
     };
-    let (buffered, stderr) = run(true);
+    let (buffered, stderr) = run(true, "threads");
     assert_eq!(buffered["io_mode"], "buffered");
+    assert_eq!(buffered["flash"]["io_engine"], "threads");
     assert!(stderr.contains("buffered reads"), "{stderr}");
-    let (direct, _) = run(false);
-    assert_eq!(buffered["generated_ids"], direct["generated_ids"]);
-    assert_eq!(buffered["read_bytes"], direct["read_bytes"]);
+    for (no_direct, engine) in [(false, "threads"), (false, "uring"), (true, "uring")] {
+        let (other, _) = run(no_direct, engine);
+        assert_eq!(other["flash"]["io_engine"], engine);
+        assert_eq!(
+            other["io_mode"],
+            if no_direct { "buffered" } else { "direct" }
+        );
+        assert_eq!(
+            buffered["generated_ids"], other["generated_ids"],
+            "{engine}"
+        );
+        assert_eq!(buffered["read_bytes"], other["read_bytes"], "{engine}");
+        assert_eq!(buffered["read_ops"], other["read_ops"], "{engine}");
+    }
 }
 
 #[test]

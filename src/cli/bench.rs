@@ -91,6 +91,7 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
         let opts = FlashOptions {
             window: args.flash.window(),
             io_threads: args.flash.io_threads(),
+            io_engine: args.flash.io_engine(),
             coalesce_gap: args.flash.coalesce_gap(),
             dram_budget: args
                 .flash

@@ -22,6 +22,11 @@ pub struct FlashArgs {
     /// throughput) [default: 16].
     #[arg(long)]
     pub io_threads: Option<usize>,
+    /// What keeps the reads in flight: `threads` (a pool, one blocking read
+    /// per thread) or `uring` (one io_uring, every read of a batch submitted
+    /// at once; Linux 5.1+ where the kernel allows it) [default: threads].
+    #[arg(long, value_enum)]
+    pub io_engine: Option<crate::runtime::flash::io::IoEngine>,
     /// Read wanted bundles at most this many bundles apart in one operation
     /// [default: 1].
     #[arg(long)]
@@ -61,6 +66,11 @@ impl FlashArgs {
             .unwrap_or(crate::runtime::flash::DEFAULT_IO_THREADS)
     }
 
+    pub fn io_engine(&self) -> crate::runtime::flash::io::IoEngine {
+        self.io_engine
+            .unwrap_or(crate::runtime::flash::io::IoEngine::Threads)
+    }
+
     pub fn coalesce_gap(&self) -> usize {
         self.coalesce_gap.unwrap_or(1)
     }
@@ -71,6 +81,7 @@ impl FlashArgs {
         let given = [
             ("--window", self.window.is_some()),
             ("--io-threads", self.io_threads.is_some()),
+            ("--io-engine", self.io_engine.is_some()),
             ("--coalesce-gap", self.coalesce_gap.is_some()),
             ("--dram-budget", self.dram_budget.is_some()),
             ("--no-verify-reads", !self.verify_reads),
@@ -189,6 +200,7 @@ pub(crate) fn open_for_mode(
         },
         window: args.window(),
         io_threads: args.io_threads(),
+        io_engine: args.io_engine(),
         coalesce_gap: args.coalesce_gap(),
         dram_budget,
         context,

@@ -62,6 +62,8 @@ pub struct FlashOptions {
     pub window: usize,
     /// Reads in flight.
     pub io_threads: usize,
+    /// What keeps them in flight: a thread each, or one io_uring.
+    pub io_engine: io::IoEngine,
     /// Wanted bundles at most this many apart are read in one operation.
     pub coalesce_gap: usize,
     /// DRAM budget in bytes (`None`: size the caches from calibration only).
@@ -85,6 +87,7 @@ impl Default for FlashOptions {
             mode: DiskMode::Flash,
             window: 4,
             io_threads: DEFAULT_IO_THREADS,
+            io_engine: io::IoEngine::Threads,
             coalesce_gap: 1,
             dram_budget: None,
             context: 2048,
@@ -160,6 +163,7 @@ pub struct FlashReport {
     pub io_mode: IoMode,
     pub window: usize,
     pub io_threads: usize,
+    pub io_engine: io::IoEngine,
     pub tokens: u64,
     #[serde(rename = "read_bytes")]
     pub bytes_read: u64,
@@ -227,6 +231,7 @@ impl FlashRuntime {
             io_mode: self.reader.mode(),
             window: self.options.window,
             io_threads: self.reader.threads(),
+            io_engine: self.reader.engine(),
             tokens,
             bytes_read: bytes,
             read_ops: ops,
@@ -260,7 +265,7 @@ impl FlashReport {
         let mib = |b: f64| b / (1 << 20) as f64;
         let resident: usize = self.resident_per_layer.iter().sum();
         format!(
-            "flash I/O ({:?}, {} reads, window {}, {} I/O threads): {:.2} MiB read in {} reads (mean {:.1} KiB), {:.3} MiB/token over {} tokens\n\
+            "flash I/O ({:?}, {} reads, window {}, {} in flight through {}): {:.2} MiB read in {} reads (mean {:.1} KiB), {:.3} MiB/token over {} tokens\n\
              window hit rate {:.1}%, {:.1} neurons chosen per token, {} resident now ({} bundles loaded, {} evicted, {} via scratch)\n\
              {:.1}% of FFN neurons computed; {}\n\
              time: predictor {:.1} ms, I/O {:.1} ms, memory management {:.1} ms, FFN compute {:.1} ms",
@@ -268,6 +273,7 @@ impl FlashReport {
             self.io_mode.as_str(),
             self.window,
             self.io_threads,
+            self.io_engine.as_str(),
             mib(self.bytes_read as f64),
             self.read_ops,
             self.mean_read_bytes / 1024.0,
@@ -563,7 +569,13 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     let probe = specs
         .first()
         .map_or(0, |s| s.offset / align as u64 * align as u64);
-    let reader = Arc::new(FlashReader::open(path, align, probe, opts.io_threads)?);
+    let reader = Arc::new(FlashReader::open_with(
+        path,
+        align,
+        probe,
+        opts.io_threads,
+        opts.io_engine,
+    )?);
     let workspace = Arc::new(Mutex::new(Workspace::new(
         hidden,
         neurons,
