@@ -119,6 +119,72 @@ fn flash(path: &Path, opts: FlashOptions) -> (Model, FlashRuntime) {
     (loaded.model, rt)
 }
 
+/// A prefill batch reads each needed bundle once for all its tokens (the
+/// union of their sets fits the cache), where token by token window 0 reads
+/// a bundle again for every token that needs it. The batch's logits are the
+/// bits of the same batch in DRAM (`predicted`: the same selections).
+#[test]
+fn a_batch_reads_each_needed_bundle_once_with_the_same_logits() {
+    for name in ["opt-relu", "llama-relu-gqa"] {
+        let path = calibrated(name);
+        let ids = token_ids(path);
+        let mut predicted = open_model(path).unwrap();
+        predicted.set_ffn_mode(FfnMode::Predicted).unwrap();
+        let mut cache = predicted.model.new_cache();
+        let want = predicted
+            .model
+            .forward(&mut cache, &ids, Logits::All, None)
+            .unwrap();
+        let opts = || FlashOptions {
+            window: 0,
+            ..FlashOptions::default()
+        };
+        let (batched, rt_batch) = flash(path, opts());
+        let mut cache = batched.new_cache();
+        let got = batched
+            .forward(&mut cache, &ids, Logits::All, None)
+            .unwrap();
+        assert!(
+            got == want,
+            "{name}: the flash batch differs from predicted (NMSE {:.3e})",
+            nmse(&got, &want)
+        );
+        let (single, rt_single) = flash(path, opts());
+        let mut cache = single.new_cache();
+        for &id in &ids {
+            single
+                .forward(&mut cache, &[id], Logits::Last, None)
+                .unwrap();
+        }
+        let (b, s) = (rt_batch.report(), rt_single.report());
+        let layers = batched.layers.len() as u64;
+        let width = batched.layers[0].ffn.width() as u64;
+        assert!(
+            b.bundles_loaded <= layers * width,
+            "{name}: {} bundles for {layers} x {width}",
+            b.bundles_loaded
+        );
+        assert!(
+            b.bundles_loaded < s.bundles_loaded && b.bytes_read < s.bytes_read,
+            "{name}: batch {} bundles / {} bytes, token by token {} / {}",
+            b.bundles_loaded,
+            b.bytes_read,
+            s.bundles_loaded,
+            s.bytes_read
+        );
+        assert_eq!(
+            b.neurons_chosen_per_token, s.neurons_chosen_per_token,
+            "{name}: the same selections"
+        );
+        println!(
+            "{name}: {} tokens: batch {} bundles, token by token {}",
+            ids.len(),
+            b.bundles_loaded,
+            s.bundles_loaded
+        );
+    }
+}
+
 #[test]
 fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
     for name in ["opt-relu", "llama-relu-gqa"] {
@@ -165,7 +231,32 @@ fn flash_is_bit_identical_to_predicted_for_any_window_cache_and_threads() {
             assert!(r.bytes_read > 0 && r.read_ops > 0);
             assert_eq!(r.io_engine, io_engine);
             if window == 0 && dram_budget.is_none() {
-                assert_eq!(r.window_hit_rate, 0.0, "{name}: window 0 keeps nothing");
+                // The 20-token batch reads each bundle once for all its tokens;
+                // token by token, window 0 keeps nothing from one to the next.
+                assert!(
+                    r.window_hit_rate > 0.0,
+                    "{name}: the batch shares its reads"
+                );
+                let (single, rt) = flash(
+                    path,
+                    FlashOptions {
+                        window,
+                        io_threads,
+                        io_engine,
+                        ..FlashOptions::default()
+                    },
+                );
+                let mut cache = single.new_cache();
+                for &id in &ids {
+                    single
+                        .forward(&mut cache, &[id], Logits::Last, None)
+                        .unwrap();
+                }
+                assert_eq!(
+                    rt.report().window_hit_rate,
+                    0.0,
+                    "{name}: window 0 keeps nothing"
+                );
             }
             if dram_budget.is_some() {
                 assert!(r.window_hit_rate > 0.0, "{name}: pinned neurons are hits");

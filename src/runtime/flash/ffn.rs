@@ -9,7 +9,12 @@
 //! - `naive`: the whole FFN section is read for every token in large reads and
 //!   every neuron computed (the paper's baseline).
 //!
-//! A batch (prefill) goes token by token through the same path.
+//! A batch of tokens (a prompt's prefill, an `eval` window) in `flash` mode
+//! reads the union of its tokens' neurons once, then computes the tokens in
+//! parallel, each with its own set summed in the same ascending order as
+//! alone: the same bits as token by token, with one read per needed bundle
+//! per batch instead of one per window miss (see [`FlashFfn::flash_batch`]).
+//! `naive` goes token by token (the paper's baseline reads everything).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -103,6 +108,10 @@ pub struct Workspace {
     op_ranges: Vec<(usize, usize)>,
     /// File bytes each read's bundles span (without widening for verification).
     wanted: Vec<(u64, u64)>,
+    /// Batches only (allocated on the first): each token's chosen neurons,
+    /// and membership of the batch's union by neuron.
+    batch_sets: Vec<Vec<u32>>,
+    in_union: Vec<bool>,
 }
 
 impl Workspace {
@@ -126,6 +135,8 @@ impl Workspace {
             ops: Vec::with_capacity(slots),
             op_ranges: Vec::with_capacity(slots),
             wanted: Vec::with_capacity(slots),
+            batch_sets: Vec::new(),
+            in_union: Vec::new(),
         })
     }
 
@@ -397,9 +408,24 @@ impl FlashFfn {
         cache: &BundleCache,
         set: &[u32],
         x: &[f32],
-        mut fired: Option<&mut Vec<u32>>,
+        fired: Option<&mut Vec<u32>>,
     ) -> Result<()> {
         let t0 = Instant::now();
+        let r = self.accumulate(acc, cache, set, x, fired);
+        add_ns(&self.stats.ns_compute, t0);
+        r
+    }
+
+    /// [`Self::compute`] without the timing (batches time their parallel
+    /// section as a whole).
+    fn accumulate(
+        &self,
+        acc: &mut ColumnAccumulator,
+        cache: &BundleCache,
+        set: &[u32],
+        x: &[f32],
+        mut fired: Option<&mut Vec<u32>>,
+    ) -> Result<()> {
         for &i in set {
             let row = cache.row_of(i).expect("chosen neurons are in DRAM");
             let (v, down) = self.neuron(i as usize, cache.row(row), x)?;
@@ -410,8 +436,216 @@ impl FlashFfn {
                 }
             }
         }
-        add_ns(&self.stats.ns_compute, t0);
         Ok(())
+    }
+
+    /// Tokens `x` (`n` of them, `n > 1`) in `flash` mode. Every token's
+    /// neurons are chosen first (as token by token, the replay indexed by the
+    /// token's position). Then, group by group of consecutive tokens whose
+    /// neurons fit the cache together: the window bookkeeping advances as it
+    /// would token by token, what the group does not use and the window no
+    /// longer holds leaves, the group's missing bundles are read once (coalesced
+    /// as always), and its tokens are computed in parallel, each from its own
+    /// set in ascending order with its own accumulator: bit-identical to the
+    /// token-by-token path. A token whose set alone exceeds the cache goes
+    /// through that path (scratch rows).
+    #[allow(clippy::too_many_arguments)]
+    fn flash_batch(
+        &self,
+        ws: &mut Workspace,
+        st: &mut LayerState,
+        window: usize,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        mut fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        let (h, width) = (self.spec.hidden, self.spec.neurons);
+        let mut sets = std::mem::take(&mut ws.batch_sets);
+        sets.resize_with(n, Vec::new);
+        let mut in_union = std::mem::take(&mut ws.in_union);
+        in_union.clear();
+        in_union.resize(width, false);
+        let result = (|| {
+            for (t, set) in sets.iter_mut().enumerate().take(n) {
+                let given = match active {
+                    ActiveSet::All => None,
+                    ActiveSet::PerToken(sets) => Some(sets[t].as_slice()),
+                };
+                self.choose(ws, &x[t * h..(t + 1) * h], given, st.token + t as u64)?;
+                set.clear();
+                set.extend_from_slice(&ws.set);
+            }
+            // Rows the union may occupy: all but the pinned ones (pinned
+            // neurons are resident for good and take no new row).
+            let room = st.cache.capacity() - st.cache.pinned();
+            let pinned =
+                |cache: &BundleCache, i: u32| cache.row_of(i).is_some_and(|r| r < cache.pinned());
+            let mut a = 0;
+            while a < n {
+                // The longest run of tokens from `a` whose union fits.
+                let mut union: Vec<u32> = Vec::new();
+                let mut b = a;
+                while b < n {
+                    let new: Vec<u32> = sets[b]
+                        .iter()
+                        .copied()
+                        .filter(|&i| !in_union[i as usize] && !pinned(&st.cache, i))
+                        .collect();
+                    if union.len() + new.len() > room {
+                        break;
+                    }
+                    for &i in &new {
+                        in_union[i as usize] = true;
+                    }
+                    union.extend(new);
+                    b += 1;
+                }
+                if b == a {
+                    // One token's neurons exceed the cache: token by token.
+                    ws.set.clear();
+                    ws.set.extend_from_slice(&sets[a]);
+                    let f = fired.as_deref_mut().map(|f| &mut f.per_token[a]);
+                    self.flash_token(
+                        ws,
+                        st,
+                        window,
+                        &x[a * h..(a + 1) * h],
+                        &mut out[a * h..(a + 1) * h],
+                        f,
+                    )?;
+                    self.count_token(sets[a].len());
+                    a += 1;
+                    continue;
+                }
+                union.sort_unstable();
+                let r = self.flash_group(
+                    ws,
+                    st,
+                    window,
+                    &sets[a..b],
+                    &union,
+                    &in_union,
+                    x,
+                    a,
+                    out,
+                    fired.as_deref_mut(),
+                );
+                for &i in &union {
+                    in_union[i as usize] = false;
+                }
+                r?;
+                for set in &sets[a..b] {
+                    self.count_token(set.len());
+                }
+                a = b;
+            }
+            Ok(())
+        })();
+        ws.batch_sets = sets;
+        ws.in_union = in_union;
+        result
+    }
+
+    /// One group of a batch (see [`Self::flash_batch`]): tokens `first..` with
+    /// `sets`, whose unpinned neurons `union` (ascending, marked in `in_union`)
+    /// fit the cache together.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_group(
+        &self,
+        ws: &mut Workspace,
+        st: &mut LayerState,
+        window: usize,
+        sets: &[Vec<u32>],
+        union: &[u32],
+        in_union: &[bool],
+        x: &[f32],
+        first: usize,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let (h, width) = (self.spec.hidden, self.spec.neurons);
+        let t0 = Instant::now();
+        for set in sets {
+            st.token += 1;
+            for &i in set {
+                st.last_seen[i as usize] = st.token;
+            }
+        }
+        // What the next token's window keeps, and what this group uses, stays;
+        // if that leaves too few rows, only what this group uses.
+        let (t, last_seen) = (st.token + 1, &st.last_seen);
+        let mut evicted = st
+            .cache
+            .retain(|i| in_union[i as usize] || last_seen[i as usize] + window as u64 >= t);
+        ws.missing.clear();
+        ws.missing.extend(
+            union
+                .iter()
+                .copied()
+                .filter(|&i| st.cache.row_of(i).is_none()),
+        );
+        if ws.missing.len() > st.cache.free() {
+            evicted += st.cache.retain(|i| in_union[i as usize]);
+        }
+        for &i in &ws.missing {
+            st.cache.insert(i).expect("the union fits the cache");
+        }
+        add_ns(&self.stats.ns_memory, t0);
+        let missing = std::mem::take(&mut ws.missing);
+        let result = (|| {
+            self.read_into_rows(ws, &mut st.cache, &missing)?;
+            let t1 = Instant::now();
+            let cache = &st.cache;
+            let bias = self.down_bias.as_deref();
+            let outs = out[first * h..(first + sets.len()) * h].par_chunks_mut(h);
+            let one = |acc: &mut ColumnAccumulator,
+                       k: usize,
+                       ot: &mut [f32],
+                       f: Option<&mut Vec<u32>>| {
+                let t = first + k;
+                acc.clear();
+                self.accumulate(acc, cache, &sets[k], &x[t * h..(t + 1) * h], f)?;
+                acc.finish(bias, ot);
+                Ok::<(), Error>(())
+            };
+            let new_acc = || ColumnAccumulator::new(h, width);
+            let r = match fired {
+                Some(f) => outs
+                    .zip(f.per_token[first..first + sets.len()].par_iter_mut())
+                    .enumerate()
+                    .try_for_each_init(new_acc, |acc, (k, (ot, f))| one(acc, k, ot, Some(f))),
+                None => outs
+                    .enumerate()
+                    .try_for_each_init(new_acc, |acc, (k, ot)| one(acc, k, ot, None)),
+            };
+            add_ns(&self.stats.ns_compute, t1);
+            r
+        })();
+        let needed: usize = sets.iter().map(Vec::len).sum();
+        let s = &self.stats;
+        s.needed.fetch_add(needed as u64, Ordering::Relaxed);
+        s.hits.fetch_add(
+            (needed - missing.len().min(needed)) as u64,
+            Ordering::Relaxed,
+        );
+        s.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+        if result.is_err() {
+            // Rows inserted for this group may not have been filled.
+            st.cache.retain(|_| false);
+        }
+        ws.missing = missing;
+        result
+    }
+
+    /// Counts one token's evaluation of this layer (`computed` neurons).
+    fn count_token(&self, computed: usize) {
+        self.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .neurons
+            .record(1, computed as u64, self.spec.neurons as u64);
     }
 
     /// One token through the window cache: `ws.set` holds the chosen neurons.
@@ -718,6 +952,9 @@ impl Ffn for FlashFfn {
         }
         let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Strategy::Flash { window }, true) = (self.strategy, n > 1) {
+            return self.flash_batch(&mut ws, &mut st, window, x, n, active, out, fired);
+        }
         for t in 0..n {
             let xt = &x[t * h..(t + 1) * h];
             let ot = &mut out[t * h..(t + 1) * h];
@@ -747,10 +984,7 @@ impl Ffn for FlashFfn {
                     ws.set.len()
                 }
             };
-            self.stats.evaluations.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .neurons
-                .record(1, computed as u64, self.spec.neurons as u64);
+            self.count_token(computed);
         }
         Ok(())
     }
