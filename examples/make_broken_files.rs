@@ -5,7 +5,7 @@
 //!     fixtures/broken/base-q.flashpack
 //! ```
 //!
-//! (the third argument, the quantized base, derives the files of rules 21-24).
+//! (the third argument, the quantized base, derives the files of rules 21-26).
 //! The files of the mixture-of-experts rules (31-33) derive from another base,
 //! `base-moe.flashpack` in the output directory, when it is there.
 //!

@@ -1,4 +1,4 @@
-//! Block-quantized packed files (format section 9, rules R21-R24), against the
+//! Block-quantized packed files (format section 9, rules R21-R26), against the
 //! independent numpy reference `fixtures/quant_reference.py` wrote into
 //! `fixtures/reference/quant/micro-llama-q.json`: the bytes `convert --quant`
 //! writes for every tensor and bundle part, the dequantized values, and the
@@ -123,23 +123,60 @@ fn quantized_bytes(path: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// The reference key of tensor `name` under `policy`: a `q8_0` down
+/// projection is stored with its down scale (format 9.6), `q4_1` without.
+fn reference_key(policy: &str, name: &str, what: &str) -> String {
+    let q = if policy == "q8" { "q8_0" } else { "q4_1" };
+    if q == "q8_0" && name.ends_with("down_proj.weight") {
+        format!("{q}_scaled_{what}")
+    } else {
+        format!("{q}_{what}")
+    }
+}
+
+/// The raw bytes of tensor `name` of the dense section, if the file has it.
+fn dense_tensor(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let file = PackedFile::open(path).unwrap();
+    let t = file.tensor_entry(name)?.clone();
+    let dense = file.read_section("dense").unwrap();
+    Some(dense[t.offset as usize..(t.offset + t.length) as usize].to_vec())
+}
+
 #[test]
 fn convert_writes_the_reference_bytes_of_every_tensor_and_bundle_part() {
     let reference = reference();
-    for (policy, key) in [("q8", "q8_0_sha256"), ("q4", "q4_1_sha256")] {
+    for policy in ["q8", "q4"] {
         let (_t, path) = packed(policy);
         let got = quantized_bytes(&path);
         // Tied embeddings: the embedding, 4 attention and 3 FFN matrices per layer.
         assert_eq!(got.len(), 1 + 2 * 7, "{policy}");
         for (name, bytes) in got {
-            let expected = reference["tensors"][&name][key]
+            let key = reference_key(policy, &name, "sha256");
+            let expected = reference["tensors"][&name][&key]
                 .as_str()
-                .unwrap_or_else(|| panic!("no reference for {name}"));
+                .unwrap_or_else(|| panic!("no reference {key} for {name}"));
             assert_eq!(
                 hex::encode(Sha256::digest(&bytes)),
                 expected,
                 "{policy}: {name}"
             );
+        }
+        // Format 9.6: the per-channel down scales, q8_0 only.
+        for layer in 0..2 {
+            let scale = dense_tensor(&path, &format!("flashpack.ffn.{layer}.down_scale"));
+            let name = format!("model.layers.{layer}.mlp.down_proj.weight");
+            match policy {
+                "q8" => assert_eq!(
+                    hex::encode(Sha256::digest(
+                        scale.expect("a q8_0 layer has a down scale")
+                    )),
+                    reference["tensors"][&name]["down_scale_sha256"]
+                        .as_str()
+                        .unwrap(),
+                    "{name}"
+                ),
+                _ => assert!(scale.is_none(), "a q4_1 layer has no down scale"),
+            }
         }
     }
 }
@@ -148,15 +185,13 @@ fn convert_writes_the_reference_bytes_of_every_tensor_and_bundle_part() {
 fn dequantized_values_equal_the_reference() {
     use flashpack::quant::QuantType;
     let reference = reference();
-    for (policy, q, key) in [
-        ("q8", QuantType::Q8_0, "q8_0_first_block"),
-        ("q4", QuantType::Q4_1, "q4_1_first_block"),
-    ] {
+    for (policy, q) in [("q8", QuantType::Q8_0), ("q4", QuantType::Q4_1)] {
         let (_t, path) = packed(policy);
         for (name, bytes) in quantized_bytes(&path) {
             let mut values = vec![0.0f32; 32];
             q.dequantize_row(&bytes[..q.block_bytes()], &mut values);
-            let expected: Vec<f32> = reference["tensors"][&name][key]
+            let key = reference_key(policy, &name, "first_block");
+            let expected: Vec<f32> = reference["tensors"][&name][&key]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -242,6 +277,24 @@ fn a_float_file_has_no_quantization_key_and_a_quantized_one_states_its_policy() 
     assert_eq!(m["ffn_layers"][0]["bundle_bytes"], 60);
     let file = PackedFile::open(&path).unwrap();
     assert!(check_integrity(&file).unwrap().failures.is_empty());
+    // inspect: a q8_0 FFN's down scales (9.6) count as FFN bytes.
+    let (_t, path) = packed("q8");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .arg("inspect")
+        .arg(&path)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let packed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(packed["down_scale_layers"], 2, "{packed}");
+    // 2 layers of 64 bundles of 3 q8_0 rows of 32 (34 bytes each), plus 2
+    // scales of 32 f32.
+    assert_eq!(
+        packed["part_sizes"]["ffn_bytes"],
+        2 * 64 * 3 * 34 + 2 * 32 * 4,
+        "{packed}"
+    );
 }
 
 /// Same bytes whatever the thread count (the CLI, 1 and 2 rayon threads).
@@ -255,7 +308,8 @@ fn quantized_convert_is_deterministic_across_thread_counts() {
             .arg(common::fixtures().join("models/llama-silu"))
             .arg("-o")
             .arg(&out)
-            .args(["--quant", "ffn=q4,attn=q8,embed=q8", "--json"])
+            // q8_0 FFN layers: the down scales (9.6) too; q4_1 attention.
+            .args(["--quant", "ffn=q8,attn=q4,embed=q8", "--json"])
             .env("RAYON_NUM_THREADS", threads)
             .output()
             .unwrap();
@@ -333,6 +387,97 @@ fn rule_24_scales_must_be_finite_when_the_data_is_read() {
 }
 
 #[test]
+fn rule_25_a_down_scale_belongs_to_a_quantized_layer_and_is_f32_of_hidden() {
+    // The committed broken file: layer 0's scale declared f16 of [32] (half
+    // its length, within its slot).
+    let path = common::fixtures().join("broken/r25-down-scale-dtype.flashpack");
+    let e = open_error(&path);
+    assert_eq!(e.rule(), 25, "{e}");
+    assert!(e.to_string().contains("not f32 of shape [32]"), "{e}");
+    // A scale naming a layer that does not exist.
+    let (_t, path) = packed("q8");
+    rewrite_manifest(&path, |m| {
+        let i = tensor_index(m, "flashpack.ffn.1.down_scale");
+        m["tensors"][i]["name"] = json!("flashpack.ffn.01.down_scale");
+    });
+    let e = open_error(&path);
+    assert!(matches!(&e, FormatError::DownScale { .. }), "{e}");
+    assert!(e.to_string().contains("names no FFN layer"), "{e}");
+    // A scale for a float FFN layer (the attention quantized, the FFN not):
+    // an entry of no bytes, which rules 17 and 18 allow.
+    let (_t, path) = packed("attn=q8");
+    rewrite_manifest(&path, |m| {
+        m["tensors"].as_array_mut().unwrap().push(json!({
+            "name": "flashpack.ffn.0.down_scale", "dtype": "f32", "shape": [0],
+            "section": "dense", "offset": 0, "length": 0
+        }));
+    });
+    let e = open_error(&path);
+    assert_eq!(e.rule(), 25, "{e}");
+    assert!(e.to_string().contains("not a block type"), "{e}");
+}
+
+#[test]
+fn rule_26_down_scales_must_be_finite_and_positive_when_the_data_is_read() {
+    // The committed broken file: layer 1's first scale value is zero.
+    let path = common::fixtures().join("broken/r26-zero-down-scale.flashpack");
+    let file = PackedFile::open(&path).unwrap();
+    let failures = check_integrity(&file).unwrap().failures;
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].rule(), 26);
+    assert!(
+        failures[0].to_string().contains("value 0 is 0"),
+        "{}",
+        failures[0]
+    );
+    match Model::load(
+        &file.config,
+        &file.names,
+        &PackedWeights::read_all(&file).unwrap(),
+    ) {
+        Err(Error::Format { source, .. }) => assert_eq!(source.rule(), 26),
+        Err(other) => panic!("expected rule 26, got {other}"),
+        Ok(_) => panic!("a zero down scale was loaded"),
+    }
+}
+
+/// A file without down scales (as written before format 9.6) still opens and
+/// computes the plain blocks' values: dropping the scale tensors from a q8
+/// file's table changes the model (the blocks hold scaled values), and the
+/// file stays valid.
+#[test]
+fn a_quantized_file_without_down_scales_is_valid_and_reads_the_plain_blocks() {
+    let (_t, path) = packed("q8");
+    let logits = |path: &Path| {
+        let file = PackedFile::open(path).unwrap();
+        let model = Model::load(
+            &file.config,
+            &file.names,
+            &PackedWeights::read_all(&file).unwrap(),
+        )
+        .unwrap();
+        model
+            .forward(&mut model.new_cache(), &[1, 2, 3], Logits::Last, None)
+            .unwrap()
+    };
+    let with = logits(&path);
+    rewrite_manifest(&path, |m| {
+        m["tensors"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| !t["name"].as_str().unwrap().ends_with(".down_scale"));
+    });
+    let file = PackedFile::open(&path).unwrap();
+    assert!(check_integrity(&file).unwrap().failures.is_empty());
+    let without = logits(&path);
+    assert!(with.iter().all(|v| v.is_finite()));
+    assert!(
+        common::nmse(&without, &with) > 1e-6,
+        "the scale changes what the down projection computes"
+    );
+}
+
+#[test]
 fn convert_refuses_what_it_cannot_quantize() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.flashpack");
@@ -355,7 +500,13 @@ fn convert_refuses_what_it_cannot_quantize() {
 /// `verify --against` reports the quantization error and holds it to limits.
 #[test]
 fn verify_against_reports_the_quantization_error() {
-    let (_t, path) = packed("ffn=q4,attn=q8,embed=q8");
+    verify_against("ffn=q4,attn=q8,embed=q8", 5e-2);
+    // q8_0 FFN layers: the down scales compared too (format 9.6).
+    verify_against("q8", 1e-3);
+}
+
+fn verify_against(policy: &str, tensor_limit: f64) {
+    let (_t, path) = packed(policy);
     let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
         .arg("verify")
         .arg(&path)
@@ -375,12 +526,22 @@ fn verify_against_reports_the_quantization_error() {
     for e in errors {
         let name = e["tensor"].as_str().unwrap();
         assert_eq!(e["blocks_differing"], 0, "{name}");
-        let key = format!("{}_nmse", e["dtype"].as_str().unwrap());
+        let scaled = e["dtype"] == "q8_0" && name.ends_with("down_proj.weight");
+        assert_eq!(
+            e.get("scales_differing"),
+            scaled.then_some(&json!(0)),
+            "{name}"
+        );
+        let key = if scaled {
+            "q8_0_scaled_nmse".to_string()
+        } else {
+            format!("{}_nmse", e["dtype"].as_str().unwrap())
+        };
         let want = reference["tensors"][name][&key].as_f64().unwrap();
         let got = e["nmse"].as_f64().unwrap();
         assert!((got / want - 1.0).abs() < 1e-6, "{name}: {got} vs {want}");
     }
-    assert_eq!(v["tensor_nmse_limit"], 5e-2);
+    assert_eq!(v["tensor_nmse_limit"], tensor_limit);
     assert!(v["perplexity_ratio"].as_f64().unwrap() > 0.9);
     assert!(v["logit_nmse"].as_f64().unwrap() > 0.0);
 }

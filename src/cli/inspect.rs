@@ -113,13 +113,17 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
             let name = |t: Option<crate::quant::QuantType>| t.map_or("float", |t| t.name());
             let b = &p.part_sizes;
             out.human(format_args!(
-                "  quantization (raw bytes): embed {} {:.2} MiB, attn {} {:.2} MiB, ffn {} {:.2} MiB, head {} {:.2} MiB, other {:.2} MiB",
+                "  quantization (raw bytes): embed {} {:.2} MiB, attn {} {:.2} MiB, ffn {} {:.2} MiB{}, head {} {:.2} MiB, other {:.2} MiB",
                 name(q.embed),
                 mib(b.embed_bytes),
                 name(q.attn),
                 mib(b.attn_bytes),
                 name(q.ffn),
                 mib(b.ffn_bytes),
+                match p.down_scale_layers {
+                    0 => String::new(),
+                    n => format!(" (per-channel down scales in {n} layers)"),
+                },
                 name(q.head),
                 mib(b.head_bytes),
                 mib(b.other_bytes)
@@ -216,9 +220,13 @@ struct PackedLayout {
     calibration_tokens: Option<u64>,
     /// Format section 9: the block type of each part (null for a float file).
     quantization: Option<crate::format::layout::QuantPolicy>,
-    /// Raw bytes of each part's weights (the policy's parts; `other`: norms,
-    /// biases, orders, predictors and every other tensor).
+    /// Raw bytes of each part's weights (the policy's parts, `ffn` with its
+    /// down scales; `other`: norms, biases, orders, predictors and every other
+    /// tensor).
     part_sizes: PartBytes,
+    /// FFN layers whose quantized down projection has a per-channel scale
+    /// (spec 9.6).
+    down_scale_layers: usize,
     /// Per layer: predictor rank, threshold and held-out metrics, calibration maxima.
     layers: Vec<serde_json::Value>,
 }
@@ -242,11 +250,13 @@ fn part_bytes(file: &PackedFile) -> PartBytes {
             Some(QuantPart::Embed) => &mut b.embed_bytes,
             Some(QuantPart::Attn) => &mut b.attn_bytes,
             Some(QuantPart::Head) => &mut b.head_bytes,
+            // A quantized down projection's scale (spec 9.6) is part of the FFN.
+            None if crate::format::layout::down_scale_layer(&t.name).is_some() => &mut b.ffn_bytes,
             Some(QuantPart::Ffn) | None => &mut b.other_bytes,
         };
         *slot += t.length;
     }
-    b.ffn_bytes = file
+    b.ffn_bytes += file
         .manifest
         .ffn_layers
         .iter()
@@ -257,7 +267,7 @@ fn part_bytes(file: &PackedFile) -> PartBytes {
                 .iter()
                 .map(|e| e.neurons * e.bundle_bytes),
         )
-        .sum();
+        .sum::<u64>();
     b
 }
 
@@ -334,6 +344,11 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
         calibration_tokens: m.calibration.as_ref().map(|c| c.tokens),
         quantization: m.quantization,
         part_sizes: part_bytes(&file),
+        down_scale_layers: m
+            .tensors
+            .iter()
+            .filter(|t| crate::format::layout::down_scale_layer(&t.name).is_some())
+            .count(),
         layers: (0..file.config.num_layers)
             .map(|i| {
                 let mut layer = serde_json::json!({ "layer": i });

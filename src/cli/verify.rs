@@ -184,6 +184,12 @@ pub fn verify_file_with(
                             e.tensor, e.blocks_differing
                         ));
                     }
+                    if let Some(n) = e.scales_differing.filter(|&n| n > 0) {
+                        failures.push(format!(
+                            "tensor {:?}: {n} values of its down scale differ from the scale the format computes from the source",
+                            e.tensor
+                        ));
+                    }
                     if !within_limit(e.nmse, tensor_limit) {
                         failures.push(format!(
                             "tensor {:?}: quantization NMSE {:.3e} exceeds {tensor_limit:e}",
@@ -354,13 +360,11 @@ fn compare_weights(
         }
     }
     // Predictor tensors are made by flashpack, not copied: only the dense part
-    // has a source to compare with.
-    for entry in file
-        .manifest
-        .tensors
-        .iter()
-        .filter(|t| t.section == DENSE_SECTION)
-    {
+    // has a source to compare with. A down scale (spec 9.6) is compared with
+    // its down projection's quantization error.
+    for entry in file.manifest.tensors.iter().filter(|t| {
+        t.section == DENSE_SECTION && crate::format::layout::down_scale_layer(&t.name).is_none()
+    }) {
         let Some(dtype) = entry.dtype.weight() else {
             continue;
         };

@@ -109,6 +109,12 @@ pub enum FormatError {
     #[error("rule 24: {what}: {message}")]
     QuantData { what: String, message: String },
 
+    #[error("rule 25: down scale {tensor:?}: {message}")]
+    DownScale { tensor: String, message: String },
+
+    #[error("rule 26: down scale {tensor:?}: {message}")]
+    DownScaleData { tensor: String, message: String },
+
     #[error("rule 31: experts: {message}")]
     Experts { message: String },
 
@@ -152,6 +158,8 @@ impl FormatError {
             QuantNotAllowed { .. } => 22,
             QuantLayout { .. } => 23,
             QuantData { .. } => 24,
+            DownScale { .. } => 25,
+            DownScaleData { .. } => 26,
             Experts { .. } => 31,
             MoeFfnLayers { .. } => 32,
             ExpertNeuronOrder { .. } => 33,

@@ -71,6 +71,17 @@ pub fn quant_data_errors(file: &PackedFile) -> Result<Vec<FormatError>> {
             });
         }
     }
+    // Rule 26: every down scale (spec 9.6; rule 25 put them in the dense
+    // section as f32) finite and positive.
+    for t in &file.manifest.tensors {
+        if crate::format::layout::down_scale_layer(&t.name).is_none() {
+            continue;
+        }
+        let bytes = dense.read_bytes(t.offset, t.length)?;
+        if let Some(e) = down_scale_error(&t.name, &bytes) {
+            failures.push(e);
+        }
+    }
     // FFN layers and experts alike (spec 4.1: an expert is stored as a layer).
     let experts = file.manifest.experts.iter().map(|e| e.bundles());
     for layer in file.manifest.ffn_layers.iter().cloned().chain(experts) {
@@ -92,6 +103,26 @@ pub fn quant_data_errors(file: &PackedFile) -> Result<Vec<FormatError>> {
         }
     }
     Ok(failures)
+}
+
+/// Rule 26 on the bytes of down scale `name`: the values, or the error
+/// naming the first that is not finite and positive.
+pub fn down_scale_values(name: &str, bytes: &[u8]) -> std::result::Result<Vec<f32>, FormatError> {
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    match crate::format::quant_policy::first_bad_scale(&values) {
+        Some(i) => Err(FormatError::DownScaleData {
+            tensor: name.to_string(),
+            message: format!("value {i} is {}, not finite and positive", values[i]),
+        }),
+        None => Ok(values),
+    }
+}
+
+fn down_scale_error(name: &str, bytes: &[u8]) -> Option<FormatError> {
+    down_scale_values(name, bytes).err()
 }
 
 fn check_section(file: &PackedFile, s: &SectionEntry) -> Result<(usize, u64, Vec<FormatError>)> {

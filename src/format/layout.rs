@@ -459,6 +459,18 @@ pub fn order_tensor_name(layer: usize) -> String {
     format!("flashpack.ffn.{layer}.order")
 }
 
+/// The per-output-channel scale of layer `layer`'s quantized down projection
+/// (spec 9.6).
+pub fn down_scale_tensor_name(layer: usize) -> String {
+    format!("flashpack.ffn.{layer}.down_scale")
+}
+
+/// The layer a down-scale tensor name (spec 9.6) names, if it is one.
+pub fn down_scale_layer(name: &str) -> Option<&str> {
+    name.strip_prefix("flashpack.ffn.")?
+        .strip_suffix(".down_scale")
+}
+
 /// The section of expert `expert` of layer `layer` (spec 4.1).
 pub fn expert_section_name(layer: usize, expert: usize) -> String {
     format!("ffn.{layer}.expert.{expert}")

@@ -1069,6 +1069,7 @@ fn check_quantization(
             )));
         }
     }
+    check_down_scales(m)?;
     for e in &m.experts {
         if e.dtype.quant() != policy.ffn {
             return Err(bad(format!(
@@ -1077,6 +1078,45 @@ fn check_quantization(
                 e.layer,
                 e.dtype.name(),
                 describe(policy.ffn)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Rule 25: a down scale (spec 9.6) belongs to an FFN layer of a block type
+/// and is `f32` of shape `[hidden]` in the dense section.
+fn check_down_scales(m: &Manifest) -> std::result::Result<(), FormatError> {
+    for t in &m.tensors {
+        let Some(layer) = crate::format::layout::down_scale_layer(&t.name) else {
+            continue;
+        };
+        let bad = |message: String| FormatError::DownScale {
+            tensor: t.name.clone(),
+            message,
+        };
+        let entry = m
+            .ffn_layers
+            .iter()
+            .find(|l| l.layer.to_string() == layer)
+            .ok_or_else(|| bad("names no FFN layer".into()))?;
+        if entry.dtype.quant().is_none() {
+            return Err(bad(format!(
+                "FFN layer {} is {}, not a block type",
+                entry.layer,
+                entry.dtype.name()
+            )));
+        }
+        if t.dtype.weight() != Some(crate::dtype::DType::F32)
+            || t.shape != [entry.hidden]
+            || t.section != DENSE_SECTION
+        {
+            return Err(bad(format!(
+                "is {} of shape {:?} in section {:?}, not f32 of shape [{}] in \"dense\"",
+                t.dtype.name(),
+                t.shape,
+                t.section,
+                entry.hidden
             )));
         }
     }

@@ -485,8 +485,12 @@ fn write_pack(
         done += t.bytes.len() as u64;
         progress(Phase::Writing, done, total_weight_bytes);
     }
+    // Format 9.6: the per-output-channel scale of each quantized down
+    // projection (when the FFN's block type has one), from the checkpoint.
+    let mut down_scales: Vec<Option<Vec<f32>>> = vec![None; orders.len()];
     // The neuron orders, layer by layer: a dense FFN's, or each expert's of a
-    // sparse layer (the identity: experts are not calibrated yet).
+    // sparse layer (the identity: experts are not calibrated yet); a down
+    // scale follows its layer's order.
     for (layer, order) in orders.iter().enumerate() {
         let named: Vec<(String, &[u32])> = match ckpt.names.layers[layer].ffn.moe() {
             Some(moe) => (0..moe.experts.len())
@@ -507,6 +511,30 @@ fn write_pack(
                 offset,
                 length: bytes.len() as u64,
             });
+        }
+        let scaled = quant
+            .ffn
+            .filter(|&q| crate::format::quant_policy::has_down_scale(q));
+        if let (Some(_), None) = (scaled, ckpt.names.layers[layer].ffn.moe()) {
+            let (_, _, down) = ckpt.names.layers[layer].ffn.parts();
+            let scale = crate::pack::quantize::down_scale(
+                &ckpt.tensor(&down.weight)?,
+                ckpt.config.hidden_size,
+                ckpt.config.ffn_width,
+            )?;
+            dense.pad_raw(&mut file, TENSOR_ALIGN)?;
+            let offset = dense.raw_position();
+            let bytes: Vec<u8> = scale.iter().flat_map(|v| v.to_le_bytes()).collect();
+            dense.write(&mut file, &bytes)?;
+            tensors.push(TensorEntry {
+                name: crate::format::layout::down_scale_tensor_name(layer),
+                dtype: TableDType::from_weight(crate::dtype::DType::F32),
+                shape: vec![scale.len() as u64],
+                section: DENSE_SECTION.into(),
+                offset,
+                length: bytes.len() as u64,
+            });
+            down_scales[layer] = Some(scale);
         }
     }
     sections.push(dense.finish(&mut file)?);
@@ -531,7 +559,8 @@ fn write_pack(
                              name: String,
                              ffn: &FfnNames,
                              order: &[u32],
-                             neurons: usize|
+                             neurons: usize,
+                             down_scale: Option<&[f32]>|
      -> Result<FfnLayerEntry> {
         let (gate, up, down) = ffn.parts();
         let layer = LayerFfn {
@@ -566,6 +595,7 @@ fn write_pack(
                     order,
                     q,
                     stride as usize,
+                    down_scale,
                 )?;
                 (bundles, TableDType::from_quant(q), stride)
             }
@@ -609,6 +639,7 @@ fn write_pack(
                         expert,
                         &expert_order,
                         expert_order.len(),
+                        None,
                     )?;
                     experts.push(ExpertEntry {
                         layer: i as u64,
@@ -631,6 +662,7 @@ fn write_pack(
                     &names.ffn,
                     &orders[i],
                     ckpt.config.ffn_width,
+                    down_scales[i].as_deref(),
                 )?;
                 ffn_layers.push(FfnLayerEntry {
                     layer: i as u64,

@@ -63,13 +63,39 @@ pub fn quantize_matrix(
     Ok(())
 }
 
+/// Format 9.6: the per-output-channel scale of a down projection
+/// (`[hidden, neurons]`): each row's largest magnitude, 1 for a row of zeros.
+/// A value that is not finite cannot be quantized (9.1).
+pub fn down_scale(down: &TensorRef<'_>, hidden: usize, neurons: usize) -> Result<Vec<f32>> {
+    (0..hidden)
+        .into_par_iter()
+        .map(|r| {
+            let mut m = 0.0f32;
+            for i in 0..neurons {
+                let v = get_element(down.bytes, down.dtype, r * neurons + i);
+                if !v.is_finite() {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot quantize {} row {r}: a value that is not finite",
+                        down.name
+                    )));
+                }
+                m = m.max(v.abs());
+            }
+            Ok(if m == 0.0 { 1.0 } else { m })
+        })
+        .collect()
+}
+
 /// All bundles of a layer in packed order, each part quantized to `q`, each
-/// bundle `stride` bytes (format 9.3: the parts, then zero padding).
+/// bundle `stride` bytes (format 9.3: the parts, then zero padding). With
+/// `down_scale` (9.6), element `r` of each down column is divided by
+/// `down_scale[r]` before it is quantized.
 pub fn build_quantized_bundles(
     ffn: &LayerFfn<'_>,
     order: &[u32],
     q: QuantType,
     stride: usize,
+    down_scale: Option<&[f32]>,
 ) -> Result<Vec<u8>> {
     let h = ffn.hidden;
     let parts = if ffn.gate.is_some() { 3 } else { 2 };
@@ -107,6 +133,11 @@ pub fn build_quantized_bundles(
                     };
                     *v = get_element(t.bytes, t.dtype, i);
                 }
+                if let (true, Some(scale)) = (is_column, down_scale) {
+                    for (v, s) in x.iter_mut().zip(scale) {
+                        *v /= s;
+                    }
+                }
                 q.quantize_row(&x, &mut bundle[at..at + part_bytes])
                     .map_err(|e| quant_error(&format!("{} neuron {neuron}", t.name), e))?;
                 at += part_bytes;
@@ -128,6 +159,11 @@ pub struct TensorQuantError {
     /// Blocks whose bytes differ from the source quantized as the format says
     /// (section 9.1): 0 for a file `convert` wrote.
     pub blocks_differing: u64,
+    /// A down projection with a per-channel scale (9.6): the scale's values
+    /// that differ from the scale computed from the source (0 for a file
+    /// `convert` wrote); absent without a scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scales_differing: Option<u64>,
 }
 
 /// Stated limits `verify --against` holds a quantized file to: per-tensor NMSE,
@@ -175,11 +211,26 @@ impl Nmse {
     }
 }
 
-/// Compares the quantized rows `packed` (blocks of `q`) with the source values
-/// `source` of the same row: (block bytes differing, NMSE terms).
-fn compare_row(q: QuantType, source: &[f32], packed: &[u8], nmse: &mut Nmse) -> u64 {
+/// Compares the quantized row `packed` (blocks of `q`) with the source values
+/// `source` of the same row: (block bytes differing, NMSE terms). With a down
+/// scale (9.6) `(expected, stored)`, the blocks must be the source divided by
+/// `expected` (the scale computed from the source) and the values compared are
+/// the blocks' values times `stored` (the file's scale).
+fn compare_row(
+    q: QuantType,
+    source: &[f32],
+    packed: &[u8],
+    scale: Option<(&[f32], &[f32])>,
+    nmse: &mut Nmse,
+) -> u64 {
+    let mut scaled = source.to_vec();
+    if let Some((expected, _)) = scale {
+        for (v, s) in scaled.iter_mut().zip(expected) {
+            *v /= s;
+        }
+    }
     let mut expected = vec![0u8; packed.len()];
-    let differing = match q.quantize_row(source, &mut expected) {
+    let differing = match q.quantize_row(&scaled, &mut expected) {
         Ok(()) => expected
             .chunks(q.block_bytes())
             .zip(packed.chunks(q.block_bytes()))
@@ -189,6 +240,11 @@ fn compare_row(q: QuantType, source: &[f32], packed: &[u8], nmse: &mut Nmse) -> 
     };
     let mut values = vec![0.0f32; source.len()];
     q.dequantize_row(packed, &mut values);
+    if let Some((_, stored)) = scale {
+        for (v, s) in values.iter_mut().zip(stored) {
+            *v *= s;
+        }
+    }
     nmse.add(source, &values);
     differing
 }
@@ -222,13 +278,14 @@ pub fn quantization_errors(
             for (c, v) in x.iter_mut().enumerate() {
                 *v = get_element(src.bytes, src.dtype, r * cols + c);
             }
-            differing += compare_row(q, &x, row, &mut nmse);
+            differing += compare_row(q, &x, row, None, &mut nmse);
         }
         out.push(TensorQuantError {
             tensor: t.name.clone(),
             dtype: q.name(),
             nmse: nmse.value(),
             blocks_differing: differing,
+            scales_differing: None,
         });
     }
     for (i, layer) in file.manifest.ffn_layers.iter().enumerate() {
@@ -246,6 +303,27 @@ pub fn quantization_errors(
                 BundlePart::Down => down,
             };
             let src = ckpt.tensor(&names.weight)?;
+            // Format 9.6: the down part's per-channel scale, as stored and as
+            // computed from the source.
+            let scale_name = crate::format::layout::down_scale_tensor_name(layer.layer as usize);
+            let scale = match (part, file.tensor_entry(&scale_name)) {
+                (BundlePart::Down, Some(t)) => {
+                    let bytes = &dense[t.offset as usize..(t.offset + t.length) as usize];
+                    let stored: Vec<f32> = bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    Some((down_scale(&src, h, n)?, stored))
+                }
+                _ => None,
+            };
+            let scales_differing = scale.as_ref().map(|(expected, stored)| {
+                expected
+                    .iter()
+                    .zip(stored)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count() as u64
+            });
             let mut nmse = Nmse::default();
             let mut differing = 0;
             let mut x = vec![0.0f32; h];
@@ -258,13 +336,20 @@ pub fn quantization_errors(
                     *v = get_element(src.bytes, src.dtype, at);
                 }
                 let start = p * layer.bundle_bytes as usize + k * row_bytes;
-                differing += compare_row(q, &x, &section[start..start + row_bytes], &mut nmse);
+                differing += compare_row(
+                    q,
+                    &x,
+                    &section[start..start + row_bytes],
+                    scale.as_ref().map(|(e, s)| (&e[..], &s[..])),
+                    &mut nmse,
+                );
             }
             out.push(TensorQuantError {
                 tensor: names.weight.clone(),
                 dtype: q.name(),
                 nmse: nmse.value(),
                 blocks_differing: differing,
+                scales_differing,
             });
         }
     }

@@ -186,6 +186,11 @@ impl PackedWeights<'_> {
             .iter()
             .position(|p| *p == part)
             .expect("checked at open: parts match the architecture");
+        // Format 9.6: a down part's per-channel scale, checked (rule 26).
+        let scale = match part {
+            BundlePart::Down => self.down_scale(entry)?,
+            _ => None,
+        };
         let values = self.with_section(layer, |bundles| -> Result<Vec<f32>> {
             if let Some((at, what)) = crate::format::quant_policy::first_bad_bundle_byte(
                 q,
@@ -213,6 +218,11 @@ impl PackedWeights<'_> {
                     }
                     BundlePart::Down => {
                         q.dequantize_row(bytes, &mut column);
+                        if let Some(scale) = &scale {
+                            for (v, s) in column.iter_mut().zip(scale) {
+                                *v *= s;
+                            }
+                        }
                         for (r, v) in column.iter().enumerate() {
                             out[r * n + p] = *v;
                         }
@@ -222,6 +232,32 @@ impl PackedWeights<'_> {
             Ok(out)
         })??;
         Ok(Storage::F32(values))
+    }
+}
+
+impl PackedWeights<'_> {
+    /// The down scale (format 9.6) of an FFN layer's bundles, if the file has
+    /// one, checked against rule 26. Experts have none.
+    pub fn down_scale(&self, entry: &FfnLayerEntry) -> Result<Option<Vec<f32>>> {
+        let name = crate::format::layout::down_scale_tensor_name(entry.layer as usize);
+        let Some(t) = self
+            .file
+            .tensor_entry(&name)
+            .filter(|_| self.file.manifest.ffn_layers.contains(entry))
+        else {
+            return Ok(None);
+        };
+        let bytes = self
+            .dense
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read_bytes(t.offset, t.length)?;
+        crate::format::integrity::down_scale_values(&name, &bytes)
+            .map(Some)
+            .map_err(|e| Error::Format {
+                path: self.file.path.clone(),
+                source: e,
+            })
     }
 }
 

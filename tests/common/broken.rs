@@ -513,14 +513,17 @@ fn product_threshold_in_one_layer(base: &[u8]) -> Vec<u8> {
 // ----------------------------------------------------------------- R21-R24: block types
 
 /// The damaged files derived from the quantized base (`base-q.flashpack`:
-/// micro-llama-q with `--quant ffn=q4,attn=q4,embed=q8`), in rule order.
+/// micro-llama-q with `--quant ffn=q4,attn=q4,embed=q8`, so without down
+/// scales: R25 and R26's files add one), in rule order.
 pub fn broken_quant_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mutations: [(&str, Mutation); 5] = [
+    let mutations: [(&str, Mutation); 7] = [
         ("r21-policy-mismatch", policy_mismatch),
         ("r22-norm-quantized", norm_quantized),
         ("r23-tensor-length", quant_tensor_length),
         ("r23-bundle-bytes", quant_bundle_bytes),
         ("r24-nan-scale", nan_scale),
+        ("r25-down-scale-dtype", down_scale_dtype),
+        ("r26-zero-down-scale", zero_down_scale),
     ];
     mutations
         .iter()
@@ -586,6 +589,67 @@ fn nan_scale(base: &[u8]) -> Vec<u8> {
         chunk,
         zstd::bulk::compress(&raw, level).unwrap(),
     )
+}
+
+/// `base` with a tensor `name` (`dtype`, `shape`, raw `bytes`) added at the
+/// end of the dense section's raw bytes (the next multiple of 64, as convert
+/// places tensors), listed after layer `layer`'s order tensor as convert lists
+/// a down scale (format 6); the one dense chunk recompressed, hashes updated.
+fn with_dense_tensor(
+    base: &[u8],
+    layer: usize,
+    name: &str,
+    dtype: &str,
+    shape: &[u64],
+    bytes: &[u8],
+) -> Vec<u8> {
+    let m = manifest(base);
+    let dense = &m["sections"][section_index(&m, "dense")];
+    assert_eq!(
+        dense["chunks"].as_array().unwrap().len(),
+        1,
+        "one dense chunk"
+    );
+    let (stored, raw_len) = stored_chunk(base, "dense", 0);
+    let mut raw = zstd::bulk::decompress(&stored, raw_len).unwrap();
+    raw.resize(raw.len().div_ceil(64) * 64, 0);
+    let offset = raw.len();
+    raw.extend_from_slice(bytes);
+    let edited = edit_manifest(base, |m| {
+        let d = section_index(m, "dense");
+        m["sections"][d]["raw_length"] = json!(raw.len());
+        let after = tensor_index(m, &format!("flashpack.ffn.{layer}.order"));
+        m["tensors"].as_array_mut().unwrap().insert(
+            after + 1,
+            json!({"name": name, "dtype": dtype, "shape": shape, "section": "dense",
+                   "offset": offset, "length": bytes.len()}),
+        );
+    });
+    let level = m["provenance"]["options"]["zstd_level"].as_i64().unwrap() as i32;
+    replace_chunk(
+        &edited,
+        "dense",
+        0,
+        zstd::bulk::compress(&raw, level).unwrap(),
+    )
+}
+
+/// A down scale (format 9.6) for layer 0 declared `f16` (32 values, 64
+/// bytes): rule 25 wants `f32` of shape `[hidden]`.
+fn down_scale_dtype(base: &[u8]) -> Vec<u8> {
+    let ones: Vec<u8> = (0..32)
+        .flat_map(|_| half::f16::from_f32(1.0).to_le_bytes())
+        .collect();
+    with_dense_tensor(base, 0, "flashpack.ffn.0.down_scale", "f16", &[32], &ones)
+}
+
+/// A valid-looking down scale for layer 1, `f32` of `[32]`, all ones but its
+/// first value zero: rule 26 (the layer's down values would all be zero).
+fn zero_down_scale(base: &[u8]) -> Vec<u8> {
+    let values: Vec<u8> = (0..32)
+        .flat_map(|i| if i == 0 { 0.0f32 } else { 1.0f32 }.to_le_bytes())
+        .collect();
+    with_dense_tensor(base, 1, "flashpack.ffn.1.down_scale", "f32", &[32], &values)
 }
 
 // ------------------------------------------------- mixture of experts (base-moe)

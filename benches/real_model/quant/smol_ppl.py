@@ -1,5 +1,6 @@
 # transformers perplexity of SmolLM2-135M with parts dequantized by the numpy reference quantizers
-# Usage: python smol_ppl.py q8:all q8:down:row q8:down:smooth q4:embed ...  (type:part[:col|row|smooth])
+# Usage: python smol_ppl.py q8:all q8:down:row q8:down:smooth q4:embed ...  (type:part[:col|row|smooth|sqrt])
+# smooth: down's output channels divided by their max |w| before column blocking (multiplied back); sqrt: by its square root
 import sys, os, math, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../../fixtures"))
 import numpy as np, torch
@@ -19,8 +20,9 @@ def run(label, fn, kinds):
             x = p.detach().numpy()
             if k == "down_proj" and MODE == "row":
                 deq = fn(x)[-1]
-            elif k == "down_proj" and MODE == "smooth":
+            elif k == "down_proj" and MODE in ("smooth", "sqrt"):
                 c = np.abs(x).max(axis=1, keepdims=True).astype(np.float32)
+                if MODE == "sqrt": c = np.sqrt(c)
                 c = np.where(c == 0, 1, c)
                 deq = np.ascontiguousarray(fn(np.ascontiguousarray((x / c).T))[-1].T) * c
             elif k == "down_proj":
