@@ -40,8 +40,9 @@
 //! 5.5 GiB of scratch, `FLASHPACK_SCALE_TOKENS` flash tokens (default 128),
 //! `FLASHPACK_SCALE_NAIVE_TOKENS` naive and mmap tokens (default 4),
 //! `FLASHPACK_SCALE_IO_THREADS` reads in flight, `FLASHPACK_SCALE_IO_ENGINE`
-//! what keeps them in flight (`threads`, the default, `uring`, or `both`: flash
-//! window W once more through io_uring right after the pool) and
+//! what keeps them in flight (`threads`, `uring`, or `both`, the default: the
+//! modes through the thread pool, and flash window W once more through
+//! io_uring right after it) and
 //! `FLASHPACK_SCALE_COALESCE_GAP` the coalescing gap (the runtime's defaults),
 //! `FLASHPACK_SCALE_VERIFY` first-use verification of FFN chunks: `on` (the
 //! runtime's default), `off`, or `both` (default: naive and flash window W
@@ -223,7 +224,7 @@ fn main() {
         predicted.mean_fraction() * 100.0
     );
     let ids = token_ids(tokens);
-    let engines = std::env::var("FLASHPACK_SCALE_IO_ENGINE").unwrap_or_else(|_| "threads".into());
+    let engines = std::env::var("FLASHPACK_SCALE_IO_ENGINE").unwrap_or_else(|_| "both".into());
     assert!(
         ["threads", "uring", "both"].contains(&engines.as_str()),
         "FLASHPACK_SCALE_IO_ENGINE={engines}: threads, uring or both"
@@ -234,6 +235,7 @@ fn main() {
             "FLASHPACK_SCALE_IO_THREADS",
             FlashOptions::default().io_threads,
         ),
+        // `both` measures the pool first, then io_uring.
         io_engine: if engines == "uring" {
             IoEngine::Uring
         } else {

@@ -22,9 +22,10 @@ pub struct FlashArgs {
     /// throughput) [default: 16].
     #[arg(long)]
     pub io_threads: Option<usize>,
-    /// What keeps the reads in flight: `threads` (a pool, one blocking read
-    /// per thread) or `uring` (one io_uring, every read of a batch submitted
-    /// at once; Linux 5.1+ where the kernel allows it) [default: threads].
+    /// What keeps the reads in flight: `uring` (one io_uring, every read of a
+    /// batch submitted at once), `threads` (a pool, one blocking read per
+    /// thread), or `auto`: uring where the kernel allows it (containers often
+    /// forbid it), else threads. The report says which ran. [default: auto]
     #[arg(long, value_enum)]
     pub io_engine: Option<crate::runtime::flash::io::IoEngine>,
     /// Read wanted bundles at most this many bundles apart in one operation
@@ -68,7 +69,7 @@ impl FlashArgs {
 
     pub fn io_engine(&self) -> crate::runtime::flash::io::IoEngine {
         self.io_engine
-            .unwrap_or(crate::runtime::flash::io::IoEngine::Threads)
+            .unwrap_or(crate::runtime::flash::io::IoEngine::Auto)
     }
 
     pub fn coalesce_gap(&self) -> usize {

@@ -93,6 +93,10 @@ impl IoMode {
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum IoEngine {
+    /// `uring` where the kernel allows it, `threads` otherwise (io_uring can
+    /// be disabled by `kernel.io_uring_disabled` or a container's seccomp
+    /// filter). What the reader chose is in its reports.
+    Auto,
     /// A pool of `io_threads` threads, each doing one blocking `pread` at a time.
     Threads,
     /// One io_uring: a batch's reads submitted together, completions reaped by
@@ -103,6 +107,7 @@ pub enum IoEngine {
 impl IoEngine {
     pub fn as_str(self) -> &'static str {
         match self {
+            IoEngine::Auto => "auto",
             IoEngine::Threads => "threads",
             IoEngine::Uring => "uring",
         }
@@ -203,7 +208,8 @@ impl FlashReader {
 
     /// As [`Self::open`], with `threads` reads in flight through `engine`. An
     /// io_uring the kernel refuses (disabled by `kernel.io_uring_disabled`, a
-    /// seccomp filter, an old kernel) is an error: the caller asked for it.
+    /// seccomp filter, an old kernel) is an error when asked for by name, and
+    /// the thread pool under [`IoEngine::Auto`].
     pub fn open_with(
         path: &Path,
         align: usize,
@@ -216,10 +222,18 @@ impl FlashReader {
                 "the number of reads in flight must be at least 1".into(),
             ));
         }
+        let entries = (threads as u32).next_power_of_two();
         let ring = match engine {
             IoEngine::Threads => None,
+            IoEngine::Auto => io_uring::IoUring::new(entries).ok().map(|ring| {
+                std::sync::Mutex::new(Uring {
+                    ring,
+                    done: Vec::new(),
+                    waiting: std::collections::VecDeque::new(),
+                    completed: Vec::new(),
+                })
+            }),
             IoEngine::Uring => {
-                let entries = (threads as u32).next_power_of_two();
                 let ring = io_uring::IoUring::new(entries).map_err(|e| {
                     Error::InvalidArgument(format!(
                         "io_uring is not available here ({e}); use the thread pool engine"
@@ -624,6 +638,9 @@ mod tests {
         let threads = FlashReader::open_with(&path, 4096, 0, 2, IoEngine::Threads).unwrap();
         let uring = FlashReader::open_with(&path, 4096, 0, 2, IoEngine::Uring).unwrap();
         assert_eq!(uring.engine(), IoEngine::Uring);
+        // Where io_uring works (it does here: `uring` opened), auto takes it.
+        let auto = FlashReader::open_with(&path, 4096, 0, 2, IoEngine::Auto).unwrap();
+        assert_eq!(auto.engine(), IoEngine::Uring);
         let ops: Vec<ReadOp> = [
             (0, 100),
             (5000, 9000),

@@ -87,7 +87,7 @@ impl Default for FlashOptions {
             mode: DiskMode::Flash,
             window: 4,
             io_threads: DEFAULT_IO_THREADS,
-            io_engine: io::IoEngine::Threads,
+            io_engine: io::IoEngine::Auto,
             coalesce_gap: 1,
             dram_budget: None,
             context: 2048,
