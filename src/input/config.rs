@@ -65,6 +65,9 @@ pub struct RawConfig {
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
     pub hidden_act: Option<String>,
+    /// ProSparse (`SparseLlamaForCausalLM`): the threshold of `hidden_act`
+    /// `"fatrelu"` (its checkpoints write 0.01).
+    pub hidden_act_param: Option<f64>,
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<RawRopeScaling>,
@@ -169,6 +172,12 @@ pub enum Architecture {
     Mixtral,
     Qwen2Moe,
     Qwen3Moe,
+    /// ProSparse's Llama 2 (`SparseLlamaForCausalLM`, `model_type`
+    /// `"sparsellama"`, remote code): Llama with a FATReLU gate.
+    SparseLlama,
+    /// Bamboo and TurboSparse-Mistral (`BambooForCausalLM`, `model_type`
+    /// `"bamboo"`, remote code): Mistral with a dReLU FFN.
+    Bamboo,
 }
 
 impl Architecture {
@@ -186,6 +195,8 @@ impl Architecture {
             Architecture::Mixtral => "MixtralForCausalLM",
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
             Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Architecture::SparseLlama => "SparseLlamaForCausalLM",
+            Architecture::Bamboo => "BambooForCausalLM",
         }
     }
 
@@ -207,16 +218,38 @@ impl Architecture {
 
 const SUPPORTED_ARCHITECTURES: &str = "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, \
      Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, \
-     MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM";
+     MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, \
+     SparseLlamaForCausalLM (ProSparse), BambooForCausalLM (Bamboo, TurboSparse-Mistral)";
 
-/// The FFN's activation function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The FFN's activation function. For a gated FFN a neuron's value is
+/// `act(gate . x) * (up . x)`, except dReLU's `relu(gate . x) * relu(up . x)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     Relu,
     Silu,
     /// Gemma's GeGLU gate: `gelu_pytorch_tanh`, GELU with the tanh approximation.
     GeluTanh,
+    /// `gelu`: exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`.
+    Gelu,
+    /// ProSparse's FATReLU (`"fatrelu"`, threshold `hidden_act_param`): `x`
+    /// where `x >= threshold`, else 0 (its modeling code keeps `torch.ge(x, t)`).
+    FatRelu {
+        threshold: f32,
+    },
+    /// dReLU (Bamboo, TurboSparse): ReLU on both the gate and the up
+    /// projection, `relu(gate . x) * relu(up . x)`.
+    DRelu,
 }
+
+/// The `hidden_act` values a Llama-family config may name (what transformers'
+/// `ACT2FN` maps them to), for error messages.
+const SUPPORTED_ACTIVATIONS_WHY: &str = "supported: relu, silu (or swish), gelu, \
+     gelu_pytorch_tanh; fatrelu with hidden_act_param for SparseLlamaForCausalLM";
+
+/// Every activation `config.json` may name, for `--help` and errors.
+pub const SUPPORTED_ACTIVATIONS: &str =
+    "relu, silu (or swish), gelu, gelu_pytorch_tanh; fatrelu with hidden_act_param for \
+     SparseLlamaForCausalLM; relu (dReLU) for BambooForCausalLM";
 
 impl Activation {
     pub fn name(self) -> &'static str {
@@ -224,14 +257,28 @@ impl Activation {
             Activation::Relu => "relu",
             Activation::Silu => "silu",
             Activation::GeluTanh => "gelu_pytorch_tanh",
+            Activation::Gelu => "gelu",
+            Activation::FatRelu { .. } => "fatrelu",
+            Activation::DRelu => "drelu",
         }
     }
 
     /// Whether a neuron's output is exactly zero only by chance, so that
     /// sparsity comes from a magnitude threshold (SiLU, GELU), not from the
-    /// activation itself (ReLU).
+    /// activation itself (the ReLU family).
     pub fn is_smooth(self) -> bool {
-        !matches!(self, Activation::Relu)
+        !self.exact_zeros()
+    }
+
+    /// The ReLU family (ReLU, FATReLU, dReLU): a neuron that does not fire
+    /// outputs exactly 0, so skipping it changes nothing, and which neurons
+    /// fire is known exactly (calibration records firing masks, the oracle
+    /// is exact, predictors are trained on the masks).
+    pub fn exact_zeros(self) -> bool {
+        matches!(
+            self,
+            Activation::Relu | Activation::FatRelu { .. } | Activation::DRelu
+        )
     }
 }
 
@@ -426,6 +473,8 @@ impl ModelConfig {
             "MixtralForCausalLM" => Architecture::Mixtral,
             "Qwen2MoeForCausalLM" => Architecture::Qwen2Moe,
             "Qwen3MoeForCausalLM" => Architecture::Qwen3Moe,
+            "SparseLlamaForCausalLM" => Architecture::SparseLlama,
+            "BambooForCausalLM" => Architecture::Bamboo,
             _ => {
                 return Err(Error::UnsupportedArchitecture {
                     path: path.to_path_buf(),
@@ -441,6 +490,9 @@ impl ModelConfig {
             }
             Architecture::Mixtral | Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
                 v.moe_family(raw, architecture)
+            }
+            Architecture::SparseLlama | Architecture::Bamboo => {
+                v.sparse_checkpoint(raw, architecture)
             }
             _ => v.newer_family(raw, architecture),
         }
@@ -644,18 +696,7 @@ impl Validator<'_> {
         }
         let max_position_embeddings = self.positions(raw)?;
 
-        let act_name = raw.hidden_act.as_deref().unwrap_or("silu");
-        let activation = match act_name {
-            "relu" => Activation::Relu,
-            "silu" | "swish" => Activation::Silu,
-            other => {
-                return Err(self.unsupported(
-                    "hidden_act",
-                    format!("{other:?}"),
-                    "supported activations are relu and silu",
-                ))
-            }
-        };
+        let activation = self.activation(raw.hidden_act.as_deref().unwrap_or("silu"))?;
         if let Some(tp) = raw.pretraining_tp {
             if tp > 1 {
                 // transformers then splits every projection into slices summed in a
@@ -865,22 +906,13 @@ impl Validator<'_> {
             raw.hidden_act.as_deref().unwrap_or("silu")
         };
         cfg.activation = match act_name {
-            "relu" if !gemma => Activation::Relu,
-            "silu" | "swish" if !gemma => Activation::Silu,
             "gelu_pytorch_tanh" if gemma => Activation::GeluTanh,
+            other if !gemma => self.activation(other)?,
             other => {
                 return Err(self.unsupported(
-                    if gemma {
-                        "hidden_activation"
-                    } else {
-                        "hidden_act"
-                    },
+                    "hidden_activation",
                     format!("{other:?}"),
-                    if gemma {
-                        "Gemma is supported with gelu_pytorch_tanh"
-                    } else {
-                        "supported activations are relu and silu"
-                    },
+                    "Gemma is supported with gelu_pytorch_tanh",
                 ))
             }
         };
@@ -1198,6 +1230,94 @@ impl Validator<'_> {
 
     /// Sliding-window attention equals full attention while the context is no longer
     /// than the window, so a window smaller than the position table caps the context.
+    /// `hidden_act` of the classes whose MLP is transformers'
+    /// `ACT2FN[hidden_act]` on the gate (Llama, Mistral, Qwen2/3, Phi-3 and
+    /// the mixtures of experts): the names implemented here.
+    fn activation(&self, name: &str) -> Result<Activation> {
+        match name {
+            "relu" => Ok(Activation::Relu),
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu" => Ok(Activation::Gelu),
+            "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            other => Err(self.unsupported(
+                "hidden_act",
+                format!("{other:?}"),
+                SUPPORTED_ACTIVATIONS_WHY,
+            )),
+        }
+    }
+
+    /// Sparse checkpoints published with their own modeling code
+    /// (`trust_remote_code`), read by what that code computes (formats/
+    /// flashpack-v1.md 3.1): ProSparse's `SparseLlamaForCausalLM` is Llama
+    /// with `hidden_act` `"fatrelu"` and its threshold `hidden_act_param`;
+    /// Bamboo's `BambooForCausalLM` (TurboSparse-Mistral) is Mistral whose
+    /// MLP applies `hidden_act` (`"relu"`) to both the gate and the up
+    /// projection (dReLU). Other models that reuse these class names run
+    /// other code, so `model_type` must be the one these checkpoints write.
+    fn sparse_checkpoint(
+        &self,
+        raw: &RawConfig,
+        architecture: Architecture,
+    ) -> Result<ModelConfig> {
+        let (model_type, layers, why) = match architecture {
+            Architecture::SparseLlama => (
+                "sparsellama",
+                Architecture::Llama,
+                "SparseLlamaForCausalLM is read as ProSparse's (model_type \"sparsellama\"); \
+                 other models of that class name run different code",
+            ),
+            _ => (
+                "bamboo",
+                Architecture::Mistral,
+                "BambooForCausalLM is read as Bamboo's and TurboSparse-Mistral's \
+                 (model_type \"bamboo\")",
+            ),
+        };
+        if raw.model_type.as_deref() != Some(model_type) {
+            return Err(self.unsupported(
+                "model_type",
+                format!("{:?}", raw.model_type.as_deref().unwrap_or("(absent)")),
+                why,
+            ));
+        }
+        let name = raw.hidden_act.as_deref().unwrap_or("silu");
+        let activation = match (architecture, name) {
+            (Architecture::SparseLlama, "fatrelu") => {
+                let threshold = match raw.hidden_act_param {
+                    None => {
+                        return Err(self.invalid(
+                            "`hidden_act` \"fatrelu\" needs its threshold `hidden_act_param`",
+                        ))
+                    }
+                    // The runtime computes in f32; beyond its range is no threshold.
+                    Some(t) if !(t.is_finite() && (t as f32).is_finite()) => {
+                        return Err(
+                            self.invalid(&format!("`hidden_act_param` {t} is not a finite number"))
+                        )
+                    }
+                    Some(t) => t as f32,
+                };
+                Activation::FatRelu { threshold }
+            }
+            (Architecture::SparseLlama, other) => self.activation(other)?,
+            (_, "relu") => Activation::DRelu,
+            (_, other) => {
+                return Err(self.unsupported(
+                    "hidden_act",
+                    format!("{other:?}"),
+                    "BambooForCausalLM is supported with relu (dReLU), as its checkpoints are",
+                ))
+            }
+        };
+        let mut base = raw.clone();
+        base.hidden_act = Some("silu".into());
+        let mut cfg = self.llama_family(&base, layers)?;
+        cfg.architecture = architecture;
+        cfg.activation = activation;
+        Ok(cfg)
+    }
+
     fn sliding_window_context(
         &self,
         raw: &RawConfig,

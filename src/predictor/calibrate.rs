@@ -309,7 +309,8 @@ pub fn calibrate(
             .map(BufWriter::new)
             .map_err(|e| Error::io(&p, e))
     };
-    let relu = cfg.activation == Activation::Relu;
+    // The ReLU family (ReLU, FATReLU, dReLU) fires exactly: masks, no thresholds.
+    let relu = cfg.activation.exact_zeros();
     let mut recorder = Recorder {
         inputs: (0..layers)
             .map(|l| open(store.inputs(l)))

@@ -132,19 +132,68 @@ pub struct DenseFfn {
 }
 
 /// The value of one neuron from its pre-activations (biases included): plain
-/// `act(up)`, gated `act(gate) * up`. Every FFN implementation computes a
-/// neuron with this, so sparse paths agree bit for bit.
+/// `act(up)`, gated `act(gate) * up` (dReLU: `relu(gate) * relu(up)`). Every
+/// FFN implementation computes a neuron with this, so sparse paths agree bit
+/// for bit.
 #[inline]
 pub fn neuron_value(activation: Activation, gate: Option<f32>, up: f32) -> f32 {
-    let act = |v: f32| match activation {
-        Activation::Relu => relu(v),
+    match (gate, activation) {
+        (None, _) => activate(activation, up),
+        (Some(g), Activation::DRelu) => relu(g) * relu(up),
+        (Some(g), _) => activate(activation, g) * up,
+    }
+}
+
+/// The activation of the part that decides firing: the gate of a gated FFN
+/// (ReLU for dReLU's gate), the up projection of a plain one.
+#[inline]
+pub fn activate(activation: Activation, v: f32) -> f32 {
+    match activation {
+        Activation::Relu | Activation::DRelu => relu(v),
         Activation::Silu => silu(v),
         Activation::GeluTanh => gelu_tanh(v),
-    };
-    match gate {
-        None => act(up),
-        Some(g) => act(g) * up,
+        Activation::Gelu => gelu_erf(v),
+        // ProSparse keeps `torch.ge(x, threshold)`: at the threshold, kept.
+        Activation::FatRelu { threshold } => {
+            if v >= threshold {
+                v
+            } else {
+                0.0
+            }
+        }
     }
+}
+
+/// Exact GELU (`gelu`, PyTorch's `approximate="none"`), in f32 as PyTorch
+/// computes it, `x * 0.5 * (1 + erf(x * sqrt(1/2)))`, with `erf` evaluated in
+/// f64 and rounded (PyTorch's own f32 `erf` is within an ulp or two of it).
+#[inline]
+pub fn gelu_erf(x: f32) -> f32 {
+    let e = erf_f64((x * std::f32::consts::FRAC_1_SQRT_2) as f64) as f32;
+    x * 0.5 * (1.0 + e)
+}
+
+/// The error function to about 1e-11 absolute, ample for f32: the Maclaurin
+/// series below |z| = 4 (its terms peak near 1e5 at z = 4, leaving 11 of f64's
+/// 16 digits), and +-1 beyond, where 1 - erf(z) < 1.6e-8 is below half an f32
+/// ulp of 1.
+fn erf_f64(z: f64) -> f64 {
+    if z.abs() >= 4.0 {
+        return z.signum();
+    }
+    // erf(z) = 2/sqrt(pi) * sum_n (-1)^n z^(2n+1) / (n! (2n+1))
+    let z2 = z * z;
+    let mut power = z; // (-1)^n z^(2n+1) / n!
+    let mut sum = z;
+    for n in 1..200 {
+        power *= -z2 / n as f64;
+        let term = power / (2 * n + 1) as f64;
+        sum += term;
+        if term.abs() < 1e-17 * sum.abs().max(1e-300) {
+            break;
+        }
+    }
+    sum * std::f64::consts::FRAC_2_SQRT_PI
 }
 
 /// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma's GeGLU gate),
@@ -159,7 +208,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 impl DenseFfn {
     fn act(&self, v: f32) -> f32 {
-        neuron_value(self.activation, None, v)
+        activate(self.activation, v)
     }
 
     /// The down projection (`[hidden, width]`).
@@ -192,7 +241,7 @@ impl DenseFfn {
                 kernels::linear(gate, x, n, &mut h);
                 kernels::linear(up, x, n, &mut u);
                 for (g, u) in h.iter_mut().zip(&u) {
-                    *g = self.act(*g) * u;
+                    *g = neuron_value(self.activation, Some(*g), *u);
                 }
             }
         }
@@ -349,5 +398,50 @@ impl Ffn for DenseFfn {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// erf against the C library's (glibc's `erf`, through Python's
+    /// `math.erf`), across the series' range and past its cut at 4.
+    #[test]
+    fn erf_matches_tabulated_values() {
+        for (z, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.5, 0.999_999_256_901_627_6),
+            (3.99, 0.999_999_983_260_788_6),
+            (6.0, 1.0),
+        ] {
+            let got = erf_f64(z);
+            assert!((got - want).abs() < 1e-11, "erf({z}) = {got}, want {want}");
+            assert_eq!(erf_f64(-z), -got, "odd");
+        }
+    }
+
+    /// What each activation makes of a neuron's gate and up values, at the
+    /// edges that decide firing: FATReLU keeps a gate equal to its threshold
+    /// (ProSparse's `torch.ge`), dReLU fires only where both are positive.
+    #[test]
+    fn neuron_values_of_the_relu_family() {
+        let fat = Activation::FatRelu { threshold: 0.25 };
+        assert_eq!(neuron_value(fat, Some(0.25), 2.0), 0.5);
+        assert_eq!(neuron_value(fat, Some(0.2499), 2.0), 0.0);
+        assert_eq!(neuron_value(fat, Some(1.0), -3.0), -3.0);
+        assert_eq!(activate(fat, 0.1), 0.0);
+        let d = Activation::DRelu;
+        assert_eq!(neuron_value(d, Some(2.0), 3.0), 6.0);
+        assert_eq!(neuron_value(d, Some(2.0), -3.0), 0.0);
+        assert_eq!(neuron_value(d, Some(-2.0), 3.0), 0.0);
+        assert_eq!(activate(d, -1.0), 0.0);
+        assert_eq!(neuron_value(Activation::Relu, Some(2.0), -3.0), -6.0);
+        // GELU: x * P(X <= x), P(X <= 1) = 0.841344746...
+        assert!((gelu_erf(1.0) - 0.841_344_7).abs() < 1e-7);
+        assert!((gelu_erf(-1.0) + 0.158_655_26).abs() < 1e-7);
     }
 }

@@ -519,6 +519,7 @@ pub fn apply_ffn_mode(
         return Ok(None);
     }
     let silu = model.config.activation == crate::input::config::Activation::Silu;
+    let drelu = model.config.activation == crate::input::config::Activation::DRelu;
     let counter = Arc::new(NeuronCounter::default());
     let layers = std::mem::take(&mut model.layers);
     let mut wrapped = Vec::with_capacity(layers.len());
@@ -542,6 +543,9 @@ pub fn apply_ffn_mode(
                 };
                 let criterion = match (silu, data) {
                     (true, Some(d)) => d.silu_criterion,
+                    // dReLU fires only where both gate and up are positive:
+                    // the neuron's value, not its gate, says which.
+                    _ if drelu => Criterion::Product,
                     _ => Criterion::Gate,
                 };
                 Chooser::Oracle {

@@ -619,6 +619,10 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                 threshold,
                 criterion: match (silu, &sparsity) {
                     (true, Some(d)) => d.silu_criterion,
+                    // dReLU: a neuron fires where gate and up are both positive.
+                    _ if file.config.activation == crate::input::config::Activation::DRelu => {
+                        crate::runtime::ffn::Criterion::Product
+                    }
                     _ => crate::runtime::ffn::Criterion::Gate,
                 },
             }));
