@@ -39,7 +39,11 @@ Exit codes:
     about = "Run language models larger than DRAM from flash storage",
     long_about = "flashpack reads Hugging Face checkpoints (OPT and the Llama family), \
                   and runs them with the FFN weights on flash, reading only the neurons \
-                  each token needs (the \"LLM in a flash\" technique).",
+                  each token needs (the \"LLM in a flash\" technique). FFN activations \
+                  (config.json's hidden_act): relu, silu (swish), gelu, gelu_pytorch_tanh, \
+                  and those of sparse checkpoints: ProSparse's fatrelu with \
+                  hidden_act_param (SparseLlamaForCausalLM) and Bamboo / TurboSparse-Mistral's \
+                  dReLU (BambooForCausalLM, relu on gate and up).",
     after_help = AFTER_HELP
 )]
 pub struct Cli {
