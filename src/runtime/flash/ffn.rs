@@ -112,6 +112,8 @@ pub struct Workspace {
     /// and membership of the batch's union by neuron.
     batch_sets: Vec<Vec<u32>>,
     in_union: Vec<bool>,
+    /// One down-projection accumulator per compute thread for batches.
+    batch_accs: Vec<ColumnAccumulator>,
 }
 
 impl Workspace {
@@ -137,12 +139,14 @@ impl Workspace {
             wanted: Vec::with_capacity(slots),
             batch_sets: Vec::new(),
             in_union: Vec::new(),
+            batch_accs: Vec::new(),
         })
     }
 
     /// DRAM it holds.
     pub fn size_bytes(&self, hidden: usize, neurons: usize) -> usize {
-        self.staging.size_bytes() + 32 * hidden * 4 + neurons * 16
+        let accumulators = 1 + self.batch_accs.len();
+        self.staging.size_bytes() + accumulators * 32 * hidden * 4 + neurons * 16
     }
 }
 
@@ -600,27 +604,38 @@ impl FlashFfn {
             let t1 = Instant::now();
             let cache = &st.cache;
             let bias = self.down_bias.as_deref();
-            let outs = out[first * h..(first + sets.len()) * h].par_chunks_mut(h);
-            let one = |acc: &mut ColumnAccumulator,
-                       k: usize,
-                       ot: &mut [f32],
-                       f: Option<&mut Vec<u32>>| {
-                let t = first + k;
-                acc.clear();
-                self.accumulate(acc, cache, &sets[k], &x[t * h..(t + 1) * h], f)?;
-                acc.finish(bias, ot);
-                Ok::<(), Error>(())
+            // One contiguous run of tokens per compute thread, each run with
+            // its own accumulator (the plan counts one per thread).
+            let len = sets.len();
+            let groups = rayon::current_num_threads().clamp(1, len);
+            let per = len.div_ceil(groups);
+            let groups = len.div_ceil(per);
+            while ws.batch_accs.len() < groups {
+                ws.batch_accs.push(ColumnAccumulator::new(h, width));
+            }
+            let mut fired_groups: Vec<Option<&mut [Vec<u32>]>> = match fired {
+                Some(f) => f.per_token[first..first + len]
+                    .chunks_mut(per)
+                    .map(Some)
+                    .collect(),
+                None => (0..groups).map(|_| None).collect(),
             };
-            let new_acc = || ColumnAccumulator::new(h, width);
-            let r = match fired {
-                Some(f) => outs
-                    .zip(f.per_token[first..first + sets.len()].par_iter_mut())
-                    .enumerate()
-                    .try_for_each_init(new_acc, |acc, (k, (ot, f))| one(acc, k, ot, Some(f))),
-                None => outs
-                    .enumerate()
-                    .try_for_each_init(new_acc, |acc, (k, ot)| one(acc, k, ot, None)),
-            };
+            let r = ws.batch_accs[..groups]
+                .par_iter_mut()
+                .zip(out[first * h..(first + len) * h].par_chunks_mut(per * h))
+                .zip(fired_groups.par_iter_mut())
+                .enumerate()
+                .try_for_each(|(g, ((acc, outs), fired))| {
+                    for (j, ot) in outs.chunks_mut(h).enumerate() {
+                        let k = g * per + j;
+                        let t = first + k;
+                        acc.clear();
+                        let f = fired.as_deref_mut().map(|f| &mut f[j]);
+                        self.accumulate(acc, cache, &sets[k], &x[t * h..(t + 1) * h], f)?;
+                        acc.finish(bias, ot);
+                    }
+                    Ok::<(), Error>(())
+                });
             add_ns(&self.stats.ns_compute, t1);
             r
         })();
