@@ -166,6 +166,61 @@ mod x86 {
     pub unsafe fn dot_bf16(w: &[half::bf16], x: &[f32]) -> f32 {
         dot_impl(w, x)
     }
+
+    /// [`dot_impl`] of one row with `K` vectors at once: the row is loaded
+    /// once per 8 weights for all of them, and each vector's products go
+    /// through exactly the operations [`dot_impl`] does for it alone (the same
+    /// lanes, fused multiply-adds, tail and reduction), so each result is
+    /// bit-identical to its single dot product.
+    #[inline(always)]
+    unsafe fn dot_many_impl<W: Load, const K: usize>(w: W, xs: [&[f32]; K]) -> [f32; K] {
+        let n = w.len();
+        let main = n - n % LANES;
+        let mut acc = [[_mm256_setzero_ps(); 4]; K];
+        let mut i = 0;
+        while i < main {
+            for q in 0..4 {
+                let wv = w.load8(i + 8 * q);
+                for (a, x) in acc.iter_mut().zip(&xs) {
+                    a[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i + 8 * q)), a[q]);
+                }
+            }
+            i += LANES;
+        }
+        let mut out = [0.0f32; K];
+        for ((o, a), x) in out.iter_mut().zip(&acc).zip(&xs) {
+            let mut lanes = [0.0f32; LANES];
+            for (q, v) in a.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * q), *v);
+            }
+            for j in main..n {
+                lanes[j % LANES] += w.get(j) * x[j];
+            }
+            *o = reduce_lanes(&lanes);
+        }
+        out
+    }
+
+    /// # Safety
+    /// [`available`] must be true; every `xs[k].len() == w.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot2_f32(w: &[f32], xs: [&[f32]; 2]) -> [f32; 2] {
+        dot_many_impl(w, xs)
+    }
+
+    /// # Safety
+    /// As [`dot2_f32`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot2_f16(w: &[half::f16], xs: [&[f32]; 2]) -> [f32; 2] {
+        dot_many_impl(w, xs)
+    }
+
+    /// # Safety
+    /// As [`dot2_f32`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot2_bf16(w: &[half::bf16], xs: [&[f32]; 2]) -> [f32; 2] {
+        dot_many_impl(w, xs)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -315,6 +370,29 @@ pub fn prefetch(w: Weights<'_>, start: usize, len: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (w, start, len);
+}
+
+/// [`dot_weights`] of `w` with two vectors, each result bit-identical to its
+/// own `dot_weights`; the row is read once for both (batches that share
+/// neurons: flash prefill).
+#[inline]
+pub fn dot_weights2(w: Weights<'_>, xs: [&[f32]; 2]) -> [f32; 2] {
+    assert!(
+        xs.iter().all(|x| x.len() == w.len()),
+        "dot2: length mismatch"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has the features; lengths are equal (asserted).
+        return unsafe {
+            match w {
+                Weights::F32(v) => x86::dot2_f32(v, xs),
+                Weights::F16(v) => x86::dot2_f16(v, xs),
+                Weights::BF16(v) => x86::dot2_bf16(v, xs),
+            }
+        };
+    }
+    [dot_weights(w, xs[0]), dot_weights(w, xs[1])]
 }
 
 /// Dot product of stored weights `w` with `x`, widening as they are read.
@@ -718,6 +796,24 @@ mod tests {
         let back: Vec<f32> = f16s.iter().map(|v| v.to_f32()).collect();
         let m = Matrix::new(1, cols, Storage::F16(f16s)).unwrap();
         assert_eq!(row_dot(&m, 0, &x), dot(&back, &x));
+    }
+
+    /// Two vectors at once give each vector's own dot product, bit for bit,
+    /// for every dtype and for lengths with and without a tail past the lanes.
+    #[test]
+    fn dot2_is_two_dots_bit_for_bit() {
+        for cols in [1, 31, 32, 64, 300, 576, 1000] {
+            let x0: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let x1: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.91).cos() - 0.2).collect();
+            let w: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.11).cos() * 1e-2).collect();
+            let f16s: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let bf16s: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            for ws in [Weights::F32(&w), Weights::F16(&f16s), Weights::BF16(&bf16s)] {
+                let [a, b] = dot_weights2(ws, [&x0, &x1]);
+                assert_eq!(a.to_bits(), dot_weights(ws, &x0).to_bits(), "{cols}");
+                assert_eq!(b.to_bits(), dot_weights(ws, &x1).to_bits(), "{cols}");
+            }
+        }
     }
 
     #[test]

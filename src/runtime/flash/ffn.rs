@@ -29,7 +29,7 @@ use crate::runtime::ffn::{neuron_value, ActiveSet, Criterion, Ffn, Fired};
 use crate::runtime::flash::cache::BundleCache;
 use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
 use crate::runtime::flash::verify::{ChunkVerifier, VerifyCounters};
-use crate::runtime::kernels::{dot_weights, ColumnAccumulator, Weights};
+use crate::runtime::kernels::{dot_weights, dot_weights2, ColumnAccumulator, Weights};
 use crate::runtime::sparse::NeuronCounter;
 
 /// Where a layer's bundles are and how they are laid out.
@@ -313,6 +313,36 @@ impl FlashFfn {
         ))
     }
 
+    /// [`Self::neuron`] for two tokens, each value bit-identical to its own
+    /// call; the bundle's rows are read once.
+    #[inline]
+    fn neuron2<'b>(
+        &self,
+        i: usize,
+        bundle: &'b [u8],
+        xs: [&[f32]; 2],
+    ) -> Result<([f32; 2], Weights<'b>)> {
+        let spec = &self.spec;
+        let up_k = spec.part_index(BundlePart::Up).unwrap_or(0);
+        let down_k = spec.parts.len() - 1;
+        let mut u = dot_weights2(self.part(bundle, up_k)?, xs);
+        if let Some(b) = &self.up_bias {
+            u = [u[0] + b[i], u[1] + b[i]];
+        }
+        let g = match spec.part_index(BundlePart::Gate) {
+            None => None,
+            Some(k) => {
+                let mut g = dot_weights2(self.part(bundle, k)?, xs);
+                if let Some(b) = &self.gate_bias {
+                    g = [g[0] + b[i], g[1] + b[i]];
+                }
+                Some(g)
+            }
+        };
+        let value = |k: usize| neuron_value(self.activation, g.map(|g| g[k]), u[k]);
+        Ok(([value(0), value(1)], self.part(bundle, down_k)?))
+    }
+
     /// Reads the `count` hottest neurons (packed order `0..count`) into the
     /// cache and keeps them there for good.
     pub fn pin_hottest(&self, count: usize) -> Result<()> {
@@ -438,6 +468,51 @@ impl FlashFfn {
                 if let Some(f) = fired.as_deref_mut() {
                     f.push(i);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::accumulate`] for two tokens: each token's neurons in ascending
+    /// order into its own accumulator, the values of a neuron both use
+    /// computed from one read of its rows (bit-identical to two calls).
+    fn accumulate2(
+        &self,
+        accs: [&mut ColumnAccumulator; 2],
+        cache: &BundleCache,
+        sets: [&[u32]; 2],
+        xs: [&[f32]; 2],
+        mut fired: Option<[&mut Vec<u32>; 2]>,
+    ) -> Result<()> {
+        let [acc0, acc1] = accs;
+        let (mut p, mut q) = (0, 0);
+        let mut add = |k: usize, acc: &mut ColumnAccumulator, i: u32, v: f32, down: Weights<'_>| {
+            if v != 0.0 {
+                acc.add(i as usize, v, down, 0, 1);
+                if let Some(f) = fired.as_mut() {
+                    f[k].push(i);
+                }
+            }
+        };
+        while p < sets[0].len() || q < sets[1].len() {
+            let a = sets[0].get(p).copied().unwrap_or(u32::MAX);
+            let b = sets[1].get(q).copied().unwrap_or(u32::MAX);
+            let i = a.min(b);
+            let row = cache.row(cache.row_of(i).expect("chosen neurons are in DRAM"));
+            if a == b {
+                let (v, down) = self.neuron2(i as usize, row, xs)?;
+                add(0, acc0, i, v[0], down);
+                add(1, acc1, i, v[1], down);
+                p += 1;
+                q += 1;
+            } else if a < b {
+                let (v, down) = self.neuron(i as usize, row, xs[0])?;
+                add(0, acc0, i, v, down);
+                p += 1;
+            } else {
+                let (v, down) = self.neuron(i as usize, row, xs[1])?;
+                add(1, acc1, i, v, down);
+                q += 1;
             }
         }
         Ok(())
@@ -610,7 +685,7 @@ impl FlashFfn {
             let groups = rayon::current_num_threads().clamp(1, len);
             let per = len.div_ceil(groups);
             let groups = len.div_ceil(per);
-            while ws.batch_accs.len() < groups {
+            while ws.batch_accs.len() < 2 * groups {
                 ws.batch_accs.push(ColumnAccumulator::new(h, width));
             }
             let mut fired_groups: Vec<Option<&mut [Vec<u32>]>> = match fired {
@@ -620,19 +695,38 @@ impl FlashFfn {
                     .collect(),
                 None => (0..groups).map(|_| None).collect(),
             };
-            let r = ws.batch_accs[..groups]
-                .par_iter_mut()
+            let r = ws.batch_accs[..2 * groups]
+                .par_chunks_mut(2)
                 .zip(out[first * h..(first + len) * h].par_chunks_mut(per * h))
                 .zip(fired_groups.par_iter_mut())
                 .enumerate()
-                .try_for_each(|(g, ((acc, outs), fired))| {
-                    for (j, ot) in outs.chunks_mut(h).enumerate() {
-                        let k = g * per + j;
+                .try_for_each(|(g, ((accs, outs), fired))| {
+                    // Two tokens at a time: the neurons both use are read once
+                    // for both.
+                    let [acc0, acc1] = accs else {
+                        unreachable!("chunks of two accumulators")
+                    };
+                    for (j, ot) in outs.chunks_mut(2 * h).enumerate() {
+                        let k = g * per + 2 * j;
                         let t = first + k;
-                        acc.clear();
-                        let f = fired.as_deref_mut().map(|f| &mut f[j]);
-                        self.accumulate(acc, cache, &sets[k], &x[t * h..(t + 1) * h], f)?;
-                        acc.finish(bias, ot);
+                        let mut f = fired.as_deref_mut().map(|f| &mut f[2 * j..]);
+                        acc0.clear();
+                        if ot.len() == h {
+                            let f0 = f.as_deref_mut().map(|f| &mut f[0]);
+                            self.accumulate(acc0, cache, &sets[k], &x[t * h..(t + 1) * h], f0)?;
+                            acc0.finish(bias, ot);
+                            continue;
+                        }
+                        acc1.clear();
+                        let xs = [&x[t * h..(t + 1) * h], &x[(t + 1) * h..(t + 2) * h]];
+                        let fs = f.map(|f| {
+                            let (a, b) = f.split_at_mut(1);
+                            [&mut a[0], &mut b[0]]
+                        });
+                        self.accumulate2([acc0, acc1], cache, [&sets[k], &sets[k + 1]], xs, fs)?;
+                        let (o0, o1) = ot.split_at_mut(h);
+                        acc0.finish(bias, o0);
+                        acc1.finish(bias, o1);
                     }
                     Ok::<(), Error>(())
                 });

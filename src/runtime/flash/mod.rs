@@ -465,8 +465,8 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     let kv_dim = cfg.num_kv_heads * cfg.head_dim;
     plan.kv_cache = (layers * 2 * opts.context.min(cfg.max_context) * kv_dim * 4) as u64;
     // Read slots, the down-projection accumulator (32 lanes of `hidden`) of
-    // single tokens and one per compute thread for batches, index lists.
-    let accumulators = 1 + rayon::current_num_threads();
+    // single tokens and two per compute thread for batches, index lists.
+    let accumulators = 1 + 2 * rayon::current_num_threads();
     plan.staging = (opts.io_threads.max(1) * slot_bytes
         + accumulators * 32 * hidden * 4
         + neurons * 16) as u64;
