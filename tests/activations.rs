@@ -216,6 +216,13 @@ fn pipeline(name: &str, activation: &str) {
     assert_eq!(code, 0, "{info}");
     assert_eq!(info["activation"], activation, "{info}");
     assert_eq!(info["unused_tensors"], serde_json::json!([]), "{info}");
+    // FATReLU's threshold is shown; other activations have none.
+    let threshold = (activation == "fatrelu").then_some(0.3f32);
+    assert_eq!(
+        info["activation_threshold"].as_f64().map(|t| t as f32),
+        threshold,
+        "{info}"
+    );
 
     let (code, out) = common::flashpack_json(&[
         "convert",

@@ -37,12 +37,16 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         args.model.display(),
         s.architecture
     ));
+    let activation = match s.activation_threshold {
+        Some(t) => format!("{} at {t}", s.activation),
+        None => s.activation.clone(),
+    };
     out.human(format_args!(
         "  layers {}  hidden {}  ffn {} ({})  heads {} (kv {}, dim {})  vocab {}  context {}",
         s.num_layers,
         s.hidden_size,
         s.ffn_width,
-        s.activation,
+        activation,
         s.num_heads,
         s.num_kv_heads,
         s.head_dim,

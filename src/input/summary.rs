@@ -18,6 +18,9 @@ pub struct CheckpointSummary {
     pub hidden_size: usize,
     pub ffn_width: usize,
     pub activation: String,
+    /// FATReLU's threshold (`hidden_act_param`): a gate below it is zeroed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation_threshold: Option<f32>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -135,6 +138,10 @@ impl CheckpointSummary {
             hidden_size: cfg.hidden_size,
             ffn_width: cfg.ffn_width,
             activation: cfg.activation.name().to_string(),
+            activation_threshold: match cfg.activation {
+                crate::input::config::Activation::FatRelu { threshold } => Some(threshold),
+                _ => None,
+            },
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
