@@ -545,3 +545,75 @@ fn verify_against(policy: &str, tensor_limit: f64) {
     assert!(v["perplexity_ratio"].as_f64().unwrap() > 0.9);
     assert!(v["logit_nmse"].as_f64().unwrap() > 0.0);
 }
+
+/// The model `run` and `eval` load (block-quantized weights kept in their
+/// blocks, integer kernels with 8-bit activations) against the file's exact
+/// model (every weight dequantized to f32): logits and held-out perplexity
+/// within stated bounds (the activations' 8-bit rounding is the difference),
+/// and the same bits at any thread count.
+#[test]
+fn the_model_kept_quantized_stays_close_to_the_dequantized_one() {
+    let reference = reference();
+    let text = std::fs::read_to_string(common::fixtures().join("text/heldout.txt")).unwrap();
+    // (policy, logit NMSE bound, perplexity bound as a fraction): measured
+    // 1.9e-5 and +2.5e-5 (q8), 1.5e-5 and +1.0e-4 (q4); bounds 10x above.
+    for (policy, key, logit_bound, ppl_bound) in
+        [("q8", "q8_0", 2e-4, 3e-4), ("q4", "q4_1", 2e-4, 1e-3)]
+    {
+        let (_t, path) = packed(policy);
+        let file = PackedFile::open(&path).unwrap();
+        let exact = Model::load(
+            &file.config,
+            &file.names,
+            &PackedWeights::read_all(&file).unwrap(),
+        )
+        .unwrap();
+        let kept = Model::load(
+            &file.config,
+            &file.names,
+            &PackedWeights::read_all_quantized(&file).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            kept.decode_weight_bytes() * 3 < exact.decode_weight_bytes(),
+            "{policy}: the blocks, not f32 copies ({} vs {} bytes)",
+            kept.decode_weight_bytes(),
+            exact.decode_weight_bytes()
+        );
+        let ids: Vec<u32> = reference["models"][key]["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let logits = |m: &Model, ids: &[u32]| {
+            m.forward(&mut m.new_cache(), ids, Logits::Last, None)
+                .unwrap()
+        };
+        let want = logits(&exact, &ids);
+        let got = logits(&kept, &ids);
+        let e = common::nmse(&got, &want);
+        eprintln!("{policy}: logit NMSE kept vs dequantized {e:e}");
+        assert!(e < logit_bound && e > 0.0, "{policy}: logit NMSE {e:e}");
+        // Thread count: the same bits; decode token by token: the same
+        // final logits as the prefill of the whole prompt, within rounding.
+        let one = flashpack::runtime::with_threads(Some(1), || logits(&kept, &ids)).unwrap();
+        let three = flashpack::runtime::with_threads(Some(3), || logits(&kept, &ids)).unwrap();
+        assert!(
+            one == got && three == got,
+            "{policy}: thread count changed the logits"
+        );
+        let tokenizer = flashpack::runtime::packed::packed_tokenizer(&file).unwrap();
+        let held = tokenizer.encode(&text).unwrap();
+        // Windows of 16 tokens: each goes through the integer kernels (longer
+        // batches take the GEMM on dequantized weights, nearly exact).
+        let a = flashpack::runtime::perplexity::perplexity(&exact, &held, 16).unwrap();
+        let b = flashpack::runtime::perplexity::perplexity(&kept, &held, 16).unwrap();
+        let rel = b.perplexity / a.perplexity - 1.0;
+        eprintln!(
+            "{policy}: perplexity dequantized {} kept {} ({rel:+e})",
+            a.perplexity, b.perplexity
+        );
+        assert!(rel.abs() < ppl_bound, "{policy}: perplexity {rel:+e}");
+    }
+}

@@ -425,7 +425,40 @@ pub fn dot_weights(w: Weights<'_>, x: &[f32]) -> f32 {
 #[inline]
 pub fn row_dot(m: &Matrix, r: usize, x: &[f32]) -> f32 {
     assert_eq!(x.len(), m.cols, "row_dot: length mismatch");
+    if m.quant.is_some() {
+        // A single row of a block-quantized matrix (rare: the linear layers go
+        // through `runtime::quant`): its dequantized values.
+        let mut row = vec![0.0f32; m.cols];
+        m.row_into(r, &mut row);
+        return dot(&row, x);
+    }
     dot_weights(Weights::row(m, r), x)
+}
+
+/// `out = W x (+ b)` (`n` vectors) for a block-quantized `W`, through the
+/// integer kernels of `runtime::quant`; false when `W` is not quantized.
+fn quantized_linear(lin: &Linear, x: &[f32], n: usize, out: &mut [f32]) -> bool {
+    let Some(q) = &lin.weight.quant else {
+        return false;
+    };
+    if n > SMALL_BATCH {
+        // Prefill: the rows dequantized block by block into the f32 GEMM.
+        return false;
+    }
+    let path = crate::runtime::quant::Path::detect();
+    if n == 1 {
+        crate::runtime::quant::matvec(q, x, out, path);
+    } else {
+        crate::runtime::quant::matmat(q, x, n, out, path);
+    }
+    if let Some(b) = &lin.bias {
+        for row in out.chunks_exact_mut(q.rows) {
+            for (o, b) in row.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    }
+    true
 }
 
 /// `out = W h` for a `[dim, neurons]` matrix given column by column, for the
@@ -567,6 +600,9 @@ fn rows_per_task(m: &Matrix) -> usize {
 
 /// `out = W x (+ b)` for one input vector, rows in parallel.
 pub fn matvec(lin: &Linear, x: &[f32], out: &mut [f32]) {
+    if quantized_linear(lin, x, 1, out) {
+        return;
+    }
     let m = &lin.weight;
     debug_assert_eq!(x.len(), m.cols);
     debug_assert_eq!(out.len(), m.rows);
@@ -638,6 +674,9 @@ pub fn linear(lin: &Linear, x: &[f32], n: usize, out: &mut [f32]) {
     let (k, rows) = (m.cols, m.rows);
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(out.len(), n * rows);
+    if quantized_linear(lin, x, n, out) {
+        return;
+    }
     if n == 1 {
         matvec(lin, x, out);
         return;
@@ -653,6 +692,14 @@ pub fn linear(lin: &Linear, x: &[f32], n: usize, out: &mut [f32]) {
             let br = GEMM_ROWS.min(rows - r0);
             let widened;
             let w: &[f32] = match &m.data {
+                _ if m.quant.is_some() => {
+                    let mut buf = vec![0.0f32; br * k];
+                    for (i, row) in buf.chunks_exact_mut(k).enumerate() {
+                        m.row_into(r0 + i, row);
+                    }
+                    widened = buf;
+                    &widened
+                }
                 Storage::F32(v) => &v[r0 * k..(r0 + br) * k],
                 other => {
                     let mut buf = vec![0.0f32; br * k];

@@ -29,6 +29,7 @@ pub mod open;
 pub mod packed;
 pub mod perplexity;
 pub mod quant;
+pub mod quant_ffn;
 pub mod rope;
 pub mod sampling;
 pub mod sparse;

@@ -137,9 +137,12 @@ impl Model {
 
     /// Builds a model from any tensor source (a checkpoint, random weights).
     pub fn load(config: &ModelConfig, names: &ModelNames, src: &dyn TensorSource) -> Result<Model> {
-        Model::load_with_ffn(config, names, src, &mut |_, ffn| match ffn {
+        Model::load_with_ffn(config, names, src, &mut |i, ffn| match ffn {
             FfnNames::Moe(m) => Ok(Box::new(load_moe(config, m, src)?)),
-            dense => Ok(Box::new(load_dense_ffn(config, dense, src)?)),
+            dense => match src.own_ffn(i, config)? {
+                Some(own) => Ok(own),
+                None => Ok(Box::new(load_dense_ffn(config, dense, src)?)),
+            },
         })
     }
 
@@ -155,9 +158,7 @@ impl Model {
         let embed = if names.lm_head.weight == names.embed_tokens {
             None
         } else {
-            let shape = [config.vocab_size, config.embed_dim()];
-            let data = src.tensor(&names.embed_tokens, &shape)?;
-            Some(Matrix::new(shape[0], shape[1], data)?)
+            Some(src.matrix(&names.embed_tokens, config.vocab_size, config.embed_dim())?)
         };
         let positions = match &names.embed_positions {
             Some((name, rows, dim)) => {

@@ -44,7 +44,8 @@ pub fn open_model(path: &Path) -> Result<LoadedModel> {
     crate::input::model_path_kind(path)?;
     if path.is_file() {
         let file = PackedFile::open(path)?;
-        let weights = PackedWeights::read_all(&file)?;
+        // Block-quantized weights stay in their blocks (format section 9).
+        let weights = PackedWeights::read_all_quantized(&file)?;
         let model = Model::load(&file.config, &file.names, &weights)?;
         Ok(LoadedModel {
             model,

@@ -35,6 +35,10 @@ pub struct PackedWeights<'a> {
     ffn_parts: HashMap<String, (usize, BundlePart)>,
     /// Every stored set of bundles: the FFN layers', then the experts' (spec 4.1).
     bundles: Vec<FfnLayerEntry>,
+    /// Block-quantized matrices and FFN layers (format section 9) are handed
+    /// over in their blocks ([`TensorSource::matrix`], [`TensorSource::own_ffn`])
+    /// instead of dequantized to f32.
+    keep_quantized: bool,
 }
 
 impl<'a> PackedWeights<'a> {
@@ -42,6 +46,19 @@ impl<'a> PackedWeights<'a> {
     /// when it is read (as the model asks for its tensors).
     pub fn read_all(file: &'a PackedFile) -> Result<PackedWeights<'a>> {
         Self::with_ffn(file, Some(Mutex::new(None)))
+    }
+
+    /// As [`PackedWeights::read_all`], but block-quantized weights stay in
+    /// their blocks: the model computes with the integer kernels
+    /// (`runtime::quant`, [`crate::runtime::quant_ffn::QuantFfn`]) from about
+    /// a quarter (`q4_1`) or half (`q8_0`) of the f16 bytes. What `run`,
+    /// `eval`, `chat`, `serve` and `bench` load; `verify` and calibration use
+    /// the dequantized model of [`PackedWeights::read_all`] (exactly the
+    /// file's values).
+    pub fn read_all_quantized(file: &'a PackedFile) -> Result<PackedWeights<'a>> {
+        let mut w = Self::with_ffn(file, Some(Mutex::new(None)))?;
+        w.keep_quantized = true;
+        Ok(w)
     }
 
     /// Reads the dense section only (FFN biases included); asking for an FFN
@@ -97,6 +114,7 @@ impl<'a> PackedWeights<'a> {
             ffn,
             ffn_parts,
             bundles,
+            keep_quantized: false,
         })
     }
 
@@ -280,7 +298,116 @@ fn check_blocks(
     }
 }
 
+impl PackedWeights<'_> {
+    /// The raw blocks of dense tensor `name` when it is block-quantized with
+    /// shape `[rows, cols]` (rule 24 checked), else `None`.
+    fn quantized_blocks(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<crate::runtime::quant::QuantMatrix>> {
+        let Some(entry) = self.file.tensor_entry(name) else {
+            return Ok(None);
+        };
+        let Some(q) = entry.dtype.quant() else {
+            return Ok(None);
+        };
+        if entry.shape != [rows as u64, cols as u64] {
+            return Ok(None);
+        }
+        let bytes = self
+            .dense
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read_bytes(entry.offset, entry.length)?;
+        check_blocks(self.file, &format!("tensor {name:?}"), q, &bytes)?;
+        Ok(crate::runtime::quant::QuantMatrix::new(
+            rows, cols, q, bytes,
+        ))
+    }
+}
+
 impl TensorSource for PackedWeights<'_> {
+    fn matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<crate::runtime::weights::Matrix> {
+        if self.keep_quantized && !self.ffn_parts.contains_key(name) {
+            if let Some(m) = self.quantized_blocks(name, rows, cols)? {
+                return Ok(crate::runtime::weights::Matrix::quantized(m));
+            }
+        }
+        crate::runtime::weights::Matrix::new(rows, cols, self.tensor(name, &[rows, cols])?)
+    }
+
+    fn own_ffn(
+        &self,
+        layer: usize,
+        config: &crate::input::config::ModelConfig,
+    ) -> Result<Option<Box<dyn crate::runtime::ffn::Ffn>>> {
+        if !self.keep_quantized {
+            return Ok(None);
+        }
+        // The FFN layer's bundle set (experts are never quantized).
+        let Some(at) = self
+            .bundles
+            .iter()
+            .position(|b| b.layer as usize == layer && self.file.manifest.ffn_layers.contains(b))
+        else {
+            return Ok(None);
+        };
+        let entry = &self.bundles[at];
+        let Some(q) = entry.dtype.quant() else {
+            return Ok(None);
+        };
+        let (h, n, stride) = (
+            entry.hidden as usize,
+            entry.neurons as usize,
+            entry.bundle_bytes as usize,
+        );
+        let bundles = self.file.read_section(&entry.section)?;
+        if let Some((at, what)) = crate::format::quant_policy::first_bad_bundle_byte(
+            q,
+            entry.parts.len(),
+            h,
+            stride,
+            &bundles,
+        ) {
+            return Err(Error::Format {
+                path: self.file.path.clone(),
+                source: crate::format::FormatError::QuantData {
+                    what: format!("section {:?}", entry.section),
+                    message: format!("raw byte {at}: {what}"),
+                },
+            });
+        }
+        let (gate, up, down) = self.file.names.layers[layer].ffn.parts();
+        let bias = |names: Option<&crate::input::tensors::LinearNames>, len: usize| {
+            names
+                .and_then(|l| l.bias.as_ref())
+                .map(|b| self.tensor(b, &[len]).map(|s| s.to_f32()))
+                .transpose()
+        };
+        let ffn =
+            crate::runtime::quant_ffn::QuantFfn::new(crate::runtime::quant_ffn::QuantFfnParts {
+                q,
+                hidden: h,
+                width: n,
+                gated: gate.is_some(),
+                stride,
+                bundles,
+                down_scale: self.down_scale(entry)?,
+                gate_bias: bias(gate, n)?,
+                up_bias: bias(Some(up), n)?,
+                down_bias: bias(Some(down), h)?,
+                activation: config.activation,
+            })?;
+        Ok(Some(Box::new(ffn)))
+    }
+
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Storage> {
         if let Some(&(layer, part)) = self.ffn_parts.get(name) {
             return self.ffn_matrix(layer, part);

@@ -13,11 +13,21 @@
 //!                                       acc += (d_b * s_b) * Σqp + (m_b * s_b) * Σp   (q4_1)
 //! ```
 //!
-//! in binary32, multiply and add unfused, in block order. The integer sums are
-//! exact on every path, and the float steps are the same scalar operations on
-//! every path, so the SIMD path equals the scalar one bit for bit, and work is
-//! split over output rows only, so results do not depend on the thread count.
-//! (AVX-512 VNNI would need intrinsics newer than the crate's rust-version.)
+//! with the integer sum of each block split into 8 lanes (lane `k` the exact
+//! `Σ q p` over the block's values `4k .. 4k + 3`, what AVX2's `maddubs` +
+//! `madd` leave in its 8 lanes), each lane accumulated in binary32:
+//!
+//! ```text
+//! lane[k] = lane[k] + (d_b * s_b) * Σ_k qp          (every block b, in order)
+//! min     = min + (m_b * s_b) * Σp                  (q4_1 only)
+//! row     = pairwise sum of the 8 lanes (0+4, 1+5, ..; then 0+2, 1+3; then 0+1) + min
+//! ```
+//!
+//! multiply and add unfused. The integer sums are exact on every path and the
+//! float steps are the same operations on every path, so the SIMD path equals
+//! the scalar one bit for bit, and work is split over output rows only, so
+//! results do not depend on the thread count. (AVX-512 VNNI would need
+//! intrinsics newer than the crate's rust-version.)
 
 use rayon::prelude::*;
 
@@ -74,70 +84,70 @@ impl QuantizedActivations {
     }
 }
 
-/// Exact integer dot products of one weight block with one activation block.
+/// Lanes of the integer sums (see the module doc).
+const LANES: usize = 8;
+
+/// Exact integer dot products of one weight block with one activation block,
+/// in lanes of 4 values.
 mod scalar {
-    use super::BLOCK;
+    use super::{BLOCK, LANES};
 
     #[inline]
-    pub fn isum_q8(w: &[u8], p: &[i8]) -> i32 {
-        w[..BLOCK]
-            .iter()
-            .zip(&p[..BLOCK])
-            .map(|(&q, &p)| (q as i8) as i32 * p as i32)
-            .sum()
-    }
-
-    #[inline]
-    pub fn isum_q4(w: &[u8], p: &[i8]) -> i32 {
-        let mut s = 0i32;
-        for j in 0..BLOCK / 2 {
-            s += (w[j] & 0x0f) as i32 * p[j] as i32;
-            s += (w[j] >> 4) as i32 * p[j + BLOCK / 2] as i32;
+    pub fn lanes_q8(w: &[u8], p: &[i8]) -> [i32; LANES] {
+        let mut l = [0i32; LANES];
+        for (j, (&q, &p)) in w[..BLOCK].iter().zip(&p[..BLOCK]).enumerate() {
+            l[j / 4] += (q as i8) as i32 * p as i32;
         }
-        s
+        l
     }
+
+    #[inline]
+    pub fn lanes_q4(w: &[u8], p: &[i8]) -> [i32; LANES] {
+        let mut l = [0i32; LANES];
+        for j in 0..BLOCK / 2 {
+            l[j / 4] += (w[j] & 0x0f) as i32 * p[j] as i32;
+            l[(j + BLOCK / 2) / 4] += (w[j] >> 4) as i32 * p[j + BLOCK / 2] as i32;
+        }
+        l
+    }
+}
+
+/// The pairwise sum of the lanes (module doc).
+#[inline(always)]
+fn reduce_lanes(l: [f32; LANES]) -> f32 {
+    let a = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    let b = [a[0] + a[2], a[1] + a[3]];
+    b[0] + b[1]
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
+    use crate::quant::{QuantType, BLOCK};
+
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx2")
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
     }
 
-    #[inline(always)]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        let lo = _mm256_castsi256_si128(v);
-        let hi = _mm256_extracti128_si256(v, 1);
-        let s = _mm_add_epi32(lo, hi);
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    }
-
-    /// Σ q p for 32 signed weights `w` and 32 activations `p`.
-    ///
-    /// # Safety
-    /// AVX2 present; 32 readable bytes at each pointer.
+    /// The 8 lane sums of 32 signed weights `w` and 32 activations `p`.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn isum_q8(w: *const u8, p: *const i8) -> i32 {
+    unsafe fn lanes_q8(w: *const u8, p: *const i8) -> __m256i {
         let q = _mm256_loadu_si256(w as *const __m256i);
         let a = _mm256_loadu_si256(p as *const __m256i);
         // maddubs multiplies unsigned by signed: |q| times p with q's sign.
         let aq = _mm256_sign_epi8(q, q);
         let sp = _mm256_sign_epi8(a, q);
         let pairs = _mm256_maddubs_epi16(aq, sp);
-        hsum_i32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
-    /// Σ q p for 32 four-bit weights packed in 16 bytes at `w` (low nibbles:
-    /// values 0-15, high: 16-31) and 32 activations `p`.
-    ///
-    /// # Safety
-    /// AVX2 present; 16 readable bytes at `w`, 32 at `p`.
+    /// The 8 lane sums of 32 four-bit weights packed in 16 bytes at `w` (low
+    /// nibbles: values 0-15, high: 16-31) and 32 activations `p`.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn isum_q4(w: *const u8, p: *const i8) -> i32 {
+    unsafe fn lanes_q4(w: *const u8, p: *const i8) -> __m256i {
         let packed = _mm_loadu_si128(w as *const __m128i);
         let mask = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(packed, mask);
@@ -145,7 +155,50 @@ mod x86 {
         let q = _mm256_set_m128i(hi, lo);
         let a = _mm256_loadu_si256(p as *const __m256i);
         let pairs = _mm256_maddubs_epi16(q, a);
-        hsum_i32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    /// The binary16 at `at`, widened (exact, as `half` does).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn f16_at(at: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*at, *at.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// [`super::dot_row`] on the AVX2 path: the operations of the scalar path
+    /// (module doc), 8 lanes at a time.
+    ///
+    /// # Safety
+    /// AVX2 and F16C present; `bytes` whole blocks, as many as `x` has.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn dot_row(q: QuantType, bytes: &[u8], x: &super::QuantizedActivations) -> f32 {
+        let bb = q.block_bytes();
+        let blocks = bytes.len() / bb;
+        let mut acc = _mm256_setzero_ps();
+        let mut min = 0.0f32;
+        let w0 = bytes.as_ptr();
+        let p0 = x.values.as_ptr();
+        for b in 0..blocks {
+            let w = w0.add(b * bb);
+            let p = p0.add(b * BLOCK);
+            let s = *x.scales.get_unchecked(b);
+            let c = f16_at(w) * s;
+            let lanes = match q {
+                QuantType::Q8_0 => lanes_q8(w.add(2), p),
+                QuantType::Q4_1 => {
+                    min += (f16_at(w.add(2)) * s) * *x.sums.get_unchecked(b) as f32;
+                    lanes_q4(w.add(4), p)
+                }
+            };
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_mul_ps(_mm256_set1_ps(c), _mm256_cvtepi32_ps(lanes)),
+            );
+        }
+        let mut l = [0.0f32; super::LANES];
+        _mm256_storeu_ps(l.as_mut_ptr(), acc);
+        super::reduce_lanes(l) + min
     }
 }
 
@@ -176,35 +229,32 @@ impl Path {
 pub fn dot_row(q: QuantType, bytes: &[u8], x: &QuantizedActivations, path: Path) -> f32 {
     let bb = q.block_bytes();
     assert_eq!(bytes.len(), x.blocks() * bb, "dot_row: length mismatch");
-    let mut acc = 0.0f32;
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx2 {
+        // SAFETY: the path is only chosen when AVX2 and F16C are present; the
+        // lengths were checked above (whole blocks of weights and activations).
+        return unsafe { x86::dot_row(q, bytes, x) };
+    }
+    let _ = path;
+    let mut acc = [0.0f32; LANES];
+    let mut min = 0.0f32;
     for (b, w) in bytes.chunks_exact(bb).enumerate() {
         let p = &x.values[b * BLOCK..(b + 1) * BLOCK];
-        let d = block_scale(w);
         let s = x.scales[b];
-        match q {
-            QuantType::Q8_0 => {
-                let isum = match path {
-                    Path::Scalar => scalar::isum_q8(&w[2..], p),
-                    // SAFETY: the path is only chosen when AVX2 is present; the
-                    // slices hold 32 bytes past each pointer.
-                    #[cfg(target_arch = "x86_64")]
-                    Path::Avx2 => unsafe { x86::isum_q8(w[2..].as_ptr(), p.as_ptr()) },
-                };
-                acc += (d * s) * isum as f32;
-            }
+        let c = block_scale(w) * s;
+        let lanes = match q {
+            QuantType::Q8_0 => scalar::lanes_q8(&w[2..], p),
             QuantType::Q4_1 => {
-                let isum = match path {
-                    Path::Scalar => scalar::isum_q4(&w[4..], p),
-                    // SAFETY: as above (16 bytes of nibbles, 32 activations).
-                    #[cfg(target_arch = "x86_64")]
-                    Path::Avx2 => unsafe { x86::isum_q4(w[4..].as_ptr(), p.as_ptr()) },
-                };
                 let m = half::f16::from_le_bytes([w[2], w[3]]).to_f32();
-                acc += (d * s) * isum as f32 + (m * s) * x.sums[b] as f32;
+                min += (m * s) * x.sums[b] as f32;
+                scalar::lanes_q4(&w[4..], p)
             }
+        };
+        for (a, l) in acc.iter_mut().zip(lanes) {
+            *a += c * l as f32;
         }
     }
-    acc
+    reduce_lanes(acc) + min
 }
 
 /// A `[rows, cols]` matrix of rows of blocks, as a packed file stores it.

@@ -102,7 +102,11 @@ impl Storage {
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
+    /// The values; empty when the matrix is block-quantized (`quant`).
     pub data: Storage,
+    /// A block-quantized matrix (format section 9) kept in its blocks: the
+    /// kernels compute with them (`runtime::quant`) and `data` is empty.
+    pub quant: Option<crate::runtime::quant::QuantMatrix>,
 }
 
 impl Matrix {
@@ -113,22 +117,46 @@ impl Matrix {
                 data.len()
             )));
         }
-        Ok(Matrix { rows, cols, data })
+        Ok(Matrix {
+            rows,
+            cols,
+            data,
+            quant: None,
+        })
     }
 
+    /// A matrix kept in its quantized blocks.
+    pub fn quantized(m: crate::runtime::quant::QuantMatrix) -> Matrix {
+        Matrix {
+            rows: m.rows,
+            cols: m.cols,
+            data: Storage::F32(Vec::new()),
+            quant: Some(m),
+        }
+    }
+
+    /// The stored element type (f32 for a quantized matrix, whose rows the
+    /// kernels widen to f32).
     pub fn dtype(&self) -> DType {
         self.data.dtype()
     }
 
     /// Bytes the matrix occupies in memory (what a full matvec reads).
     pub fn size_bytes(&self) -> usize {
-        self.data.len() * self.dtype().size_bytes()
+        match &self.quant {
+            Some(q) => q.data.len(),
+            None => self.data.len() * self.dtype().size_bytes(),
+        }
     }
 
-    /// Widens row `r` into `out` (`out.len() == cols`).
+    /// Widens row `r` into `out` (`out.len() == cols`); a quantized row is
+    /// dequantized (format 9.1).
     #[inline]
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        self.data.widen_range(r * self.cols, out);
+        match &self.quant {
+            Some(q) => q.q.dequantize_row(q.row(r), out),
+            None => self.data.widen_range(r * self.cols, out),
+        }
     }
 }
 
@@ -165,6 +193,23 @@ pub struct NormWeights {
 pub trait TensorSource {
     /// The tensor `name`, which must have `shape`.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Storage>;
+
+    /// The `[rows, cols]` matrix `name`: [`TensorSource::tensor`]'s values,
+    /// unless the source keeps a block-quantized matrix in its blocks.
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Matrix::new(rows, cols, self.tensor(name, &[rows, cols])?)
+    }
+
+    /// Layer `layer`'s FFN, when the source holds it in a form of its own
+    /// (quantized bundles kept in their blocks); `None`: built from
+    /// [`TensorSource::tensor`]'s matrices.
+    fn own_ffn(
+        &self,
+        _layer: usize,
+        _config: &crate::input::config::ModelConfig,
+    ) -> Result<Option<Box<dyn crate::runtime::ffn::Ffn>>> {
+        Ok(None)
+    }
 }
 
 impl TensorSource for crate::input::Checkpoint {
@@ -175,8 +220,7 @@ impl TensorSource for crate::input::Checkpoint {
 }
 
 pub(crate) fn load_linear(src: &dyn TensorSource, names: &LinearNames) -> Result<Linear> {
-    let data = src.tensor(&names.weight, &[names.out_dim, names.in_dim])?;
-    let weight = Matrix::new(names.out_dim, names.in_dim, data)?;
+    let weight = src.matrix(&names.weight, names.out_dim, names.in_dim)?;
     let bias = match &names.bias {
         Some(b) => Some(src.tensor(b, &[names.out_dim])?.to_f32()),
         None => None,
