@@ -7,7 +7,8 @@
 //!
 //! (the third argument, the quantized base, derives the files of rules 21-26).
 //! The files of the mixture-of-experts rules (31-33) derive from another base,
-//! `base-moe.flashpack` in the output directory, when it is there.
+//! `base-moe.flashpack` in the output directory, when it is there, and those
+//! of the selector rules (27-29) from `base-sel.flashpack` there.
 //!
 //! The mutations live in `tests/common/broken.rs`, which `tests/broken_files.rs`
 //! also runs to check that the committed files are exactly what this writes.
@@ -43,6 +44,16 @@ fn main() -> anyhow::Result<()> {
         let moe_bytes =
             std::fs::read(&moe_base).with_context(|| format!("reading {}", moe_base.display()))?;
         files.extend(derive(&moe_base, &moe_bytes, broken::broken_moe_files)?);
+    }
+    let sel_base = outdir.join(broken::SELECTOR_BASE);
+    if sel_base.exists() {
+        let sel_bytes =
+            std::fs::read(&sel_base).with_context(|| format!("reading {}", sel_base.display()))?;
+        files.extend(derive(
+            &sel_base,
+            &sel_bytes,
+            broken::broken_selector_files,
+        )?);
     }
     for (name, content) in files {
         let path = outdir.join(&name);

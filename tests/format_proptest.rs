@@ -196,7 +196,7 @@ proptest! {
         std::fs::create_dir(&src).unwrap();
         let (cfg, tensors) = write_checkpoint(&src, &c);
         let target = match c.target { 0 => TargetDType::Keep, t => TargetDType::To(dtype(t - 1)) };
-        let options = ConvertOptions { dtype: target, zstd_level: c.zstd, alignment: 1 << c.align_shift, calibration: None, quant: Default::default() };
+        let options = ConvertOptions { dtype: target, zstd_level: c.zstd, alignment: 1 << c.align_shift, calibration: None, quant: Default::default(), selector: flashpack::pack::convert::SelectorCopies::Auto };
         let out = tmp.path().join("m.flashpack");
         convert(&src, &out, &options, flashpack::progress::SILENT).unwrap();
 

@@ -122,6 +122,7 @@ fn everything_predicted_equals_dense() {
         silu_criterion: flashpack::runtime::ffn::Criterion::Gate,
         selector: flashpack::runtime::sparse::Selector::Trained,
         measure_selector: false,
+        copies: Vec::new(),
     });
     let counter = loaded.set_ffn_mode(FfnMode::Predicted).unwrap().unwrap();
     let got = logits_all(&loaded.model, ids, None);

@@ -101,6 +101,7 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
                 .transpose()?,
             context: args.decode_tokens + 8,
             verify_reads: args.flash.verify_reads,
+            selector: args.flash.selector,
             ..FlashOptions::default()
         };
         let packed = crate::format::PackedFile::open(path)?;

@@ -227,6 +227,7 @@ fn tradeoff(
             silu_criterion: Criterion::Product,
             selector: Selector::Trained,
             measure_selector: false,
+            copies: Vec::new(),
         };
         let counter = apply_ffn_mode(&mut model, FfnMode::Oracle, Some(&data))?
             .expect("oracle counts neurons");

@@ -50,6 +50,14 @@ pub struct ConvertArgs {
     /// calibration runs on the checkpoint's own weights.
     #[arg(long, value_name = "POLICY")]
     pub quant: Option<String>,
+    /// Low-precision copies of gate and up in the file (format section 10),
+    /// from which `--ffn flash` and `predicted` choose neurons by
+    /// `|silu(g) * u|`: `int4` (blocks of 32, f16 scales; 0.19 of the FFN's
+    /// f16 bytes, held in DRAM), `int8` (0.33), `none`, or `auto`: int4 for a
+    /// SiLU model with a gated FFN calibrated with --calib (measured on
+    /// SmolLM2-135M, BENCHMARKS.md), none otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub selector: crate::pack::convert::SelectorCopies,
     /// Check the written file (every hash and rule, and its weights against the
     /// checkpoint) before reporting success.
     #[arg(long)]
@@ -153,6 +161,7 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
                 .map_err(|e| crate::Error::InvalidArgument(format!("--quant: {e}")))?,
             None => Default::default(),
         },
+        selector: args.selector,
     };
     let bars = crate::cli::progress::PhaseBars::on_terminal();
     let started = std::time::Instant::now();
@@ -174,6 +183,14 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         convert_s
     ));
     out.human(format_args!("manifest sha256 {}", summary.manifest_sha256));
+    if let Some(bits) = summary.selector {
+        out.human(format_args!(
+            "selector copies: {} ({:.2} MiB, {:.3} of the FFN's bytes)",
+            crate::format::layout::SelectorType::from(bits).name(),
+            mib(summary.selector_bytes),
+            summary.selector_bytes as f64 / summary.ffn_bytes.max(1) as f64
+        ));
+    }
     if let (Some(tokens), Some(cal_ms), Some(train_ms)) = (
         summary.calibration_tokens,
         summary.calibrate_ms,

@@ -143,6 +143,13 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
                 if e.shared_expert_width.is_some() { " and shared expert" } else { "" }
             ));
         }
+        if let Some(kind) = p.selector {
+            out.human(format_args!(
+                "  selector copies (gate and up, format section 10): {kind}, {:.2} MiB raw, {:.3} of the FFN's bytes",
+                mib(p.selector_bytes),
+                p.selector_share_of_ffn
+            ));
+        }
         print_layer_table(out, &p.layers);
         for (k, v) in serde_json::to_value(&p)?
             .as_object()
@@ -231,6 +238,12 @@ struct PackedLayout {
     /// FFN layers whose quantized down projection has a per-channel scale
     /// (spec 9.6).
     down_scale_layers: usize,
+    /// Format section 10: the type of the selector copies (`int8`, `int4`;
+    /// null without), their raw bytes (what `flash` holds in DRAM for them;
+    /// not in `part_sizes`) and that as a fraction of the FFN bundles' bytes.
+    selector: Option<&'static str>,
+    selector_bytes: u64,
+    selector_share_of_ffn: f64,
     /// Per layer: predictor rank, threshold and held-out metrics, calibration maxima.
     layers: Vec<serde_json::Value>,
 }
@@ -245,11 +258,25 @@ struct PartBytes {
     other_bytes: u64,
 }
 
+/// Raw bytes of the selector copies' tensors.
+fn selector_bytes(file: &PackedFile) -> u64 {
+    file.manifest
+        .tensors
+        .iter()
+        .filter(|t| t.section == crate::format::layout::SELECTOR_SECTION)
+        .map(|t| t.length)
+        .sum()
+}
+
 fn part_bytes(file: &PackedFile) -> PartBytes {
     use crate::format::quant_policy::{part_of_tensor, QuantPart};
     let parts = part_of_tensor(&file.config, &file.names);
     let mut b = PartBytes::default();
     for t in &file.manifest.tensors {
+        // The selector copies are reported on their own (`selector_bytes`).
+        if t.section == crate::format::layout::SELECTOR_SECTION {
+            continue;
+        }
         let slot = match parts.get(t.name.as_str()) {
             Some(QuantPart::Embed) => &mut b.embed_bytes,
             Some(QuantPart::Attn) => &mut b.attn_bytes,
@@ -353,6 +380,10 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
             .iter()
             .filter(|t| crate::format::layout::down_scale_layer(&t.name).is_some())
             .count(),
+        selector: m.selectors.first().map(|s| s.kind.name()),
+        selector_bytes: selector_bytes(&file),
+        selector_share_of_ffn: selector_bytes(&file) as f64
+            / part_bytes(&file).ffn_bytes.max(1) as f64,
         layers: (0..file.config.num_layers)
             .map(|i| {
                 let mut layer = serde_json::json!({ "layer": i });

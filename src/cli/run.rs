@@ -49,10 +49,13 @@ pub struct FlashArgs {
     /// bytes over 128 tokens (BENCHMARKS.md).
     #[arg(long = "no-verify-reads", action = clap::ArgAction::SetFalse)]
     pub verify_reads: bool,
-    /// What `--ffn predicted` chooses neurons with: `int8` or `int4` copies of
-    /// gate and up by `|silu(g) * u|` (SiLU files calibrated by the product
-    /// criterion), the file's `trained` predictors, or `auto` (int8 there,
-    /// trained otherwise). `flash` uses the trained predictors for now.
+    /// What `--ffn predicted` and `flash` choose neurons with: `int8` or
+    /// `int4` copies of gate and up by `|silu(g) * u|` (SiLU files calibrated
+    /// by the product criterion; flash reads the file's copies, format section
+    /// 10, and holds them in DRAM within --dram-budget; predicted builds them
+    /// at load when the file has none), the file's `trained` predictors, or
+    /// `auto`: for SiLU files the file's copies (int8 built at load in
+    /// predicted when it has none), for ReLU files the trained predictors.
     #[arg(long, value_enum, default_value = "auto")]
     pub selector: crate::runtime::sparse::Selector,
 }
@@ -158,13 +161,15 @@ pub(crate) fn open_for_mode(
             flash: None,
         });
     }
-    if matches!(
-        args.selector,
-        crate::runtime::sparse::Selector::Int8 | crate::runtime::sparse::Selector::Int4
-    ) {
-        return Err(crate::Error::InvalidArgument(
-            "--selector int8|int4 runs with --ffn predicted (in DRAM); the flash modes use the trained predictors for now".into(),
-        )
+    if mode != FfnMode::Flash && args.selector != crate::runtime::sparse::Selector::Auto {
+        return Err(crate::Error::InvalidArgument(format!(
+            "--selector chooses the neurons of --ffn predicted and flash; --ffn {} does not choose",
+            if mode == FfnMode::Naive {
+                "naive"
+            } else {
+                "oracle-flash"
+            }
+        ))
         .into());
     }
     if mode == FfnMode::Naive && args.window.is_some() {
@@ -208,6 +213,7 @@ pub(crate) fn open_for_mode(
         capacity: None,
         verify_reads: args.verify_reads,
         replay: None,
+        selector: args.selector,
     };
     let (loaded, rt) = flash::open_flash(path, &opts)?;
     Ok(Opened {

@@ -114,6 +114,14 @@ pub enum FormatError {
 
     #[error("rule 26: down scale {tensor:?}: {message}")]
     DownScaleData { tensor: String, message: String },
+    #[error("rule 27: selector copy of layer {layer}: {message}")]
+    SelectorLayout { layer: u64, message: String },
+
+    #[error("rule 28: selector copies: {message}")]
+    SelectorLayers { message: String },
+
+    #[error("rule 29: selector copy of layer {layer}: {message}")]
+    SelectorData { layer: u64, message: String },
 
     #[error("rule 31: experts: {message}")]
     Experts { message: String },
@@ -160,6 +168,9 @@ impl FormatError {
             QuantData { .. } => 24,
             DownScale { .. } => 25,
             DownScaleData { .. } => 26,
+            SelectorLayout { .. } => 27,
+            SelectorLayers { .. } => 28,
+            SelectorData { .. } => 29,
             Experts { .. } => 31,
             MoeFfnLayers { .. } => 32,
             ExpertNeuronOrder { .. } => 33,

@@ -48,7 +48,90 @@ pub fn check_integrity(file: &PackedFile) -> Result<IntegrityReport> {
     if report.failures.is_empty() {
         report.failures.extend(quant_data_errors(file)?);
     }
+    if report.failures.is_empty() {
+        report.failures.extend(selector_data_errors(file)?);
+    }
     Ok(report)
+}
+
+/// Rule 29: each layer's selector copies (format section 10) are readable
+/// (finite scales above zero, int8 values not -128, zero padding) and equal
+/// the gate and up parts of the layer's bundles quantized as 10.1 says, row
+/// `p` from bundle `p`. One error per layer, naming the first difference.
+pub fn selector_data_errors(file: &PackedFile) -> Result<Vec<FormatError>> {
+    use crate::runtime::lowbit::{copies_from_bundles, LowBits, QuantMatrix};
+    let m = &file.manifest;
+    if m.selectors.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut failures = Vec::new();
+    let raw = file.read_section(SELECTOR_SECTION)?;
+    let bytes = |name: &str| -> &[u8] {
+        let t = file
+            .tensor_entry(name)
+            .expect("checked at open: selector tensors exist (rule 27)");
+        &raw[t.offset as usize..(t.offset + t.length) as usize]
+    };
+    for (sel, layer) in m.selectors.iter().zip(&m.ffn_layers) {
+        let bad = |message: String| FormatError::SelectorData {
+            layer: sel.layer,
+            message,
+        };
+        let bits = LowBits::from(sel.kind);
+        let (neurons, hidden) = (layer.neurons as usize, layer.hidden as usize);
+        let read = |values: &str, scales: &str| {
+            QuantMatrix::from_stored(neurons, hidden, bits, bytes(values).to_vec(), bytes(scales))
+                .map_err(|e| format!("{values:?}: {e}"))
+        };
+        let stored = match (
+            read(&sel.gate_tensor, &sel.gate_scale_tensor),
+            read(&sel.up_tensor, &sel.up_scale_tensor),
+        ) {
+            (Ok(g), Ok(u)) => (g, u),
+            (Err(e), _) | (_, Err(e)) => {
+                failures.push(bad(e));
+                continue;
+            }
+        };
+        let bundles = file.read_section(&layer.section)?;
+        let expected = match copies_from_bundles(
+            &bundles,
+            neurons,
+            hidden,
+            layer.dtype,
+            layer.bundle_bytes as usize,
+            bits,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(bad(format!("the bundles cannot be quantized: {e}")));
+                continue;
+            }
+        };
+        for ((name, got), want) in [(&sel.gate_tensor, &stored.0), (&sel.up_tensor, &stored.1)]
+            .into_iter()
+            .zip([&expected.0, &expected.1])
+        {
+            let row_bytes = got.data.len() / neurons.max(1);
+            let blocks = got.scales.len() / neurons.max(1);
+            let differs = (0..neurons).find(|&r| {
+                got.data[r * row_bytes..(r + 1) * row_bytes]
+                    != want.data[r * row_bytes..(r + 1) * row_bytes]
+                    || got.scales[r * blocks..(r + 1) * blocks]
+                        .iter()
+                        .zip(&want.scales[r * blocks..(r + 1) * blocks])
+                        .any(|(a, b)| a.to_bits() != b.to_bits())
+            });
+            if let Some(r) = differs {
+                failures.push(bad(format!(
+                    "{name:?} row {r} is not bundle {r} of {:?} quantized as section 10.1 says",
+                    layer.section
+                )));
+                break;
+            }
+        }
+    }
+    Ok(failures)
 }
 
 /// Rule 24: every block of every block-typed tensor and FFN section has a

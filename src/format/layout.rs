@@ -88,6 +88,9 @@ pub enum SectionKind {
     File,
     /// Sparsity predictors (written once calibration exists).
     Predictor,
+    /// The low-precision selector copies of the gate and up projections
+    /// (section 10), in the section named `selector`.
+    Selector,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +137,9 @@ pub enum TableDType {
     Bf16,
     /// Neuron orders.
     U32,
+    /// Raw bytes: the quantized values of a selector copy (section 10), whose
+    /// entry's `type` says how to read them.
+    U8,
     /// Blocks of 32 values, 8-bit (section 9).
     #[serde(rename = "q8_0")]
     Q8_0,
@@ -149,6 +155,7 @@ impl TableDType {
         match self {
             TableDType::F32 | TableDType::U32 => Some(4),
             TableDType::F16 | TableDType::Bf16 => Some(2),
+            TableDType::U8 => Some(1),
             TableDType::Q8_0 | TableDType::Q4_1 => None,
         }
     }
@@ -209,13 +216,13 @@ impl TableDType {
             TableDType::F32 => Some(crate::dtype::DType::F32),
             TableDType::F16 => Some(crate::dtype::DType::F16),
             TableDType::Bf16 => Some(crate::dtype::DType::BF16),
-            TableDType::U32 | TableDType::Q8_0 | TableDType::Q4_1 => None,
+            TableDType::U32 | TableDType::U8 | TableDType::Q8_0 | TableDType::Q4_1 => None,
         }
     }
 
     /// Whether the type holds weights: a floating-point or a block type.
     pub fn is_weight(self) -> bool {
-        self != TableDType::U32
+        !matches!(self, TableDType::U32 | TableDType::U8)
     }
 
     /// The name the manifest uses.
@@ -225,6 +232,7 @@ impl TableDType {
             TableDType::F16 => "f16",
             TableDType::Bf16 => "bf16",
             TableDType::U32 => "u32",
+            TableDType::U8 => "u8",
             TableDType::Q8_0 => "q8_0",
             TableDType::Q4_1 => "q4_1",
         }
@@ -365,6 +373,83 @@ pub struct Manifest {
     /// (and not written) in a file without block types.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantPolicy>,
+    /// Section 10: the low-precision selector copies, one per FFN layer; absent
+    /// (and not written) in a file without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selectors: Vec<SelectorEntry>,
+}
+
+/// How a selector copy stores its values (section 10.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectorType {
+    /// One signed byte per value, one f32 scale per row.
+    Int8,
+    /// Two values per byte, one f16 scale per block of 32.
+    Int4,
+}
+
+impl SelectorType {
+    pub fn name(self) -> &'static str {
+        match self {
+            SelectorType::Int8 => "int8",
+            SelectorType::Int4 => "int4",
+        }
+    }
+
+    /// A row of `hidden` values padded with zeros to a multiple of 32.
+    pub fn padded(hidden: u64) -> Option<u64> {
+        hidden.checked_add(31).map(|v| v / 32 * 32)
+    }
+
+    /// Dtype and shape of a copy's values and of its scales for a layer of
+    /// `neurons` rows of `hidden` values (R27).
+    pub fn shapes(self, neurons: u64, hidden: u64) -> Option<[(TableDType, Vec<u64>); 2]> {
+        let p = Self::padded(hidden)?;
+        Some(match self {
+            SelectorType::Int8 => [
+                (TableDType::U8, vec![neurons, p]),
+                (TableDType::F32, vec![neurons]),
+            ],
+            SelectorType::Int4 => [
+                (TableDType::U8, vec![neurons, p / 2]),
+                (TableDType::F16, vec![neurons, p / 32]),
+            ],
+        })
+    }
+}
+
+/// One FFN layer's selector copies (section 10): the gate and up projections'
+/// rows in packed neuron order, quantized.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectorEntry {
+    pub layer: u64,
+    #[serde(rename = "type")]
+    pub kind: SelectorType,
+    pub gate_tensor: String,
+    pub gate_scale_tensor: String,
+    pub up_tensor: String,
+    pub up_scale_tensor: String,
+}
+
+impl SelectorEntry {
+    /// The four tensors: gate values, gate scales, up values, up scales.
+    pub fn tensor_names(&self) -> [&str; 4] {
+        [
+            &self.gate_tensor,
+            &self.gate_scale_tensor,
+            &self.up_tensor,
+            &self.up_scale_tensor,
+        ]
+    }
+}
+
+/// Name of the selector section.
+pub const SELECTOR_SECTION: &str = "selector";
+
+/// `flashpack.selector.<layer>.<part>` (`gate`, `gate_scale`, `up`, `up_scale`).
+pub fn selector_tensor_name(layer: usize, part: &str) -> String {
+    format!("flashpack.selector.{layer}.{part}")
 }
 
 /// Section 9: the block type of each part of the model, null where the part

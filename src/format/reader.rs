@@ -555,10 +555,15 @@ impl Checker<'_> {
             let section = sections
                 .get(&t.section)
                 .map(|&s| &m.sections[s])
-                .filter(|s| matches!(s.kind, SectionKind::Dense | SectionKind::Predictor))
+                .filter(|s| {
+                    matches!(
+                        s.kind,
+                        SectionKind::Dense | SectionKind::Predictor | SectionKind::Selector
+                    )
+                })
                 .ok_or_else(|| {
                     bad(format!(
-                        "section {:?} is not a dense or predictor section",
+                        "section {:?} is not a dense, predictor or selector section",
                         t.section
                     ))
                 })?;
@@ -731,6 +736,7 @@ impl Checker<'_> {
         self.check_experts(&config, sections, tensors)?;
         self.check_predictors(&config, tensors)?;
         check_quantization(m, &config, &names)?;
+        check_selectors(m, &config, sections, tensors)?;
         Ok((config, names))
     }
 
@@ -1123,6 +1129,113 @@ fn check_down_scales(m: &Manifest) -> std::result::Result<(), FormatError> {
     Ok(())
 }
 
+/// Rules 27 and 28 (section 10): the selector copies, one per FFN layer of a
+/// gated model or none, each with its four tensors in the `selector` section
+/// at the dtypes and shapes 10.1 gives; `u8` nowhere else. Their bytes (R29)
+/// are checked where they are read.
+fn check_selectors(
+    m: &Manifest,
+    config: &ModelConfig,
+    sections: &HashMap<String, usize>,
+    tensors: &HashMap<String, usize>,
+) -> std::result::Result<(), FormatError> {
+    let layers = |message: String| FormatError::SelectorLayers { message };
+    let mut named: HashMap<&str, u64> = HashMap::new();
+    if !m.selectors.is_empty() {
+        if config.moe.is_some() {
+            return Err(layers(
+                "a mixture-of-experts model has none (its experts are not covered)".into(),
+            ));
+        }
+        let listed: Vec<u64> = m.selectors.iter().map(|s| s.layer).collect();
+        let want: Vec<u64> = m.ffn_layers.iter().map(|l| l.layer).collect();
+        if listed != want {
+            return Err(layers(format!(
+                "entries for layers {listed:?}, expected one per FFN layer: {want:?}"
+            )));
+        }
+        let kind = m.selectors[0].kind;
+        if let Some(other) = m.selectors.iter().find(|s| s.kind != kind) {
+            return Err(layers(format!(
+                "layer {} is {}, layer {} is {}: one type for the file",
+                m.selectors[0].layer,
+                kind.name(),
+                other.layer,
+                other.kind.name()
+            )));
+        }
+        for (sel, layer) in m.selectors.iter().zip(&m.ffn_layers) {
+            if layer.parts != [BundlePart::Gate, BundlePart::Up, BundlePart::Down] {
+                return Err(layers(format!(
+                    "layer {} has parts {:?}: only gated FFN layers have selector copies",
+                    layer.layer, layer.parts
+                )));
+            }
+            for name in sel.tensor_names() {
+                if let Some(other) = named.insert(name, sel.layer) {
+                    return Err(layers(format!(
+                        "layers {other} and {} both name tensor {name:?}",
+                        sel.layer
+                    )));
+                }
+            }
+        }
+    }
+    for (sel, layer) in m.selectors.iter().zip(&m.ffn_layers) {
+        let bad = |message: String| FormatError::SelectorLayout {
+            layer: sel.layer,
+            message,
+        };
+        let shapes = sel
+            .kind
+            .shapes(layer.neurons, layer.hidden)
+            .ok_or_else(|| bad(format!("hidden size {} overflows", layer.hidden)))?;
+        let names = sel.tensor_names();
+        for (k, name) in names.iter().enumerate() {
+            let (dtype, shape) = &shapes[k % 2];
+            let t = tensors
+                .get(*name)
+                .map(|&i| &m.tensors[i])
+                .ok_or_else(|| bad(format!("tensor {name:?} is missing")))?;
+            let in_selector_section = t.section == SELECTOR_SECTION
+                && sections
+                    .get(SELECTOR_SECTION)
+                    .is_some_and(|&i| m.sections[i].kind == SectionKind::Selector);
+            if !in_selector_section {
+                return Err(bad(format!(
+                    "tensor {name:?} is in section {:?}, must be in {SELECTOR_SECTION:?} of kind selector",
+                    t.section
+                )));
+            }
+            if t.dtype != *dtype || t.shape != *shape {
+                return Err(bad(format!(
+                    "tensor {name:?} is {} of shape {:?}; a {} copy of {} neurons of width {} is {} of shape {shape:?}",
+                    t.dtype.name(),
+                    t.shape,
+                    sel.kind.name(),
+                    layer.neurons,
+                    layer.hidden,
+                    dtype.name()
+                )));
+            }
+        }
+    }
+    if let Some(t) = m
+        .tensors
+        .iter()
+        .find(|t| t.dtype == TableDType::U8 && !named.contains_key(t.name.as_str()))
+    {
+        return Err(FormatError::SelectorLayout {
+            layer: 0,
+            message: format!(
+                "tensor {:?} is u8, a type only the values of a selector copy have",
+                t.name
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A section kind as the manifest spells it.
 fn kind_name(kind: SectionKind) -> &'static str {
     match kind {
@@ -1130,6 +1243,7 @@ fn kind_name(kind: SectionKind) -> &'static str {
         SectionKind::Ffn => "ffn",
         SectionKind::File => "file",
         SectionKind::Predictor => "predictor",
+        SectionKind::Selector => "selector",
     }
 }
 

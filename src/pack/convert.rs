@@ -60,6 +60,54 @@ pub struct ConvertOptions {
     /// Format section 9: the block type of each part (`convert --quant`); all
     /// null packs floating point only.
     pub quant: QuantPolicy,
+    /// Format section 10: the low-precision selector copies of gate and up
+    /// (`convert --selector`).
+    pub selector: SelectorCopies,
+}
+
+/// Which selector copies (format section 10) `convert` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SelectorCopies {
+    /// `int4` for a SiLU model with a gated FFN calibrated with `--calib`
+    /// (whose product thresholds the selector compares with), none otherwise.
+    Auto,
+    /// No copies.
+    None,
+    /// Int8 copies (one f32 scale per row): 0.33 of the FFN's f16 bytes.
+    Int8,
+    /// Int4 copies (blocks of 32, f16 scales): 0.19 of the FFN's f16 bytes.
+    Int4,
+}
+
+impl SelectorCopies {
+    /// What this choice writes for `config`, calibrated or not; an explicit
+    /// type for a model without a gated FFN is refused.
+    pub fn resolve(
+        self,
+        config: &crate::input::config::ModelConfig,
+        names: &crate::input::tensors::ModelNames,
+        calibrated: bool,
+    ) -> Result<Option<crate::runtime::lowbit::LowBits>> {
+        use crate::runtime::lowbit::LowBits;
+        let gated = config.moe.is_none()
+            && names
+                .layers
+                .iter()
+                .all(|l| matches!(l.ffn, FfnNames::Gated { .. }));
+        let silu = config.activation == crate::input::config::Activation::Silu;
+        match self {
+            SelectorCopies::None => Ok(None),
+            SelectorCopies::Auto => Ok((gated && silu && calibrated).then_some(LowBits::Int4)),
+            SelectorCopies::Int8 | SelectorCopies::Int4 if !gated => {
+                Err(Error::InvalidArgument(format!(
+                    "--selector: {} has no gated FFN in every layer (gate, up, down), so there is nothing to copy; use --selector none",
+                    config.architecture.hf_name()
+                )))
+            }
+            SelectorCopies::Int8 => Ok(Some(LowBits::Int8)),
+            SelectorCopies::Int4 => Ok(Some(LowBits::Int4)),
+        }
+    }
 }
 
 impl Default for ConvertOptions {
@@ -70,6 +118,7 @@ impl Default for ConvertOptions {
             alignment: 4096,
             calibration: None,
             quant: QuantPolicy::default(),
+            selector: SelectorCopies::Auto,
         }
     }
 }
@@ -92,6 +141,9 @@ pub struct ConvertSummary {
     pub dense_ms: f64,
     pub ffn_ms: f64,
     pub commit_ms: f64,
+    /// The selector copies written (format section 10), and their bytes.
+    pub selector: Option<crate::runtime::lowbit::LowBits>,
+    pub selector_bytes: u64,
     /// Calibration tokens and time, and per-layer predictor metrics (with `--calib`).
     pub calibration_tokens: Option<u64>,
     pub calibrate_ms: Option<f64>,
@@ -162,6 +214,11 @@ pub fn convert(
         check_calibration_plan(plan)?;
     }
     let ckpt = Checkpoint::open(src)?;
+    // An explicit --selector on a model without gated layers is refused before
+    // any work.
+    options
+        .selector
+        .resolve(&ckpt.config, &ckpt.names, options.calibration.is_some())?;
     if ckpt.config.moe.is_some() && options.calibration.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{} is a mixture-of-experts model: calibration does not record routing yet; convert it without --calib",
@@ -549,6 +606,12 @@ fn write_pack(
     )?;
     let dense_ms = ms_since(dense_clock);
     let ffn_clock = std::time::Instant::now();
+    let selector_bits =
+        options
+            .selector
+            .resolve(&ckpt.config, &ckpt.names, options.calibration.is_some())?;
+    // Section 10: each layer's copies, quantized from its bundles as written.
+    let mut selector_copies = Vec::new();
 
     // One FFN section per layer, or per expert of a sparse layer (spec 4.1):
     // fixed-stride bundles, uncompressed.
@@ -606,6 +669,22 @@ fn write_pack(
                 (bundles, TableDType::from_weight(dtype), stride)
             }
         };
+        if let (Some(bits), true) = (selector_bits, gate.is_some()) {
+            let copies = crate::runtime::lowbit::copies_from_bundles(
+                &bundles,
+                layer.neurons,
+                layer.hidden,
+                table_dtype,
+                stride as usize,
+                bits,
+            )
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot write the selector copies of {name} (format section 10): {e}"
+                ))
+            })?;
+            selector_copies.push(copies);
+        }
         let chunk = FFN_CHUNK_TARGET_BYTES.max(stride) / stride * stride;
         file.pad_to(a)?;
         let mut w = SectionWriter::new(file, &name, SectionKind::Ffn, None, chunk);
@@ -673,6 +752,19 @@ fn write_pack(
         }
     }
 
+    let selector_entries = write_selectors(
+        &mut file,
+        &mut sections,
+        &mut tensors,
+        selector_bits,
+        &selector_copies,
+        zstd,
+        a,
+    )?;
+    let selector_bytes: u64 = selector_copies
+        .iter()
+        .map(|(g, u)| (g.stored_bytes() + u.stored_bytes()) as u64)
+        .sum();
     let ffn_ms = ms_since(ffn_clock);
     let (source_files, hash_sources_ms) = source_hashes()?;
     let manifest = Manifest {
@@ -697,6 +789,7 @@ fn write_pack(
         calibration: extras.calibration.clone(),
         predictors: predictor_entries,
         quantization: (quant != QuantPolicy::default()).then_some(quant),
+        selectors: selector_entries,
     };
     let finished = finish_packed_file(file, &manifest)?;
     let (file_bytes, commit_ms) = (finished.file_bytes, finished.commit_ms);
@@ -728,6 +821,8 @@ fn write_pack(
         dense_ms,
         ffn_ms,
         commit_ms,
+        selector: selector_bits,
+        selector_bytes,
         calibration_tokens: extras.calibration.as_ref().map(|c| c.tokens),
         calibrate_ms: extras.calibrate_ms,
         train_ms: extras.train_ms,
@@ -808,6 +903,68 @@ pub(crate) fn write_predictors(
             precision: m.precision,
             frac_predicted: m.frac_predicted,
             frac_true: m.frac_true,
+        });
+    }
+    sections.push(w.finish(file)?);
+    Ok(entries)
+}
+
+/// The selector section (format section 10), after the last FFN section: per
+/// layer the gate's values and scales, then the up's (the manifest's entries
+/// name them), each tensor at the next multiple of 64 raw bytes.
+fn write_selectors(
+    file: &mut AtomicOutput,
+    sections: &mut Vec<SectionEntry>,
+    tensors: &mut Vec<TensorEntry>,
+    bits: Option<crate::runtime::lowbit::LowBits>,
+    copies: &[(
+        crate::runtime::lowbit::QuantMatrix,
+        crate::runtime::lowbit::QuantMatrix,
+    )],
+    zstd: Option<i32>,
+    alignment: u64,
+) -> Result<Vec<SelectorEntry>> {
+    let Some(bits) = bits.filter(|_| !copies.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let kind = crate::format::layout::SelectorType::from(bits);
+    file.pad_to(alignment)?;
+    let mut w = SectionWriter::new(
+        file,
+        SELECTOR_SECTION,
+        SectionKind::Selector,
+        zstd,
+        DENSE_CHUNK_BYTES,
+    );
+    let mut entries = Vec::new();
+    for (layer, (gate, up)) in copies.iter().enumerate() {
+        let [(values_dtype, values_shape), (scale_dtype, scale_shape)] = kind
+            .shapes(gate.rows as u64, gate.cols as u64)
+            .expect("a layer's width fits");
+        for (part, m) in [("gate", gate), ("up", up)] {
+            for (suffix, dtype, shape, bytes) in [
+                ("", values_dtype, &values_shape, m.data.clone()),
+                ("_scale", scale_dtype, &scale_shape, m.scale_bytes()),
+            ] {
+                w.pad_raw(file, TENSOR_ALIGN)?;
+                tensors.push(TensorEntry {
+                    name: selector_tensor_name(layer, &format!("{part}{suffix}")),
+                    dtype,
+                    shape: shape.clone(),
+                    section: SELECTOR_SECTION.into(),
+                    offset: w.raw_position(),
+                    length: bytes.len() as u64,
+                });
+                w.write(file, &bytes)?;
+            }
+        }
+        entries.push(SelectorEntry {
+            layer: layer as u64,
+            kind,
+            gate_tensor: selector_tensor_name(layer, "gate"),
+            gate_scale_tensor: selector_tensor_name(layer, "gate_scale"),
+            up_tensor: selector_tensor_name(layer, "up"),
+            up_scale_tensor: selector_tensor_name(layer, "up_scale"),
         });
     }
     sections.push(w.finish(file)?);

@@ -59,9 +59,40 @@ pub struct QuantMatrix {
 impl QuantMatrix {
     /// Symmetric round-to-nearest quantization of `m`.
     pub fn quantize(m: &Matrix, bits: LowBits) -> QuantMatrix {
-        let (rows, cols) = (m.rows, m.cols);
+        Self::quantize_values(m.rows, m.cols, &m.data.to_f32(), bits)
+    }
+
+    /// As [`QuantMatrix::quantize`], refusing what the file format cannot hold
+    /// (section 10.1): a value that is not finite, or an int4 block whose
+    /// scale is beyond the f16 range.
+    pub fn quantize_checked(
+        rows: usize,
+        cols: usize,
+        w: &[f32],
+        bits: LowBits,
+    ) -> Result<QuantMatrix, String> {
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "value {} of row {} is not finite",
+                i % cols.max(1),
+                i / cols.max(1)
+            ));
+        }
+        let q = Self::quantize_values(rows, cols, w, bits);
+        if let Some(i) = q.scales.iter().position(|s| !s.is_finite()) {
+            return Err(format!(
+                "scale {i} is beyond the f16 range (a value above {} in magnitude)",
+                7.0 * 65504.0
+            ));
+        }
+        Ok(q)
+    }
+
+    /// Symmetric round-to-nearest quantization of `rows x cols` values, row
+    /// after row (format section 10.1 says it for the file).
+    pub fn quantize_values(rows: usize, cols: usize, w: &[f32], bits: LowBits) -> QuantMatrix {
+        assert_eq!(w.len(), rows * cols, "quantize_values: shape");
         let padded_cols = cols.div_ceil(PAD) * PAD;
-        let w = m.data.to_f32();
         let mut data = Vec::with_capacity(rows * padded_cols);
         let mut scales = Vec::new();
         for r in 0..rows {
@@ -107,6 +138,91 @@ impl QuantMatrix {
         }
     }
 
+    /// The scales as the file stores them: f32 per int8 row, f16 per int4
+    /// block (little-endian; an int4 scale is an f16 value already).
+    pub fn scale_bytes(&self) -> Vec<u8> {
+        match self.bits {
+            LowBits::Int8 => self.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            LowBits::Int4 => self
+                .scales
+                .iter()
+                .flat_map(|&s| half::f16::from_f32(s).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    /// A copy read back from the file's bytes (`data` as [`QuantMatrix::data`],
+    /// `scale_bytes` as [`QuantMatrix::scale_bytes`] writes them), checking
+    /// what rule 29 asks of the bytes alone: every scale finite and above
+    /// zero, no int8 value -128 (the SIMD kernel's sign trick needs
+    /// -127..127), the padding values zero. Lengths are the caller's (rule 27).
+    pub fn from_stored(
+        rows: usize,
+        cols: usize,
+        bits: LowBits,
+        data: Vec<u8>,
+        scale_bytes: &[u8],
+    ) -> Result<QuantMatrix, String> {
+        let padded_cols = cols.div_ceil(PAD) * PAD;
+        let scales: Vec<f32> = match bits {
+            LowBits::Int8 => scale_bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            LowBits::Int4 => scale_bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        };
+        let q = QuantMatrix {
+            rows,
+            cols,
+            bits,
+            padded_cols,
+            data,
+            scales,
+        };
+        let (want_data, want_scales) = match bits {
+            LowBits::Int8 => (rows * padded_cols, rows),
+            LowBits::Int4 => (rows * padded_cols / 2, rows * padded_cols / INT4_BLOCK),
+        };
+        if q.data.len() != want_data || q.scales.len() != want_scales {
+            return Err(format!(
+                "{} value bytes and {} scales, expected {want_data} and {want_scales}",
+                q.data.len(),
+                q.scales.len()
+            ));
+        }
+        if let Some(i) = q.scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(format!(
+                "scale {i} is {}, not a finite number above 0",
+                q.scales[i]
+            ));
+        }
+        let rb = q.row_bytes();
+        for r in 0..rows {
+            let row = &q.data[r * rb..(r + 1) * rb];
+            for c in 0..padded_cols {
+                let (value, padding_ok) = match bits {
+                    LowBits::Int8 => (row[c] as i8 as i32, row[c] == 0),
+                    LowBits::Int4 => {
+                        let (b, j) = (c / INT4_BLOCK, c % INT4_BLOCK);
+                        let byte = row[b * 16 + j % 16];
+                        let nibble = if j < 16 { byte & 15 } else { byte >> 4 };
+                        (nibble as i32 - 8, nibble == 8)
+                    }
+                };
+                if bits == LowBits::Int8 && value == -128 {
+                    return Err(format!("row {r}, value {c} is -128"));
+                }
+                if c >= cols && !padding_ok {
+                    return Err(format!("row {r}, padding value {c} is not zero"));
+                }
+            }
+        }
+        Ok(q)
+    }
+
     /// Bytes this copy holds in DRAM as stored (scales at their stored width:
     /// f32 per int8 row, f16 per int4 block).
     pub fn stored_bytes(&self) -> usize {
@@ -150,6 +266,71 @@ impl QuantMatrix {
             *o = self.row_dot(r, &q, path);
         }
     }
+}
+
+impl From<crate::format::layout::SelectorType> for LowBits {
+    fn from(t: crate::format::layout::SelectorType) -> LowBits {
+        match t {
+            crate::format::layout::SelectorType::Int8 => LowBits::Int8,
+            crate::format::layout::SelectorType::Int4 => LowBits::Int4,
+        }
+    }
+}
+
+impl From<LowBits> for crate::format::layout::SelectorType {
+    fn from(b: LowBits) -> crate::format::layout::SelectorType {
+        match b {
+            LowBits::Int8 => crate::format::layout::SelectorType::Int8,
+            LowBits::Int4 => crate::format::layout::SelectorType::Int4,
+        }
+    }
+}
+
+/// The selector copies (gate, up) of one FFN layer as format section 10
+/// defines them: the gate and up parts of each bundle of `bundles` (the
+/// layer's section, `stride` bytes a bundle, parts gate, up, down of `hidden`
+/// values in `dtype`) read as binary32 (a block type dequantized as 9.1 says),
+/// quantized row by row. Bundle `p` gives row `p`: the copies are in packed
+/// neuron order, as the bundles are. `convert` writes these; `verify` compares
+/// the file's copies with them (rule 29).
+pub fn copies_from_bundles(
+    bundles: &[u8],
+    neurons: usize,
+    hidden: usize,
+    dtype: crate::format::layout::TableDType,
+    stride: usize,
+    bits: LowBits,
+) -> Result<(QuantMatrix, QuantMatrix), String> {
+    let part_bytes = dtype
+        .row_bytes(hidden as u64)
+        .ok_or_else(|| format!("{} rows of {hidden} values have no size", dtype.name()))?
+        as usize;
+    if bundles.len() < neurons * stride || stride < 2 * part_bytes {
+        return Err(format!(
+            "{} bytes of bundles, expected {neurons} of {stride}",
+            bundles.len()
+        ));
+    }
+    let mut gate = vec![0.0f32; neurons * hidden];
+    let mut up = vec![0.0f32; neurons * hidden];
+    for p in 0..neurons {
+        let bundle = &bundles[p * stride..(p + 1) * stride];
+        for (k, out) in [&mut gate, &mut up].into_iter().enumerate() {
+            let bytes = &bundle[k * part_bytes..(k + 1) * part_bytes];
+            let out = &mut out[p * hidden..(p + 1) * hidden];
+            match (dtype.weight(), dtype.quant()) {
+                (Some(w), _) => crate::dtype::widen_into(w, bytes, out),
+                (None, Some(q)) => q.dequantize_row(bytes, out),
+                (None, None) => return Err(format!("{} is not a weight type", dtype.name())),
+            }
+        }
+    }
+    Ok((
+        QuantMatrix::quantize_checked(neurons, hidden, &gate, bits)
+            .map_err(|e| format!("gate: {e}"))?,
+        QuantMatrix::quantize_checked(neurons, hidden, &up, bits)
+            .map_err(|e| format!("up: {e}"))?,
+    ))
 }
 
 /// One token's activation as int8 with one scale (symmetric, round to

@@ -5,11 +5,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::format::layout::PREDICTOR_SECTION;
+use crate::format::layout::{PREDICTOR_SECTION, SELECTOR_SECTION};
 use crate::format::PackedFile;
 use crate::input::{Checkpoint, TextTokenizer};
 use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::Criterion;
+use crate::runtime::lowbit::{LowBits, QuantMatrix};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
 use crate::runtime::sparse::{apply_ffn_mode, FfnMode, NeuronCounter, Selector, SparsityData};
 use crate::runtime::Model;
@@ -109,6 +110,39 @@ pub(crate) fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
         Some(c) => c.layers.iter().map(|l| l.silu_threshold).collect(),
         None => vec![None; layers],
     };
+    let mut copies = vec![None; layers];
+    if !m.selectors.is_empty() {
+        let raw = file.read_section(SELECTOR_SECTION)?;
+        let bytes = |name: &str| -> &[u8] {
+            let t = file
+                .tensor_entry(name)
+                .expect("checked at open: selector tensors exist (rule 27)");
+            &raw[t.offset as usize..(t.offset + t.length) as usize]
+        };
+        for (sel, layer) in m.selectors.iter().zip(&m.ffn_layers) {
+            let bits = LowBits::from(sel.kind);
+            let read = |values: &str, scales: &str| {
+                QuantMatrix::from_stored(
+                    layer.neurons as usize,
+                    layer.hidden as usize,
+                    bits,
+                    bytes(values).to_vec(),
+                    bytes(scales),
+                )
+                .map_err(|message| crate::error::Error::Format {
+                    path: file.path.clone(),
+                    source: crate::format::FormatError::SelectorData {
+                        layer: sel.layer,
+                        message: format!("{values:?}: {message}"),
+                    },
+                })
+            };
+            copies[sel.layer as usize] = Some((
+                read(&sel.gate_tensor, &sel.gate_scale_tensor)?,
+                read(&sel.up_tensor, &sel.up_scale_tensor)?,
+            ));
+        }
+    }
     Ok(Some(SparsityData {
         predictors,
         silu_thresholds,
@@ -119,6 +153,7 @@ pub(crate) fn sparsity_data(file: &PackedFile) -> Result<Option<SparsityData>> {
         },
         selector: Selector::Auto,
         measure_selector: false,
+        copies,
     }))
 }
 

@@ -479,6 +479,22 @@ pub struct SparsityData {
     /// Low-precision selectors also compute the exact criterion and count
     /// agreement (recall), at the cost of a dense gate and up per token.
     pub measure_selector: bool,
+    /// The file's selector copies (format section 10), per layer (gate, up),
+    /// in packed neuron order; empty when it has none.
+    pub copies: Vec<Option<(QuantMatrix, QuantMatrix)>>,
+}
+
+impl SparsityData {
+    /// The type of the file's selector copies, if it has them.
+    pub fn copies_bits(&self) -> Option<LowBits> {
+        self.copies.iter().flatten().next().map(|(g, _)| g.bits)
+    }
+
+    /// The selector `selector` stands for with this file.
+    pub fn resolved_selector(&self) -> Selector {
+        self.selector
+            .resolve(self.silu_criterion, self.copies_bits())
+    }
 }
 
 /// What `predicted` (and `flash`) choose neurons with.
@@ -486,8 +502,9 @@ pub struct SparsityData {
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Selector {
-    /// `int8` for SiLU files calibrated by the product criterion (measured
-    /// best there, BENCHMARKS.md), the trained predictors otherwise.
+    /// For SiLU files calibrated by the product criterion: the type of the
+    /// file's selector copies (format section 10), or `int8` without them
+    /// (built at load); the trained predictors otherwise.
     Auto,
     /// The file's trained low-rank predictors.
     Trained,
@@ -498,10 +515,14 @@ pub enum Selector {
 }
 
 impl Selector {
-    /// The selector `Auto` stands for, given the file's criterion.
-    pub fn resolve(self, criterion: Criterion) -> Selector {
+    /// The selector `Auto` stands for, given the file's criterion and the
+    /// type of its selector copies.
+    pub fn resolve(self, criterion: Criterion, copies: Option<LowBits>) -> Selector {
         match (self, criterion) {
-            (Selector::Auto, Criterion::Product) => Selector::Int8,
+            (Selector::Auto, Criterion::Product) => match copies {
+                Some(LowBits::Int4) => Selector::Int4,
+                _ => Selector::Int8,
+            },
             (Selector::Auto, Criterion::Gate) => Selector::Trained,
             (s, _) => s,
         }
@@ -557,13 +578,13 @@ pub fn apply_ffn_mode(
                 if silu
                     && data.is_some_and(|d| {
                         matches!(
-                            d.selector.resolve(d.silu_criterion),
+                            d.resolved_selector(),
                             Selector::Int8 | Selector::Int4
                         )
                     }) =>
             {
                 let d = data.expect("checked by the guard");
-                let bits = match d.selector.resolve(d.silu_criterion) {
+                let bits = match d.resolved_selector() {
                     Selector::Int4 => LowBits::Int4,
                     _ => LowBits::Int8,
                 };

@@ -696,3 +696,70 @@ fn sparse_layer_listed(base: &[u8]) -> Vec<u8> {
 fn expert_order_not_permutation(base: &[u8]) -> Vec<u8> {
     tensor_order_not_permutation(base, "flashpack.ffn.1.expert.0.order")
 }
+
+// ------------------------------------------------- selector copies (base-sel)
+
+/// The valid base of the selector rules' files (format section 10).
+pub const SELECTOR_BASE: &str = "base-sel.flashpack";
+
+/// Every damaged file derived from `base-sel.flashpack` (micro-llama with
+/// int4 selector copies, hidden 16 padded to 32), in rule order.
+pub fn broken_selector_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mutations: [(&str, Mutation); 3] = [
+        ("r27-selector-scale-dtype", selector_scale_dtype),
+        ("r28-selector-layer-missing", selector_layer_missing),
+        ("r29-selector-value-changed", selector_value_changed),
+    ];
+    mutations
+        .iter()
+        .map(|(name, mutate)| (format!("{name}.flashpack"), mutate(base)))
+        .collect()
+}
+
+/// Layer 0's int4 gate scales declared `bf16` (the same two bytes each, so
+/// rule 17 holds): 10.1 says `f16`.
+fn selector_scale_dtype(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let t = tensor_index(m, "flashpack.selector.0.gate_scale");
+        assert_eq!(m["tensors"][t]["dtype"], "f16");
+        m["tensors"][t]["dtype"] = json!("bf16");
+    })
+}
+
+/// The selector entry of layer 1 removed: its tensors are still there, but
+/// the file no longer has one entry per FFN layer.
+fn selector_layer_missing(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        let entries = m["selectors"].as_array_mut().unwrap();
+        assert_eq!(entries.len(), 2);
+        entries.pop();
+    })
+}
+
+/// The first value of layer 0's int4 gate copy (the low nibble of its first
+/// byte) moved by one step, within -8..7 and not padding: the copy reads
+/// (its scales, its padding) but no longer equals bundle 0 quantized. The
+/// selector chunk is decompressed, edited, recompressed at the base's zstd
+/// level and re-hashed.
+fn selector_value_changed(base: &[u8]) -> Vec<u8> {
+    let m = manifest(base);
+    let section = &m["sections"][section_index(&m, "selector")];
+    assert_eq!(section["compression"], "zstd");
+    let gate = &m["tensors"][tensor_index(&m, "flashpack.selector.0.gate")];
+    let chunk_raw = u64_of(&section["chunk_raw_bytes"]);
+    let at = u64_of(&gate["offset"]);
+    let chunk = (at / chunk_raw) as usize;
+    let within = (at % chunk_raw) as usize;
+    let (stored, raw_len) = stored_chunk(base, "selector", chunk);
+    let mut raw = zstd::bulk::decompress(&stored, raw_len).unwrap();
+    let low = raw[within] & 15;
+    let moved = if low < 15 { low + 1 } else { low - 1 };
+    raw[within] = (raw[within] & 0xF0) | moved;
+    let level = m["provenance"]["options"]["zstd_level"].as_i64().unwrap() as i32;
+    replace_chunk(
+        base,
+        "selector",
+        chunk,
+        zstd::bulk::compress(&raw, level).unwrap(),
+    )
+}

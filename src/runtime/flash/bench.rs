@@ -277,9 +277,12 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
     // The in-DRAM modes: dense, then the sparse modes computed from DRAM.
     for mode in [FfnMode::Dense, FfnMode::Oracle, FfnMode::Predicted] {
         let mut loaded = open_model(path)?;
+        if let Some(d) = loaded.sparsity.as_mut() {
+            d.selector = base.selector;
+        }
         let counter = loaded.set_ffn_mode(mode)?;
         let selector = match (mode, &loaded.sparsity) {
-            (FfnMode::Predicted, Some(d)) => Some(d.selector.resolve(d.silu_criterion)),
+            (FfnMode::Predicted, Some(d)) => Some(d.resolved_selector()),
             _ => None,
         };
         let ffn_ns = time_ffns(&mut loaded.model);

@@ -114,6 +114,8 @@ pub struct Workspace {
     in_union: Vec<bool>,
     /// One down-projection accumulator per compute thread for batches.
     batch_accs: Vec<ColumnAccumulator>,
+    /// The low-precision selector's quantized input and neuron values.
+    select: crate::runtime::lowbit::SelectScratch,
 }
 
 impl Workspace {
@@ -140,6 +142,7 @@ impl Workspace {
             batch_sets: Vec::new(),
             in_union: Vec::new(),
             batch_accs: Vec::new(),
+            select: Default::default(),
         })
     }
 
@@ -202,6 +205,11 @@ pub struct FlashFfn {
     pub up_bias: Option<Vec<f32>>,
     pub down_bias: Option<Vec<f32>>,
     pub predictor: Option<LowRankPredictor>,
+    /// When set, chooses instead of the predictor: the file's low-precision
+    /// copies of gate and up (format section 10), in DRAM, by `|silu(g~) *
+    /// u~|` against the layer's product threshold, exactly as the in-DRAM
+    /// `predicted` mode with the same selector.
+    pub lowbit: Option<crate::runtime::lowbit::LowBitSelector>,
     /// When set, chooses instead of the predictor (`--ffn oracle-flash`).
     pub oracle: Option<Oracle>,
     /// When set, chooses instead of the predictor: this layer's recorded set
@@ -954,6 +962,12 @@ impl FlashFfn {
                         self.spec.neurons
                     )));
                 }
+            }
+            None if self.lowbit.is_some() => {
+                let selector = self.lowbit.as_ref().expect("matched");
+                let t0 = Instant::now();
+                selector.select(x, &mut ws.select, &mut ws.set);
+                add_ns(&self.stats.ns_predict, t0);
             }
             None => {
                 let p = self.predictor.as_ref().ok_or_else(|| {

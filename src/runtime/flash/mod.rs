@@ -79,6 +79,10 @@ pub struct FlashOptions {
     /// or the in-DRAM copy (`Oracle`), and size the caches instead of the
     /// calibration maxima: measurements at scale (see [`replay`]).
     pub replay: Option<Arc<Replay>>,
+    /// What `flash` chooses neurons with (`--selector`): with `auto`, a SiLU
+    /// file's selector copies (format section 10) when it has them, its
+    /// trained predictors otherwise.
+    pub selector: crate::runtime::sparse::Selector,
 }
 
 impl Default for FlashOptions {
@@ -94,6 +98,7 @@ impl Default for FlashOptions {
             capacity: None,
             verify_reads: true,
             replay: None,
+            selector: crate::runtime::sparse::Selector::Auto,
         }
     }
 }
@@ -123,6 +128,10 @@ pub struct MemoryPlan {
     pub dense: u64,
     #[serde(rename = "predictors_bytes")]
     pub predictors: u64,
+    /// The low-precision selector copies (format section 10) `flash` chooses
+    /// with, held in DRAM.
+    #[serde(rename = "selector_bytes")]
+    pub selector: u64,
     #[serde(rename = "kv_cache_bytes")]
     pub kv_cache: u64,
     #[serde(rename = "staging_bytes")]
@@ -423,6 +432,9 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         DiskMode::Flash | DiskMode::Oracle => round(FLASH_READ_BYTES.max(stride_max)) + align,
     };
     let mut sparsity = crate::runtime::open::sparsity_data(&file)?;
+    if let Some(d) = sparsity.as_mut() {
+        d.selector = opts.selector;
+    }
 
     // What stays in DRAM whatever the cache size.
     let mut plan = MemoryPlan {
@@ -449,7 +461,42 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             )));
         }
     }
-    if opts.mode == DiskMode::Flash && opts.replay.is_none() {
+    // `flash` chooses with the file's selector copies (format section 10) or
+    // its trained predictors, as `predicted` with the same --selector does.
+    let chooser = match (&sparsity, opts.mode, &opts.replay) {
+        (Some(d), DiskMode::Flash, None) => d.resolved_selector(),
+        _ => crate::runtime::sparse::Selector::Trained,
+    };
+    let low_bits = match chooser {
+        crate::runtime::sparse::Selector::Int8 => Some(crate::runtime::lowbit::LowBits::Int8),
+        crate::runtime::sparse::Selector::Int4 => Some(crate::runtime::lowbit::LowBits::Int4),
+        _ => None,
+    };
+    if let Some(bits) = low_bits {
+        let d = sparsity
+            .as_ref()
+            .expect("a low-bit selector resolves from the file's data");
+        let name = crate::format::layout::SelectorType::from(bits).name();
+        if file.config.activation != crate::input::config::Activation::Silu
+            || d.silu_criterion != crate::runtime::ffn::Criterion::Product
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--selector {name} compares |silu(g) * u| with the product thresholds of a SiLU file calibrated by this flashpack (convert --calib)"
+            )));
+        }
+        if d.copies_bits() != Some(bits) {
+            return Err(Error::InvalidArgument(format!(
+                "--ffn flash --selector {name} reads the file's {name} selector copies, and {} has {}; convert with --selector {name}, or run --ffn predicted (which builds them in DRAM)",
+                path.display(),
+                d.copies_bits().map_or("none".to_string(), |b| {
+                    format!("{} copies", crate::format::layout::SelectorType::from(b).name())
+                })
+            )));
+        }
+        for (g, u) in d.copies.iter().flatten() {
+            plan.selector += (g.stored_bytes() + u.stored_bytes()) as u64;
+        }
+    } else if opts.mode == DiskMode::Flash && opts.replay.is_none() {
         let data = sparsity.as_ref();
         for (i, _) in specs.iter().enumerate() {
             let p = data
@@ -488,7 +535,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             let over = m
                 .predictors
                 .iter()
-                .filter(|_| opts.mode == DiskMode::Flash)
+                .filter(|_| opts.mode == DiskMode::Flash && low_bits.is_none())
                 .find(|p| p.layer as usize == i)
                 .map(|p| {
                     if p.frac_true > 0.0 {
@@ -506,7 +553,12 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             scratch_rows[i] = scratch_for(want_rows[i], spec.neurons);
         }
     }
-    let fixed = plan.dense + plan.predictors + plan.kv_cache + plan.staging + plan.fixed_overhead;
+    let fixed = plan.dense
+        + plan.predictors
+        + plan.selector
+        + plan.kv_cache
+        + plan.staging
+        + plan.fixed_overhead;
     let min_caches: u64 = specs
         .iter()
         .map(|s| {
@@ -531,12 +583,13 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         if budget < plan.minimum {
             return Err(Error::InvalidArgument(format!(
                 "--dram-budget {budget} bytes is below the minimum of {} bytes ({:.1} MiB) that {:?} mode needs for this model \
-                 (dense part {}, predictors {}, KV cache {}, read buffers {}, smallest FFN caches {}, fixed overhead {})",
+                 (dense part {}, predictors {}, selector copies {}, KV cache {}, read buffers {}, smallest FFN caches {}, fixed overhead {})",
                 plan.minimum,
                 plan.minimum as f64 / (1u64 << 20) as f64,
                 opts.mode,
                 plan.dense,
                 plan.predictors,
+                plan.selector,
                 plan.kv_cache,
                 plan.staging,
                 min_caches,
@@ -663,6 +716,25 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         let predictor = sparsity
             .as_mut()
             .and_then(|d| d.predictors.get_mut(i).and_then(Option::take));
+        let lowbit = match low_bits {
+            Some(_) => {
+                let d = sparsity.as_mut().expect("checked above");
+                let (gate, up) = d.copies.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                    Error::InvalidArgument(format!("layer {i} has no selector copies"))
+                })?;
+                let threshold = d.silu_thresholds.get(i).copied().flatten().ok_or_else(|| {
+                    Error::InvalidArgument(format!("layer {i} has no product threshold"))
+                })?;
+                Some(crate::runtime::lowbit::LowBitSelector {
+                    gate,
+                    up,
+                    gate_bias: gate_bias.clone(),
+                    up_bias: up_bias.clone(),
+                    threshold,
+                })
+            }
+            None => None,
+        };
         let cache = BundleCache::new(spec.neurons, spec.stride, want_rows[i], scratch_rows[i])?;
         caches_bytes += cache.size_bytes() as u64;
         let state = Mutex::new(LayerState::new(cache, spec.neurons));
@@ -672,11 +744,12 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             gate_bias,
             up_bias,
             down_bias,
-            predictor: if opts.mode == DiskMode::Flash {
+            predictor: if opts.mode == DiskMode::Flash && lowbit.is_none() {
                 predictor
             } else {
                 None
             },
+            lowbit,
             oracle: oracles.get_mut(i).and_then(Option::take),
             replay: opts.replay.clone(),
             strategy,
