@@ -455,7 +455,7 @@ fn a_chat_template_jinja_file_travels_into_the_packed_file() {
 }
 
 #[test]
-fn flash_equals_predicted_with_the_trained_selector_on_a_product_criterion_file() {
+fn flash_equals_predicted_with_either_selector_on_a_product_criterion_file() {
     let dir = tempfile::tempdir().unwrap();
     let packed = dir.path().join("silu.flashpack");
     let (code, _, stderr) = flashpack_with(
@@ -497,12 +497,20 @@ fn flash_equals_predicted_with_the_trained_selector_on_a_product_criterion_file(
             v["ffn_active_fraction"].as_f64().unwrap(),
         )
     };
-    let flash = eval(&["--ffn", "flash"]);
+    let flash = eval(&["--ffn", "flash", "--selector", "trained"]);
     let trained = eval(&["--ffn", "predicted", "--selector", "trained"]);
     assert_eq!(
         flash, trained,
         "flash computes exactly what predicted --selector trained does"
     );
+    // By default (the file has int4 selector copies, format section 10) both
+    // choose with int4 copies: flash with the file's, predicted with its own
+    // built at load from the weights.
+    let flash = eval(&["--ffn", "flash"]);
+    let int4 = eval(&["--ffn", "predicted"]);
+    assert_eq!(flash, eval(&["--ffn", "predicted", "--selector", "int4"]));
+    assert_eq!(flash, int4, "flash computes exactly what predicted does");
+    assert!(flash.1 < trained.1, "int4 copies choose fewer: {flash:?} {trained:?}");
 }
 
 /// Ctrl-C in the middle of a generation: exit 130, and the summary says how many

@@ -66,7 +66,8 @@ pub struct ConvertOptions {
 }
 
 /// Which selector copies (format section 10) `convert` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum SelectorCopies {
     /// `int4` for a SiLU model with a gated FFN calibrated with `--calib`
     /// (whose product thresholds the selector compares with), none otherwise.
