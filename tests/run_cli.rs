@@ -510,7 +510,10 @@ fn flash_equals_predicted_with_either_selector_on_a_product_criterion_file() {
     let int4 = eval(&["--ffn", "predicted"]);
     assert_eq!(flash, eval(&["--ffn", "predicted", "--selector", "int4"]));
     assert_eq!(flash, int4, "flash computes exactly what predicted does");
-    assert!(flash.1 < trained.1, "int4 copies choose fewer: {flash:?} {trained:?}");
+    assert!(
+        flash.1 < trained.1,
+        "int4 copies choose fewer: {flash:?} {trained:?}"
+    );
 }
 
 /// Ctrl-C in the middle of a generation: exit 130, and the summary says how many

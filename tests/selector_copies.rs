@@ -460,6 +460,7 @@ fn flash_chooses_with_the_files_copies_bit_identical_to_predicted_and_reads_less
                 "{kind:?} {s:?}: flash differs from predicted"
             );
             let r = rt.report();
+            assert_eq!(r.selector, Some(selector), "{kind:?}: resolved from {s:?}");
             assert_eq!(r.ffn_active_fraction, fraction, "{kind:?}");
             // The copies are in the DRAM plan, at their stored size.
             let file = PackedFile::open(&path).unwrap();
@@ -499,6 +500,7 @@ fn flash_chooses_with_the_files_copies_bit_identical_to_predicted_and_reads_less
         assert!(e.to_string().contains("--selector"), "{e}");
         // The trained predictors still serve when asked for.
         let (_, rt) = open(DiskMode::Flash, Selector::Trained);
+        assert_eq!(rt.selector, Some(Selector::Trained));
         assert_eq!(rt.plan.selector, 0);
         assert!(rt.plan.predictors > 0);
     }

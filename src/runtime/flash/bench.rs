@@ -42,7 +42,8 @@ pub struct ModeRow {
     pub ffn_ms_per_token: f64,
     /// Fraction of FFN neurons computed (1 for dense and naive).
     pub ffn_active_fraction: f64,
-    /// What chose the neurons of `predicted` (`trained`, `int8`, `int4`).
+    /// What chose the neurons of `predicted` and `flash` (`trained`, `int8`,
+    /// `int4`).
     pub selector: Option<crate::runtime::sparse::Selector>,
     pub ms_per_token: f64,
     pub window_hit_rate: f64,
@@ -230,7 +231,7 @@ pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -
         ffn_compute_ms_per_token: r.ms_compute / n,
         ffn_ms_per_token: ffn_ns.load(Ordering::Relaxed) as f64 / 1e6 / n,
         ffn_active_fraction: rt.neuron_counter().active_fraction(),
-        selector: None,
+        selector: rt.selector,
         ms_per_token: secs * 1e3 / n,
         window_hit_rate: r.window_hit_rate,
         verify_reads: r.verify_reads,

@@ -157,6 +157,10 @@ pub struct MemoryPlan {
 /// A running flash model's shared parts, for statistics.
 pub struct FlashRuntime {
     pub options: FlashOptions,
+    /// What `flash` chooses neurons with (`trained`, `int8`, `int4`: the
+    /// file's selector copies); `None` in the modes that do not choose or
+    /// with a replay.
+    pub selector: Option<crate::runtime::sparse::Selector>,
     pub reader: Arc<FlashReader>,
     pub stats: Arc<FlashStats>,
     pub plan: MemoryPlan,
@@ -169,6 +173,8 @@ pub struct FlashRuntime {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FlashReport {
     pub mode: DiskMode,
+    /// What flash chose neurons with (null in naive and oracle-flash).
+    pub selector: Option<crate::runtime::sparse::Selector>,
     pub io_mode: IoMode,
     pub window: usize,
     pub io_threads: usize,
@@ -237,6 +243,7 @@ impl FlashRuntime {
         let ms = |c: &std::sync::atomic::AtomicU64| get(c) as f64 / 1e6;
         FlashReport {
             mode: self.options.mode,
+            selector: self.selector,
             io_mode: self.reader.mode(),
             window: self.options.window,
             io_threads: self.reader.threads(),
@@ -463,8 +470,22 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     }
     // `flash` chooses with the file's selector copies (format section 10) or
     // its trained predictors, as `predicted` with the same --selector does.
+    // `auto` takes the copies only where they apply (a SiLU file calibrated
+    // by the product criterion that has them); elsewhere, as before them,
+    // the trained predictors (flash cannot build copies: it has no gate and
+    // up in DRAM).
     let chooser = match (&sparsity, opts.mode, &opts.replay) {
-        (Some(d), DiskMode::Flash, None) => d.resolved_selector(),
+        (Some(d), DiskMode::Flash, None) => match d.selector {
+            crate::runtime::sparse::Selector::Auto
+                if file.config.activation == crate::input::config::Activation::Silu
+                    && d.silu_criterion == crate::runtime::ffn::Criterion::Product
+                    && d.copies_bits().is_some() =>
+            {
+                d.resolved_selector()
+            }
+            crate::runtime::sparse::Selector::Auto => crate::runtime::sparse::Selector::Trained,
+            explicit => explicit,
+        },
         _ => crate::runtime::sparse::Selector::Trained,
     };
     let low_bits = match chooser {
@@ -796,6 +817,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         loaded,
         FlashRuntime {
             options: opts.clone(),
+            selector: (opts.mode == DiskMode::Flash && opts.replay.is_none()).then_some(chooser),
             reader,
             stats,
             plan,
