@@ -137,12 +137,7 @@ fn the_readme_table_and_the_directory_list_the_same_files() {
 #[test]
 fn every_numbered_rule_has_a_broken_file() {
     let rules: BTreeSet<u32> = broken_rows().iter().map(|r| r.1).collect();
-<<<<<<< HEAD
-    let mut want: BTreeSet<u32> = (1..=26).collect();
-=======
-    let mut want: BTreeSet<u32> = (1..=24).collect();
-    want.extend(27..=29);
->>>>>>> 5c332d4 (Issue 12: selector copies in the packed file (format section 10, rules R27-R29) and flash choosing with them)
+    let mut want: BTreeSet<u32> = (1..=29).collect();
     want.extend(31..=33);
     assert_eq!(rules, want);
 }
@@ -204,15 +199,9 @@ fn each_broken_file_fails_its_rule_in_the_library() {
             .first()
             .unwrap_or_else(|| panic!("{file}: accepted"));
         assert_eq!(first.rule(), rule, "{file}: {first}");
-<<<<<<< HEAD
-        // Rules 11, 12, 14, 15, 19, 24, 26 and 33 need the section bytes: the file must
-        // get past open and fail the full check; every other rule fails at open.
-        let needs_bytes = [11, 12, 14, 15, 19, 24, 26, 33].contains(&rule);
-=======
-        // Rules 11, 12, 14, 15, 19, 24, 29 and 33 need the section bytes: the file must get
-        // past open and fail the full check; every other rule fails at open.
-        let needs_bytes = [11, 12, 14, 15, 19, 24, 29, 33].contains(&rule);
->>>>>>> 5c332d4 (Issue 12: selector copies in the packed file (format section 10, rules R27-R29) and flash choosing with them)
+        // Rules 11, 12, 14, 15, 19, 24, 26, 29 and 33 need the section bytes: the file
+        // must get past open and fail the full check; every other rule fails at open.
+        let needs_bytes = [11, 12, 14, 15, 19, 24, 26, 29, 33].contains(&rule);
         assert_eq!(
             !r.at_open, needs_bytes,
             "{file}: found at open: {}",
