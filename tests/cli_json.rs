@@ -217,6 +217,10 @@ fn every_command_prints_one_json_object_whose_keys_follow_the_convention() {
     let model = fixture("models/opt-relu");
     let train = fixture("text/train.txt");
     let heldout = short_text().to_string();
+    let moe = out("moe.flashpack");
+    let (code, _, stderr) =
+        flashpack(&["convert", &fixture("models/qwen3moe-trained"), "-o", &moe]);
+    assert_eq!(code, 0, "convert failed: {stderr}");
     let successes: Vec<Vec<String>> = vec![
         vec!["inspect".into(), model.clone()],
         vec!["inspect".into(), file.clone()],
@@ -285,6 +289,23 @@ fn every_command_prints_one_json_object_whose_keys_follow_the_convention() {
             out("b.flashpack"),
         ],
         vec!["bench".into(), file.clone()],
+        // A mixture of experts read from flash: the `experts` objects.
+        vec![
+            "run".into(),
+            moe.clone(),
+            "--prompt".into(),
+            "KING".into(),
+            "--max-new-tokens".into(),
+            "4".into(),
+            "--ffn".into(),
+            "flash".into(),
+        ],
+        vec![
+            "bench".into(),
+            moe.clone(),
+            "--decode-tokens".into(),
+            "4".into(),
+        ],
         vec![
             "bench".into(),
             "--no-synthetic".into(),

@@ -355,8 +355,8 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
 /// router and shared expert in the dense part; verify --against finds every
 /// packed weight equal to the source and the logits equal; inspect shows the
 /// expert sections; the packed file computed dense is transformers' model
-/// (perplexity within 1e-5); the disk modes, which do not read experts yet,
-/// refuse with exit 2.
+/// (perplexity within 1e-5), and so is it with the experts read from the
+/// file (`--ffn naive` and `flash`); `oracle-flash` refuses with exit 2.
 #[test]
 fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -448,8 +448,19 @@ fn moe_checkpoints_pack_verify_and_evaluate_from_the_file() {
         );
         assert!(rel <= MAX_PPL_REL, "{name}: {got} vs {want}");
 
+        // The experts read from the file (tests/moe_flash.rs checks them bit
+        // for bit against the packed model in DRAM).
+        for mode in ["naive", "flash"] {
+            let (code, out) =
+                common::flashpack_json(&["eval", packed, "--text", text, "--ffn", mode]);
+            assert_eq!(code, 0, "{name} {mode}: {out}");
+            let from_disk = out["perplexity"].as_f64().expect("ppl");
+            let rel = (from_disk - want).abs() / want;
+            assert!(rel <= MAX_PPL_REL, "{name} {mode}: {from_disk} vs {want}");
+            assert!(out["read_bytes"].as_u64().expect("read_bytes") > 0, "{out}");
+        }
         let (code, out) =
-            common::flashpack_json(&["eval", packed, "--text", text, "--ffn", "naive"]);
+            common::flashpack_json(&["eval", packed, "--text", text, "--ffn", "oracle-flash"]);
         assert_eq!(code, 2, "{name}: {out}");
         assert!(
             out["error"]

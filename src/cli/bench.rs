@@ -106,7 +106,7 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
         };
         let packed = crate::format::PackedFile::open(path)?;
         // Said before any work: flash needs the predictors of `convert --calib`.
-        if packed.manifest.predictors.is_empty() {
+        if packed.manifest.predictors.is_empty() && packed.config.moe.is_none() {
             return Err(crate::Error::InvalidArgument(format!(
                 "{}: bench compares flash with the other modes and needs a calibrated packed file with predictors (convert --calib)",
                 path.display()
@@ -155,6 +155,10 @@ fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> 
                 row.speedup_over_naive,
                 row.selector
                     .map_or(String::new(), |s| format!(" (selector {s:?})").to_lowercase())
+                    + &row.experts.as_ref().map_or(String::new(), |e| format!(
+                        " (experts {:.2} chosen, {:.2} read per token; routing {:.3} ms/token; hit rate {:.3})",
+                        e.chosen_per_token, e.read_per_token, e.routing_ms_per_token, row.window_hit_rate
+                    ))
             ));
             rows.push(FlashRow {
                 file: file.clone(),

@@ -65,6 +65,20 @@ pub struct ModeRow {
     /// DRAM the mode planned (dense part, caches, buffers, KV cache, fixed
     /// overhead), as `run` reports it; all zero for dense.
     pub dram_plan: crate::runtime::flash::MemoryPlan,
+    /// A mixture-of-experts file's disk modes: experts per token and routing
+    /// time (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<ExpertsRow>,
+}
+
+/// The experts' columns of a mode's row (a mixture-of-experts file).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExpertsRow {
+    /// Experts the router chose per token (all sparse layers).
+    pub chosen_per_token: f64,
+    /// Of those, experts that needed bundles read from disk.
+    pub read_per_token: f64,
+    pub routing_ms_per_token: f64,
 }
 
 /// Feeds `ids` one token at a time (teacher forcing: every mode sees the same
@@ -241,6 +255,11 @@ pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -
         disk_gb_per_s_same_size: disk,
         speedup_over_naive: 0.0,
         dram_plan: r.dram_plan.clone(),
+        experts: r.experts.as_ref().map(|e| ExpertsRow {
+            chosen_per_token: e.chosen_per_token,
+            read_per_token: e.read_per_token,
+            routing_ms_per_token: e.routing_ms / n,
+        }),
     })
 }
 
@@ -262,7 +281,13 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         ),
         ("oracle-flash", DiskMode::Oracle, base.window),
     ];
+    // A mixture-of-experts file has no predictors: no oracle modes, and
+    // `predicted` does not apply.
+    let moe = crate::format::PackedFile::open(path)?.config.moe.is_some();
     for (name, mode, window) in modes {
+        if moe && mode == DiskMode::Oracle {
+            continue;
+        }
         let opts = FlashOptions {
             mode,
             window,
@@ -276,7 +301,12 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         rows.push(measure_mode(path, ids, &opts, &name)?);
     }
     // The in-DRAM modes: dense, then the sparse modes computed from DRAM.
-    for mode in [FfnMode::Dense, FfnMode::Oracle, FfnMode::Predicted] {
+    let dram_modes: &[FfnMode] = if moe {
+        &[FfnMode::Dense]
+    } else {
+        &[FfnMode::Dense, FfnMode::Oracle, FfnMode::Predicted]
+    };
+    for &mode in dram_modes {
         let mut loaded = open_model(path)?;
         if let Some(d) = loaded.sparsity.as_mut() {
             d.selector = base.selector;
@@ -317,6 +347,7 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
             disk_gb_per_s_same_size: 0.0,
             speedup_over_naive: 0.0,
             dram_plan: Default::default(),
+            experts: None,
         });
     }
     let naive_ms = rows[0].ms_per_token;

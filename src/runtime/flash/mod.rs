@@ -20,6 +20,7 @@ pub mod bench;
 pub mod cache;
 pub mod ffn;
 pub mod io;
+pub mod moe;
 pub mod replay;
 pub mod verify;
 
@@ -167,6 +168,9 @@ pub struct FlashRuntime {
     pub layers: usize,
     /// Each layer's state (resident counts).
     ffns: Vec<Arc<FlashFfn>>,
+    /// A mixture-of-experts model: its sparse layers and their counters
+    /// ([`moe`]); `ffns` then holds its dense FFN layers only.
+    pub moe: Option<Arc<moe::MoeRuntime>>,
 }
 
 /// Statistics of a run, as reported by `run`/`eval --json`.
@@ -218,6 +222,10 @@ pub struct FlashReport {
     #[serde(rename = "compute_ms")]
     pub ms_compute: f64,
     pub dram_plan: MemoryPlan,
+    /// A mixture-of-experts model: experts chosen and read per token, routing
+    /// time, cache rows (absent for dense models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<moe::ExpertsReport>,
 }
 
 impl FlashRuntime {
@@ -229,13 +237,27 @@ impl FlashRuntime {
 
     /// File offset of layer 0's first bundle.
     pub fn first_ffn_offset(&self) -> u64 {
-        self.ffns.iter().map(|f| f.spec.offset).min().unwrap_or(0)
+        let experts = self.moe.iter().flat_map(|m| {
+            m.layers
+                .iter()
+                .flat_map(|l| l.experts.iter().map(|e| e.spec.offset))
+        });
+        self.ffns
+            .iter()
+            .map(|f| f.spec.offset)
+            .chain(experts)
+            .min()
+            .unwrap_or(0)
     }
 
     pub fn report(&self) -> FlashReport {
         let s = &self.stats;
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let evaluations = get(&s.evaluations);
+        // A MoE model counts (layer, token) at its layers, not per expert.
+        let evaluations = match &self.moe {
+            Some(m) => get(&m.stats.layer_tokens),
+            None => get(&s.evaluations),
+        };
         let tokens = evaluations / self.layers.max(1) as u64;
         let bytes = get(&self.reader.counters.bytes);
         let ops = get(&self.reader.counters.ops);
@@ -264,13 +286,32 @@ impl FlashRuntime {
             hashed_bytes: get(&s.verify.hashed_bytes),
             verify_extra_read_bytes: get(&s.verify.extra_read_bytes),
             verify_hash_cpu_ms: ms(&s.verify.hash_cpu_ns),
-            resident_per_layer: self.ffns.iter().map(|f| f.resident()).collect(),
+            resident_per_layer: self.resident_per_layer(),
             capacity_per_layer: self.plan.capacity_per_layer.clone(),
             ms_predictor: ms(&s.ns_predict),
             ms_io: ms(&s.ns_io),
             ms_memory: ms(&s.ns_memory),
             ms_compute: ms(&s.ns_compute),
             dram_plan: self.plan.clone(),
+            experts: self.moe.as_ref().map(|m| m.report()),
+        }
+    }
+
+    /// Rows resident in each layer's cache now (a sparse layer's experts
+    /// share one cache).
+    fn resident_per_layer(&self) -> Vec<usize> {
+        match &self.moe {
+            None => self.ffns.iter().map(|f| f.resident()).collect(),
+            Some(m) => {
+                let mut rows = vec![0; self.layers];
+                for f in &self.ffns {
+                    rows[f.spec.layer] += f.resident();
+                }
+                for l in &m.layers {
+                    rows[l.layer] += l.resident_rows();
+                }
+                rows
+            }
         }
     }
 }
@@ -317,13 +358,22 @@ impl FlashReport {
             self.ms_io,
             self.ms_memory,
             self.ms_compute
-        )
+        ) + &self
+            .experts
+            .as_ref()
+            .map(|e| {
+                format!(
+                    "\nexperts: {:.2} chosen per token, {:.2} read from disk per token; routing {:.1} ms",
+                    e.chosen_per_token, e.read_per_token, e.routing_ms
+                )
+            })
+            .unwrap_or_default()
     }
 }
 
 /// Scratch rows beside a cache of `capacity` rows: none when the cache holds
 /// the whole layer, else an eighth of it but at least 64 (or the layer).
-fn scratch_for(capacity: usize, neurons: usize) -> usize {
+pub(crate) fn scratch_for(capacity: usize, neurons: usize) -> usize {
     if capacity >= neurons {
         0
     } else {
@@ -391,10 +441,7 @@ pub fn window_rows(window_max: &[u64], tokens: usize) -> f64 {
 pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, FlashRuntime)> {
     let file = PackedFile::open(path)?;
     if file.config.moe.is_some() {
-        return Err(Error::InvalidArgument(format!(
-            "{} is a mixture-of-experts model: the disk modes (naive, flash, oracle-flash) do not read experts yet; use --ffn dense",
-            file.config.architecture.hf_name()
-        )));
+        return moe::open_flash_moe(file, opts);
     }
     let m = &file.manifest;
     let cfg = &file.config;
@@ -823,6 +870,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             plan,
             layers,
             ffns,
+            moe: None,
         },
     ))
 }

@@ -1,0 +1,1146 @@
+//! Mixture-of-experts models from flash (issue 14 step 3): the router, the
+//! shared expert and its gate stay in DRAM (the packed file's dense part);
+//! each token's experts are chosen exactly from the resident router
+//! ([`Router::route`], the function the in-DRAM model uses), and only the
+//! chosen experts' bundles are read, with direct I/O, from their sections
+//! (`ffn.<l>.expert.<e>`, spec 4.1).
+//!
+//! - `naive`: each chosen expert read whole for every token that chose it
+//!   (one [`FlashFfn`] per expert in its naive strategy: large chunk-aligned
+//!   reads, every neuron computed).
+//! - `flash`: one cache per sparse layer whose rows are keyed by (expert,
+//!   neuron) (`expert * expert_width + neuron`): a chosen expert's resident
+//!   neurons are hits, the missing ones are read (coalesced runs) into free
+//!   rows, and when rows run out the experts chosen least recently are
+//!   evicted (never one chosen in the current step); what still does not fit
+//!   goes through scratch rows. `--window 0` keeps nothing between tokens.
+//!
+//! Every neuron of a chosen expert is computed (no neuron sparsity within
+//! experts yet), summed in ascending neuron order with the expert's
+//! [`ColumnAccumulator`], and the experts' outputs are weighted and summed by
+//! [`MoeFfn::combine`], the in-DRAM model's own code: a decode step is
+//! bit-identical to the packed model computed in DRAM (`--ffn dense`).
+//!
+//! Dense FFN layers of a MoE model (Qwen's `mlp_only_layers`) are read as a
+//! [`FlashFfn`] whose every neuron is chosen: whole (naive) or through their
+//! own cache (flash).
+//!
+//! # Budget policy (`--dram-budget`)
+//! What is always in DRAM: the dense part (router and shared experts
+//! included), the KV cache, read buffers, fixed overhead, and per bundle set
+//! its scratch rows (at most 64 per sparse layer; the dense-layer rule for
+//! dense FFN layers). Beyond that, rows are *wanted* as follows: every dense
+//! FFN layer whole (every token uses it) and, per sparse layer, the experts a
+//! window of `W + 1` tokens can choose, `min(E, (W + 1) k)` experts of `N`
+//! rows. With no budget the caches get what they want. Under a budget below
+//! that, every set's rows shrink by the same factor (the rest goes through
+//! scratch: more reads, the same output). Above it, the spare is split
+//! equally among the sparse layers as more expert rows (up to all `E`
+//! experts): a bigger LRU keeps more experts resident.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::format::layout::{BundlePart, Compression, FfnLayerEntry, DENSE_SECTION};
+use crate::format::PackedFile;
+use crate::input::config::Activation;
+use crate::input::tensors::FfnNames;
+use crate::runtime::ffn::{neuron_value, ActiveSet, DenseFfn, Ffn, Fired};
+use crate::runtime::flash::cache::BundleCache;
+use crate::runtime::flash::ffn::{
+    FlashFfn, FlashStats, LayerSpec, LayerState, Strategy, Workspace,
+};
+use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
+use crate::runtime::flash::verify::ChunkVerifier;
+use crate::runtime::flash::{
+    scratch_for, DiskMode, FlashOptions, FlashRuntime, MemoryPlan, FIXED_OVERHEAD_BYTES,
+    FLASH_READ_BYTES, NAIVE_READ_BYTES,
+};
+use crate::runtime::kernels::{dot_weights, ColumnAccumulator, Weights};
+use crate::runtime::model::load_dense_ffn;
+use crate::runtime::moe::{MoeFfn, Router};
+use crate::runtime::packed::{packed_tokenizer, PackedWeights};
+use crate::runtime::weights::{load_linear, Linear};
+use crate::runtime::{LoadedModel, Model, ModelSource};
+
+/// Scratch rows of a sparse layer's cache (at most): enough for reads of
+/// [`FLASH_READ_BYTES`] of bundles of 4 KiB and more.
+const MOE_SCRATCH_ROWS: usize = 64;
+
+/// Counters of a mixture-of-experts run (relaxed atomics: statistics only).
+#[derive(Debug, Default)]
+pub struct MoeStats {
+    /// (layer, token) evaluations over every layer, dense ones included.
+    pub layer_tokens: AtomicU64,
+    /// (expert, token) pairs the router chose.
+    pub chosen: AtomicU64,
+    /// (expert, token) evaluations that read at least one bundle from disk.
+    pub read: AtomicU64,
+    /// Time choosing experts (router logits, softmax, top-k).
+    pub ns_routing: AtomicU64,
+}
+
+/// The experts' part of a run's report (`flash.experts` in `--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExpertsReport {
+    /// Experts the router chose per token, summed over the sparse layers.
+    pub chosen_per_token: f64,
+    /// Of those, experts that needed at least one bundle read from disk
+    /// (naive: all of them; flash: those not wholly resident).
+    pub read_per_token: f64,
+    /// Time spent routing, over the run.
+    pub routing_ms: f64,
+    /// Per layer: rows of its cache (sparse layers: (expert, neuron) rows
+    /// shared by its experts; dense layers: neurons).
+    pub capacity_rows_per_layer: Vec<usize>,
+    /// Per sparse layer (in layer order): experts wholly resident now.
+    pub resident_experts_per_layer: Vec<usize>,
+}
+
+/// What [`FlashRuntime`] keeps of a mixture-of-experts run.
+pub struct MoeRuntime {
+    pub stats: Arc<MoeStats>,
+    /// The sparse layers' FFNs, in layer order.
+    pub layers: Vec<Arc<FlashMoe>>,
+    /// Rows of each layer's cache.
+    pub capacity_per_layer: Vec<usize>,
+}
+
+impl MoeRuntime {
+    pub fn report(&self) -> ExpertsReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.stats;
+        let layers = self.capacity_per_layer.len().max(1) as u64;
+        let tokens = (get(&s.layer_tokens) / layers).max(1) as f64;
+        ExpertsReport {
+            chosen_per_token: get(&s.chosen) as f64 / tokens,
+            read_per_token: get(&s.read) as f64 / tokens,
+            routing_ms: get(&s.ns_routing) as f64 / 1e6,
+            capacity_rows_per_layer: self.capacity_per_layer.clone(),
+            resident_experts_per_layer: self.layers.iter().map(|l| l.resident_experts()).collect(),
+        }
+    }
+
+    /// Neurons resident in each sparse layer's cache now (layer, rows).
+    pub fn resident(&self) -> Vec<(usize, usize)> {
+        self.layers
+            .iter()
+            .map(|l| (l.layer, l.lock_state().cache.used()))
+            .collect()
+    }
+}
+
+fn add_ns(c: &AtomicU64, since: Instant) -> Instant {
+    let now = Instant::now();
+    c.fetch_add((now - since).as_nanos() as u64, Ordering::Relaxed);
+    now
+}
+
+/// One expert's bundles on disk.
+pub struct ExpertBundles {
+    pub spec: LayerSpec,
+    /// First-use chunk checks of its section (`None` with `--no-verify-reads`).
+    pub verifier: Option<ChunkVerifier>,
+}
+
+/// Buffers the flash experts of every layer share (layers run one after
+/// another).
+pub struct MoeWork {
+    staging: Staging,
+    acc: ColumnAccumulator,
+    missing: Vec<u32>,
+    ops: Vec<ReadOp>,
+    op_ranges: Vec<(usize, usize)>,
+    wanted: Vec<(u64, u64)>,
+}
+
+impl MoeWork {
+    fn new(hidden: usize, expert_width: usize, staging: Staging) -> MoeWork {
+        MoeWork {
+            acc: ColumnAccumulator::new(hidden, expert_width),
+            missing: Vec::with_capacity(expert_width),
+            ops: Vec::with_capacity(staging.slots),
+            op_ranges: Vec::with_capacity(staging.slots),
+            wanted: Vec::with_capacity(staging.slots),
+            staging,
+        }
+    }
+}
+
+/// A sparse layer's (expert, neuron) cache.
+struct MoeState {
+    cache: BundleCache,
+    /// Step (from 1) at which each expert was last chosen; 0: never.
+    last_used: Vec<u64>,
+    /// Resident rows of each expert.
+    resident: Vec<usize>,
+    /// Experts pinned at open (never evicted).
+    pinned: Vec<bool>,
+    /// Forward calls so far (a decode token, or a prefill batch).
+    step: u64,
+}
+
+/// How a sparse layer gets its experts.
+enum ExpertMode {
+    /// Each chosen expert read whole per token.
+    Naive(Vec<Arc<FlashFfn>>),
+    /// Through the layer's (expert, neuron) cache.
+    Flash {
+        work: Arc<Mutex<MoeWork>>,
+        state: Mutex<MoeState>,
+        /// `--window 0`: nothing kept between steps.
+        keep: bool,
+    },
+}
+
+/// One sparse layer's mixture of experts with its experts on disk.
+pub struct FlashMoe {
+    pub layer: usize,
+    pub router: Router,
+    pub shared: Option<(DenseFfn, Linear)>,
+    pub activation: Activation,
+    pub experts: Vec<ExpertBundles>,
+    hidden: usize,
+    expert_width: usize,
+    mode: ExpertMode,
+    reader: Arc<FlashReader>,
+    stats: Arc<FlashStats>,
+    moe_stats: Arc<MoeStats>,
+}
+
+impl FlashMoe {
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, MoeState> {
+        match &self.mode {
+            ExpertMode::Flash { state, .. } => state.lock().unwrap_or_else(|e| e.into_inner()),
+            ExpertMode::Naive(_) => unreachable!("naive layers have no cache"),
+        }
+    }
+
+    /// Experts wholly resident in the cache now (0 in naive mode).
+    pub fn resident_experts(&self) -> usize {
+        match &self.mode {
+            ExpertMode::Naive(_) => 0,
+            ExpertMode::Flash { state, .. } => {
+                let st = state.lock().unwrap_or_else(|e| e.into_inner());
+                st.resident
+                    .iter()
+                    .filter(|&&r| r == self.expert_width)
+                    .count()
+            }
+        }
+    }
+
+    /// Rows resident now.
+    pub fn resident_rows(&self) -> usize {
+        match &self.mode {
+            ExpertMode::Naive(_) => 0,
+            ExpertMode::Flash { .. } => self.lock_state().cache.used(),
+        }
+    }
+
+    /// Reads experts `hot` whole into the cache and keeps them for the run
+    /// (before any token; experts that do not fit are left out).
+    pub fn pin_experts(&self, hot: &[usize]) -> Result<usize> {
+        let ExpertMode::Flash { work, state, .. } = &self.mode else {
+            return Ok(0);
+        };
+        let mut work = work.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.expert_width;
+        let mut pinned = 0;
+        for &e in hot {
+            if st.cache.free() < n || st.pinned[e] {
+                continue;
+            }
+            let keys: Vec<u32> = (0..n).map(|i| (e * n + i) as u32).collect();
+            for &k in &keys {
+                st.cache.insert(k);
+            }
+            st.resident[e] = n;
+            st.pinned[e] = true;
+            self.read_into_rows(&mut work, &mut st.cache, e, &keys)?;
+            pinned += 1;
+        }
+        st.cache.pin_all();
+        Ok(pinned)
+    }
+
+    /// The read covering wanted bytes `start..end` of expert `e`: widened to
+    /// whole chunks not yet verified, rounded out to the alignment.
+    fn read_for(&self, e: usize, start: u64, end: u64) -> ReadOp {
+        match &self.experts[e].verifier {
+            Some(v) => self
+                .reader
+                .round_out(v.widen_start(start), v.widen_end(end)),
+            None => self.reader.round_out(start, end),
+        }
+    }
+
+    /// Reads the bundles of `keys` (ascending, all of expert `e`, each with a
+    /// row in the cache) into their rows, checking unverified chunks first.
+    fn read_into_rows(
+        &self,
+        work: &mut MoeWork,
+        cache: &mut BundleCache,
+        e: usize,
+        keys: &[u32],
+    ) -> Result<()> {
+        let spec = &self.experts[e].spec;
+        let n = self.expert_width as u32;
+        let base = e as u32 * n;
+        let stride = spec.stride as u64;
+        let at = |k: u32| spec.offset + (k - base) as u64 * stride;
+        let MoeWork {
+            staging,
+            ops,
+            op_ranges,
+            wanted,
+            ..
+        } = work;
+        let mut i = 0;
+        while i < keys.len() {
+            let t0 = Instant::now();
+            ops.clear();
+            op_ranges.clear();
+            wanted.clear();
+            while ops.len() < staging.slots && i < keys.len() {
+                let start = at(keys[i]);
+                let mut j = i + 1;
+                // Consecutive neurons, as many as one read buffer holds.
+                while j < keys.len()
+                    && keys[j] == keys[j - 1] + 1
+                    && self.read_for(e, start, at(keys[j]) + stride).len <= staging.slot_bytes
+                {
+                    j += 1;
+                }
+                let end = at(keys[j - 1]) + stride;
+                ops.push(self.read_for(e, start, end));
+                op_ranges.push((i, j));
+                wanted.push((start, end));
+                i = j;
+            }
+            let t1 = add_ns(&self.stats.ns_memory, t0);
+            if let Some(op) = ops.iter().find(|op| op.len > staging.slot_bytes) {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {}: a read of {} bytes does not fit the {}-byte read buffer",
+                    self.layer, op.len, staging.slot_bytes
+                )));
+            }
+            let r = match &self.experts[e].verifier {
+                None => self.reader.read_batch(staging, ops),
+                Some(v) => {
+                    let counters = &self.stats.verify;
+                    let extra: usize = ops
+                        .iter()
+                        .zip(wanted.iter())
+                        .map(|(op, &(s, e))| op.len - self.reader.round_out(s, e).len)
+                        .sum();
+                    counters
+                        .extra_read_bytes
+                        .fetch_add(extra as u64, Ordering::Relaxed);
+                    let (ops, wanted) = (&*ops, &*wanted);
+                    self.reader.read_batch_checked(staging, ops, &|k, data| {
+                        let (s, e) = wanted[k];
+                        v.check(&ops[k], data, s, e, counters)
+                    })
+                }
+            };
+            r.map_err(|err| err.in_layer(self.layer))?;
+            let t2 = add_ns(&self.stats.ns_io, t1);
+            for (k, (&op, &(a, b))) in ops.iter().zip(op_ranges.iter()).enumerate() {
+                let slot = staging.slot(k);
+                for &key in &keys[a..b] {
+                    let from = (at(key) - op.offset) as usize;
+                    let row = cache.row_of(key).expect("rows assigned before reading");
+                    cache
+                        .row_mut(row)
+                        .copy_from_slice(&slot[from..from + spec.stride]);
+                }
+            }
+            add_ns(&self.stats.ns_memory, t2);
+        }
+        self.stats
+            .loaded
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Part `k` of a bundle as weights.
+    fn part<'b>(&self, spec: &LayerSpec, bundle: &'b [u8], k: usize) -> Result<Weights<'b>> {
+        let len = spec.hidden * spec.dtype.size_bytes();
+        Weights::from_le_bytes(spec.dtype, &bundle[k * len..(k + 1) * len]).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer {}: bundle bytes not aligned to their dtype",
+                self.layer
+            ))
+        })
+    }
+
+    /// Adds expert `e`'s neurons `keys` (ascending, each with a row) to the sum.
+    fn compute(
+        &self,
+        acc: &mut ColumnAccumulator,
+        cache: &BundleCache,
+        e: usize,
+        keys: &[u32],
+        x: &[f32],
+        mut fired: Option<&mut Vec<u32>>,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let spec = &self.experts[e].spec;
+        let base = (e * self.expert_width) as u32;
+        let gate_k = spec.parts.iter().position(|p| *p == BundlePart::Gate);
+        let up_k = spec
+            .parts
+            .iter()
+            .position(|p| *p == BundlePart::Up)
+            .unwrap_or(0);
+        let down_k = spec.parts.len() - 1;
+        for &key in keys {
+            let i = key - base;
+            let bundle = cache.row(cache.row_of(key).expect("chosen neurons are in DRAM"));
+            let u = dot_weights(self.part(spec, bundle, up_k)?, x);
+            let g = match gate_k {
+                Some(k) => Some(dot_weights(self.part(spec, bundle, k)?, x)),
+                None => None,
+            };
+            let v = neuron_value(self.activation, g, u);
+            if v != 0.0 {
+                acc.add(i as usize, v, self.part(spec, bundle, down_k)?, 0, 1);
+                if let Some(f) = fired.as_deref_mut() {
+                    f.push(i);
+                }
+            }
+        }
+        add_ns(&self.stats.ns_compute, t0);
+        Ok(())
+    }
+
+    /// Expert `e` on one token through the cache; returns whether it read
+    /// anything from disk.
+    fn flash_expert(
+        &self,
+        work: &mut MoeWork,
+        st: &mut MoeState,
+        e: usize,
+        x: &[f32],
+        out: &mut [f32],
+        mut fired: Option<&mut Vec<u32>>,
+    ) -> Result<bool> {
+        let t0 = Instant::now();
+        let n = self.expert_width;
+        let base = (e * n) as u32;
+        st.last_used[e] = st.step;
+        let mut missing = std::mem::take(&mut work.missing);
+        missing.clear();
+        missing.extend((base..base + n as u32).filter(|&k| st.cache.row_of(k).is_none()));
+        let hits = n - missing.len();
+        // Room: the experts chosen least recently leave first, whole; never
+        // one chosen in this step, never a pinned one.
+        let mut evicted = 0;
+        while missing.len() > st.cache.free() {
+            let victim = (0..st.resident.len())
+                .filter(|&v| st.resident[v] > 0 && st.last_used[v] < st.step && !st.pinned[v])
+                .min_by_key(|&v| (st.last_used[v], v));
+            let Some(v) = victim else { break };
+            let (lo, hi) = ((v * n) as u32, ((v + 1) * n) as u32);
+            evicted += st.cache.retain(|k| k < lo || k >= hi);
+            st.resident[v] = 0;
+        }
+        let fit = missing.len().min(st.cache.free());
+        for &k in &missing[..fit] {
+            st.cache.insert(k);
+        }
+        st.resident[e] += fit;
+        add_ns(&self.stats.ns_memory, t0);
+        let result = (|| {
+            self.read_into_rows(work, &mut st.cache, e, &missing[..fit])?;
+            work.acc.clear();
+            // The rest through scratch, in ascending pieces; the sum still
+            // visits neurons in ascending order.
+            let scratch = st.cache.scratch_rows();
+            let mut done = base;
+            for piece in missing[fit..].chunks(scratch.max(1)) {
+                if scratch == 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "layer {}: no scratch rows for neurons beyond the cache",
+                        self.layer
+                    )));
+                }
+                for (k, &key) in piece.iter().enumerate() {
+                    st.cache.place_scratch(key, k);
+                }
+                self.read_into_rows(work, &mut st.cache, e, piece)?;
+                let last = *piece.last().expect("pieces are not empty");
+                let keys: Vec<u32> = (done..=last).collect();
+                self.compute(&mut work.acc, &st.cache, e, &keys, x, fired.as_deref_mut())?;
+                st.cache.clear_scratch(piece.len());
+                done = last + 1;
+            }
+            let keys: Vec<u32> = (done..base + n as u32).collect();
+            self.compute(&mut work.acc, &st.cache, e, &keys, x, fired.as_deref_mut())?;
+            work.acc.finish(None, out);
+            Ok(())
+        })();
+        let s = &self.stats;
+        s.overflow
+            .fetch_add((missing.len() - fit) as u64, Ordering::Relaxed);
+        s.needed.fetch_add(n as u64, Ordering::Relaxed);
+        s.hits.fetch_add(hits as u64, Ordering::Relaxed);
+        s.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+        s.neurons.record(1, n as u64, n as u64);
+        let read = !missing.is_empty();
+        if result.is_err() {
+            // Rows inserted for this token may not have been filled: forget
+            // everything not pinned rather than compute from them later.
+            st.cache.clear_scratch(st.cache.scratch_rows());
+            st.cache.retain(|_| false);
+            for (r, p) in st.resident.iter_mut().zip(&st.pinned) {
+                if !p {
+                    *r = 0;
+                }
+            }
+        }
+        work.missing = missing;
+        result.map(|()| read)
+    }
+}
+
+impl Ffn for FlashMoe {
+    fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    /// The routed neurons: every expert's, numbered `expert * expert_width + i`.
+    fn width(&self) -> usize {
+        self.experts.len() * self.expert_width
+    }
+
+    /// What one token reads: its `top_k` experts.
+    fn weight_bytes(&self) -> usize {
+        self.router.top_k * self.expert_width * self.experts.first().map_or(0, |e| e.spec.stride)
+    }
+
+    fn firing_activations(&self, _x: &[f32], n: usize) -> Vec<f32> {
+        // Not on any path of the disk modes (oracle modes refuse MoE files).
+        vec![0.0; n * self.width()]
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        if let ActiveSet::PerToken(_) = active {
+            return Err(Error::InvalidArgument(
+                "neuron sets within experts are not supported: a mixture-of-experts layer computes every neuron of its chosen experts".into(),
+            ));
+        }
+        let ms = &self.moe_stats;
+        let t0 = Instant::now();
+        let routing = self.router.route(x, n);
+        add_ns(&ms.ns_routing, t0);
+        ms.layer_tokens.fetch_add(n as u64, Ordering::Relaxed);
+        ms.chosen
+            .fetch_add(routing.experts.len() as u64, Ordering::Relaxed);
+        let (h, width) = (self.hidden, self.expert_width);
+        match &self.mode {
+            ExpertMode::Naive(ffns) => MoeFfn::combine(
+                &routing,
+                self.experts.len(),
+                width,
+                h,
+                x,
+                out,
+                fired,
+                &mut |e, rows, m, y, f| {
+                    ms.read.fetch_add(m as u64, Ordering::Relaxed);
+                    ffns[e].forward(rows, m, ActiveSet::All, y, f)
+                },
+            )?,
+            ExpertMode::Flash { work, state, keep } => {
+                let mut work = work.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                st.step += 1;
+                if !keep {
+                    let evicted = st.cache.retain(|_| false);
+                    self.stats
+                        .evicted
+                        .fetch_add(evicted as u64, Ordering::Relaxed);
+                    let MoeState {
+                        resident, pinned, ..
+                    } = &mut *st;
+                    for (r, p) in resident.iter_mut().zip(pinned.iter()) {
+                        if !p {
+                            *r = 0;
+                        }
+                    }
+                }
+                MoeFfn::combine(
+                    &routing,
+                    self.experts.len(),
+                    width,
+                    h,
+                    x,
+                    out,
+                    fired,
+                    &mut |e, rows, m, y, mut f| {
+                        if let Some(f) = f.as_deref_mut() {
+                            f.width = width;
+                            f.per_token = vec![Vec::new(); m];
+                        }
+                        for j in 0..m {
+                            let read = self.flash_expert(
+                                &mut work,
+                                &mut st,
+                                e,
+                                &rows[j * h..(j + 1) * h],
+                                &mut y[j * h..(j + 1) * h],
+                                f.as_deref_mut().map(|f| &mut f.per_token[j]),
+                            )?;
+                            if read {
+                                ms.read.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(())
+                    },
+                )?
+            }
+        }
+        if let Some(shared) = &self.shared {
+            let t0 = Instant::now();
+            MoeFfn::add_shared(shared, x, n, out)?;
+            add_ns(&self.stats.ns_compute, t0);
+        }
+        Ok(())
+    }
+}
+
+/// A dense FFN layer of a MoE model: every neuron chosen, read whole (naive)
+/// or through the layer's own cache (flash).
+struct DenseLayer {
+    ffn: Arc<FlashFfn>,
+    /// Each token's neurons (all of them), for the flash strategy.
+    all: Vec<u32>,
+    moe_stats: Arc<MoeStats>,
+}
+
+impl Ffn for DenseLayer {
+    fn hidden_size(&self) -> usize {
+        self.ffn.hidden_size()
+    }
+    fn width(&self) -> usize {
+        self.ffn.width()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.ffn.weight_bytes()
+    }
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.ffn.firing_activations(x, n)
+    }
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        _active: ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        self.moe_stats
+            .layer_tokens
+            .fetch_add(n as u64, Ordering::Relaxed);
+        match self.ffn.strategy {
+            Strategy::Naive => self.ffn.forward(x, n, ActiveSet::All, out, fired),
+            Strategy::Flash { .. } => {
+                let sets = vec![self.all.clone(); n];
+                self.ffn
+                    .forward(x, n, ActiveSet::PerToken(&sets), out, fired)
+            }
+        }
+    }
+}
+
+/// A bundle set's layout from its manifest entry, refusing what flash reads
+/// cannot take (compressed sections, block-quantized bundles).
+fn spec_of(file: &PackedFile, entry: &FfnLayerEntry) -> Result<LayerSpec> {
+    let path = &file.path;
+    let section = file
+        .section(&entry.section)
+        .ok_or_else(|| Error::InvalidArgument(format!("no section {}", entry.section)))?;
+    if section.compression != Compression::None {
+        return Err(Error::InvalidArgument(format!(
+            "{}: section {} is compressed; flash reads need uncompressed FFN sections",
+            path.display(),
+            entry.section
+        )));
+    }
+    let dtype: DType = entry.dtype.weight().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{}: the FFN bundles are {} (format section 9), which the flash modes do not read yet; use --ffn dense",
+            path.display(),
+            entry.dtype.name()
+        ))
+    })?;
+    Ok(LayerSpec {
+        layer: entry.layer as usize,
+        offset: section.offset,
+        neurons: entry.neurons as usize,
+        hidden: entry.hidden as usize,
+        dtype,
+        parts: entry.parts.clone(),
+        stride: entry.bundle_bytes as usize,
+        chunk_bytes: section.chunk_raw_bytes as usize,
+    })
+}
+
+fn verifier_for(
+    file: &PackedFile,
+    entry: &FfnLayerEntry,
+    on: bool,
+) -> Result<Option<ChunkVerifier>> {
+    if !on {
+        return Ok(None);
+    }
+    let section = file
+        .section(&entry.section)
+        .ok_or_else(|| Error::InvalidArgument(format!("no section {}", entry.section)))?;
+    Ok(Some(ChunkVerifier::new(&file.path, section)?))
+}
+
+/// Opens a packed mixture-of-experts file for `naive` or `flash` (see the
+/// module documentation for the budget policy).
+pub fn open_flash_moe(
+    file: PackedFile,
+    opts: &FlashOptions,
+) -> Result<(LoadedModel, FlashRuntime)> {
+    let path = file.path.clone();
+    let cfg = &file.config;
+    let moe = cfg
+        .moe
+        .as_ref()
+        .expect("open_flash_moe is called for MoE files");
+    if opts.mode == DiskMode::Oracle {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a mixture-of-experts model: --ffn oracle-flash does not read experts; use --ffn naive or flash",
+            cfg.architecture.hf_name()
+        )));
+    }
+    if opts.replay.is_some() {
+        return Err(Error::InvalidArgument(
+            "a replayed neuron trace does not apply to a mixture-of-experts model".into(),
+        ));
+    }
+    let m = &file.manifest;
+    let align = (m.alignment as usize).max(512);
+    let layers = cfg.num_layers;
+    let hidden = cfg.hidden_size;
+    let (num_experts, top_k, ew) = (moe.num_experts, moe.top_k, moe.expert_width);
+
+    // Bundle sets: dense layers by layer, experts by (layer, expert).
+    let mut dense_specs: Vec<Option<(LayerSpec, FfnLayerEntry)>> = vec![None; layers];
+    for entry in &m.ffn_layers {
+        let l = entry.layer as usize;
+        if l < layers {
+            dense_specs[l] = Some((spec_of(&file, entry)?, entry.clone()));
+        }
+    }
+    let mut expert_specs: Vec<Vec<(LayerSpec, FfnLayerEntry)>> = vec![Vec::new(); layers];
+    for entry in &m.experts {
+        let b = entry.bundles();
+        let l = entry.layer as usize;
+        if l < layers {
+            expert_specs[l].push((spec_of(&file, &b)?, b));
+        }
+    }
+    for l in 0..layers {
+        let ok = if moe.sparse_layers.get(l).copied().unwrap_or(false) {
+            expert_specs[l].len() == num_experts
+        } else {
+            dense_specs[l].is_some()
+        };
+        if !ok {
+            return Err(Error::InvalidArgument(format!(
+                "{}: layer {l}'s FFN bundles are not all in the manifest",
+                path.display()
+            )));
+        }
+    }
+    let stride_max = dense_specs
+        .iter()
+        .flatten()
+        .map(|s| s.0.stride)
+        .chain(expert_specs.iter().flatten().map(|s| s.0.stride))
+        .max()
+        .unwrap_or(0);
+    let round = |b: usize| b.div_ceil(align) * align;
+    let slot_bytes = match opts.mode {
+        DiskMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
+        _ => round(FLASH_READ_BYTES.max(stride_max)) + align,
+    };
+    let slots = opts.io_threads.max(1);
+
+    let mut plan = MemoryPlan {
+        fixed_overhead: FIXED_OVERHEAD_BYTES,
+        ..MemoryPlan::default()
+    };
+    for t in &m.tensors {
+        if t.section == DENSE_SECTION {
+            let numel: u64 = t.shape.iter().product();
+            plan.dense += if t.shape.len() == 1 {
+                numel * 4
+            } else {
+                t.length
+            };
+        }
+    }
+    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    plan.kv_cache = (layers * 2 * opts.context.min(cfg.max_context) * kv_dim * 4) as u64;
+    let has_dense = dense_specs.iter().any(Option::is_some);
+    let has_sparse = expert_specs.iter().any(|e| !e.is_empty());
+    // Read buffers and accumulators: one set for the dense layers, one for
+    // the experts (their widths differ).
+    let buffers = |neurons: usize| (slots * slot_bytes + 32 * hidden * 4 + neurons * 16) as u64;
+    plan.staging = if has_dense { buffers(cfg.ffn_width) } else { 0 }
+        + if has_sparse { buffers(ew) } else { 0 };
+
+    // Rows per layer: (wanted, scratch, keys in the index, stride).
+    let flash = opts.mode == DiskMode::Flash;
+    let mut want = vec![0usize; layers];
+    let mut scratch = vec![0usize; layers];
+    let mut keys = vec![0usize; layers];
+    let mut strides = vec![0usize; layers];
+    let mut max_rows = vec![0usize; layers];
+    for l in 0..layers {
+        if let Some((spec, _)) = &dense_specs[l] {
+            keys[l] = spec.neurons;
+            strides[l] = spec.stride;
+            max_rows[l] = spec.neurons;
+            if flash {
+                want[l] = spec.neurons;
+                scratch[l] = scratch_for(want[l], spec.neurons);
+            }
+        } else {
+            let stride = expert_specs[l][0].0.stride;
+            keys[l] = num_experts * ew;
+            strides[l] = stride;
+            max_rows[l] = num_experts * ew;
+            if flash {
+                let experts = if opts.window == 0 {
+                    top_k
+                } else {
+                    ((opts.window + 1) * top_k).min(num_experts)
+                };
+                want[l] = experts * ew;
+                scratch[l] = MOE_SCRATCH_ROWS.min(ew);
+            }
+        }
+    }
+    let index_bytes = |l: usize, rows: usize| (rows * 4 + keys[l] * 4) as u64;
+    let set_bytes = |l: usize, rows: usize, sc: usize| {
+        ((rows + sc) * strides[l]) as u64 + index_bytes(l, rows + sc)
+    };
+    let fixed = plan.dense + plan.kv_cache + plan.staging + plan.fixed_overhead;
+    let min_scratch = |l: usize| -> usize {
+        if !flash {
+            0
+        } else if dense_specs[l].is_some() {
+            scratch_for(0, keys[l])
+        } else {
+            MOE_SCRATCH_ROWS.min(ew)
+        }
+    };
+    let min_caches: u64 = (0..layers).map(|l| set_bytes(l, 0, min_scratch(l))).sum();
+    plan.minimum = fixed + min_caches;
+    let want_caches: u64 = (0..layers).map(|l| set_bytes(l, want[l], scratch[l])).sum();
+    if let Some(budget) = opts.dram_budget {
+        if budget < plan.minimum {
+            return Err(Error::InvalidArgument(format!(
+                "--dram-budget {budget} bytes is below the minimum of {} bytes ({:.1} MiB) that {:?} mode needs for this model \
+                 (dense part {}, KV cache {}, read buffers {}, smallest FFN caches {}, fixed overhead {})",
+                plan.minimum,
+                plan.minimum as f64 / (1u64 << 20) as f64,
+                opts.mode,
+                plan.dense,
+                plan.kv_cache,
+                plan.staging,
+                min_caches,
+                plan.fixed_overhead
+            )));
+        }
+        if flash && opts.capacity.is_none() {
+            if fixed + want_caches > budget {
+                // Every set shrinks alike; the rest goes through scratch.
+                let room = (budget - plan.minimum) as f64;
+                let extra = (want_caches - min_caches).max(1) as f64;
+                let f = (room / extra).clamp(0.0, 1.0);
+                for l in 0..layers {
+                    want[l] = (want[l] as f64 * f).floor() as usize;
+                    scratch[l] = if dense_specs[l].is_some() {
+                        scratch_for(want[l], keys[l]).min(scratch[l].max(min_scratch(l)))
+                    } else {
+                        scratch[l]
+                    };
+                }
+                // Scratch of dense layers may have grown back: trim rows
+                // until the plan fits.
+                while fixed
+                    + (0..layers)
+                        .map(|l| set_bytes(l, want[l], scratch[l]))
+                        .sum::<u64>()
+                    > budget
+                {
+                    let Some(l) = (0..layers)
+                        .filter(|&l| want[l] > 0)
+                        .max_by_key(|&l| want[l])
+                    else {
+                        break;
+                    };
+                    want[l] -= 1;
+                }
+            } else {
+                // Spare: more experts per sparse layer, equally.
+                let spare = budget - (fixed + want_caches);
+                let sparse: Vec<usize> =
+                    (0..layers).filter(|&l| dense_specs[l].is_none()).collect();
+                let per_layer = spare / sparse.len().max(1) as u64;
+                for &l in &sparse {
+                    let rows = (per_layer / (strides[l] as u64 + 4)) as usize;
+                    want[l] = (want[l] + rows).min(max_rows[l]);
+                }
+            }
+        }
+    }
+    if let Some(c) = opts.capacity {
+        for l in 0..layers {
+            if flash {
+                want[l] = c.min(max_rows[l]);
+                scratch[l] = if dense_specs[l].is_some() {
+                    scratch_for(want[l], keys[l])
+                } else {
+                    MOE_SCRATCH_ROWS.min(ew)
+                };
+            }
+        }
+    }
+    plan.capacity_per_layer = want.clone();
+    plan.scratch_per_layer = scratch.clone();
+    plan.pinned_per_layer = vec![0; layers];
+
+    let first_offset = dense_specs
+        .iter()
+        .flatten()
+        .map(|s| s.0.offset)
+        .chain(expert_specs.iter().flatten().map(|s| s.0.offset))
+        .min()
+        .unwrap_or(0);
+    let probe = first_offset / align as u64 * align as u64;
+    let reader = Arc::new(FlashReader::open(&path, align, probe, opts.io_threads)?);
+    let stats = Arc::new(FlashStats::default());
+    let moe_stats = Arc::new(MoeStats::default());
+    let strategy = match opts.mode {
+        DiskMode::Naive => Strategy::Naive,
+        _ => Strategy::Flash {
+            window: opts.window,
+        },
+    };
+    let dense_ws = if has_dense {
+        Some(Arc::new(Mutex::new(Workspace::new(
+            hidden,
+            cfg.ffn_width,
+            0,
+            slots,
+            slot_bytes,
+            align,
+        )?)))
+    } else {
+        None
+    };
+    // Naive experts use FlashFfn's workspace; flash experts the MoE one.
+    let expert_ws = if has_sparse && !flash {
+        Some(Arc::new(Mutex::new(Workspace::new(
+            hidden, ew, 0, slots, slot_bytes, align,
+        )?)))
+    } else {
+        None
+    };
+    let moe_work = if has_sparse && flash {
+        Some(Arc::new(Mutex::new(MoeWork::new(
+            hidden,
+            ew,
+            Staging::new(slots, slot_bytes, align)?,
+        ))))
+    } else {
+        None
+    };
+    let weights = PackedWeights::read_dense(&file)?;
+    let mut ffns: Vec<Arc<FlashFfn>> = Vec::new();
+    let mut moe_layers: Vec<Arc<FlashMoe>> = Vec::new();
+    let mut caches_bytes = 0u64;
+    let verify = opts.verify_reads;
+    let new_flash_ffn = |spec: LayerSpec,
+                         entry: &FfnLayerEntry,
+                         ws: &Arc<Mutex<Workspace>>,
+                         rows: usize,
+                         sc: usize|
+     -> Result<Arc<FlashFfn>> {
+        let cache = BundleCache::new(spec.neurons, spec.stride, rows, sc)?;
+        let neurons = spec.neurons;
+        Ok(Arc::new(FlashFfn {
+            spec,
+            activation: cfg.activation,
+            gate_bias: None,
+            up_bias: None,
+            down_bias: None,
+            predictor: None,
+            oracle: None,
+            replay: None,
+            strategy,
+            coalesce_gap: opts.coalesce_gap,
+            reader: Arc::clone(&reader),
+            workspace: Arc::clone(ws),
+            state: Mutex::new(LayerState::new(cache, neurons)),
+            stats: Arc::clone(&stats),
+            verifier: verifier_for(&file, entry, verify)?,
+        }))
+    };
+    let model = Model::load_with_ffn(cfg, &file.names, &weights, &mut |i, names| match names {
+        FfnNames::Moe(names) => {
+            let shared = match (&names.shared, &names.shared_gate) {
+                (Some(f), Some(g)) => {
+                    Some((load_dense_ffn(cfg, f, &weights)?, load_linear(&weights, g)?))
+                }
+                _ => None,
+            };
+            let router = Router {
+                weight: load_linear(&weights, &names.router)?,
+                top_k,
+                norm_topk_prob: moe.norm_topk_prob,
+            };
+            let mut experts = Vec::with_capacity(num_experts);
+            let mut naive = Vec::new();
+            for (spec, entry) in &expert_specs[i] {
+                if let Some(ws) = &expert_ws {
+                    naive.push(new_flash_ffn(spec.clone(), entry, ws, 0, 0)?);
+                }
+                experts.push(ExpertBundles {
+                    spec: spec.clone(),
+                    verifier: verifier_for(&file, entry, verify)?,
+                });
+            }
+            let mode = match &moe_work {
+                Some(work) => {
+                    let cache =
+                        BundleCache::new(num_experts * ew, strides[i], want[i], scratch[i])?;
+                    caches_bytes += cache.size_bytes() as u64;
+                    ExpertMode::Flash {
+                        work: Arc::clone(work),
+                        state: Mutex::new(MoeState {
+                            cache,
+                            last_used: vec![0; num_experts],
+                            resident: vec![0; num_experts],
+                            pinned: vec![false; num_experts],
+                            step: 0,
+                        }),
+                        keep: opts.window > 0,
+                    }
+                }
+                None => ExpertMode::Naive(naive),
+            };
+            let layer = Arc::new(FlashMoe {
+                layer: i,
+                router,
+                shared,
+                activation: cfg.activation,
+                experts,
+                hidden,
+                expert_width: ew,
+                mode,
+                reader: Arc::clone(&reader),
+                stats: Arc::clone(&stats),
+                moe_stats: Arc::clone(&moe_stats),
+            });
+            moe_layers.push(Arc::clone(&layer));
+            Ok(Box::new(SharedMoe(layer)) as Box<dyn Ffn>)
+        }
+        _ => {
+            let (spec, entry) = dense_specs[i]
+                .clone()
+                .ok_or_else(|| Error::InvalidArgument(format!("layer {i} has no FFN bundles")))?;
+            let ws = dense_ws.as_ref().expect("dense layers have a workspace");
+            let neurons = spec.neurons;
+            let ffn = new_flash_ffn(spec, &entry, ws, want[i], scratch[i])?;
+            caches_bytes += ffn
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .cache
+                .size_bytes() as u64;
+            ffns.push(Arc::clone(&ffn));
+            Ok(Box::new(DenseLayer {
+                ffn,
+                all: (0..neurons as u32).collect(),
+                moe_stats: Arc::clone(&moe_stats),
+            }) as Box<dyn Ffn>)
+        }
+    })?;
+    plan.caches = caches_bytes;
+    plan.total = fixed + caches_bytes;
+    reader.counters.bytes.store(0, Ordering::Relaxed);
+    reader.counters.ops.store(0, Ordering::Relaxed);
+    let loaded = LoadedModel {
+        model,
+        tokenizer: packed_tokenizer(&file)?,
+        source: ModelSource::Packed,
+        sparsity: None,
+    };
+    Ok((
+        loaded,
+        FlashRuntime {
+            options: opts.clone(),
+            reader,
+            stats,
+            plan,
+            layers,
+            ffns,
+            moe: Some(Arc::new(MoeRuntime {
+                stats: moe_stats,
+                layers: moe_layers,
+                capacity_per_layer: want,
+            })),
+        },
+    ))
+}
+
+/// A [`FlashMoe`] the runtime also keeps a handle to (for statistics).
+struct SharedMoe(Arc<FlashMoe>);
+
+impl Ffn for SharedMoe {
+    fn hidden_size(&self) -> usize {
+        self.0.hidden_size()
+    }
+    fn width(&self) -> usize {
+        self.0.width()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.0.weight_bytes()
+    }
+    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.0.firing_activations(x, n)
+    }
+    fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        active: ActiveSet<'_>,
+        out: &mut [f32],
+        fired: Option<&mut Fired>,
+    ) -> Result<()> {
+        self.0.forward(x, n, active, out, fired)
+    }
+}
