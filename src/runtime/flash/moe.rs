@@ -998,6 +998,7 @@ pub fn open_flash_moe(
             up_bias: None,
             down_bias: None,
             predictor: None,
+            lowbit: None,
             oracle: None,
             replay: None,
             strategy,
@@ -1102,6 +1103,8 @@ pub fn open_flash_moe(
     Ok((
         loaded,
         FlashRuntime {
+            // Experts are chosen by the router, not a neuron selector.
+            selector: None,
             options: opts.clone(),
             reader,
             stats,
