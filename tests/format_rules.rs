@@ -909,3 +909,80 @@ fn rule_33_expert_order_must_be_a_permutation() {
         failures[0]
     );
 }
+
+/// Valid routing statistics for `packed_moe()` (layers 0 and 2 sparse, 6
+/// experts, top-2): 10 tokens, 20 choices per layer.
+fn routing(m: &mut Value) {
+    m["routing"] = serde_json::json!({
+        "tokens": 10,
+        "files": [],
+        "layers": [
+            {"layer": 0, "counts": [4, 4, 3, 3, 3, 3]},
+            {"layer": 2, "counts": [10, 0, 0, 0, 5, 5]},
+        ],
+    });
+}
+
+#[test]
+fn rule_34_routing_statistics_count_each_sparse_layers_choices() {
+    let (_t, path) = packed_moe();
+    rewrite_manifest(&path, routing);
+    let file = PackedFile::open(&path).expect("valid routing statistics");
+    let r = file.manifest.routing.as_ref().expect("read back");
+    assert_eq!(r.layers[1].counts, vec![10, 0, 0, 0, 5, 5]);
+    assert_eq!(r.layers[1].hottest_first(), vec![0, 4, 5, 1, 2, 3]);
+    type Edit = fn(&mut Value);
+    let edits: [(&str, &str, Edit); 5] = [
+        ("a sparse layer missing", "sparse layers", |m| {
+            m["routing"]["layers"].as_array_mut().unwrap().pop();
+        }),
+        ("the dense layer listed", "sparse layers", |m| {
+            m["routing"]["layers"][1]["layer"] = 1.into();
+        }),
+        ("a count missing", "5 counts for 6 experts", |m| {
+            m["routing"]["layers"][0]["counts"]
+                .as_array_mut()
+                .unwrap()
+                .pop();
+        }),
+        (
+            "counts that do not sum to tokens x top_k",
+            "sum to 21",
+            |m| {
+                m["routing"]["layers"][0]["counts"][0] = 5.into();
+            },
+        ),
+        (
+            "an expert chosen more often than there are tokens",
+            "11 times",
+            |m| {
+                m["routing"]["layers"][1]["counts"] = serde_json::json!([11, 0, 0, 0, 4, 5]);
+            },
+        ),
+    ];
+    for (what, says, edit) in edits {
+        let (_t, path) = packed_moe();
+        rewrite_manifest(&path, |m| {
+            routing(m);
+            edit(m);
+        });
+        let e = open_error(&path);
+        assert_eq!(e.rule(), 34, "{what}: {e}");
+        assert!(e.to_string().contains(says), "{what}: {e}");
+    }
+    // A file digest of the wrong form is rule 6's, as for calibration files.
+    let (_t, path) = packed_moe();
+    rewrite_manifest(&path, |m| {
+        routing(m);
+        m["routing"]["files"] = serde_json::json!([{"name": "t.txt", "bytes": 1, "sha256": "ABC"}]);
+    });
+    assert_eq!(open_error(&path).rule(), 6);
+    // A dense model with routing statistics.
+    let (_t, path) = packed(3);
+    rewrite_manifest(&path, |m| {
+        m["routing"] = serde_json::json!({"tokens": 1, "files": [], "layers": []});
+    });
+    let e = open_error(&path);
+    assert_eq!(e.rule(), 34, "{e}");
+    assert!(e.to_string().contains("without experts"), "{e}");
+}

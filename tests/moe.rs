@@ -307,8 +307,8 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(out["generated_tokens"], 8, "{out}");
 
-    // Calibration does not record routing yet: convert --calib refuses,
-    // writing nothing.
+    // Calibration of a mixture of experts records routing (spec 5.1):
+    // convert --calib writes the counts, and no predictors.
     let dir = tempfile::tempdir().expect("tempdir");
     let packed = dir.path().join("x.flashpack");
     let train = common::fixtures().join("text/train.txt");
@@ -319,16 +319,17 @@ fn cli_inspects_runs_and_evaluates_a_moe_checkpoint() {
         packed.to_str().expect("utf-8"),
         "--calib",
         train.to_str().expect("utf-8"),
+        "--calib-tokens",
+        "512",
     ]);
-    assert_eq!(code, 2, "{out}");
-    assert!(
-        out["error"]
-            .as_str()
-            .expect("error")
-            .contains("mixture-of-experts"),
-        "{out}"
-    );
-    assert!(!packed.exists());
+    assert_eq!(code, 0, "{out}");
+    let file = flashpack::format::PackedFile::open(&packed).expect("open");
+    let routing = file.manifest.routing.as_ref().expect("routing");
+    assert_eq!(routing.tokens, 512);
+    let layers: Vec<u64> = routing.layers.iter().map(|l| l.layer).collect();
+    assert_eq!(layers, vec![0, 2], "the sparse layers");
+    assert!(file.manifest.predictors.is_empty());
+    std::fs::remove_file(&packed).expect("remove");
 
     // Experts have no block types yet (spec 4.1): convert --quant refuses,
     // writing nothing.

@@ -367,3 +367,152 @@ fn oracle_flash_on_a_moe_file_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// `calibrate` of a MoE checkpoint counts each expert's choices over the
+/// held-out text in 256-token windows, as the fixture generator counted them
+/// with transformers (`routing_counts` of the references): equal counts.
+#[test]
+fn calibration_routing_counts_equal_transformers() {
+    let text = fixtures().join("text/heldout.txt");
+    for name in MODELS {
+        let (reference, _) = common::reference("moe", name);
+        let src = fixtures().join("models").join(name);
+        let (code, out) = common::flashpack_json(&[
+            "calibrate",
+            src.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-tokens",
+            "1000000",
+        ]);
+        assert_eq!(code, 0, "{name}: {out}");
+        let want = reference["routing_counts"].as_object().expect("counts");
+        let layers = out["routing"]["layers"].as_array().expect("routing layers");
+        assert_eq!(layers.len(), want.len(), "{name}: {out}");
+        for l in layers {
+            let layer = l["layer"].as_u64().unwrap().to_string();
+            let got: Vec<u64> = serde_json::from_value(l["counts"].clone()).unwrap();
+            let want: Vec<u64> = serde_json::from_value(want[&layer].clone()).unwrap();
+            assert_eq!(got, want, "{name} layer {layer}");
+        }
+        println!(
+            "{name}: routing counts equal transformers' over {} tokens",
+            out["calibration_tokens"]
+        );
+    }
+}
+
+/// The trained fixture packed with `convert --calib`: routing statistics in
+/// the file (R34 holds), shown by `inspect`, equal to `calibrate`'s.
+fn calibrated_moe() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let out = packed("qwen3moe-trained").with_file_name("qwen3moe-trained-calib.flashpack");
+        let src = fixtures().join("models/qwen3moe-trained");
+        let train = fixtures().join("text/train.txt");
+        let (code, json) = common::flashpack_json(&[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            train.to_str().unwrap(),
+            "--calib-tokens",
+            "4096",
+        ]);
+        assert_eq!(code, 0, "{json}");
+        out
+    })
+}
+
+#[test]
+fn convert_calib_records_routing_and_inspect_shows_it() {
+    let path = calibrated_moe();
+    let file = PackedFile::open(path).unwrap();
+    let m = &file.manifest;
+    let routing = m.routing.as_ref().expect("routing statistics");
+    assert_eq!(routing.tokens, 4096);
+    assert_eq!(routing.files.len(), 1);
+    assert!(m.predictors.is_empty() && m.calibration.is_none());
+    let src = fixtures().join("models/qwen3moe-trained");
+    let train = fixtures().join("text/train.txt");
+    let (code, cal) = common::flashpack_json(&[
+        "calibrate",
+        src.to_str().unwrap(),
+        "--calib",
+        train.to_str().unwrap(),
+        "--calib-tokens",
+        "4096",
+    ]);
+    assert_eq!(code, 0, "{cal}");
+    for (stored, reported) in routing
+        .layers
+        .iter()
+        .zip(cal["routing"]["layers"].as_array().unwrap())
+    {
+        let reported: Vec<u64> = serde_json::from_value(reported["counts"].clone()).unwrap();
+        assert_eq!(stored.counts, reported, "layer {}", stored.layer);
+        assert_eq!(stored.counts.iter().sum::<u64>(), 4096 * 2);
+    }
+    let (code, info) = common::flashpack_json(&["inspect", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{info}");
+    assert_eq!(info["routing"]["tokens"], 4096, "{info}");
+    let shown: Vec<u64> =
+        serde_json::from_value(info["routing"]["layers"][1]["counts"].clone()).unwrap();
+    assert_eq!(shown, routing.layers[1].counts);
+    // A calibrated MoE file has no predictors: `flash` is not its default.
+    let (code, out) =
+        common::flashpack_json(&["run", path.to_str().unwrap(), "-p", "The", "-n", "2"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out["flash"].is_null(), "{out}");
+}
+
+/// Hot experts pinned from the routing statistics: the hottest experts are
+/// resident before the first token and stay; the output is unchanged; hit
+/// rates with and without pinning are printed (BENCHMARKS.md).
+#[test]
+fn hot_experts_are_pinned_from_routing_statistics() {
+    let path = calibrated_moe();
+    let file = PackedFile::open(path).unwrap();
+    let routing = file.manifest.routing.clone().unwrap();
+    let ew = file.config.moe.as_ref().unwrap().expert_width;
+    let ids = token_ids(path, 400);
+    let dense = open_model(path).unwrap();
+    let want = decode_logits(&dense.model, &ids[..40]);
+    // Rows for 4 of the 8 experts of each layer.
+    for share in [0.0, 0.25, 0.5, 0.75] {
+        let opts = FlashOptions {
+            capacity: Some(4 * ew),
+            pin_experts_share: share,
+            ..FlashOptions::default()
+        };
+        let (model, rt) = open(path, opts.clone());
+        let pinned = (4.0 * share) as usize;
+        assert_eq!(
+            rt.plan.pinned_per_layer,
+            vec![pinned * ew; 2],
+            "share {share}"
+        );
+        assert_eq!(rt.plan.pinned_bytes_read > 0, pinned > 0);
+        let moe = rt.moe.as_ref().unwrap();
+        for (layer, counts) in moe.layers.iter().zip(&routing.layers) {
+            assert_eq!(
+                layer.resident_experts(),
+                pinned,
+                "the hottest experts, whole"
+            );
+            assert_eq!(layer.resident_rows(), pinned * ew);
+            let _ = counts;
+        }
+        let got = decode_logits(&model, &ids[..40]);
+        assert!(got == want, "share {share}: pinning changes no output");
+        let (model, rt) = open(path, opts);
+        decode_logits(&model, &ids);
+        let r = rt.report();
+        let e = r.experts.unwrap();
+        println!(
+            "pin share {share}: {pinned} of 8 experts pinned per layer, rows for 4: hit rate {:.3}, experts read {:.3} of {:.1} per token, {:.0} B/token over {} tokens",
+            r.window_hit_rate, e.read_per_token, e.chosen_per_token, r.bytes_read_per_token, r.tokens
+        );
+    }
+}

@@ -54,6 +54,10 @@ struct CalibrateReport {
     elapsed_ms: f64,
     tokens_per_s: f64,
     layers: Vec<LayerStats>,
+    /// A mixture of experts: how often each expert was chosen per sparse
+    /// layer (what `convert --calib` stores, spec 5.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing: Option<RoutingSummary>,
     trace_dir: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heldout: Option<Tradeoff>,
@@ -81,6 +85,9 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
     };
     let bars = crate::cli::progress::PhaseBars::on_terminal();
     let started = std::time::Instant::now();
+    if let Some(loaded) = moe_model(&args.model)? {
+        return routing_report(args, out, loaded, &bars, started);
+    }
     let (cal, heldout) = if args.model.is_file() {
         let file = crate::format::PackedFile::open(&args.model)?;
         let weights = PackedWeights::read_all(&file)?;
@@ -170,8 +177,95 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
         elapsed_ms: seconds * 1e3,
         tokens_per_s: cal.tokens as f64 / seconds,
         layers: cal.layers.clone(),
+        routing: None,
         trace_dir: args.keep_trace.as_ref().map(|d| d.display().to_string()),
         heldout,
+    })
+}
+
+#[derive(serde::Serialize)]
+struct RoutingSummary {
+    tokens: u64,
+    layers: Vec<crate::format::layout::RoutingLayer>,
+}
+
+/// A mixture-of-experts model with its tokenizer, or `None` for a dense model.
+fn moe_model(
+    path: &std::path::Path,
+) -> anyhow::Result<Option<(Model, crate::input::TextTokenizer)>> {
+    if path.is_file() {
+        let file = crate::format::PackedFile::open(path)?;
+        if file.config.moe.is_none() {
+            return Ok(None);
+        }
+        let weights = PackedWeights::read_all(&file)?;
+        let model = Model::load(&file.config, &file.names, &weights)?;
+        Ok(Some((
+            model,
+            crate::runtime::packed::packed_tokenizer(&file)?,
+        )))
+    } else {
+        let ckpt = crate::input::Checkpoint::open(path)?;
+        if ckpt.config.moe.is_none() {
+            return Ok(None);
+        }
+        Ok(Some((Model::from_checkpoint(&ckpt)?, ckpt.tokenizer()?)))
+    }
+}
+
+/// `calibrate` of a mixture of experts: its routing counts (what `convert
+/// --calib` stores; no neuron statistics in this version).
+fn routing_report(
+    args: &CalibrateArgs,
+    out: &Output,
+    (model, tokenizer): (Model, crate::input::TextTokenizer),
+    bars: &crate::cli::progress::PhaseBars,
+    started: std::time::Instant,
+) -> anyhow::Result<()> {
+    if args.keep_trace.is_some() || args.heldout.is_some() {
+        return Err(Error::InvalidArgument(
+            "a mixture-of-experts model's calibration records routing only: --keep-trace and --heldout do not apply".into(),
+        )
+        .into());
+    }
+    let routing = crate::predictor::routing::routing_statistics(
+        &model,
+        &tokenizer,
+        &args.calib,
+        args.calib_tokens,
+        CalibrationOptions::default()
+            .ctx
+            .min(model.config.max_context),
+        &|phase, done, total| bars.report(phase, done, total),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    out.human(format_args!(
+        "routed {} on {} tokens in {seconds:.1}s ({:.0} tokens/s); share of each sparse layer's choices, hottest first:",
+        args.model.display(),
+        routing.tokens,
+        routing.tokens as f64 / seconds
+    ));
+    for l in &routing.layers {
+        let total = l.counts.iter().sum::<u64>().max(1) as f64;
+        let shares: Vec<String> = l
+            .hottest_first()
+            .iter()
+            .map(|&e| format!("{e}:{:.1}%", 100.0 * l.counts[e] as f64 / total))
+            .collect();
+        out.human(format_args!("  layer {:>3}: {}", l.layer, shares.join(" ")));
+    }
+    out.json_result(&CalibrateReport {
+        model: args.model.display().to_string(),
+        calibration_tokens: routing.tokens as usize,
+        elapsed_ms: seconds * 1e3,
+        tokens_per_s: routing.tokens as f64 / seconds,
+        layers: Vec::new(),
+        routing: Some(RoutingSummary {
+            tokens: routing.tokens,
+            layers: routing.layers,
+        }),
+        trace_dir: None,
+        heldout: None,
     })
 }
 

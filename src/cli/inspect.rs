@@ -150,6 +150,25 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
                 p.selector_share_of_ffn
             ));
         }
+        if let Some(r) = &p.routing {
+            out.human(format_args!(
+                "  routing over {} calibration tokens (share of each layer's choices, hottest first):",
+                r.tokens
+            ));
+            for l in &r.layers {
+                let total: u64 = l.counts.iter().sum::<u64>().max(1);
+                let shares: Vec<String> = l
+                    .hottest_first()
+                    .iter()
+                    .map(|&e| format!("{e}:{:.1}%", 100.0 * l.counts[e] as f64 / total as f64))
+                    .collect();
+                out.human(format_args!(
+                    "    layer {:>3}: {}",
+                    l.layer,
+                    shares.join(" ")
+                ));
+            }
+        }
         print_layer_table(out, &p.layers);
         for (k, v) in serde_json::to_value(&p)?
             .as_object()
@@ -229,6 +248,10 @@ struct PackedLayout {
     convert_dtype: String,
     zstd_level: i32,
     calibration_tokens: Option<u64>,
+    /// A calibrated mixture of experts: how often each expert was chosen per
+    /// sparse layer (spec 5.1; `files` left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing: Option<RoutingSummary>,
     /// Format section 9: the block type of each part (null for a float file).
     quantization: Option<crate::format::layout::QuantPolicy>,
     /// Raw bytes of each part's weights (the policy's parts, `ffn` with its
@@ -246,6 +269,13 @@ struct PackedLayout {
     selector_share_of_ffn: f64,
     /// Per layer: predictor rank, threshold and held-out metrics, calibration maxima.
     layers: Vec<serde_json::Value>,
+}
+
+/// The routing counts of a packed file, as `inspect` reports them.
+#[derive(serde::Serialize)]
+struct RoutingSummary {
+    tokens: u64,
+    layers: Vec<crate::format::layout::RoutingLayer>,
 }
 
 /// Raw bytes per part of the model, as `inspect` reports them.
@@ -373,6 +403,10 @@ fn packed_summary(path: &std::path::Path) -> anyhow::Result<(CheckpointSummary, 
         convert_dtype: m.provenance.options.dtype.clone(),
         zstd_level: m.provenance.options.zstd_level,
         calibration_tokens: m.calibration.as_ref().map(|c| c.tokens),
+        routing: m.routing.as_ref().map(|r| RoutingSummary {
+            tokens: r.tokens,
+            layers: r.layers.clone(),
+        }),
         quantization: m.quantization,
         part_sizes: part_bytes(&file),
         down_scale_layers: m

@@ -214,6 +214,7 @@ pub(crate) fn open_for_mode(
         verify_reads: args.verify_reads,
         replay: None,
         selector: args.selector,
+        pin_experts_share: flash::moe::DEFAULT_PIN_SHARE,
     };
     let (loaded, rt) = flash::open_flash(path, &opts)?;
     Ok(Opened {

@@ -135,6 +135,9 @@ pub enum FormatError {
         expert: u64,
         neurons: u64,
     },
+
+    #[error("rule 34: routing statistics: {message}")]
+    Routing { message: String },
 }
 
 impl FormatError {
@@ -174,6 +177,7 @@ impl FormatError {
             Experts { .. } => 31,
             MoeFfnLayers { .. } => 32,
             ExpertNeuronOrder { .. } => 33,
+            Routing { .. } => 34,
         }
     }
 

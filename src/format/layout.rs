@@ -369,6 +369,11 @@ pub struct Manifest {
     /// One low-rank sparsity predictor per layer (empty without `--calib`).
     #[serde(default)]
     pub predictors: Vec<PredictorEntry>,
+    /// Mixture-of-experts models calibrated on text: how often the router
+    /// chose each expert of each sparse layer (spec 5.1, R34). Absent (and not
+    /// written) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingInfo>,
     /// Section 9: which parts are block-quantized, and to which type. Absent
     /// (and not written) in a file without block types.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -486,6 +491,34 @@ pub struct CalibrationInfo {
     /// SiLU models: the fraction of activations the thresholds zero.
     pub target_sparsity: Option<f64>,
     pub layers: Vec<LayerCalibrationEntry>,
+}
+
+/// Routing statistics of a mixture-of-experts model (spec 5.1, R34): over
+/// `tokens` calibration tokens, how many chose each expert of each sparse layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingInfo {
+    pub tokens: u64,
+    /// The calibration text files, as the provenance lists sources.
+    pub files: Vec<SourceFile>,
+    /// One entry per sparse layer, in layer order.
+    pub layers: Vec<RoutingLayer>,
+}
+
+/// One sparse layer's routing counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingLayer {
+    pub layer: u64,
+    /// Per expert, in expert order: calibration tokens whose top-k included it.
+    pub counts: Vec<u64>,
+}
+
+impl RoutingLayer {
+    /// Experts from most to least often chosen (ties: the lower index first).
+    pub fn hottest_first(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.counts.len()).collect();
+        order.sort_by(|&a, &b| self.counts[b].cmp(&self.counts[a]).then(a.cmp(&b)));
+        order
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -394,6 +394,11 @@ fn check_schema(m: &Manifest) -> std::result::Result<(), String> {
             m.calibration
                 .iter()
                 .flat_map(|c| c.files.iter().map(|f| ("calibration.files", f))),
+        )
+        .chain(
+            m.routing
+                .iter()
+                .flat_map(|r| r.files.iter().map(|f| ("routing.files", f))),
         );
     for (list, f) in files {
         if !is_sha256_hex(&f.sha256) {
@@ -734,6 +739,7 @@ impl Checker<'_> {
             .map_err(bad)?;
         }
         self.check_experts(&config, sections, tensors)?;
+        check_routing(m, &config)?;
         self.check_predictors(&config, tensors)?;
         check_quantization(m, &config, &names)?;
         check_selectors(m, &config, sections, tensors)?;
@@ -1306,6 +1312,58 @@ fn check_chunks(s: &SectionEntry) -> std::result::Result<(), FormatError> {
             "uncompressed section with raw_length {} != length {}",
             s.raw_length, s.length
         )));
+    }
+    Ok(())
+}
+
+/// Rule 34: routing statistics only for a mixture-of-experts model, one entry
+/// per sparse layer in layer order, one count per expert, each at most
+/// `tokens`, summing to `tokens * top_k` (each token chose `top_k` experts).
+fn check_routing(m: &Manifest, config: &ModelConfig) -> std::result::Result<(), FormatError> {
+    let Some(routing) = &m.routing else {
+        return Ok(());
+    };
+    let bad = |message: String| FormatError::Routing { message };
+    let Some(moe) = &config.moe else {
+        return Err(bad("present in a model without experts".into()));
+    };
+    let sparse: Vec<u64> = (0..config.num_layers as u64)
+        .filter(|&l| moe.sparse_layers[l as usize])
+        .collect();
+    let listed: Vec<u64> = routing.layers.iter().map(|l| l.layer).collect();
+    if listed != sparse {
+        return Err(bad(format!(
+            "layers {listed:?} listed; the sparse layers are {sparse:?}"
+        )));
+    }
+    for l in &routing.layers {
+        if l.counts.len() != moe.num_experts {
+            return Err(bad(format!(
+                "layer {}: {} counts for {} experts",
+                l.layer,
+                l.counts.len(),
+                moe.num_experts
+            )));
+        }
+        if let Some((e, c)) = l
+            .counts
+            .iter()
+            .enumerate()
+            .find(|(_, &c)| c > routing.tokens)
+        {
+            return Err(bad(format!(
+                "layer {}: expert {e} chosen {c} times in {} tokens",
+                l.layer, routing.tokens
+            )));
+        }
+        let sum: u128 = l.counts.iter().map(|&c| c as u128).sum();
+        let want = routing.tokens as u128 * moe.top_k as u128;
+        if sum != want {
+            return Err(bad(format!(
+                "layer {}: counts sum to {sum}, not tokens x top_k = {want}",
+                l.layer
+            )));
+        }
     }
     Ok(())
 }

@@ -174,6 +174,8 @@ pub(crate) struct PackExtras {
     pub orders: Vec<Vec<u32>>,
     pub predictors: Vec<(LowRankPredictor, PredictorMetrics)>,
     pub calibration: Option<CalibrationInfo>,
+    /// A mixture-of-experts model's routing counts (spec 5.1).
+    pub routing: Option<crate::format::layout::RoutingInfo>,
     pub reports: Vec<PredictorReport>,
     pub calibrate_ms: Option<f64>,
     pub train_ms: Option<f64>,
@@ -220,12 +222,6 @@ pub fn convert(
     options
         .selector
         .resolve(&ckpt.config, &ckpt.names, options.calibration.is_some())?;
-    if ckpt.config.moe.is_some() && options.calibration.is_some() {
-        return Err(Error::InvalidArgument(format!(
-            "{} is a mixture-of-experts model: calibration does not record routing yet; convert it without --calib",
-            ckpt.config.architecture.hf_name()
-        )));
-    }
     // Quantized experts would be written and read, but `verify --against` does
     // not compare their blocks with the source yet: refuse rather than write a
     // file that cannot be checked.
@@ -255,6 +251,9 @@ pub fn convert(
     let generation_config = optional_json("generation_config.json")?;
     let tokenizer_config = with_chat_template_file(src, optional_json("tokenizer_config.json")?)?;
     let extras = match &options.calibration {
+        // A mixture of experts: calibration records routing (spec 5.1) and
+        // trains no predictors; neuron orders stay the checkpoint's.
+        Some(plan) if ckpt.config.moe.is_some() => routing_extras(&ckpt, plan, progress)?,
         Some(plan) => calibrated_extras(&ckpt, plan, progress)?,
         None => PackExtras {
             orders: (0..ckpt.config.num_layers)
@@ -262,6 +261,7 @@ pub fn convert(
                 .collect(),
             predictors: Vec::new(),
             calibration: None,
+            routing: None,
             reports: Vec::new(),
             calibrate_ms: None,
             train_ms: None,
@@ -791,6 +791,7 @@ fn write_pack(
         predictors: predictor_entries,
         quantization: (quant != QuantPolicy::default()).then_some(quant),
         selectors: selector_entries,
+        routing: extras.routing.clone(),
     };
     let finished = finish_packed_file(file, &manifest)?;
     let (file_bytes, commit_ms) = (finished.file_bytes, finished.commit_ms);
@@ -986,6 +987,37 @@ fn calibrated_extras(
     extras_from(trained, plan, &ckpt.config)
 }
 
+/// A mixture-of-experts model's calibration: its routing counts over the
+/// plan's text (no predictors, identity neuron orders).
+fn routing_extras(
+    ckpt: &Checkpoint,
+    plan: &CalibrationPlan,
+    progress: Progress<'_>,
+) -> Result<PackExtras> {
+    let started = std::time::Instant::now();
+    let model = crate::runtime::Model::from_checkpoint(ckpt)?;
+    let tokenizer = ckpt.tokenizer()?;
+    let routing = crate::predictor::routing::routing_statistics(
+        &model,
+        &tokenizer,
+        &plan.files,
+        plan.calibrate.max_tokens,
+        plan.calibrate.ctx,
+        progress,
+    )?;
+    Ok(PackExtras {
+        orders: (0..ckpt.config.num_layers)
+            .map(|_| (0..ckpt.config.ffn_width as u32).collect())
+            .collect(),
+        predictors: Vec::new(),
+        calibration: None,
+        routing: Some(routing),
+        reports: Vec::new(),
+        calibrate_ms: Some(started.elapsed().as_secs_f64() * 1e3),
+        train_ms: None,
+    })
+}
+
 /// Turns a calibration and its trained predictors into what the writer records.
 pub(crate) fn extras_from(
     trained: Trained,
@@ -1051,6 +1083,7 @@ pub(crate) fn extras_from(
         orders: trained.orders,
         predictors: trained.predictors,
         calibration: Some(info),
+        routing: None,
         reports,
         calibrate_ms: Some(trained.calibrate_seconds * 1e3),
         train_ms: Some(trained.train_seconds.iter().sum::<f64>() * 1e3),

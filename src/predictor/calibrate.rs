@@ -265,7 +265,7 @@ pub fn calibrate(
     let cfg = &model.config;
     if cfg.moe.is_some() {
         return Err(Error::InvalidArgument(format!(
-            "{} is a mixture-of-experts model: calibration does not record routing yet",
+            "{} is a mixture-of-experts model: its calibration records routing only (convert --calib, calibrate); neuron statistics and predictors are not made for experts yet",
             cfg.architecture.hf_name()
         )));
     }

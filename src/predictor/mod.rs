@@ -7,11 +7,14 @@
 //!   thresholds.
 //! - [`thresholds`]: SiLU models' per-layer thresholds for a model-wide target
 //!   sparsity (uniform, or allocated across layers by output error).
+//! - [`routing`]: a mixture-of-experts model's routing counts per layer and
+//!   expert (what `convert --calib` stores and flash pins hot experts from).
 //! - [`pipeline`]: calibrate, then train every layer (what `convert --calib` runs).
 //! - [`train`]: training one layer's predictor from (FFN input, fired neurons)
 //!   pairs: balanced loss, AdamW, held-out threshold and metrics, rank choice.
 
 pub mod calibrate;
 pub mod pipeline;
+pub mod routing;
 pub mod thresholds;
 pub mod train;

@@ -660,13 +660,14 @@ pub const MOE_BASE: &str = "base-moe.flashpack";
 /// Every damaged file derived from `base-moe.flashpack` (the micro Qwen2-MoE:
 /// layer 0 dense, layer 1 sparse with 4 experts), in rule order.
 pub fn broken_moe_files(base: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mutations: [(&str, Mutation); 3] = [
+    let mutations: [(&str, Mutation); 4] = [
         ("r31-expert-missing", expert_missing),
         ("r32-sparse-layer-listed", sparse_layer_listed),
         (
             "r33-expert-order-not-permutation",
             expert_order_not_permutation,
         ),
+        ("r34-routing-counts-sum", routing_counts_sum),
     ];
     mutations
         .iter()
@@ -762,4 +763,16 @@ fn selector_value_changed(base: &[u8]) -> Vec<u8> {
         chunk,
         zstd::bulk::compress(&raw, level).unwrap(),
     )
+}
+
+/// Routing statistics whose counts for layer 1 sum to 19 over 10 tokens of
+/// top-2 routing (each token chose 2 experts: the sum must be 20).
+fn routing_counts_sum(base: &[u8]) -> Vec<u8> {
+    edit_manifest(base, |m| {
+        m["routing"] = serde_json::json!({
+            "tokens": 10,
+            "files": [],
+            "layers": [{"layer": 1, "counts": [6, 5, 4, 4]}],
+        });
+    })
 }

@@ -84,6 +84,10 @@ pub struct FlashOptions {
     /// file's selector copies (format section 10) when it has them, its
     /// trained predictors otherwise.
     pub selector: crate::runtime::sparse::Selector,
+    /// Mixture-of-experts files with routing statistics (`convert --calib`):
+    /// the share of each sparse layer's cache rows given to its most often
+    /// chosen experts, read at open and never evicted (0: none pinned).
+    pub pin_experts_share: f64,
 }
 
 impl Default for FlashOptions {
@@ -100,6 +104,7 @@ impl Default for FlashOptions {
             verify_reads: true,
             replay: None,
             selector: crate::runtime::sparse::Selector::Auto,
+            pin_experts_share: moe::DEFAULT_PIN_SHARE,
         }
     }
 }

@@ -37,6 +37,12 @@
 //! scratch: more reads, the same output). Above it, the spare is split
 //! equally among the sparse layers as more expert rows (up to all `E`
 //! experts): a bigger LRU keeps more experts resident.
+//!
+//! With routing statistics in the file (`convert --calib`, spec 5.1) and a
+//! sparse layer's rows too few for all its experts, a share of them
+//! ([`FlashOptions::pin_experts_share`], default [`DEFAULT_PIN_SHARE`]) is
+//! given to the layer's most often chosen experts, whole: read at open and
+//! never evicted; the rest of the rows stay the LRU above.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +71,10 @@ use crate::runtime::moe::{MoeFfn, Router};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
 use crate::runtime::weights::{load_linear, Linear};
 use crate::runtime::{LoadedModel, Model, ModelSource};
+
+/// Share of a sparse layer's rows pinned to its hottest experts when the
+/// file has routing statistics (see the module documentation).
+pub const DEFAULT_PIN_SHARE: f64 = 0.5;
 
 /// Scratch rows of a sparse layer's cache (at most): enough for reads of
 /// [`FLASH_READ_BYTES`] of bundles of 4 KiB and more.
@@ -1092,8 +1102,32 @@ pub fn open_flash_moe(
     })?;
     plan.caches = caches_bytes;
     plan.total = fixed + caches_bytes;
-    reader.counters.bytes.store(0, Ordering::Relaxed);
+    // Hot experts pinned from the routing statistics: whole experts, most
+    // often chosen first, in a share of the layer's rows (only where the
+    // cache cannot hold every expert anyway).
+    if let (true, Some(routing)) = (flash, &m.routing) {
+        for layer in &moe_layers {
+            let l = layer.layer;
+            let rows = want[l];
+            if rows >= num_experts * ew {
+                continue;
+            }
+            let Some(counts) = routing.layers.iter().find(|r| r.layer == l as u64) else {
+                continue;
+            };
+            let room = ((rows as f64 * opts.pin_experts_share.clamp(0.0, 1.0)) as usize) / ew;
+            let hot = counts.hottest_first();
+            let pinned = layer.pin_experts(&hot[..room.min(hot.len())])?;
+            plan.pinned_per_layer[l] = pinned * ew;
+        }
+    }
+    plan.pinned_bytes_read = reader.counters.bytes.swap(0, Ordering::Relaxed);
     reader.counters.ops.store(0, Ordering::Relaxed);
+    stats.loaded.store(0, Ordering::Relaxed);
+    stats.verify.extra_read_bytes.store(0, Ordering::Relaxed);
+    for c in [&stats.ns_io, &stats.ns_memory] {
+        c.store(0, Ordering::Relaxed);
+    }
     let loaded = LoadedModel {
         model,
         tokenizer: packed_tokenizer(&file)?,
