@@ -516,3 +516,61 @@ fn hot_experts_are_pinned_from_routing_statistics() {
         );
     }
 }
+
+/// A prefill batch through flash with rows for every expert reads each
+/// expert the batch chose once, whatever number of its tokens chose it:
+/// bytes read = distinct chosen experts x their size on disk (+ dense layers).
+#[test]
+fn prefill_reads_each_chosen_expert_once_for_the_batch() {
+    for name in MODELS {
+        let path = packed(name);
+        let file = PackedFile::open(&path).unwrap();
+        let m = &file.manifest;
+        let ids = token_ids(&path, 48);
+        let (model, rt) = open(
+            &path,
+            FlashOptions {
+                dram_budget: Some(1 << 30),
+                ..FlashOptions::default()
+            },
+        );
+        let mut routes = Routes::default();
+        let mut cache = model.new_cache();
+        model
+            .forward(&mut cache, &ids, Logits::Last, Some(&mut routes))
+            .unwrap();
+        let mut want: u64 = m
+            .ffn_layers
+            .iter()
+            .map(|l| naive_bytes(&file, l.neurons, l.bundle_bytes))
+            .sum();
+        let mut distinct_total = 0;
+        for (layer, tokens) in &routes.layers {
+            assert_eq!(tokens.len(), ids.len());
+            let distinct: std::collections::BTreeSet<u32> =
+                tokens.iter().flatten().copied().collect();
+            distinct_total += distinct.len();
+            for e in distinct {
+                let entry = m
+                    .experts
+                    .iter()
+                    .find(|x| x.layer == *layer as u64 && x.expert == e as u64)
+                    .unwrap();
+                want += naive_bytes(&file, entry.neurons, entry.bundle_bytes);
+            }
+        }
+        let r = rt.report();
+        assert_eq!(r.bytes_read, want, "{name}");
+        let e = r.experts.unwrap();
+        assert_eq!(
+            (e.read_per_token * ids.len() as f64).round() as usize,
+            distinct_total,
+            "{name}: one read per distinct expert of the batch"
+        );
+        println!(
+            "{name}: prefill of {} tokens read {distinct_total} experts once each ({} bytes)",
+            ids.len(),
+            r.bytes_read
+        );
+    }
+}
