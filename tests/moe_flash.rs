@@ -574,3 +574,39 @@ fn prefill_reads_each_chosen_expert_once_for_the_batch() {
         );
     }
 }
+
+/// A budget below what the MoE plan needs is refused, naming the minimum; a
+/// budget at the minimum opens, with only scratch rows, and computes the same.
+#[test]
+fn a_moe_budget_below_the_minimum_is_refused_and_the_minimum_runs() {
+    let path = packed("qwen2moe-tiny");
+    let err = open_flash(
+        &path,
+        &FlashOptions {
+            dram_budget: Some(1000),
+            ..FlashOptions::default()
+        },
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("below the minimum of"), "{err}");
+    let minimum: u64 = err
+        .split("below the minimum of ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("the minimum in bytes");
+    let ids = token_ids(&path, 12);
+    let dense = open_model(&path).unwrap();
+    let want = decode_logits(&dense.model, &ids);
+    let (model, rt) = open(
+        &path,
+        FlashOptions {
+            dram_budget: Some(minimum),
+            ..FlashOptions::default()
+        },
+    );
+    assert!(rt.plan.total <= minimum, "{:?}", rt.plan);
+    assert!(decode_logits(&model, &ids) == want);
+}
