@@ -842,7 +842,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             },
         });
         ffns.push(Arc::clone(&ffn));
-        Ok(Box::new(SharedFfn(ffn)))
+        Ok(Box::new(Shared(ffn)))
     })?;
     plan.caches = caches_bytes;
     plan.total = fixed + caches_bytes;
@@ -880,10 +880,11 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     ))
 }
 
-/// A [`FlashFfn`] the runtime also keeps a handle to (for statistics).
-struct SharedFfn(Arc<FlashFfn>);
+/// An FFN layer ([`FlashFfn`], [`moe::FlashMoe`]) that the model owns while
+/// the runtime also keeps a handle to it (for statistics).
+pub(crate) struct Shared<T>(pub(crate) Arc<T>);
 
-impl crate::runtime::Ffn for SharedFfn {
+impl<T: crate::runtime::Ffn> crate::runtime::Ffn for Shared<T> {
     fn hidden_size(&self) -> usize {
         self.0.hidden_size()
     }

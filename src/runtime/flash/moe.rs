@@ -1077,7 +1077,7 @@ pub fn open_flash_moe(
                 moe_stats: Arc::clone(&moe_stats),
             });
             moe_layers.push(Arc::clone(&layer));
-            Ok(Box::new(SharedMoe(layer)) as Box<dyn Ffn>)
+            Ok(Box::new(super::Shared(layer)) as Box<dyn Ffn>)
         }
         _ => {
             let (spec, entry) = dense_specs[i]
@@ -1152,32 +1152,4 @@ pub fn open_flash_moe(
             })),
         },
     ))
-}
-
-/// A [`FlashMoe`] the runtime also keeps a handle to (for statistics).
-struct SharedMoe(Arc<FlashMoe>);
-
-impl Ffn for SharedMoe {
-    fn hidden_size(&self) -> usize {
-        self.0.hidden_size()
-    }
-    fn width(&self) -> usize {
-        self.0.width()
-    }
-    fn weight_bytes(&self) -> usize {
-        self.0.weight_bytes()
-    }
-    fn firing_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
-        self.0.firing_activations(x, n)
-    }
-    fn forward(
-        &self,
-        x: &[f32],
-        n: usize,
-        active: ActiveSet<'_>,
-        out: &mut [f32],
-        fired: Option<&mut Fired>,
-    ) -> Result<()> {
-        self.0.forward(x, n, active, out, fired)
-    }
 }
