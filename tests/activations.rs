@@ -26,49 +26,8 @@ const MAX_PPL_REL: f64 = 1e-5;
 
 /// Logits, greedy ids and perplexity of one fixture against its reference.
 fn check(name: &str, arch: Architecture, activation: Activation) {
-    let (json, ckpt) = common::reference("act", name);
-    assert_eq!(ckpt.config.architecture, arch);
+    let ckpt = common::matches_transformers("act", name, arch, MAX_NMSE, MAX_PPL_REL);
     assert_eq!(ckpt.config.activation, activation);
-    assert_eq!(json["architecture"].as_str(), Some(arch.hf_name()));
-    let model = Model::from_checkpoint(&ckpt).expect("load");
-    let tok = ckpt.tokenizer().expect("tokenizer");
-    let mut failures = Vec::new();
-    for (pi, p) in json["prompts"]
-        .as_array()
-        .expect("prompts")
-        .iter()
-        .enumerate()
-    {
-        let prompt = common::ids(&p["ids"]);
-        assert_eq!(
-            tok.encode(p["text"].as_str().expect("text"))
-                .expect("encode"),
-            prompt,
-            "{name} prompt {pi}: tokenization"
-        );
-        let logits = model
-            .forward(&mut model.new_cache(), &prompt, Logits::Last, None)
-            .expect("forward");
-        let e = common::nmse_f64(&logits, &common::floats(&p["final_logits"]));
-        println!("{name} prompt {pi} ({} ids): NMSE {e:.3e}", prompt.len());
-        if e.is_nan() || e > MAX_NMSE {
-            failures.push(format!("prompt {pi}: NMSE {e:.3e}"));
-        }
-        failures.extend(common::greedy_mismatch(
-            &model,
-            &prompt,
-            p,
-            &format!("{name} prompt {pi}"),
-        ));
-    }
-    failures.extend(common::perplexity_mismatch(
-        &model,
-        &tok,
-        &json,
-        MAX_PPL_REL,
-        name,
-    ));
-    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
 }
 
 #[test]

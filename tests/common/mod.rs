@@ -164,3 +164,55 @@ pub fn flashpack_json(args: &[&str]) -> (i32, serde_json::Value) {
     });
     (out.status.code().expect("exit code"), json)
 }
+
+/// Checks `fixtures/reference/<group>/<name>.json` against the model flashpack
+/// loads from its checkpoint, which must be of `arch`: every prompt's
+/// tokenization and final logits (NMSE at most `max_nmse`), its greedy ids up
+/// to the first near tie, and the held-out perplexity (relative error at most
+/// `max_ppl_rel`); panics listing every failure. Returns the checkpoint.
+pub fn matches_transformers(
+    group: &str,
+    name: &str,
+    arch: flashpack::input::config::Architecture,
+    max_nmse: f64,
+    max_ppl_rel: f64,
+) -> flashpack::input::Checkpoint {
+    use flashpack::runtime::{Logits, Model};
+    let (json, ckpt) = reference(group, name);
+    assert_eq!(ckpt.config.architecture, arch);
+    assert_eq!(json["architecture"].as_str(), Some(arch.hf_name()));
+    let model = Model::from_checkpoint(&ckpt).expect("load");
+    let tok = ckpt.tokenizer().expect("tokenizer");
+    let mut failures = Vec::new();
+    for (pi, p) in json["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .enumerate()
+    {
+        let prompt = ids(&p["ids"]);
+        assert_eq!(
+            tok.encode(p["text"].as_str().expect("text"))
+                .expect("encode"),
+            prompt,
+            "{name} prompt {pi}: tokenization"
+        );
+        let logits = model
+            .forward(&mut model.new_cache(), &prompt, Logits::Last, None)
+            .expect("forward");
+        let e = nmse_f64(&logits, &floats(&p["final_logits"]));
+        println!("{name} prompt {pi} ({} ids): NMSE {e:.3e}", prompt.len());
+        if e.is_nan() || e > max_nmse {
+            failures.push(format!("prompt {pi}: NMSE {e:.3e}"));
+        }
+        failures.extend(greedy_mismatch(
+            &model,
+            &prompt,
+            p,
+            &format!("{name} prompt {pi}"),
+        ));
+    }
+    failures.extend(perplexity_mismatch(&model, &tok, &json, max_ppl_rel, name));
+    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
+    ckpt
+}
