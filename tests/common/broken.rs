@@ -475,25 +475,39 @@ fn order_not_permutation(base: &[u8]) -> Vec<u8> {
 /// the dense chunk holding it decompressed, edited, recompressed and
 /// re-hashed.
 fn tensor_order_not_permutation(base: &[u8], name: &str) -> Vec<u8> {
+    edit_tensor_bytes(base, "dense", name, |raw| {
+        let second: [u8; 4] = raw[4..8].try_into().unwrap();
+        raw[..4].copy_from_slice(&second);
+    })
+}
+
+/// `base` with the raw bytes of tensor `name`, from its first byte to the end
+/// of its chunk, changed by `edit`: the zstd chunk of `section` holding it
+/// decompressed, edited, recompressed at the base's zstd level and re-hashed.
+fn edit_tensor_bytes(
+    base: &[u8],
+    section: &str,
+    name: &str,
+    edit: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
     let m = manifest(base);
-    let dense = &m["sections"][section_index(&m, "dense")];
+    let sec = &m["sections"][section_index(&m, section)];
     assert_eq!(
-        dense["compression"], "zstd",
-        "the base's dense part is compressed"
+        sec["compression"], "zstd",
+        "the base's {section} section is compressed"
     );
-    let order = &m["tensors"][tensor_index(&m, name)];
-    let chunk_raw = u64_of(&dense["chunk_raw_bytes"]);
-    let at = u64_of(&order["offset"]);
+    let tensor = &m["tensors"][tensor_index(&m, name)];
+    let chunk_raw = u64_of(&sec["chunk_raw_bytes"]);
+    let at = u64_of(&tensor["offset"]);
     let chunk = (at / chunk_raw) as usize;
     let within = (at % chunk_raw) as usize;
-    let (stored, raw_len) = stored_chunk(base, "dense", chunk);
+    let (stored, raw_len) = stored_chunk(base, section, chunk);
     let mut raw = zstd::bulk::decompress(&stored, raw_len).unwrap();
-    let second: [u8; 4] = raw[within + 4..within + 8].try_into().unwrap();
-    raw[within..within + 4].copy_from_slice(&second);
+    edit(&mut raw[within..]);
     let level = m["provenance"]["options"]["zstd_level"].as_i64().unwrap() as i32;
     replace_chunk(
         base,
-        "dense",
+        section,
         chunk,
         zstd::bulk::compress(&raw, level).unwrap(),
     )
@@ -572,23 +586,9 @@ fn quant_bundle_bytes(base: &[u8]) -> Vec<u8> {
 /// The embedding's first block scale set to a binary16 NaN (0x7E00) in the
 /// dense chunk, recompressed at the base's zstd level, hashes updated.
 fn nan_scale(base: &[u8]) -> Vec<u8> {
-    let m = manifest(base);
-    let dense = &m["sections"][section_index(&m, "dense")];
-    let embed = &m["tensors"][tensor_index(&m, "model.embed_tokens.weight")];
-    let chunk_raw = u64_of(&dense["chunk_raw_bytes"]);
-    let at = u64_of(&embed["offset"]);
-    let chunk = (at / chunk_raw) as usize;
-    let within = (at % chunk_raw) as usize;
-    let (stored, raw_len) = stored_chunk(base, "dense", chunk);
-    let mut raw = zstd::bulk::decompress(&stored, raw_len).unwrap();
-    raw[within..within + 2].copy_from_slice(&0x7E00u16.to_le_bytes());
-    let level = m["provenance"]["options"]["zstd_level"].as_i64().unwrap() as i32;
-    replace_chunk(
-        base,
-        "dense",
-        chunk,
-        zstd::bulk::compress(&raw, level).unwrap(),
-    )
+    edit_tensor_bytes(base, "dense", "model.embed_tokens.weight", |raw| {
+        raw[..2].copy_from_slice(&0x7E00u16.to_le_bytes());
+    })
 }
 
 /// `base` with a tensor `name` (`dtype`, `shape`, raw `bytes`) added at the
@@ -743,26 +743,11 @@ fn selector_layer_missing(base: &[u8]) -> Vec<u8> {
 /// selector chunk is decompressed, edited, recompressed at the base's zstd
 /// level and re-hashed.
 fn selector_value_changed(base: &[u8]) -> Vec<u8> {
-    let m = manifest(base);
-    let section = &m["sections"][section_index(&m, "selector")];
-    assert_eq!(section["compression"], "zstd");
-    let gate = &m["tensors"][tensor_index(&m, "flashpack.selector.0.gate")];
-    let chunk_raw = u64_of(&section["chunk_raw_bytes"]);
-    let at = u64_of(&gate["offset"]);
-    let chunk = (at / chunk_raw) as usize;
-    let within = (at % chunk_raw) as usize;
-    let (stored, raw_len) = stored_chunk(base, "selector", chunk);
-    let mut raw = zstd::bulk::decompress(&stored, raw_len).unwrap();
-    let low = raw[within] & 15;
-    let moved = if low < 15 { low + 1 } else { low - 1 };
-    raw[within] = (raw[within] & 0xF0) | moved;
-    let level = m["provenance"]["options"]["zstd_level"].as_i64().unwrap() as i32;
-    replace_chunk(
-        base,
-        "selector",
-        chunk,
-        zstd::bulk::compress(&raw, level).unwrap(),
-    )
+    edit_tensor_bytes(base, "selector", "flashpack.selector.0.gate", |raw| {
+        let low = raw[0] & 15;
+        let moved = if low < 15 { low + 1 } else { low - 1 };
+        raw[0] = (raw[0] & 0xF0) | moved;
+    })
 }
 
 /// Routing statistics whose counts for layer 1 sum to 19 over 10 tokens of
