@@ -205,7 +205,9 @@ pub fn run(args: &ConvertArgs, out: &Output) -> anyhow::Result<()> {
         print_predictor_table(out, &summary.predictors);
     }
     let verified = if args.verify {
-        let report = crate::cli::verify::verify_file(&args.output, Some(&source), out)?;
+        let started = std::time::Instant::now();
+        let report = crate::pack::verify::verify_file(&args.output, Some(&source), None)?;
+        crate::cli::verify::print_report(&report, &args.output, true, None, started.elapsed(), out);
         if !report.ok {
             let message = format!(
                 "{} written but verification failed: {}",

@@ -1,18 +1,14 @@
 //! `flashpack verify <FILE> [--against <HF_DIR>]`: every hash, every rule, and
-//! optionally the packed weights against the checkpoint they came from.
+//! optionally the packed weights against the checkpoint they came from. The
+//! checks are the library's ([`crate::pack::verify`]); this command parses the
+//! flags and reports.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde::Serialize;
 
 use crate::cli::Output;
-use crate::format::integrity::check_integrity;
-use crate::format::layout::{BundlePart, DENSE_SECTION};
-use crate::format::PackedFile;
-use crate::input::tensors::FfnNames;
-use crate::input::Checkpoint;
-use crate::pack::bundle::get_element;
+use crate::pack::verify::{VerifyReport, CHECK_PROMPTS};
 
 pub use crate::cli::CheckFailed;
 
@@ -45,50 +41,6 @@ pub struct VerifyArgs {
     pub text: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct VerifyReport {
-    pub ok: bool,
-    pub sections_checked: usize,
-    pub chunks_checked: usize,
-    pub hashed_bytes: u64,
-    /// Each failed check, naming the rule, section and chunk.
-    pub failures: Vec<String>,
-    /// Weights compared with the source checkpoint (0 without `--against`).
-    pub weights_compared: u64,
-    pub weights_mismatched: u64,
-    /// Largest final-position logit NMSE between the packed model and the source
-    /// checkpoint over the fixed prompts (`--against` only).
-    pub logit_nmse: Option<f64>,
-    /// Whether the NMSE was held to [`LOGIT_NMSE_LIMIT`]: only when the weights kept
-    /// their dtype (a narrowing conversion changes the model by design).
-    pub logit_nmse_gated: bool,
-    /// Predictor recall per layer re-measured on `--calib` text.
-    pub predictor_recall: Vec<crate::predictor::pipeline::MeasuredRecall>,
-    /// A quantized file with `--against`: the error of each block-typed tensor
-    /// (FFN parts by their checkpoint names), held to `tensor_nmse_limit`.
-    pub quant_errors: Vec<crate::pack::quantize::TensorQuantError>,
-    /// The limits a quantized file is held to (null for a float file): per
-    /// tensor NMSE, logit NMSE, and perplexity ratio minus one with `--text`.
-    pub tensor_nmse_limit: Option<f64>,
-    pub logit_nmse_limit: Option<f64>,
-    pub perplexity_increase_limit: Option<f64>,
-    /// With `--text`: perplexity of the source and of the packed model (dense),
-    /// and their ratio.
-    pub perplexity_source: Option<f64>,
-    pub perplexity_packed: Option<f64>,
-    pub perplexity_ratio: Option<f64>,
-}
-
-/// The packed model computes what the checkpoint computes, up to summation order.
-pub const LOGIT_NMSE_LIMIT: f64 = 1e-10;
-
-/// Prompts whose final-position logits `--against` compares.
-const CHECK_PROMPTS: [&str; 3] = [
-    "",
-    "The quick brown fox jumps over the lazy dog.",
-    "Now is the winter of our discontent\nMade glorious summer by this sun of York;",
-];
-
 pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
     if args.text.is_some() && args.against.is_none() {
         return Err(crate::Error::InvalidArgument(
@@ -96,14 +48,36 @@ pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
         )
         .into());
     }
-    let mut report = verify_file_with(
+    let mut report = verify_file(
         &args.file,
         args.against.as_deref(),
         args.text.as_deref(),
         out,
     )?;
     if !args.calib.is_empty() {
-        check_recall(args, &mut report, out)?;
+        if !(args.min_recall > 0.0 && args.min_recall <= 1.0) {
+            return Err(crate::Error::InvalidArgument(format!(
+                "--min-recall {} must be in (0, 1]",
+                args.min_recall
+            ))
+            .into());
+        }
+        crate::pack::verify::check_recall(
+            &args.file,
+            &mut report,
+            &args.calib,
+            args.min_recall,
+            args.calib_tokens,
+        )?;
+        for m in &report.predictor_recall {
+            out.human(format_args!(
+                "predictor layer {}: recall {:.4} on the given text (predicted {:.1}%, truly active {:.1}%)",
+                m.layer,
+                m.recall,
+                100.0 * m.frac_predicted,
+                100.0 * m.frac_true
+            ));
+        }
     }
     if !report.ok {
         let message = format!(
@@ -121,442 +95,85 @@ pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
     out.json_result(&report)
 }
 
-/// Runs every check on `path`; structural errors and I/O errors are returned as
-/// errors, failed checks are listed in the report.
-pub fn verify_file(
-    path: &Path,
-    against: Option<&Path>,
-    out: &Output,
-) -> anyhow::Result<VerifyReport> {
-    verify_file_with(path, against, None, out)
-}
-
-/// [`verify_file`], with held-out `text` for a quantized file's perplexity.
-pub fn verify_file_with(
+/// Runs the library's checks of `path` (with `against`, and `text` for a
+/// quantized file's perplexity) and prints what they found; failed checks are
+/// in the report, errors are returned.
+fn verify_file(
     path: &Path,
     against: Option<&Path>,
     text: Option<&Path>,
     out: &Output,
 ) -> anyhow::Result<VerifyReport> {
     let started = std::time::Instant::now();
-    let file = PackedFile::open(path)?;
-    let integrity = check_integrity(&file)?;
-    // A broken rule that is not about bytes changed after packing (rule 19)
-    // is invalid input, as the rules checked at open are (exit 2).
-    if let Some(f) = integrity.failures.iter().find(|f| !f.is_integrity()) {
-        return Err(crate::error::Error::Format {
-            path: path.to_path_buf(),
-            source: f.clone(),
-        }
-        .into());
+    let report = crate::pack::verify::verify_file(path, against, text)?;
+    print_report(
+        &report,
+        path,
+        against.is_some(),
+        text,
+        started.elapsed(),
+        out,
+    );
+    Ok(report)
+}
+
+/// The human lines of a report: quantization errors, perplexity and logits
+/// against the source, each failure, and the summary line (`convert --verify`
+/// prints them too).
+pub(crate) fn print_report(
+    report: &VerifyReport,
+    path: &Path,
+    against: bool,
+    text: Option<&Path>,
+    elapsed: std::time::Duration,
+    out: &Output,
+) {
+    for e in &report.quant_errors {
+        out.human(format_args!(
+            "{} {}: NMSE {:.3e}",
+            e.tensor, e.dtype, e.nmse
+        ));
     }
-    let mut failures: Vec<String> = integrity.failures.iter().map(|f| f.to_string()).collect();
-    let (mut compared, mut mismatched) = (0, 0);
-    let mut logit_nmse = None;
-    // Format section 9: a quantized file is held to the limits of its
-    // coarsest type instead of identity.
-    let coarsest = file.manifest.quantization.and_then(|p| {
-        use crate::quant::QuantType::{Q4_1, Q8_0};
-        let types = [p.embed, p.attn, p.ffn, p.head];
-        [Q4_1, Q8_0].into_iter().find(|q| types.contains(&Some(*q)))
-    });
-    let limits = coarsest.map(crate::pack::quantize::limits);
-    let gated = file.manifest.provenance.options.dtype == "keep" && limits.is_none();
-    let mut quant_errors = Vec::new();
-    let mut perplexities = None;
-    if let Some(dir) = against {
-        if failures.is_empty() {
-            let ckpt = Checkpoint::open(dir)?;
-            let r = compare_weights(&file, &ckpt)?;
-            compared = r.0;
-            mismatched = r.1;
-            failures.extend(r.2);
-            if let Some((tensor_limit, _, _)) = limits {
-                quant_errors = r.3;
-                for e in &quant_errors {
-                    out.human(format_args!(
-                        "{} {}: NMSE {:.3e}",
-                        e.tensor, e.dtype, e.nmse
-                    ));
-                    if e.blocks_differing > 0 {
-                        failures.push(format!(
-                            "tensor {:?}: {} blocks differ from the source quantized as the format says",
-                            e.tensor, e.blocks_differing
-                        ));
-                    }
-                    if let Some(n) = e.scales_differing.filter(|&n| n > 0) {
-                        failures.push(format!(
-                            "tensor {:?}: {n} values of its down scale differ from the scale the format computes from the source",
-                            e.tensor
-                        ));
-                    }
-                    if !within_limit(e.nmse, tensor_limit) {
-                        failures.push(format!(
-                            "tensor {:?}: quantization NMSE {:.3e} exceeds {tensor_limit:e}",
-                            e.tensor, e.nmse
-                        ));
-                    }
-                }
-            }
-            if failures.is_empty() {
-                if let (Some(text), Some((_, _, ppl_limit))) = (text, limits) {
-                    let (source, packed) = compare_perplexity(&file, &ckpt, text)?;
-                    out.human(format_args!(
-                        "perplexity on {}: source {source:.4}, packed {packed:.4} ({:+.3}%)",
-                        text.display(),
-                        100.0 * (packed / source - 1.0)
-                    ));
-                    if !within_limit(packed / source - 1.0, ppl_limit) {
-                        failures.push(format!(
-                            "perplexity {packed:.4} exceeds the source's {source:.4} by more than {:.1}%",
-                            100.0 * ppl_limit
-                        ));
-                    }
-                    perplexities = Some((source, packed));
-                }
-                let e = compare_logits(&file, &ckpt)?;
-                out.human(format_args!(
-                    "logits against the source: max NMSE {e:.3e} over {} prompts{}",
-                    CHECK_PROMPTS.len(),
-                    if gated {
-                        String::new()
-                    } else if let Some((_, limit, _)) = limits {
-                        format!(" (quantized: limit {limit:e})")
-                    } else {
-                        " (not gated: the weights changed dtype)".into()
-                    }
-                ));
-                let within = e.partial_cmp(&LOGIT_NMSE_LIMIT).is_some_and(|o| o.is_le());
-                if gated && !within {
-                    failures.push(format!(
-                        "logit NMSE {e:.3e} against the source exceeds {LOGIT_NMSE_LIMIT:e}"
-                    ));
-                }
-                if let Some((_, logit_limit, _)) = limits {
-                    if !within_limit(e, logit_limit) {
-                        failures.push(format!(
-                            "logit NMSE {e:.3e} of the quantized model exceeds {logit_limit:e}"
-                        ));
-                    }
-                }
-                logit_nmse = Some(e);
-            }
-        } else {
-            failures.push(
-                "weights not compared with the source: the file failed its integrity checks".into(),
-            );
-        }
+    if let (Some(text), Some(source), Some(packed)) =
+        (text, report.perplexity_source, report.perplexity_packed)
+    {
+        out.human(format_args!(
+            "perplexity on {}: source {source:.4}, packed {packed:.4} ({:+.3}%)",
+            text.display(),
+            100.0 * (packed / source - 1.0)
+        ));
     }
-    for f in &failures {
+    if let Some(e) = report.logit_nmse {
+        out.human(format_args!(
+            "logits against the source: max NMSE {e:.3e} over {} prompts{}",
+            CHECK_PROMPTS.len(),
+            if report.logit_nmse_gated {
+                String::new()
+            } else if let Some(limit) = report.logit_nmse_limit {
+                format!(" (quantized: limit {limit:e})")
+            } else {
+                " (not gated: the weights changed dtype)".into()
+            }
+        ));
+    }
+    for f in &report.failures {
         out.human(format_args!("FAIL {f}"));
     }
-    let ok = failures.is_empty();
     out.human(format_args!(
         "{}: {} sections, {} chunks, {:.2} MiB hashed{} in {:.2}s: {}",
         path.display(),
-        integrity.sections_checked,
-        integrity.chunks_checked,
-        integrity.bytes_hashed as f64 / (1024.0 * 1024.0),
-        if against.is_some() {
-            format!(", {compared} weights compared with the source")
+        report.sections_checked,
+        report.chunks_checked,
+        report.hashed_bytes as f64 / (1024.0 * 1024.0),
+        if against {
+            format!(
+                ", {} weights compared with the source",
+                report.weights_compared
+            )
         } else {
             String::new()
         },
-        started.elapsed().as_secs_f64(),
-        if ok { "OK" } else { "FAILED" }
+        elapsed.as_secs_f64(),
+        if report.ok { "OK" } else { "FAILED" }
     ));
-    Ok(VerifyReport {
-        ok,
-        sections_checked: integrity.sections_checked,
-        chunks_checked: integrity.chunks_checked,
-        hashed_bytes: integrity.bytes_hashed,
-        failures,
-        weights_compared: compared,
-        weights_mismatched: mismatched,
-        logit_nmse,
-        logit_nmse_gated: gated && against.is_some(),
-        predictor_recall: Vec::new(),
-        quant_errors,
-        tensor_nmse_limit: limits.map(|l| l.0),
-        logit_nmse_limit: limits.map(|l| l.1),
-        perplexity_increase_limit: limits.map(|l| l.2),
-        perplexity_source: perplexities.map(|p| p.0),
-        perplexity_packed: perplexities.map(|p| p.1),
-        perplexity_ratio: perplexities.map(|p| p.1 / p.0),
-    })
-}
-
-/// `value <= limit`, false for a NaN value.
-fn within_limit(value: f64, limit: f64) -> bool {
-    value.partial_cmp(&limit).is_some_and(|o| o.is_le())
-}
-
-/// Narrows a source value to the packed dtype and compares bit patterns (so NaN
-/// equals NaN, and -0 differs from +0).
-fn same(packed: f32, source: f32, dtype: crate::dtype::DType) -> bool {
-    let mut a = [0u8; 4];
-    let mut b = [0u8; 4];
-    crate::pack::bundle::put_element(&mut a, dtype, 0, packed);
-    crate::pack::bundle::put_element(&mut b, dtype, 0, source);
-    a == b
-}
-
-/// Every packed weight against the source: dense tensors element by element,
-/// per-neuron biases and bundles through the recorded neuron order.
-#[allow(clippy::type_complexity)]
-fn compare_weights(
-    file: &PackedFile,
-    ckpt: &Checkpoint,
-) -> anyhow::Result<(
-    u64,
-    u64,
-    Vec<String>,
-    Vec<crate::pack::quantize::TensorQuantError>,
-)> {
-    let mut failures = Vec::new();
-    let (mut compared, mut mismatched) = (0u64, 0u64);
-    if file.config != ckpt.config {
-        failures.push("the packed model config differs from the checkpoint's".to_string());
-        return Ok((0, 0, failures, Vec::new()));
-    }
-    let dense = file.read_section(DENSE_SECTION)?;
-    let order_of = |tensor: &str| -> Vec<usize> {
-        let entry = file.tensor_entry(tensor).expect("checked at open");
-        dense[entry.offset as usize..(entry.offset + entry.length) as usize]
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .collect()
-    };
-    // Every stored set of bundles with the checkpoint FFN it holds: the FFN
-    // layers', then the experts' (spec 4.1).
-    let mut bundle_sets: Vec<(crate::format::layout::FfnLayerEntry, &FfnNames)> = file
-        .manifest
-        .ffn_layers
-        .iter()
-        .map(|l| (l.clone(), &ckpt.names.layers[l.layer as usize].ffn))
-        .collect();
-    for e in &file.manifest.experts {
-        let Some(moe) = ckpt.names.layers[e.layer as usize].ffn.moe() else {
-            failures.push(format!("expert {} of dense layer {}", e.expert, e.layer));
-            return Ok((compared, mismatched, failures, Vec::new()));
-        };
-        bundle_sets.push((e.bundles(), &moe.experts[e.expert as usize]));
-    }
-    let orders: Vec<Vec<usize>> = bundle_sets
-        .iter()
-        .map(|(l, _)| order_of(&l.order_tensor))
-        .collect();
-    let layer_orders: std::collections::HashMap<usize, &[usize]> = file
-        .manifest
-        .ffn_layers
-        .iter()
-        .zip(&orders)
-        .map(|(l, o)| (l.layer as usize, o.as_slice()))
-        .collect();
-    let mut per_neuron = std::collections::HashMap::new();
-    for (i, l) in ckpt.names.layers.iter().enumerate() {
-        for b in l.ffn.per_neuron_biases() {
-            per_neuron.insert(b.clone(), i);
-        }
-    }
-    // Predictor tensors are made by flashpack, not copied: only the dense part
-    // has a source to compare with. A down scale (spec 9.6) is compared with
-    // its down projection's quantization error.
-    for entry in file.manifest.tensors.iter().filter(|t| {
-        t.section == DENSE_SECTION && crate::format::layout::down_scale_layer(&t.name).is_none()
-    }) {
-        let Some(dtype) = entry.dtype.weight() else {
-            continue;
-        };
-        let src = ckpt.tensor(&entry.name)?;
-        let bytes = &dense[entry.offset as usize..(entry.offset + entry.length) as usize];
-        // Per-neuron biases are stored in packed order.
-        let order = per_neuron
-            .get(&entry.name)
-            .and_then(|layer| layer_orders.get(layer).copied());
-        let source_index = |p: usize| order.map_or(p, |o| o[p]);
-        let bad = (0..src.numel())
-            .filter(|&p| {
-                !same(
-                    get_element(bytes, dtype, p),
-                    get_element(src.bytes, src.dtype, source_index(p)),
-                    dtype,
-                )
-            })
-            .count() as u64;
-        compared += src.numel() as u64;
-        if bad > 0 {
-            mismatched += bad;
-            failures.push(format!(
-                "tensor {:?}: {bad} values differ from the source",
-                entry.name
-            ));
-        }
-    }
-    // Block-typed tensors and FFN layers are compared by their quantization error.
-    let quant = crate::pack::quantize::quantization_errors(file, ckpt, &dense, &orders)?;
-    let dense_sets = file.manifest.ffn_layers.len();
-    for (i, (layer, ffn)) in bundle_sets.iter().enumerate() {
-        let Some(dtype) = layer.dtype.weight() else {
-            // A quantized expert: no writer of this version makes one, and its
-            // blocks are not compared, which must not pass as verified.
-            if i >= dense_sets {
-                failures.push(format!(
-                    "section {:?}: {} expert bundles are not compared by this version",
-                    layer.section,
-                    layer.dtype.name()
-                ));
-            }
-            continue;
-        };
-        let section = file.read_section(&layer.section)?;
-        let h = layer.hidden as usize;
-        let n = layer.neurons as usize;
-        let (gate, up, down) = ffn.parts();
-        let gate = gate.map(|g| ckpt.tensor(&g.weight)).transpose()?;
-        let up = ckpt.tensor(&up.weight)?;
-        let down = ckpt.tensor(&down.weight)?;
-        let mut bad = 0u64;
-        for (p, &neuron) in orders[i].iter().enumerate() {
-            let bundle =
-                &section[p * layer.bundle_bytes as usize..(p + 1) * layer.bundle_bytes as usize];
-            for (k, part) in layer.parts.iter().enumerate() {
-                for j in 0..h {
-                    let source = match part {
-                        BundlePart::Gate => gate
-                            .as_ref()
-                            .map(|g| get_element(g.bytes, g.dtype, neuron * h + j)),
-                        BundlePart::Up => Some(get_element(up.bytes, up.dtype, neuron * h + j)),
-                        BundlePart::Down => {
-                            Some(get_element(down.bytes, down.dtype, j * n + neuron))
-                        }
-                    };
-                    let packed = get_element(bundle, dtype, k * h + j);
-                    if !source.is_some_and(|s| same(packed, s, dtype)) {
-                        bad += 1;
-                    }
-                }
-            }
-        }
-        compared += (n * h * layer.parts.len()) as u64;
-        if bad > 0 {
-            mismatched += bad;
-            failures.push(format!(
-                "section {:?}: {bad} bundle values differ from the source",
-                layer.section
-            ));
-        }
-    }
-    Ok((compared, mismatched, failures, quant))
-}
-
-/// Perplexity of the source and the packed model (both dense, in DRAM) on
-/// `text`, windows of 256 tokens.
-fn compare_perplexity(
-    file: &PackedFile,
-    ckpt: &Checkpoint,
-    text: &Path,
-) -> anyhow::Result<(f64, f64)> {
-    use crate::runtime::{packed::PackedWeights, Model};
-    let content = std::fs::read_to_string(text).map_err(|e| crate::Error::io(text, e))?;
-    let ids = ckpt.tokenizer()?.encode(&content)?;
-    let source = Model::from_checkpoint(ckpt)?;
-    let a = crate::runtime::perplexity::perplexity(&source, &ids, 256)?.perplexity;
-    drop(source);
-    let packed = Model::load(&file.config, &file.names, &PackedWeights::read_all(file)?)?;
-    let b = crate::runtime::perplexity::perplexity(&packed, &ids, 256)?.perplexity;
-    Ok((a, b))
-}
-
-/// Largest final-position logit NMSE between the packed model (all bundles in DRAM)
-/// and the checkpoint, through the one dense runtime, over [`CHECK_PROMPTS`].
-fn compare_logits(file: &PackedFile, ckpt: &Checkpoint) -> anyhow::Result<f64> {
-    use crate::runtime::{packed::PackedWeights, Logits, Model};
-    let source = Model::from_checkpoint(ckpt)?;
-    let packed = Model::load(&file.config, &file.names, &PackedWeights::read_all(file)?)?;
-    let tokenizer = ckpt.tokenizer()?;
-    let mut worst = 0.0f64;
-    for text in CHECK_PROMPTS {
-        let ids = tokenizer.encode(text)?;
-        if ids.is_empty() || ids.len() > source.config.max_context {
-            continue;
-        }
-        let r = source.forward(&mut source.new_cache(), &ids, Logits::Last, None)?;
-        let x = packed.forward(&mut packed.new_cache(), &ids, Logits::Last, None)?;
-        let num: f64 = x
-            .iter()
-            .zip(&r)
-            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-            .sum();
-        let den: f64 = r.iter().map(|&b| (b as f64).powi(2)).sum();
-        let e = num / den;
-        worst = if e.is_nan() { e } else { worst.max(e) };
-    }
-    Ok(worst)
-}
-
-/// Re-measures each predictor's recall on the `--calib` text (through the packed
-/// model, so labels and predictions use packed neuron indices).
-fn check_recall(args: &VerifyArgs, report: &mut VerifyReport, out: &Output) -> anyhow::Result<()> {
-    if !(args.min_recall > 0.0 && args.min_recall <= 1.0) {
-        return Err(crate::Error::InvalidArgument(format!(
-            "--min-recall {} must be in (0, 1]",
-            args.min_recall
-        ))
-        .into());
-    }
-    if !report.ok {
-        report
-            .failures
-            .push("predictor recall not measured: the file failed its other checks".into());
-        return Ok(());
-    }
-    // One read of the file: the weights serve both the model and the SiLU
-    // gate projections that labelling needs.
-    let file = PackedFile::open(&args.file)?;
-    let weights = crate::runtime::packed::PackedWeights::read_all(&file)?;
-    let model = crate::runtime::Model::load(&file.config, &file.names, &weights)?;
-    let tokenizer = crate::runtime::packed::packed_tokenizer(&file)?;
-    let Some(sparsity) = crate::runtime::open::sparsity_data(&file)? else {
-        report
-            .failures
-            .push("--calib given, but the file has no predictors".into());
-        report.ok = false;
-        return Ok(());
-    };
-    let opts = crate::predictor::calibrate::CalibrationOptions {
-        max_tokens: args.calib_tokens,
-        fixed_silu_thresholds: sparsity.silu_thresholds.to_vec(),
-        criterion: sparsity.silu_criterion,
-        ..Default::default()
-    };
-    // SiLU labels must use the thresholds stored in the file, not new ones: the
-    // measured recall is then against the file's own definition of "fired".
-    let measured = crate::predictor::pipeline::measure_recall(
-        &model,
-        &file.names,
-        &weights,
-        &tokenizer,
-        &args.calib,
-        &opts,
-        &sparsity.predictors,
-    )?;
-    for m in &measured {
-        out.human(format_args!(
-            "predictor layer {}: recall {:.4} on the given text (predicted {:.1}%, truly active {:.1}%)",
-            m.layer,
-            m.recall,
-            100.0 * m.frac_predicted,
-            100.0 * m.frac_true
-        ));
-        if m.recall < args.min_recall {
-            report.failures.push(format!(
-                "predictor of layer {}: recall {:.4} below --min-recall {}",
-                m.layer, m.recall, args.min_recall
-            ));
-        }
-    }
-    report.ok = report.failures.is_empty();
-    report.predictor_recall = measured;
-    Ok(())
 }
