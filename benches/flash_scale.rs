@@ -63,8 +63,9 @@ use flashpack::runtime::bench::{write_synthetic_checkpoint, SyntheticShape};
 use flashpack::runtime::flash::bench::{measure_mode, ModeRow};
 use flashpack::runtime::flash::io::IoEngine;
 use flashpack::runtime::flash::replay::from_kept_trace;
-use flashpack::runtime::flash::{parse_size, DiskMode, FlashOptions, Replay};
+use flashpack::runtime::flash::{parse_size, FlashOptions, Replay};
 use flashpack::runtime::kernels::{dot_weights, Weights};
+use flashpack::runtime::sparse::FfnMode;
 use rayon::prelude::*;
 
 const HIDDEN: usize = 2048;
@@ -77,7 +78,7 @@ const BUDGET_CHILD: &str = "FLASHPACK_SCALE_BUDGET_CHILD";
 /// chunks are verified on first use, the reader's engine.
 type Run<'a> = (
     String,
-    DiskMode,
+    FfnMode,
     usize,
     Option<&'a Arc<Replay>>,
     usize,
@@ -278,7 +279,7 @@ fn main() {
     let mut runs: Vec<Run> = Vec::new();
     runs.extend(both(
         "naive".into(),
-        DiskMode::Naive,
+        FfnMode::Naive,
         window,
         None,
         naive_tokens,
@@ -292,7 +293,7 @@ fn main() {
     };
     runs.push((
         label("flash window 0".into()),
-        DiskMode::Flash,
+        FfnMode::Flash,
         0,
         Some(&predicted),
         tokens,
@@ -301,7 +302,7 @@ fn main() {
     ));
     runs.extend(both(
         format!("flash window {window}"),
-        DiskMode::Flash,
+        FfnMode::Flash,
         window,
         Some(&predicted),
         tokens,
@@ -310,7 +311,7 @@ fn main() {
         // The same mode through io_uring, right after the thread pool's.
         runs.push((
             label(format!("flash window {window}, io_uring")),
-            DiskMode::Flash,
+            FfnMode::Flash,
             window,
             Some(&predicted),
             tokens,
@@ -320,7 +321,7 @@ fn main() {
     }
     runs.push((
         label(format!("oracle-flash window {window}")),
-        DiskMode::Oracle,
+        FfnMode::OracleFlash,
         window,
         Some(&fired),
         tokens,
@@ -330,7 +331,7 @@ fn main() {
     let mut rows: Vec<ModeRow> = Vec::new();
     let mut mmap = Err("not run".to_string());
     for (name, mode, w, replay, n, verify_reads, io_engine) in runs {
-        if mode != DiskMode::Naive {
+        if mode != FfnMode::Naive {
             // The llama.cpp-style baseline beside naive, a few seconds apart:
             // this disk's throughput drifts over minutes.
             if mmap.is_err() {
@@ -497,7 +498,7 @@ fn budget_child(packed: &Path) {
         })
         .sum();
     let opts = FlashOptions {
-        mode: DiskMode::Flash,
+        mode: FfnMode::Flash,
         window: num("FLASHPACK_SCALE_CHILD_WINDOW"),
         io_threads: num("FLASHPACK_SCALE_CHILD_IO_THREADS"),
         io_engine: if var("FLASHPACK_SCALE_CHILD_IO_ENGINE") == "uring" {

@@ -171,6 +171,15 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// A library option (named by its field, e.g. `dram_budget` of
+    /// `SessionOptions`) that is invalid or does not apply; the command line
+    /// shows the matching flag instead of the field name.
+    #[error("{option}: {problem}")]
+    InvalidOption {
+        option: &'static str,
+        problem: String,
+    },
+
     /// A sequence (prompt, evaluation window) longer than the model's context.
     #[error("{what} needs {needed} positions, but the model's context is {max}")]
     ContextTooLong {
@@ -245,6 +254,7 @@ impl Error {
             | Error::UnsupportedDtype { .. }
             | Error::Tokenizer { .. }
             | Error::InvalidArgument(_)
+            | Error::InvalidOption { .. }
             | Error::OutputIsInput { .. }
             | Error::OutputDirectory { .. }
             | Error::WrongKind { .. }

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use flashpack::format::PackedFile;
-use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashReport};
+use flashpack::runtime::flash::{open_flash, FlashOptions, FlashReport};
+use flashpack::runtime::sparse::FfnMode;
 use flashpack::runtime::{open_model, with_threads, Fired, Logits, Model, Observer};
 
 const MODELS: [&str; 4] = [
@@ -116,7 +117,7 @@ fn open(path: &Path, opts: FlashOptions) -> (Model, flashpack::runtime::flash::F
 }
 
 /// (mode, window, cache rows, DRAM budget, compute threads, I/O threads)
-type Case = (DiskMode, usize, Option<usize>, Option<u64>, usize, usize);
+type Case = (FfnMode, usize, Option<usize>, Option<u64>, usize, usize);
 
 #[test]
 fn naive_and_flash_decode_is_bit_identical_to_the_packed_model_in_dram() {
@@ -131,15 +132,15 @@ fn naive_and_flash_decode_is_bit_identical_to_the_packed_model_in_dram() {
         let expert_rows = moe.expert_width;
         // (mode, window, cache rows, budget, compute threads, I/O threads)
         let cases: [Case; 6] = [
-            (DiskMode::Naive, 4, None, None, 1, 2),
-            (DiskMode::Flash, 4, None, None, 2, 3),
-            (DiskMode::Flash, 0, None, None, 1, 1),
+            (FfnMode::Naive, 4, None, None, 1, 2),
+            (FfnMode::Flash, 4, None, None, 2, 3),
+            (FfnMode::Flash, 0, None, None, 1, 1),
             // Rows for less than one expert: the scratch path for the rest.
-            (DiskMode::Flash, 1, Some(expert_rows / 2 + 1), None, 2, 1),
+            (FfnMode::Flash, 1, Some(expert_rows / 2 + 1), None, 2, 1),
             // Rows for one expert per layer: experts evicted every step.
-            (DiskMode::Flash, 4, Some(expert_rows), None, 1, 4),
+            (FfnMode::Flash, 4, Some(expert_rows), None, 1, 4),
             // Budget to spare: every expert stays once read.
-            (DiskMode::Flash, 4, None, Some(1 << 30), 1, 2),
+            (FfnMode::Flash, 4, None, Some(1 << 30), 1, 2),
         ];
         for (mode, window, capacity, dram_budget, threads, io_threads) in cases {
             let opts = FlashOptions {
@@ -168,7 +169,7 @@ fn naive_and_flash_decode_is_bit_identical_to_the_packed_model_in_dram() {
             );
             assert!(r.bytes_read > 0 && r.read_ops > 0, "{name}");
             match (mode, capacity, dram_budget, window) {
-                (DiskMode::Naive, ..) => {
+                (FfnMode::Naive, ..) => {
                     assert_eq!(
                         e.read_per_token, e.chosen_per_token,
                         "{name}: naive reads every chosen expert"
@@ -265,7 +266,7 @@ fn naive_reads_exactly_what_the_chosen_experts_occupy() {
             let (model, rt) = open(
                 &path,
                 FlashOptions {
-                    mode: DiskMode::Naive,
+                    mode: FfnMode::Naive,
                     verify_reads,
                     ..FlashOptions::default()
                 },
@@ -301,7 +302,7 @@ fn a_damaged_expert_byte_stops_the_run_naming_its_section() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[(s.offset + 7) as usize] ^= 0x40;
     std::fs::write(&bad, &bytes).unwrap();
-    for mode in [DiskMode::Naive, DiskMode::Flash] {
+    for mode in [FfnMode::Naive, FfnMode::Flash] {
         let (model, _) = open(
             &bad,
             FlashOptions {
@@ -355,7 +356,7 @@ fn oracle_flash_on_a_moe_file_is_refused_by_name() {
     let err = open_flash(
         &path,
         &FlashOptions {
-            mode: DiskMode::Oracle,
+            mode: FfnMode::OracleFlash,
             ..FlashOptions::default()
         },
     )

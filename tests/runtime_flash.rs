@@ -15,7 +15,7 @@ use flashpack::predictor::calibrate::CalibrationOptions;
 use flashpack::predictor::pipeline::CalibrationPlan;
 use flashpack::predictor::train::TrainOptions;
 use flashpack::runtime::flash::io::IoEngine;
-use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashRuntime};
+use flashpack::runtime::flash::{open_flash, FlashOptions, FlashRuntime};
 use flashpack::runtime::sparse::FfnMode;
 use flashpack::runtime::{open_model, with_threads, ActiveSet, Logits, Model};
 
@@ -281,7 +281,7 @@ fn naive_equals_dense_and_reads_more_than_flash() {
     let (naive, naive_rt) = flash(
         path,
         FlashOptions {
-            mode: DiskMode::Naive,
+            mode: FfnMode::Naive,
             ..FlashOptions::default()
         },
     );
@@ -464,7 +464,7 @@ fn oracle_flash_is_bit_identical_to_oracle_and_reads_no_more_than_flash() {
         let (model, rt) = flash(
             path,
             FlashOptions {
-                mode: DiskMode::Oracle,
+                mode: FfnMode::OracleFlash,
                 ..FlashOptions::default()
             },
         );
@@ -700,7 +700,7 @@ fn a_file_truncated_during_a_run_fails_with_an_io_error_naming_the_layer() {
     let tmp = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
     let path = tmp.path().join("m.flashpack");
     std::fs::copy(calibrated("opt-relu"), &path).unwrap();
-    for mode in [DiskMode::Naive, DiskMode::Flash] {
+    for mode in [FfnMode::Naive, FfnMode::Flash] {
         let (model, rt) = flash(
             &path,
             FlashOptions {
@@ -919,7 +919,7 @@ fn verification_hashes_the_bytes_the_reads_brought_in() {
         ffn_chunks += s.chunks.len() as u64;
     }
     assert!(ffn_chunks > 4, "more than one chunk per layer");
-    for mode in [DiskMode::Naive, DiskMode::Flash, DiskMode::Oracle] {
+    for mode in [FfnMode::Naive, FfnMode::Flash, FfnMode::OracleFlash] {
         let run = |verify_reads: bool| {
             let (model, rt) = flash(
                 path,
@@ -946,7 +946,7 @@ fn verification_hashes_the_bytes_the_reads_brought_in() {
             "{mode:?}: {} of {ffn_chunks} chunks, {} of {ffn_bytes} bytes hashed; read {} with, {} without ({} to complete chunks)",
             r_on.chunks_verified, r_on.hashed_bytes, r_on.bytes_read, r_off.bytes_read, r_on.verify_extra_read_bytes
         );
-        if mode == DiskMode::Naive {
+        if mode == FfnMode::Naive {
             assert_eq!(r_on.chunks_verified, ffn_chunks);
             assert_eq!(r_on.hashed_bytes, ffn_bytes, "every byte hashed once");
             assert_eq!(r_on.verify_extra_read_bytes, 0);
@@ -979,7 +979,7 @@ fn ffn_active_fraction_counts_the_neurons_each_disk_mode_computes() {
         logits(&m.model, &ids);
         counter.active_fraction()
     };
-    let on_disk = |mode: DiskMode| {
+    let on_disk = |mode: FfnMode| {
         let (model, rt) = flash(
             path,
             FlashOptions {
@@ -995,9 +995,9 @@ fn ffn_active_fraction_counts_the_neurons_each_disk_mode_computes() {
     let (predicted, oracle) = (in_dram(FfnMode::Predicted), in_dram(FfnMode::Oracle));
     assert!(predicted > 0.0 && predicted < 0.5, "{predicted}");
     assert!(oracle > 0.0 && oracle < predicted, "{oracle}");
-    assert_eq!(on_disk(DiskMode::Flash), predicted);
-    assert_eq!(on_disk(DiskMode::Oracle), oracle);
-    assert_eq!(on_disk(DiskMode::Naive), 1.0);
+    assert_eq!(on_disk(FfnMode::Flash), predicted);
+    assert_eq!(on_disk(FfnMode::OracleFlash), oracle);
+    assert_eq!(on_disk(FfnMode::Naive), 1.0);
     // Reported by `run --json` with the flash statistics.
     let out = cli(&[
         "run",
@@ -1052,7 +1052,7 @@ fn a_replayed_trace_chooses_the_recorded_neurons() {
     let (model, rt) = flash(
         path,
         FlashOptions {
-            mode: DiskMode::Oracle,
+            mode: FfnMode::OracleFlash,
             replay: Some(Arc::clone(&fired)),
             ..FlashOptions::default()
         },

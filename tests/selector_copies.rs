@@ -21,7 +21,7 @@ use flashpack::pack::{convert, ConvertOptions};
 use flashpack::predictor::calibrate::CalibrationOptions;
 use flashpack::predictor::pipeline::CalibrationPlan;
 use flashpack::predictor::train::{RankChoice, TrainOptions};
-use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions};
+use flashpack::runtime::flash::{open_flash, FlashOptions};
 use flashpack::runtime::sparse::{FfnMode, Selector};
 use flashpack::runtime::{open_model, Logits};
 use serde_json::{json, Value};
@@ -358,7 +358,7 @@ fn rule_29_is_checked_by_verify_and_by_the_runtime_that_reads_the_copies() {
         open_flash(
             path,
             &FlashOptions {
-                mode: DiskMode::Flash,
+                mode: FfnMode::Flash,
                 ..FlashOptions::default()
             },
         )
@@ -451,7 +451,7 @@ fn flash_chooses_with_the_files_copies_bit_identical_to_predicted_and_reads_less
         };
         // `auto` resolves to the file's copies; so does the explicit type.
         for s in [Selector::Auto, selector] {
-            let (flash, rt) = open(DiskMode::Flash, s);
+            let (flash, rt) = open(FfnMode::Flash, s);
             let got = logits(&flash.model, &ids);
             assert!(
                 got.iter()
@@ -476,7 +476,7 @@ fn flash_chooses_with_the_files_copies_bit_identical_to_predicted_and_reads_less
             if s == Selector::Auto {
                 // Without the window's cache, flash reads the chosen bundles
                 // only: fewer bytes than naive's whole FFN.
-                let (nf, nrt) = open(DiskMode::Naive, Selector::Auto);
+                let (nf, nrt) = open(FfnMode::Naive, Selector::Auto);
                 logits(&nf.model, &ids);
                 let naive = nrt.report().bytes_read_per_token;
                 assert!(r.bytes_read_per_token < naive, "{kind:?}");
@@ -499,7 +499,7 @@ fn flash_chooses_with_the_files_copies_bit_identical_to_predicted_and_reads_less
         .unwrap();
         assert!(e.to_string().contains("--selector"), "{e}");
         // The trained predictors still serve when asked for.
-        let (_, rt) = open(DiskMode::Flash, Selector::Trained);
+        let (_, rt) = open(FfnMode::Flash, Selector::Trained);
         assert_eq!(rt.selector, Some(Selector::Trained));
         assert_eq!(rt.plan.selector, 0);
         assert!(rt.plan.predictors > 0);

@@ -445,7 +445,7 @@ fn sparse_modes_read_down_columns_contiguously_and_compute_the_same_bits() {
 
 #[test]
 fn oracle_flash_chooses_by_the_product_criterion_as_the_in_dram_oracle_does() {
-    use flashpack::runtime::flash::{open_flash, DiskMode, FlashOptions};
+    use flashpack::runtime::flash::{open_flash, FlashOptions};
     use flashpack::runtime::Logits;
     let tmp = tempfile::tempdir().unwrap();
     let path = calibrated(tmp.path(), Allocation::Greedy);
@@ -475,7 +475,7 @@ fn oracle_flash_chooses_by_the_product_criterion_as_the_in_dram_oracle_does() {
     let (loaded, _rt) = open_flash(
         &path,
         &FlashOptions {
-            mode: DiskMode::Oracle,
+            mode: FfnMode::OracleFlash,
             ..FlashOptions::default()
         },
     )

@@ -9,6 +9,7 @@ use clap::Args;
 use crate::cli::Output;
 use crate::input::Checkpoint;
 use crate::runtime::bench::{measure_speed, stream_read_gb_per_s, synthetic_model, SpeedResult};
+use crate::runtime::sparse::FfnMode;
 use crate::runtime::{with_threads, Model};
 
 #[derive(Debug, Args)]
@@ -81,29 +82,15 @@ struct FlashRow {
 
 /// The paper's Table 2 for each `--packed` file.
 fn flash_table(args: &BenchArgs, out: &Output) -> anyhow::Result<Vec<FlashRow>> {
-    use crate::runtime::flash::{bench::compare_modes, parse_size, FlashOptions};
+    use crate::runtime::flash::bench::compare_modes;
     const TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness. ";
     let mut rows = Vec::new();
     for path in args.files.iter().chain(&args.packed) {
-        let file_bytes = std::fs::metadata(path)
-            .map_err(|e| crate::Error::io(path, e))?
-            .len();
-        let opts = FlashOptions {
-            window: args.flash.window(),
-            io_threads: args.flash.io_threads(),
-            io_engine: args.flash.io_engine(),
-            coalesce_gap: args.flash.coalesce_gap(),
-            dram_budget: args
-                .flash
-                .dram_budget
-                .as_deref()
-                .map(|b| parse_size(b, file_bytes))
-                .transpose()?,
-            context: args.decode_tokens + 8,
-            verify_reads: args.flash.verify_reads,
-            selector: args.flash.selector,
-            ..FlashOptions::default()
-        };
+        // The flash modes' shared options; each mode is measured with its own.
+        let opts = args
+            .flash
+            .session_options(FfnMode::Flash, args.decode_tokens + 8, None)
+            .flash_options(path, FfnMode::Flash)?;
         let packed = crate::format::PackedFile::open(path)?;
         // Said before any work: flash needs the predictors of `convert --calib`.
         if packed.manifest.predictors.is_empty() && packed.config.moe.is_none() {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::cli::run::{
-    default_ffn_mode, open_for_mode, FlashArgs, Opened, SamplingArgs, MAX_JSON_SAFE_INTEGER,
+    default_ffn_mode, open_session, FlashArgs, SamplingArgs, MAX_JSON_SAFE_INTEGER,
 };
 use crate::cli::Output;
 use crate::runtime::chat::{ChatEncoder, ChatSession, Message};
@@ -97,24 +97,21 @@ pub fn run(args: &ChatArgs, out: &Output) -> anyhow::Result<()> {
     // The template first: a model without one fails before its weights load.
     let encoder = ChatEncoder::load(&model_path)?;
     let ffn = default_ffn_mode(&model_path, args.ffn);
-    let Opened {
-        loaded,
-        flash: _flash,
-        ..
-    } = open_for_mode(
+    let session = open_session(
         &model_path,
         ffn,
         &args.flash,
         args.ctx.unwrap_or(usize::MAX),
+        args.threads,
     )?;
+    let mut stop_ids = session.stop_ids();
+    let (loaded, _flash) = session.into_parts();
     let model = loaded.model;
     let tokenizer = loaded.tokenizer;
     let context = args
         .ctx
         .unwrap_or(model.config.max_context)
         .min(model.config.max_context);
-    let mut stop_ids = model.config.eos_token_ids.clone();
-    stop_ids.extend(tokenizer.special.eos.iter().copied());
     stop_ids.extend(encoder.eos_token_id());
     stop_ids.sort_unstable();
     stop_ids.dedup();

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, IoSummary, Opened};
+use crate::cli::run::{default_ffn_mode, open_session, print_io, FlashArgs};
 use crate::cli::Output;
 use crate::error::Error;
-use crate::runtime::perplexity::perplexity_with_progress;
+use crate::runtime::session::PerplexityReport;
 use crate::runtime::sparse::FfnMode;
-use crate::runtime::{with_threads, LoadedModel};
 
 #[derive(Debug, Args)]
 #[command(
@@ -44,19 +43,8 @@ pub struct EvalArgs {
 struct EvalReport {
     model: String,
     text_file: String,
-    perplexity: f64,
-    nll_sum: f64,
-    tokens_scored: usize,
-    windows: usize,
-    ctx: usize,
-    elapsed_ms: f64,
-    tokens_per_s: f64,
-    threads: usize,
-    ffn: FfnMode,
-    /// Fraction of FFN neurons computed (1.0 for dense).
-    ffn_active_fraction: f64,
     #[serde(flatten)]
-    io: IoSummary,
+    result: PerplexityReport,
 }
 
 pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
@@ -65,16 +53,8 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
         .map_err(|_| Error::InvalidArgument(format!("{}: not UTF-8 text", args.text.display())))?;
     let model_path = crate::input::hub::resolve_model(&args.model)?;
     let ffn = default_ffn_mode(&model_path, args.ffn);
-    let Opened {
-        loaded,
-        counter,
-        flash,
-    } = open_for_mode(&model_path, ffn, &args.flash, args.ctx)?;
-    let LoadedModel {
-        model, tokenizer, ..
-    } = loaded;
-    let ids = tokenizer.encode(&text)?;
-    let proc_before = crate::runtime::flash::proc_read_bytes();
+    let session = open_session(&model_path, ffn, &args.flash, args.ctx, args.threads)?;
+    let ids = session.tokenizer().encode(&text)?;
     // A progress bar on a terminal only: pipes and logs get the summary.
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new(ids.len() as u64);
@@ -92,35 +72,22 @@ pub fn run(args: &EvalArgs, out: &Output) -> anyhow::Result<()> {
             bar.set_position(done.min(total) as u64);
         }
     };
-    let (r, threads) = with_threads(args.threads, || {
-        perplexity_with_progress(&model, &ids, args.ctx, &progress)
-            .map(|r| (r, rayon::current_num_threads()))
-    })??;
+    let r = session.perplexity(&ids, args.ctx, &progress)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let proc_read = proc_before
-        .zip(crate::runtime::flash::proc_read_bytes())
-        .map(|(a, b)| b - a);
-    let io = IoSummary::new(flash.as_ref(), proc_read);
-    io.print_human();
+    print_io(&r.io);
     out.human(format_args!(
         "perplexity {:.4} over {} tokens ({} windows of up to {}), {:.2} s",
-        r.perplexity, r.tokens_scored, r.windows, r.ctx, r.seconds
+        r.perplexity,
+        r.tokens_scored,
+        r.windows,
+        r.ctx,
+        r.elapsed_ms / 1e3
     ));
     out.json_result(&EvalReport {
         model: args.model.display().to_string(),
         text_file: args.text.display().to_string(),
-        perplexity: r.perplexity,
-        nll_sum: r.nll_sum,
-        tokens_scored: r.tokens_scored,
-        windows: r.windows,
-        ctx: r.ctx,
-        elapsed_ms: r.seconds * 1e3,
-        tokens_per_s: r.tokens_scored as f64 / r.seconds.max(1e-9),
-        threads,
-        ffn,
-        ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
-        io,
+        result: r,
     })
 }

@@ -284,8 +284,18 @@ fn clap_exit(e: clap::Error, json: bool) -> ExitCode {
 /// own text, so their source chain is not appended again.
 fn describe(err: &anyhow::Error) -> String {
     match err.downcast_ref::<Error>() {
+        Some(Error::InvalidOption { option, problem }) => format!("{} {problem}", flag_of(option)),
         Some(e) => e.to_string(),
         None => format!("{err:#}"),
+    }
+}
+
+/// The flag of a library option (`dram_budget` is `--dram-budget`).
+fn flag_of(option: &str) -> String {
+    match option {
+        "verify_reads" => "--no-verify-reads".to_string(),
+        "context" => "--ctx".to_string(),
+        o => format!("--{}", o.replace('_', "-")),
     }
 }
 

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::cli::Output;
-use crate::runtime::flash::{self, DiskMode, FlashOptions, FlashReport, FlashRuntime};
-use crate::runtime::generate::{generate_text, GenerateOptions, StopReason, TextGeneration};
+use crate::runtime::generate::GenerateOptions;
 use crate::runtime::sampling::{SamplingDefaults, SamplingParams};
-use crate::runtime::sparse::{FfnMode, NeuronCounter};
-use crate::runtime::{open_model, with_threads, LoadedModel};
+use crate::runtime::session::{GenerationReport, IoSummary};
+use crate::runtime::sparse::FfnMode;
+use crate::runtime::{Session, SessionOptions};
 
 /// Options of the disk-backed FFN modes (`--ffn naive|flash`), shared by `run` and `eval`.
 #[derive(Debug, Clone, Args)]
@@ -61,22 +61,26 @@ pub struct FlashArgs {
 }
 
 impl FlashArgs {
-    pub fn window(&self) -> usize {
-        self.window.unwrap_or(4)
-    }
-
-    pub fn io_threads(&self) -> usize {
-        self.io_threads
-            .unwrap_or(crate::runtime::flash::DEFAULT_IO_THREADS)
-    }
-
-    pub fn io_engine(&self) -> crate::runtime::flash::io::IoEngine {
-        self.io_engine
-            .unwrap_or(crate::runtime::flash::io::IoEngine::Auto)
-    }
-
-    pub fn coalesce_gap(&self) -> usize {
-        self.coalesce_gap.unwrap_or(1)
+    /// The session's options for `mode` (the flags left out take the
+    /// library's defaults).
+    pub fn session_options(
+        &self,
+        mode: FfnMode,
+        context: usize,
+        threads: Option<usize>,
+    ) -> SessionOptions {
+        SessionOptions {
+            ffn: Some(mode),
+            dram_budget: self.dram_budget.clone(),
+            window: self.window,
+            io_threads: self.io_threads,
+            io_engine: self.io_engine,
+            coalesce_gap: self.coalesce_gap,
+            verify_reads: self.verify_reads,
+            selector: self.selector,
+            context,
+            threads,
+        }
     }
 
     /// The flags given that only the disk modes use: an in-DRAM mode refuses
@@ -99,41 +103,24 @@ impl FlashArgs {
 
 /// The mode as the user writes it after `--ffn`.
 pub(crate) fn mode_name(mode: FfnMode) -> String {
-    use clap::ValueEnum;
-    mode.to_possible_value()
-        .map_or_else(|| format!("{mode:?}"), |v| v.get_name().to_string())
+    mode.name().to_string()
 }
 
-/// A model opened for a mode, with whatever the mode reports.
-pub(crate) struct Opened {
-    pub loaded: LoadedModel,
-    pub counter: Option<std::sync::Arc<NeuronCounter>>,
-    pub flash: Option<FlashRuntime>,
-}
-
-/// The mode asked for, or the default: `flash` for a packed file with
-/// predictors (what flashpack is for), `dense` otherwise.
+/// The mode asked for, or the default ([`Session::default_mode`]).
 pub(crate) fn default_ffn_mode(path: &std::path::Path, asked: Option<FfnMode>) -> FfnMode {
-    asked.unwrap_or_else(|| {
-        let has_predictors = path.is_file()
-            && crate::format::PackedFile::open(path)
-                .map(|f| !f.manifest.predictors.is_empty())
-                .unwrap_or(false);
-        if has_predictors {
-            FfnMode::Flash
-        } else {
-            FfnMode::Dense
-        }
-    })
+    asked.unwrap_or_else(|| Session::default_mode(path))
 }
 
-/// Opens `path` for `mode`: in DRAM, or with the FFN on disk.
-pub(crate) fn open_for_mode(
+/// Opens `path` for `mode` as a [`Session`]: in DRAM, or with the FFN on disk.
+/// Flags that only the disk modes use are refused here, by their names, before
+/// the library sees them.
+pub(crate) fn open_session(
     path: &std::path::Path,
     mode: FfnMode,
     args: &FlashArgs,
     context: usize,
-) -> anyhow::Result<Opened> {
+    threads: Option<usize>,
+) -> anyhow::Result<Session> {
     if !mode.on_disk() {
         let ignored = args.disk_only_flags();
         if !ignored.is_empty() {
@@ -150,117 +137,19 @@ pub(crate) fn open_for_mode(
             ))
             .into());
         }
-        let mut loaded = open_model(path)?;
-        if let Some(d) = loaded.sparsity.as_mut() {
-            d.selector = args.selector;
-        }
-        let counter = loaded.set_ffn_mode(mode)?;
-        return Ok(Opened {
-            loaded,
-            counter,
-            flash: None,
-        });
     }
-    if mode != FfnMode::Flash && args.selector != crate::runtime::sparse::Selector::Auto {
-        return Err(crate::Error::InvalidArgument(format!(
-            "--selector chooses the neurons of --ffn predicted and flash; --ffn {} does not choose",
-            if mode == FfnMode::Naive {
-                "naive"
-            } else {
-                "oracle-flash"
-            }
-        ))
-        .into());
-    }
-    if mode == FfnMode::Naive && args.window.is_some() {
-        return Err(crate::Error::InvalidArgument(
-            "--window applies to --ffn flash|oracle-flash; naive reads the whole FFN every token and caches nothing"
-                .into(),
-        )
-        .into());
-    }
-    if !path.is_file() {
-        return Err(crate::Error::InvalidArgument(format!(
-            "--ffn {} needs a packed file (flashpack convert), not a checkpoint directory",
-            if mode == FfnMode::Naive {
-                "naive"
-            } else {
-                "flash"
-            }
-        ))
-        .into());
-    }
-    let file_bytes = std::fs::metadata(path)
-        .map_err(|e| crate::Error::io(path, e))?
-        .len();
-    let dram_budget = args
-        .dram_budget
-        .as_deref()
-        .map(|b| flash::parse_size(b, file_bytes))
-        .transpose()?;
-    let opts = FlashOptions {
-        mode: match mode {
-            FfnMode::Naive => DiskMode::Naive,
-            FfnMode::OracleFlash => DiskMode::Oracle,
-            _ => DiskMode::Flash,
-        },
-        window: args.window(),
-        io_threads: args.io_threads(),
-        io_engine: args.io_engine(),
-        coalesce_gap: args.coalesce_gap(),
-        dram_budget,
-        context,
-        capacity: None,
-        verify_reads: args.verify_reads,
-        replay: None,
-        selector: args.selector,
-        pin_experts_share: flash::moe::DEFAULT_PIN_SHARE,
-    };
-    let (loaded, rt) = flash::open_flash(path, &opts)?;
-    Ok(Opened {
-        loaded,
-        // The neurons the disk modes compute, counted as the in-DRAM modes count
-        // theirs: `ffn_active_fraction` means the same in every mode.
-        counter: Some(rt.neuron_counter()),
-        flash: Some(rt),
-    })
+    Ok(Session::open(
+        path,
+        &args.session_options(mode, context, threads),
+    )?)
 }
 
-/// The I/O fields every report carries (zeros and null outside disk modes).
-#[derive(serde::Serialize)]
-pub(crate) struct IoSummary {
-    pub read_bytes: u64,
-    pub read_ops: u64,
-    pub io_mode: Option<&'static str>,
-    pub peak_rss_bytes: Option<u64>,
-    /// `read_bytes` of /proc/self/io over the measured part of the run.
-    pub proc_read_bytes: Option<u64>,
-    pub flash: Option<FlashReport>,
-}
-
-impl IoSummary {
-    pub fn new(rt: Option<&FlashRuntime>, proc_read_bytes: Option<u64>) -> IoSummary {
-        let report = rt.map(FlashRuntime::report);
-        IoSummary {
-            read_bytes: report.as_ref().map_or(0, |r| r.bytes_read),
-            read_ops: report.as_ref().map_or(0, |r| r.read_ops),
-            io_mode: report.as_ref().map(|r| r.io_mode.as_str()),
-            peak_rss_bytes: flash::peak_rss_bytes(),
-            proc_read_bytes,
-            flash: report,
-        }
-    }
-
-    pub fn print_human(&self) {
-        if let Some(r) = &self.flash {
-            eprintln!("{}", r.human());
-        }
-        if let Some(p) = self.peak_rss_bytes {
-            eprintln!(
-                "peak resident memory {:.1} MiB",
-                p as f64 / (1u64 << 20) as f64
-            );
-        }
+/// Prints the I/O summary's human lines on stderr (nothing in DRAM modes
+/// where the OS does not tell the peak memory).
+pub(crate) fn print_io(io: &IoSummary) {
+    let text = io.human();
+    if !text.is_empty() {
+        eprintln!("{text}");
     }
 }
 
@@ -385,36 +274,13 @@ struct RunReport {
     model: String,
     /// The directory or file the model name resolved to.
     model_path: String,
-    prompt_ids: Vec<u32>,
-    generated_ids: Vec<u32>,
-    text: String,
-    stop_reason: StopReason,
-    prompt_tokens: usize,
-    generated_tokens: usize,
-    load_ms: f64,
-    prefill_ms: f64,
-    prefill_tokens_per_s: f64,
-    decode_ms: f64,
-    decode_ms_per_token: f64,
-    decode_tokens_per_s: f64,
-    temperature: f32,
-    top_k: Option<usize>,
-    top_p: Option<f32>,
-    min_p: Option<f32>,
-    repetition_penalty: f32,
-    seed: u64,
-    threads: usize,
-    ctx: usize,
-    ffn: FfnMode,
-    /// Fraction of FFN neurons computed (1.0 for dense).
-    ffn_active_fraction: f64,
+    #[serde(flatten)]
+    generation: GenerationReport,
     /// Options given that this run does not use (also printed on stderr).
     warnings: Vec<String>,
     /// `--logits-out`: the file written and its rows.
     logits_file: Option<String>,
     logits_rows: Option<usize>,
-    #[serde(flatten)]
-    io: IoSummary,
 }
 
 /// Sampling options that greedy decoding (`--temperature 0`) does not use:
@@ -511,18 +377,9 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
     if args.ctx == Some(0) {
         return Err(crate::Error::InvalidArgument("--ctx must be at least 1".into()).into());
     }
-    let load_started = std::time::Instant::now();
-    let Opened {
-        loaded,
-        counter,
-        flash,
-    } = open_for_mode(&model_path, ffn, &args.flash, context)?;
-    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
-    let LoadedModel {
-        model, tokenizer, ..
-    } = loaded;
-    let mut stop_ids = model.config.eos_token_ids.clone();
-    stop_ids.extend(tokenizer.special.eos.iter().copied());
+    let session = open_session(&model_path, ffn, &args.flash, context, args.threads)?;
+    let load_ms = session.load_ms();
+    let mut stop_ids = session.stop_ids();
     let prompt_ids = if args.chat {
         let chat = crate::runtime::chat::ChatEncoder::load(&model_path)?;
         stop_ids.extend(chat.eos_token_id());
@@ -531,15 +388,12 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
             true,
         )?
     } else {
-        tokenizer.encode(&prompt)?
+        session.tokenizer().encode(&prompt)?
     };
-    let proc_before = flash::proc_read_bytes();
     stop_ids.sort_unstable();
     stop_ids.dedup();
-    let ctx = args
-        .ctx
-        .unwrap_or(model.config.max_context)
-        .min(model.config.max_context);
+    let max_context = session.model().config.max_context;
+    let ctx = args.ctx.unwrap_or(max_context).min(max_context);
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
@@ -564,27 +418,20 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
             ms / n.max(1) as f64
         )
     });
-    let (result, threads) = with_threads(args.threads, || {
-        let g = generate_text(&model, &tokenizer, &prompt_ids, &opts, |piece| {
-            if streaming {
-                // A closed pipe (`| head`) ends the run quietly.
-                crate::cli::write_stdout(piece);
-            }
-            Ok(())
-        })?;
-        Ok::<_, crate::Error>((g, rayon::current_num_threads()))
-    })??;
+    let mut generation = session.generate(&prompt_ids, &opts, |piece| {
+        if streaming {
+            // A closed pipe (`| head`) ends the run quietly.
+            crate::cli::write_stdout(piece);
+        }
+        Ok(())
+    })?;
     if streaming {
         // The text ends with a newline before the statistics.
         crate::cli::write_stdout("\n");
     }
-    let TextGeneration {
-        text,
-        mut generation,
-    } = result;
     let logits_rows = match &args.logits_out {
         Some(path) => {
-            let vocab = model.config.vocab_size;
+            let vocab = session.model().config.vocab_size;
             let rows = generation.logits.len() / vocab;
             crate::runtime::npy::write_f32_matrix(path, &generation.logits, rows, vocab)?;
             generation.logits = Vec::new();
@@ -596,62 +443,27 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let proc_read = proc_before
-        .zip(flash::proc_read_bytes())
-        .map(|(a, b)| b - a);
-    let io = IoSummary::new(flash.as_ref(), proc_read);
-    io.print_human();
-    let prefill_tps = if generation.prefill_ms > 0.0 {
-        prompt_ids.len() as f64 / (generation.prefill_ms / 1000.0)
-    } else {
-        0.0
-    };
-    let ms_per_token = if generation.decode_steps > 0 {
-        generation.decode_ms / generation.decode_steps as f64
-    } else {
-        0.0
-    };
+    print_io(&generation.io);
+    let g = &generation;
     eprintln!(
         "stopped: {}; load {:.0} ms; prefill {} tokens in {:.1} ms ({:.1} tok/s); {} tokens generated, decode {:.2} ms/token ({:.2} tok/s, {} threads)",
-        generation.stop_reason.describe(),
+        g.stop_reason.describe(),
         load_ms,
-        prompt_ids.len(),
-        generation.prefill_ms,
-        prefill_tps,
-        generation.generated_ids.len(),
-        ms_per_token,
-        generation.decode_tokens_per_s(),
-        threads
+        g.prompt_tokens,
+        g.prefill_ms,
+        g.prefill_tokens_per_s,
+        g.generated_tokens,
+        g.decode_ms_per_token,
+        g.decode_tokens_per_s,
+        g.threads
     );
     out.json_result(&RunReport {
         model: args.model_name().display().to_string(),
         model_path: model_path.display().to_string(),
-        prompt_tokens: prompt_ids.len(),
-        generated_tokens: generation.generated_ids.len(),
-        prompt_ids,
-        text,
-        stop_reason: generation.stop_reason,
-        load_ms,
-        prefill_ms: generation.prefill_ms,
-        prefill_tokens_per_s: prefill_tps,
-        decode_ms: generation.decode_ms,
-        decode_ms_per_token: ms_per_token,
-        decode_tokens_per_s: generation.decode_tokens_per_s(),
-        generated_ids: generation.generated_ids,
-        temperature: sampling.temperature,
-        top_k: sampling.top_k,
-        top_p: sampling.top_p,
-        min_p: sampling.min_p,
-        repetition_penalty: sampling.repetition_penalty,
-        seed: sampling.seed,
-        threads,
-        ctx,
-        ffn,
-        ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
+        generation,
         warnings,
         logits_file: args.logits_out.as_ref().map(|p| p.display().to_string()),
         logits_rows,
-        io,
     })
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::cli::run::{default_ffn_mode, open_for_mode, FlashArgs, Opened};
+use crate::cli::run::{default_ffn_mode, open_session, FlashArgs};
 use crate::cli::Output;
 use crate::runtime::chat::ChatEncoder;
 use crate::runtime::sampling::SamplingDefaults;
@@ -113,13 +113,12 @@ pub fn run(args: &ServeArgs, out: &Output) -> anyhow::Result<()> {
     let info = std::sync::Arc::new(std::sync::Mutex::new((0usize, false)));
     let info_in = info.clone();
     let open = move || -> anyhow::Result<Backend> {
-        let Opened { loaded, flash, .. } =
-            open_for_mode(&path, ffn, &flash, ctx.unwrap_or(usize::MAX))?;
+        let session = open_session(&path, ffn, &flash, ctx.unwrap_or(usize::MAX), threads)?;
         let chat = ChatEncoder::load(&path).map_err(|e| e.to_string());
+        let mut stop_ids = session.stop_ids();
+        let (loaded, flash) = session.into_parts();
         let model = loaded.model;
         let tokenizer = loaded.tokenizer;
-        let mut stop_ids = model.config.eos_token_ids.clone();
-        stop_ids.extend(tokenizer.special.eos.iter().copied());
         if let Ok(encoder) = &chat {
             stop_ids.extend(encoder.eos_token_id());
         }

@@ -9,9 +9,11 @@
 //! - [`moe`]: the mixture-of-experts FFN (router, experts, shared expert).
 //! - [`sampling`], [`generate`]: token choice and the generation loop.
 //! - [`perplexity`]: the perplexity definition of the foundation issue.
+//! - [`predictor`]: the trained low-rank predictor, evaluated (training: `crate::predictor`).
 //! - [`sparse`]: the `oracle` and `predicted` FFN modes (chosen neurons only).
 //! - [`flash`]: the FFN read from disk (`naive`, `flash`), under a DRAM budget.
-//! - [`packed`], [`open`]: a flashpack file as a tensor source; opening either kind of model.
+//! - [`packed`], [`open`]: a flashpack file as a tensor source; loading either kind of model.
+//! - [`session`]: one way to open a model for any FFN mode, generate and score ([`Session`]).
 //! - [`bench`]: speed and memory-bandwidth measurements, a random-weight model.
 
 pub mod attention;
@@ -28,10 +30,12 @@ pub mod npy;
 pub mod open;
 pub mod packed;
 pub mod perplexity;
+pub mod predictor;
 pub mod quant;
 pub mod quant_ffn;
 pub mod rope;
 pub mod sampling;
+pub mod session;
 pub mod sparse;
 pub mod weights;
 
@@ -39,6 +43,7 @@ pub use attention::KvCache;
 pub use ffn::{ActiveSet, DenseFfn, Ffn, Fired};
 pub use model::{Logits, Model, Observer};
 pub use open::{open_model, LoadedModel, ModelSource};
+pub use session::{Session, SessionOptions};
 
 /// Runs `f` on a rayon pool of `threads` threads (`None`: rayon's default).
 /// Results do not depend on the count; only speed does.

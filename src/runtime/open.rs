@@ -8,10 +8,10 @@ use crate::error::Result;
 use crate::format::layout::{PREDICTOR_SECTION, SELECTOR_SECTION};
 use crate::format::PackedFile;
 use crate::input::{Checkpoint, TextTokenizer};
-use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::Criterion;
 use crate::runtime::lowbit::{LowBits, QuantMatrix};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
+use crate::runtime::predictor::LowRankPredictor;
 use crate::runtime::sparse::{apply_ffn_mode, FfnMode, NeuronCounter, Selector, SparsityData};
 use crate::runtime::Model;
 

@@ -18,11 +18,11 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::{neuron_value, ActiveSet, Criterion, DenseFfn, Ffn, FfnWeights, Fired};
 use crate::runtime::kernels;
 use crate::runtime::lowbit::{LowBitSelector, LowBits, QuantMatrix, SelectScratch};
 use crate::runtime::model::Layer;
+use crate::runtime::predictor::LowRankPredictor;
 use crate::runtime::weights::Storage;
 use crate::runtime::Model;
 
@@ -49,6 +49,18 @@ pub enum FfnMode {
 }
 
 impl FfnMode {
+    /// The mode as users write it (`flashpack run --ffn NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnMode::Dense => "dense",
+            FfnMode::Oracle => "oracle",
+            FfnMode::Predicted => "predicted",
+            FfnMode::Naive => "naive",
+            FfnMode::Flash => "flash",
+            FfnMode::OracleFlash => "oracle-flash",
+        }
+    }
+
     /// Whether the FFN is read from disk (opened with `runtime::flash::open_flash`).
     pub fn on_disk(self) -> bool {
         matches!(self, FfnMode::Naive | FfnMode::Flash | FfnMode::OracleFlash)

@@ -14,10 +14,10 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::runtime::ffn::{ActiveSet, Criterion, Ffn, Fired};
 use crate::runtime::flash::io::{ReadOp, Staging};
-use crate::runtime::flash::{open_flash, DiskMode, FlashOptions, FlashReader};
+use crate::runtime::flash::{FlashOptions, FlashReader};
 use crate::runtime::sparse::FfnMode;
 use crate::runtime::weights::Linear;
-use crate::runtime::{open_model, Logits, Model};
+use crate::runtime::{Logits, Model, Session, SessionOptions};
 
 /// One mode's measurement.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -220,9 +220,10 @@ pub fn disk_gb_per_s(reader: &FlashReader, from: u64, size: usize) -> Result<f64
 /// Opens `path` with `opts`, feeds `ids` and measures (one row of the table).
 pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -> Result<ModeRow> {
     let n = ids.len().max(1) as f64;
-    let (mut loaded, rt) = open_flash(path, opts)?;
-    let ffn_ns = time_ffns(&mut loaded.model);
-    let secs = decode(&loaded.model, ids)?;
+    let mut session = Session::open_flash(path, opts)?;
+    let ffn_ns = time_ffns(session.model_mut());
+    let secs = decode(session.model(), ids)?;
+    let rt = session.flash().expect("a disk mode has a flash runtime");
     let r = rt.report();
     let io_s = r.ms_io / 1e3;
     let first = rt.first_ffn_offset();
@@ -268,24 +269,24 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
     let n = ids.len().max(1) as f64;
     let mut rows = Vec::new();
     let modes = [
-        ("naive", DiskMode::Naive, base.window),
-        ("flash window 0", DiskMode::Flash, 0),
+        ("naive", FfnMode::Naive, base.window),
+        ("flash window 0", FfnMode::Flash, 0),
         (
             if base.window == 4 {
                 "flash window 4"
             } else {
                 "flash"
             },
-            DiskMode::Flash,
+            FfnMode::Flash,
             base.window,
         ),
-        ("oracle-flash", DiskMode::Oracle, base.window),
+        ("oracle-flash", FfnMode::OracleFlash, base.window),
     ];
     // A mixture-of-experts file has no predictors: no oracle modes, and
     // `predicted` does not apply.
     let moe = crate::format::PackedFile::open(path)?.config.moe.is_some();
     for (name, mode, window) in modes {
-        if moe && mode == DiskMode::Oracle {
+        if moe && mode == FfnMode::OracleFlash {
             continue;
         }
         let opts = FlashOptions {
@@ -307,17 +308,18 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
         &[FfnMode::Dense, FfnMode::Oracle, FfnMode::Predicted]
     };
     for &mode in dram_modes {
-        let mut loaded = open_model(path)?;
-        if let Some(d) = loaded.sparsity.as_mut() {
-            d.selector = base.selector;
-        }
-        let counter = loaded.set_ffn_mode(mode)?;
-        let selector = match (mode, &loaded.sparsity) {
+        let options = SessionOptions {
+            ffn: Some(mode),
+            selector: base.selector,
+            ..SessionOptions::default()
+        };
+        let mut session = Session::open(path, &options)?;
+        let selector = match (mode, session.sparsity()) {
             (FfnMode::Predicted, Some(d)) => Some(d.resolved_selector()),
             _ => None,
         };
-        let ffn_ns = time_ffns(&mut loaded.model);
-        let secs = decode(&loaded.model, ids)?;
+        let ffn_ns = time_ffns(session.model_mut());
+        let secs = decode(session.model(), ids)?;
         let name = match mode {
             FfnMode::Dense => "dense (in DRAM)".to_string(),
             FfnMode::Oracle => "oracle (in DRAM)".to_string(),
@@ -336,7 +338,7 @@ pub fn compare_modes(path: &Path, ids: &[u32], base: &FlashOptions) -> Result<Ve
             memory_ms_per_token: 0.0,
             ffn_compute_ms_per_token: 0.0,
             ffn_ms_per_token: ffn_ns.load(Ordering::Relaxed) as f64 / 1e6 / n,
-            ffn_active_fraction: counter.map_or(1.0, |c| c.active_fraction()),
+            ffn_active_fraction: session.ffn_active_fraction(),
             selector,
             ms_per_token: secs * 1e3 / n,
             window_hit_rate: 0.0,

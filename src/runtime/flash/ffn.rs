@@ -24,12 +24,12 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::layout::BundlePart;
 use crate::input::config::Activation;
-use crate::predictor::train::LowRankPredictor;
 use crate::runtime::ffn::{neuron_value, ActiveSet, Criterion, Ffn, Fired};
 use crate::runtime::flash::cache::BundleCache;
 use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
 use crate::runtime::flash::verify::{ChunkVerifier, VerifyCounters};
 use crate::runtime::kernels::{dot_weights, dot_weights2, ColumnAccumulator, Weights};
+use crate::runtime::predictor::LowRankPredictor;
 use crate::runtime::sparse::NeuronCounter;
 
 /// Where a layer's bundles are and how they are laid out.
@@ -53,15 +53,6 @@ impl LayerSpec {
     fn part_index(&self, part: BundlePart) -> Option<usize> {
         self.parts.iter().position(|p| *p == part)
     }
-}
-
-/// How a layer gets its bundles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Whole section every token, every neuron.
-    Naive,
-    /// Chosen neurons through the window cache.
-    Flash { window: usize },
 }
 
 /// Counters over a run, summed over layers (relaxed atomics: statistics only).
@@ -215,7 +206,9 @@ pub struct FlashFfn {
     /// When set, chooses instead of the predictor: this layer's recorded set
     /// for the token (benchmarks at scale, see `flash::replay`).
     pub replay: Option<Arc<crate::runtime::flash::Replay>>,
-    pub strategy: Strategy,
+    /// Tokens before the current one whose bundles stay cached (`flash`,
+    /// `oracle-flash`); `None`: `naive`, the whole section read every token.
+    pub window: Option<usize>,
     /// Wanted bundles this many or fewer apart are read in one operation.
     pub coalesce_gap: usize,
     pub reader: Arc<FlashReader>,
@@ -1075,19 +1068,19 @@ impl Ffn for FlashFfn {
         }
         let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Strategy::Flash { window }, true) = (self.strategy, n > 1) {
+        if let (Some(window), true) = (self.window, n > 1) {
             return self.flash_batch(&mut ws, &mut st, window, x, n, active, out, fired);
         }
         for t in 0..n {
             let xt = &x[t * h..(t + 1) * h];
             let ot = &mut out[t * h..(t + 1) * h];
             let f = fired.as_deref_mut().map(|f| &mut f.per_token[t]);
-            let computed = match (self.strategy, active) {
-                (Strategy::Naive, ActiveSet::All) => {
+            let computed = match (self.window, active) {
+                (None, ActiveSet::All) => {
                     self.naive_token(&mut ws, None, xt, ot, f)?;
                     self.spec.neurons
                 }
-                (Strategy::Naive, ActiveSet::PerToken(sets)) => {
+                (None, ActiveSet::PerToken(sets)) => {
                     // Still the whole section read; only the given neurons summed.
                     self.choose(&mut ws, xt, Some(&sets[t]), st.token)?;
                     let set = std::mem::take(&mut ws.set);
@@ -1097,7 +1090,7 @@ impl Ffn for FlashFfn {
                     r?;
                     computed
                 }
-                (Strategy::Flash { window }, active) => {
+                (Some(window), active) => {
                     let given = match active {
                         ActiveSet::All => None,
                         ActiveSet::PerToken(sets) => Some(sets[t].as_slice()),

@@ -21,6 +21,7 @@ pub mod cache;
 pub mod ffn;
 pub mod io;
 pub mod moe;
+pub mod plan;
 pub mod replay;
 pub mod verify;
 
@@ -34,31 +35,24 @@ use crate::format::layout::{Compression, DENSE_SECTION};
 use crate::format::PackedFile;
 use crate::input::tensors::FfnNames;
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
+use crate::runtime::sparse::FfnMode;
 use crate::runtime::weights::TensorSource;
 use crate::runtime::{LoadedModel, Model, ModelSource};
 
 pub use cache::BundleCache;
-pub use ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Oracle, Strategy, Workspace};
+pub use ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Oracle, Workspace};
 pub use io::{peak_rss_bytes, proc_read_bytes, FlashReader, IoMode};
+pub use plan::scratch_for;
 pub use replay::Replay;
-
-/// Which disk-backed mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskMode {
-    /// Whole FFN read per token.
-    Naive,
-    /// Predictor + window cache.
-    Flash,
-    /// The neurons that fire (from an in-DRAM copy) + window cache: the
-    /// lower bound on reads for a window.
-    Oracle,
-}
 
 /// How to run a packed file from flash.
 #[derive(Debug, Clone)]
 pub struct FlashOptions {
-    pub mode: DiskMode,
+    /// One of the modes that read the FFN from disk ([`FfnMode::on_disk`]):
+    /// `Naive` (the whole FFN per token), `Flash` (the chosen neurons through
+    /// the window cache) or `OracleFlash` (the neurons that fire, known from an
+    /// in-DRAM copy: the lower bound on reads for a window).
+    pub mode: FfnMode,
     /// Tokens before the current one whose neurons stay resident.
     pub window: usize,
     /// Reads in flight.
@@ -93,7 +87,7 @@ pub struct FlashOptions {
 impl Default for FlashOptions {
     fn default() -> Self {
         FlashOptions {
-            mode: DiskMode::Flash,
+            mode: FfnMode::Flash,
             window: 4,
             io_threads: DEFAULT_IO_THREADS,
             io_engine: io::IoEngine::Auto,
@@ -181,7 +175,9 @@ pub struct FlashRuntime {
 /// Statistics of a run, as reported by `run`/`eval --json`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FlashReport {
-    pub mode: DiskMode,
+    /// `naive`, `flash` or `oracle` (`--ffn oracle-flash`).
+    #[serde(serialize_with = "serialize_disk_mode")]
+    pub mode: FfnMode,
     /// What flash chose neurons with (null in naive and oracle-flash).
     pub selector: Option<crate::runtime::sparse::Selector>,
     pub io_mode: IoMode,
@@ -321,6 +317,19 @@ impl FlashRuntime {
     }
 }
 
+/// The disk mode as the flash report names it (`--ffn oracle-flash` is
+/// `oracle` there, as it always was).
+fn serialize_disk_mode<S: serde::Serializer>(
+    mode: &FfnMode,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(match mode {
+        FfnMode::Naive => "naive",
+        FfnMode::OracleFlash => "oracle",
+        _ => "flash",
+    })
+}
+
 impl FlashReport {
     /// Human lines for stderr.
     pub fn human(&self) -> String {
@@ -376,24 +385,15 @@ impl FlashReport {
     }
 }
 
-/// Scratch rows beside a cache of `capacity` rows: none when the cache holds
-/// the whole layer, else an eighth of it but at least 64 (or the layer).
-pub(crate) fn scratch_for(capacity: usize, neurons: usize) -> usize {
-    if capacity >= neurons {
-        0
-    } else {
-        (capacity / 8).clamp(64.min(neurons), neurons)
-    }
-}
-
 /// Parses a DRAM budget: bytes (`1000000`), units (`512MiB`, `1.5GB`, `2G`,
 /// binary for `K`/`M`/`G`/`T` with or without `iB`, decimal for `kB`/`MB`/`GB`/`TB`),
 /// or a percentage of `file_bytes` (`50%`).
 pub fn parse_size(text: &str, file_bytes: u64) -> Result<u64> {
-    let bad = || {
-        Error::InvalidArgument(format!(
-            "--dram-budget {text:?}: expected bytes, a size such as 512MiB or 1.5GB, or a percentage such as 50%"
-        ))
+    let bad = || Error::InvalidOption {
+        option: "dram_budget",
+        problem: format!(
+            "{text:?}: expected bytes, a size such as 512MiB or 1.5GB, or a percentage such as 50%"
+        ),
     };
     let t = text.trim();
     let split = t
@@ -444,6 +444,12 @@ pub fn window_rows(window_max: &[u64], tokens: usize) -> f64 {
 /// DRAM, the FFN on disk. Refuses (an error naming the minimum) when the
 /// budget is below what the mode needs.
 pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, FlashRuntime)> {
+    if !opts.mode.on_disk() {
+        return Err(Error::InvalidArgument(format!(
+            "the {:?} mode keeps the FFN in DRAM; open it with runtime::open_model or a Session",
+            opts.mode
+        )));
+    }
     let file = PackedFile::open(path)?;
     if file.config.moe.is_some() {
         return moe::open_flash_moe(file, opts);
@@ -487,8 +493,8 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     let stride_max = specs.iter().map(|s| s.stride).max().unwrap_or(0);
     let round = |b: usize| b.div_ceil(align) * align;
     let slot_bytes = match opts.mode {
-        DiskMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
-        DiskMode::Flash | DiskMode::Oracle => round(FLASH_READ_BYTES.max(stride_max)) + align,
+        FfnMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
+        _ => round(FLASH_READ_BYTES.max(stride_max)) + align,
     };
     let mut sparsity = crate::runtime::open::sparsity_data(&file)?;
     if let Some(d) = sparsity.as_mut() {
@@ -527,7 +533,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     // the trained predictors (flash cannot build copies: it has no gate and
     // up in DRAM).
     let chooser = match (&sparsity, opts.mode, &opts.replay) {
-        (Some(d), DiskMode::Flash, None) => match d.selector {
+        (Some(d), FfnMode::Flash, None) => match d.selector {
             crate::runtime::sparse::Selector::Auto
                 if file.config.activation == crate::input::config::Activation::Silu
                     && d.silu_criterion == crate::runtime::ffn::Criterion::Product
@@ -569,7 +575,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         for (g, u) in d.copies.iter().flatten() {
             plan.selector += (g.stored_bytes() + u.stored_bytes()) as u64;
         }
-    } else if opts.mode == DiskMode::Flash && opts.replay.is_none() {
+    } else if opts.mode == FfnMode::Flash && opts.replay.is_none() {
         let data = sparsity.as_ref();
         for (i, _) in specs.iter().enumerate() {
             let p = data
@@ -593,109 +599,55 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
 
     // Cache rows per layer: the window's calibration maximum, scaled by how
     // many more neurons the predictor picks than fire, plus 10% headroom.
-    let index_bytes = |rows: usize| (rows * 4 + neurons * 12) as u64;
-    let mut want_rows = vec![0usize; layers];
-    let mut pinned = vec![0usize; layers];
-    let mut scratch_rows = vec![0usize; layers];
-    if opts.mode != DiskMode::Naive {
-        for (i, spec) in specs.iter().enumerate() {
-            let wm = m
-                .calibration
-                .as_ref()
-                .and_then(|c| c.layers.get(i))
-                .map(|l| l.window_max.clone())
-                .unwrap_or_default();
-            let over = m
-                .predictors
-                .iter()
-                .filter(|_| opts.mode == DiskMode::Flash && low_bits.is_none())
-                .find(|p| p.layer as usize == i)
-                .map(|p| {
-                    if p.frac_true > 0.0 {
-                        (p.frac_predicted / p.frac_true).max(1.0)
-                    } else {
-                        1.0
-                    }
-                })
-                .unwrap_or(1.0);
-            let rows = opts.capacity.unwrap_or_else(|| match &opts.replay {
-                Some(r) => (r.window_max(i, opts.window + 1) as f64 * 1.1).ceil() as usize,
-                None => (window_rows(&wm, opts.window + 1) * over * 1.1).ceil() as usize,
-            });
-            want_rows[i] = rows.min(spec.neurons);
-            scratch_rows[i] = scratch_for(want_rows[i], spec.neurons);
-        }
+    let mut sets = Vec::with_capacity(layers);
+    for (i, spec) in specs.iter().enumerate() {
+        let wm = m
+            .calibration
+            .as_ref()
+            .and_then(|c| c.layers.get(i))
+            .map(|l| l.window_max.clone())
+            .unwrap_or_default();
+        let over = m
+            .predictors
+            .iter()
+            .filter(|_| opts.mode == FfnMode::Flash && low_bits.is_none())
+            .find(|p| p.layer as usize == i)
+            .map(|p| {
+                if p.frac_true > 0.0 {
+                    (p.frac_predicted / p.frac_true).max(1.0)
+                } else {
+                    1.0
+                }
+            })
+            .unwrap_or(1.0);
+        let want = match &opts.replay {
+            Some(r) => (r.window_max(i, opts.window + 1) as f64 * 1.1).ceil() as usize,
+            None => (window_rows(&wm, opts.window + 1) * over * 1.1).ceil() as usize,
+        };
+        sets.push(plan::BundleSet {
+            kind: plan::SetKind::Neurons,
+            stride: spec.stride,
+            keys: spec.neurons,
+            want,
+        });
     }
+    plan = plan::plan(&plan::PlanRequest {
+        resident: plan,
+        sets,
+        caching: opts.mode != FfnMode::Naive,
+        budget: opts.dram_budget,
+        capacity: opts.capacity,
+        mode: opts.mode.name(),
+    })?;
     let fixed = plan.dense
         + plan.predictors
         + plan.selector
         + plan.kv_cache
         + plan.staging
         + plan.fixed_overhead;
-    let min_caches: u64 = specs
-        .iter()
-        .map(|s| {
-            let sc = if opts.mode != DiskMode::Naive {
-                scratch_for(0, s.neurons)
-            } else {
-                0
-            };
-            (sc * s.stride) as u64 + index_bytes(sc)
-        })
-        .sum();
-    plan.minimum = fixed + min_caches;
-    let want_caches: u64 = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            ((want_rows[i] + scratch_rows[i]) * s.stride) as u64
-                + index_bytes(want_rows[i] + scratch_rows[i])
-        })
-        .sum();
-    if let Some(budget) = opts.dram_budget {
-        if budget < plan.minimum {
-            return Err(Error::InvalidArgument(format!(
-                "--dram-budget {budget} bytes is below the minimum of {} bytes ({:.1} MiB) that {:?} mode needs for this model \
-                 (dense part {}, predictors {}, selector copies {}, KV cache {}, read buffers {}, smallest FFN caches {}, fixed overhead {})",
-                plan.minimum,
-                plan.minimum as f64 / (1u64 << 20) as f64,
-                opts.mode,
-                plan.dense,
-                plan.predictors,
-                plan.selector,
-                plan.kv_cache,
-                plan.staging,
-                min_caches,
-                plan.fixed_overhead
-            )));
-        }
-        if fixed + want_caches > budget && opts.capacity.is_none() {
-            // Shrink every layer's cache alike to fit; what does not fit goes
-            // through scratch (more reads, same output).
-            let room = (budget - plan.minimum) as f64;
-            let extra = (want_caches - min_caches) as f64;
-            // Scratch grows with the cache (up to 1/8 of it): leave room for it.
-            let f = (room / extra / 1.125).clamp(0.0, 1.0);
-            for (i, r) in want_rows.iter_mut().enumerate() {
-                *r = (*r as f64 * f).floor() as usize;
-                scratch_rows[i] = scratch_for(*r, specs[i].neurons);
-            }
-        } else if opts.mode != DiskMode::Naive && opts.capacity.is_none() {
-            // Budget to spare: pin the hottest neurons (the first in packed
-            // order) of every layer alike, in extra rows that are never evicted.
-            let spare = budget - (fixed + want_caches);
-            let per_layer = spare / layers.max(1) as u64;
-            for (i, s) in specs.iter().enumerate() {
-                let rows = (per_layer / (s.stride as u64 + 4)) as usize;
-                pinned[i] = rows.min(s.neurons - want_rows[i]);
-                want_rows[i] += pinned[i];
-                scratch_rows[i] = scratch_for(want_rows[i], s.neurons).min(scratch_rows[i]);
-            }
-        }
-    }
-    plan.capacity_per_layer = want_rows.clone();
-    plan.scratch_per_layer = scratch_rows.clone();
-    plan.pinned_per_layer = pinned.clone();
+    let want_rows = plan.capacity_per_layer.clone();
+    let scratch_rows = plan.scratch_per_layer.clone();
+    let pinned = plan.pinned_per_layer.clone();
 
     let probe = specs
         .first()
@@ -721,15 +673,10 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     )?));
     let stats = Arc::new(FlashStats::default());
     let weights = PackedWeights::read_dense(&file)?;
-    let strategy = match opts.mode {
-        DiskMode::Naive => Strategy::Naive,
-        DiskMode::Flash | DiskMode::Oracle => Strategy::Flash {
-            window: opts.window,
-        },
-    };
+    let window = (opts.mode != FfnMode::Naive).then_some(opts.window);
     // The oracle's in-DRAM copy of every FFN (outside the budget by definition).
     let mut oracles: Vec<Option<Oracle>> = Vec::new();
-    if opts.mode == DiskMode::Oracle && opts.replay.is_none() {
+    if opts.mode == FfnMode::OracleFlash && opts.replay.is_none() {
         let silu = file.config.activation == crate::input::config::Activation::Silu;
         let full = Model::load(&file.config, &file.names, &PackedWeights::read_all(&file)?)?;
         for (i, layer) in full.layers.into_iter().enumerate() {
@@ -817,7 +764,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             gate_bias,
             up_bias,
             down_bias,
-            predictor: if opts.mode == DiskMode::Flash && lowbit.is_none() {
+            predictor: if opts.mode == FfnMode::Flash && lowbit.is_none() {
                 predictor
             } else {
                 None
@@ -825,7 +772,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             lowbit,
             oracle: oracles.get_mut(i).and_then(Option::take),
             replay: opts.replay.clone(),
-            strategy,
+            window,
             coalesce_gap: opts.coalesce_gap,
             reader: Arc::clone(&reader),
             workspace: Arc::clone(&workspace),
@@ -869,7 +816,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         loaded,
         FlashRuntime {
             options: opts.clone(),
-            selector: (opts.mode == DiskMode::Flash && opts.replay.is_none()).then_some(chooser),
+            selector: (opts.mode == FfnMode::Flash && opts.replay.is_none()).then_some(chooser),
             reader,
             stats,
             plan,

@@ -6,7 +6,7 @@
 //! (`ffn.<l>.expert.<e>`, spec 4.1).
 //!
 //! - `naive`: each chosen expert read whole for every token that chose it
-//!   (one [`FlashFfn`] per expert in its naive strategy: large chunk-aligned
+//!   (one [`FlashFfn`] per expert read whole (naive): large chunk-aligned
 //!   reads, every neuron computed).
 //! - `flash`: one cache per sparse layer whose rows are keyed by (expert,
 //!   neuron) (`expert * expert_width + neuron`): a chosen expert's resident
@@ -25,7 +25,7 @@
 //! [`FlashFfn`] whose every neuron is chosen: whole (naive) or through their
 //! own cache (flash).
 //!
-//! # Budget policy (`--dram-budget`)
+//! # Budget policy (`--dram-budget`, decided by [`plan`])
 //! What is always in DRAM: the dense part (router and shared experts
 //! included), the KV cache, read buffers, fixed overhead, and per bundle set
 //! its scratch rows (at most 64 per sparse layer; the dense-layer rule for
@@ -56,19 +56,18 @@ use crate::input::config::Activation;
 use crate::input::tensors::FfnNames;
 use crate::runtime::ffn::{neuron_value, ActiveSet, DenseFfn, Ffn, Fired};
 use crate::runtime::flash::cache::BundleCache;
-use crate::runtime::flash::ffn::{
-    FlashFfn, FlashStats, LayerSpec, LayerState, Strategy, Workspace,
-};
+use crate::runtime::flash::ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Workspace};
 use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
 use crate::runtime::flash::verify::ChunkVerifier;
 use crate::runtime::flash::{
-    scratch_for, DiskMode, FlashOptions, FlashRuntime, MemoryPlan, FIXED_OVERHEAD_BYTES,
-    FLASH_READ_BYTES, NAIVE_READ_BYTES,
+    plan, FlashOptions, FlashRuntime, MemoryPlan, FIXED_OVERHEAD_BYTES, FLASH_READ_BYTES,
+    NAIVE_READ_BYTES,
 };
 use crate::runtime::kernels::{dot_weights, ColumnAccumulator, Weights};
 use crate::runtime::model::load_dense_ffn;
 use crate::runtime::moe::{MoeFfn, Router};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
+use crate::runtime::sparse::FfnMode;
 use crate::runtime::weights::{load_linear, Linear};
 use crate::runtime::{LoadedModel, Model, ModelSource};
 
@@ -636,7 +635,7 @@ impl Ffn for FlashMoe {
 /// or through the layer's own cache (flash).
 struct DenseLayer {
     ffn: Arc<FlashFfn>,
-    /// Each token's neurons (all of them), for the flash strategy.
+    /// Each token's neurons (all of them), when the experts are cached (flash).
     all: Vec<u32>,
     moe_stats: Arc<MoeStats>,
 }
@@ -665,9 +664,9 @@ impl Ffn for DenseLayer {
         self.moe_stats
             .layer_tokens
             .fetch_add(n as u64, Ordering::Relaxed);
-        match self.ffn.strategy {
-            Strategy::Naive => self.ffn.forward(x, n, ActiveSet::All, out, fired),
-            Strategy::Flash { .. } => {
+        match self.ffn.window {
+            None => self.ffn.forward(x, n, ActiveSet::All, out, fired),
+            Some(_) => {
                 let sets = vec![self.all.clone(); n];
                 self.ffn
                     .forward(x, n, ActiveSet::PerToken(&sets), out, fired)
@@ -735,7 +734,7 @@ pub fn open_flash_moe(
         .moe
         .as_ref()
         .expect("open_flash_moe is called for MoE files");
-    if opts.mode == DiskMode::Oracle {
+    if opts.mode == FfnMode::OracleFlash {
         return Err(Error::InvalidArgument(format!(
             "{} is a mixture-of-experts model: --ffn oracle-flash does not read experts; use --ffn naive or flash",
             cfg.architecture.hf_name()
@@ -790,7 +789,7 @@ pub fn open_flash_moe(
         .unwrap_or(0);
     let round = |b: usize| b.div_ceil(align) * align;
     let slot_bytes = match opts.mode {
-        DiskMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
+        FfnMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
         _ => round(FLASH_READ_BYTES.max(stride_max)) + align,
     };
     let slots = opts.io_threads.max(1);
@@ -819,128 +818,42 @@ pub fn open_flash_moe(
     plan.staging = if has_dense { buffers(cfg.ffn_width) } else { 0 }
         + if has_sparse { buffers(ew) } else { 0 };
 
-    // Rows per layer: (wanted, scratch, keys in the index, stride).
-    let flash = opts.mode == DiskMode::Flash;
-    let mut want = vec![0usize; layers];
-    let mut scratch = vec![0usize; layers];
-    let mut keys = vec![0usize; layers];
-    let mut strides = vec![0usize; layers];
-    let mut max_rows = vec![0usize; layers];
-    for l in 0..layers {
-        if let Some((spec, _)) = &dense_specs[l] {
-            keys[l] = spec.neurons;
-            strides[l] = spec.stride;
-            max_rows[l] = spec.neurons;
-            if flash {
-                want[l] = spec.neurons;
-                scratch[l] = scratch_for(want[l], spec.neurons);
-            }
-        } else {
-            let stride = expert_specs[l][0].0.stride;
-            keys[l] = num_experts * ew;
-            strides[l] = stride;
-            max_rows[l] = num_experts * ew;
-            if flash {
-                let experts = if opts.window == 0 {
-                    top_k
-                } else {
-                    ((opts.window + 1) * top_k).min(num_experts)
-                };
-                want[l] = experts * ew;
-                scratch[l] = MOE_SCRATCH_ROWS.min(ew);
-            }
-        }
-    }
-    let index_bytes = |l: usize, rows: usize| (rows * 4 + keys[l] * 4) as u64;
-    let set_bytes = |l: usize, rows: usize, sc: usize| {
-        ((rows + sc) * strides[l]) as u64 + index_bytes(l, rows + sc)
+    // Rows each bundle set wants (see the module's budget policy).
+    let experts_wanted = if opts.window == 0 {
+        top_k
+    } else {
+        ((opts.window + 1) * top_k).min(num_experts)
     };
+    let sets: Vec<plan::BundleSet> = (0..layers)
+        .map(|l| match &dense_specs[l] {
+            Some((spec, _)) => plan::BundleSet {
+                kind: plan::SetKind::MoeDense,
+                stride: spec.stride,
+                keys: spec.neurons,
+                want: spec.neurons,
+            },
+            None => plan::BundleSet {
+                kind: plan::SetKind::Experts {
+                    scratch: MOE_SCRATCH_ROWS.min(ew),
+                },
+                stride: expert_specs[l][0].0.stride,
+                keys: num_experts * ew,
+                want: experts_wanted * ew,
+            },
+        })
+        .collect();
+    let flash = opts.mode == FfnMode::Flash;
+    plan = plan::plan(&plan::PlanRequest {
+        resident: plan,
+        sets,
+        caching: flash,
+        budget: opts.dram_budget,
+        capacity: opts.capacity,
+        mode: opts.mode.name(),
+    })?;
     let fixed = plan.dense + plan.kv_cache + plan.staging + plan.fixed_overhead;
-    let min_scratch = |l: usize| -> usize {
-        if !flash {
-            0
-        } else if dense_specs[l].is_some() {
-            scratch_for(0, keys[l])
-        } else {
-            MOE_SCRATCH_ROWS.min(ew)
-        }
-    };
-    let min_caches: u64 = (0..layers).map(|l| set_bytes(l, 0, min_scratch(l))).sum();
-    plan.minimum = fixed + min_caches;
-    let want_caches: u64 = (0..layers).map(|l| set_bytes(l, want[l], scratch[l])).sum();
-    if let Some(budget) = opts.dram_budget {
-        if budget < plan.minimum {
-            return Err(Error::InvalidArgument(format!(
-                "--dram-budget {budget} bytes is below the minimum of {} bytes ({:.1} MiB) that {:?} mode needs for this model \
-                 (dense part {}, KV cache {}, read buffers {}, smallest FFN caches {}, fixed overhead {})",
-                plan.minimum,
-                plan.minimum as f64 / (1u64 << 20) as f64,
-                opts.mode,
-                plan.dense,
-                plan.kv_cache,
-                plan.staging,
-                min_caches,
-                plan.fixed_overhead
-            )));
-        }
-        if flash && opts.capacity.is_none() {
-            if fixed + want_caches > budget {
-                // Every set shrinks alike; the rest goes through scratch.
-                let room = (budget - plan.minimum) as f64;
-                let extra = (want_caches - min_caches).max(1) as f64;
-                let f = (room / extra).clamp(0.0, 1.0);
-                for l in 0..layers {
-                    want[l] = (want[l] as f64 * f).floor() as usize;
-                    scratch[l] = if dense_specs[l].is_some() {
-                        scratch_for(want[l], keys[l]).min(scratch[l].max(min_scratch(l)))
-                    } else {
-                        scratch[l]
-                    };
-                }
-                // Scratch of dense layers may have grown back: trim rows
-                // until the plan fits.
-                while fixed
-                    + (0..layers)
-                        .map(|l| set_bytes(l, want[l], scratch[l]))
-                        .sum::<u64>()
-                    > budget
-                {
-                    let Some(l) = (0..layers)
-                        .filter(|&l| want[l] > 0)
-                        .max_by_key(|&l| want[l])
-                    else {
-                        break;
-                    };
-                    want[l] -= 1;
-                }
-            } else {
-                // Spare: more experts per sparse layer, equally.
-                let spare = budget - (fixed + want_caches);
-                let sparse: Vec<usize> =
-                    (0..layers).filter(|&l| dense_specs[l].is_none()).collect();
-                let per_layer = spare / sparse.len().max(1) as u64;
-                for &l in &sparse {
-                    let rows = (per_layer / (strides[l] as u64 + 4)) as usize;
-                    want[l] = (want[l] + rows).min(max_rows[l]);
-                }
-            }
-        }
-    }
-    if let Some(c) = opts.capacity {
-        for l in 0..layers {
-            if flash {
-                want[l] = c.min(max_rows[l]);
-                scratch[l] = if dense_specs[l].is_some() {
-                    scratch_for(want[l], keys[l])
-                } else {
-                    MOE_SCRATCH_ROWS.min(ew)
-                };
-            }
-        }
-    }
-    plan.capacity_per_layer = want.clone();
-    plan.scratch_per_layer = scratch.clone();
-    plan.pinned_per_layer = vec![0; layers];
+    let want = plan.capacity_per_layer.clone();
+    let scratch = plan.scratch_per_layer.clone();
 
     let first_offset = dense_specs
         .iter()
@@ -953,12 +866,7 @@ pub fn open_flash_moe(
     let reader = Arc::new(FlashReader::open(&path, align, probe, opts.io_threads)?);
     let stats = Arc::new(FlashStats::default());
     let moe_stats = Arc::new(MoeStats::default());
-    let strategy = match opts.mode {
-        DiskMode::Naive => Strategy::Naive,
-        _ => Strategy::Flash {
-            window: opts.window,
-        },
-    };
+    let window = (opts.mode != FfnMode::Naive).then_some(opts.window);
     let dense_ws = if has_dense {
         Some(Arc::new(Mutex::new(Workspace::new(
             hidden,
@@ -1011,7 +919,7 @@ pub fn open_flash_moe(
             lowbit: None,
             oracle: None,
             replay: None,
-            strategy,
+            window,
             coalesce_gap: opts.coalesce_gap,
             reader: Arc::clone(&reader),
             workspace: Arc::clone(ws),
@@ -1046,8 +954,12 @@ pub fn open_flash_moe(
             }
             let mode = match &moe_work {
                 Some(work) => {
-                    let cache =
-                        BundleCache::new(num_experts * ew, strides[i], want[i], scratch[i])?;
+                    let cache = BundleCache::new(
+                        num_experts * ew,
+                        expert_specs[i][0].0.stride,
+                        want[i],
+                        scratch[i],
+                    )?;
                     caches_bytes += cache.size_bytes() as u64;
                     ExpertMode::Flash {
                         work: Arc::clone(work),
