@@ -15,19 +15,60 @@
 //!   feature `cli`, on by default; `default-features = false` leaves out clap,
 //!   indicatif, ctrlc and the HTTP stack).
 
+//! # The API
+//!
+//! The types a program needs are re-exported here, each documented:
+//! - open a model and run it: [`Session`] with [`SessionOptions`] ([`FfnMode`],
+//!   [`Selector`], [`IoEngine`]); generate with [`GenerateOptions`] and
+//!   [`SamplingParams`] into a [`GenerationReport`]; evaluate into a
+//!   [`PerplexityReport`]; [`Session::logits`] for your own checks;
+//! - [`convert`] a checkpoint with [`ConvertOptions`] into a [`ConvertSummary`];
+//! - [`verify`] a packed file with [`VerifyOptions`] into a [`VerifyReport`];
+//! - [`inspect`] a checkpoint or packed file into an [`InspectReport`];
+//! - every failure is an [`Error`], whose [`ExitClass`] says whether a check
+//!   failed, the input was invalid or the environment failed.
+//!
+//! `examples/` has a program for each. The modules below are the library's
+//! internals, public for the command line, the benchmarks and the tests; the
+//! surface above is the one kept stable and documented item by item
+//! (`missing_docs` is denied for it).
+
+#![deny(missing_docs)]
+
+#[allow(missing_docs)]
 pub mod cleanup;
 #[cfg(feature = "cli")]
+#[allow(missing_docs)]
 pub mod cli;
+#[allow(missing_docs)]
 pub mod dtype;
+#[allow(missing_docs)]
 pub mod error;
+#[allow(missing_docs)]
 pub mod format;
+#[allow(missing_docs)]
 pub mod input;
 pub mod pack;
+#[allow(missing_docs)]
 pub mod predictor;
+#[allow(missing_docs)]
 pub mod progress;
+#[allow(missing_docs)]
 pub mod quant;
 pub mod runtime;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod server;
 
 pub use error::{Error, ExitClass, Result};
+pub use pack::{
+    convert, inspect, verify, ConvertOptions, ConvertSummary, InspectReport, TargetDType,
+    VerifyOptions, VerifyReport,
+};
+pub use runtime::flash::io::IoEngine;
+pub use runtime::generate::{GenerateOptions, StopReason};
+pub use runtime::sampling::SamplingParams;
+pub use runtime::session::{
+    GenerationReport, IoSummary, PerplexityReport, Session, SessionOptions,
+};
+pub use runtime::sparse::{FfnMode, Selector};

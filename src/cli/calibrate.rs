@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::predictor::calibrate::{calibrate, Calibration, CalibrationOptions, LayerStats};
 use crate::predictor::thresholds::Allocation;
 use crate::runtime::ffn::Criterion;
-use crate::runtime::packed::PackedWeights;
+use crate::runtime::open::{load_packed, Values};
 use crate::runtime::perplexity::perplexity;
 use crate::runtime::sparse::{apply_ffn_mode, FfnMode, Selector, SparsityData};
 use crate::runtime::Model;
@@ -90,10 +90,8 @@ pub fn run(args: &CalibrateArgs, out: &Output) -> anyhow::Result<()> {
     }
     let (cal, heldout) = if args.model.is_file() {
         let file = crate::format::PackedFile::open(&args.model)?;
-        let weights = PackedWeights::read_all(&file)?;
+        let (weights, model, tokenizer) = load_packed(&file, Values::Dequantized)?;
         let load = || crate::runtime::Model::load(&file.config, &file.names, &weights);
-        let model = load()?;
-        let tokenizer = crate::runtime::packed::packed_tokenizer(&file)?;
         let cal = calibrate(
             &model,
             &file.names,
@@ -198,12 +196,8 @@ fn moe_model(
         if file.config.moe.is_none() {
             return Ok(None);
         }
-        let weights = PackedWeights::read_all(&file)?;
-        let model = Model::load(&file.config, &file.names, &weights)?;
-        Ok(Some((
-            model,
-            crate::runtime::packed::packed_tokenizer(&file)?,
-        )))
+        let (_, model, tokenizer) = load_packed(&file, Values::Dequantized)?;
+        Ok(Some((model, tokenizer)))
     } else {
         let ckpt = crate::input::Checkpoint::open(path)?;
         if ckpt.config.moe.is_none() {

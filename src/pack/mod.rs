@@ -4,12 +4,18 @@
 //! users do: `verify` (hashes, rules, weights and logits against the source)
 //! and `inspect` (what a checkpoint or packed file holds).
 
+#[allow(missing_docs)]
 pub mod bundle;
+#[allow(missing_docs)]
 pub mod convert;
 pub mod inspect;
+#[allow(missing_docs)]
 pub mod output;
+#[allow(missing_docs)]
 pub mod quantize;
+#[allow(missing_docs)]
 pub mod retrain;
+#[allow(missing_docs)]
 pub mod section;
 pub mod verify;
 

@@ -19,8 +19,7 @@ use crate::pack::convert::{
 };
 use crate::pack::output::{check_output_path, finish_packed_file, AtomicOutput, InputPath};
 use crate::predictor::pipeline::{calibrate_and_train, CalibrationPlan};
-use crate::runtime::packed::{packed_tokenizer, PackedWeights};
-use crate::runtime::Model;
+use crate::runtime::open::{load_packed, Values};
 
 /// What a retraining wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -72,9 +71,7 @@ pub fn retrain_predictors(
         }
     };
     let file = PackedFile::open(input)?;
-    let weights = PackedWeights::read_all(&file)?;
-    let model = Model::load(&file.config, &file.names, &weights)?;
-    let tokenizer = packed_tokenizer(&file)?;
+    let (weights, model, tokenizer) = load_packed(&file, Values::Dequantized)?;
     let trained = calibrate_and_train(&model, &file.names, &weights, &tokenizer, plan, progress)?;
     drop((model, weights));
     let mut extras = extras_from(trained, plan, &file.config)?;

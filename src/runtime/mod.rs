@@ -16,27 +16,48 @@
 //! - [`session`]: one way to open a model for any FFN mode, generate and score ([`Session`]).
 //! - [`bench`]: speed and memory-bandwidth measurements, a random-weight model.
 
+#[allow(missing_docs)]
 pub mod attention;
+#[allow(missing_docs)]
 pub mod bench;
+#[allow(missing_docs)]
 pub mod chat;
+#[allow(missing_docs)]
 pub mod ffn;
+#[allow(missing_docs)]
 pub mod flash;
+#[allow(missing_docs)]
 pub mod generate;
+#[allow(missing_docs)]
 pub mod kernels;
+#[allow(missing_docs)]
 pub mod lowbit;
+#[allow(missing_docs)]
 pub mod model;
+#[allow(missing_docs)]
 pub mod moe;
+#[allow(missing_docs)]
 pub mod npy;
+#[allow(missing_docs)]
 pub mod open;
+#[allow(missing_docs)]
 pub mod packed;
+#[allow(missing_docs)]
 pub mod perplexity;
+#[allow(missing_docs)]
 pub mod predictor;
+#[allow(missing_docs)]
 pub mod quant;
+#[allow(missing_docs)]
 pub mod quant_ffn;
+#[allow(missing_docs)]
 pub mod rope;
+#[allow(missing_docs)]
 pub mod sampling;
 pub mod session;
+#[allow(missing_docs)]
 pub mod sparse;
+#[allow(missing_docs)]
 pub mod weights;
 
 pub use attention::KvCache;

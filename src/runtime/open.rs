@@ -38,6 +38,33 @@ impl LoadedModel {
     }
 }
 
+/// How a packed file's block-quantized weights are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// In their blocks, computed with the integer kernels: what running a
+    /// model uses.
+    AsStored,
+    /// Widened to f32, exactly the file's values: what calibration,
+    /// predictor training and verification use.
+    Dequantized,
+}
+
+/// A packed file's whole model in DRAM: its weights (a tensor source that
+/// calibration and verification read again), the model and its tokenizer.
+/// The one sequence every caller that loads a packed file uses.
+pub fn load_packed(
+    file: &PackedFile,
+    values: Values,
+) -> Result<(PackedWeights<'_>, Model, TextTokenizer)> {
+    let weights = match values {
+        Values::AsStored => PackedWeights::read_all_quantized(file)?,
+        Values::Dequantized => PackedWeights::read_all(file)?,
+    };
+    let model = Model::load(&file.config, &file.names, &weights)?;
+    let tokenizer = packed_tokenizer(file)?;
+    Ok((weights, model, tokenizer))
+}
+
 /// Loads a checkpoint directory or a packed file (all weights in DRAM).
 pub fn open_model(path: &Path) -> Result<LoadedModel> {
     // A missing path or one of the wrong kind is said as such, before either
@@ -46,11 +73,10 @@ pub fn open_model(path: &Path) -> Result<LoadedModel> {
     if path.is_file() {
         let file = PackedFile::open(path)?;
         // Block-quantized weights stay in their blocks (format section 9).
-        let weights = PackedWeights::read_all_quantized(&file)?;
-        let model = Model::load(&file.config, &file.names, &weights)?;
+        let (_, model, tokenizer) = load_packed(&file, Values::AsStored)?;
         Ok(LoadedModel {
             model,
-            tokenizer: packed_tokenizer(&file)?,
+            tokenizer,
             source: ModelSource::Packed,
             sparsity: sparsity_data(&file)?,
         })
