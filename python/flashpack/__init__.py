@@ -3,8 +3,11 @@
 The Python face of the Rust library (the same code as the ``flashpack``
 command line): ``convert`` a Hugging Face checkpoint into a packed file,
 ``verify`` and ``inspect`` it, each returning the dict the command's
-``--json`` prints. Work runs with the GIL released. Failures raise
-``FlashpackError`` subclasses carrying the command line's exit class.
+``--json`` prints; ``open`` a checkpoint or packed file as a model (any FFN
+mode, from flash under a DRAM budget) to ``generate``, ``stream``, take
+``logits`` (numpy) and ``perplexity``. Work runs with the GIL released.
+Failures raise ``FlashpackError`` subclasses carrying the command line's exit
+class.
 """
 
 from ._errors import (
@@ -13,13 +16,17 @@ from ._errors import (
     FlashpackError,
     InvalidInputError,
 )
-from ._native import __version__, convert, inspect, verify
+from ._native import Model, Stream, __version__, convert, inspect, open, verify
 
+# `open` is left out of `__all__`: `from flashpack import *` must not hide the
+# builtin; write `flashpack.open(...)`.
 __all__ = [
     "CheckFailedError",
     "EnvironmentFailureError",
     "FlashpackError",
     "InvalidInputError",
+    "Model",
+    "Stream",
     "__version__",
     "convert",
     "inspect",

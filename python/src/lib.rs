@@ -8,6 +8,8 @@
 //! Python's `json`, so the two cannot drift apart). Library errors become
 //! the exception classes of `flashpack._errors`, one per exit class.
 
+mod model;
+
 use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
@@ -348,6 +350,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(model::open, m)?)?;
+    m.add_class::<model::Model>()?;
+    m.add_class::<model::Stream>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
