@@ -5,14 +5,19 @@
 
 use half::{bf16, f16};
 
+/// A floating-point element type of stored weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
+    /// IEEE 754 binary32.
     F32,
+    /// IEEE 754 binary16 (5-bit exponent: range about 6.5e4).
     F16,
+    /// bfloat16 (f32's 8-bit exponent, 8 significant bits).
     BF16,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -29,6 +34,8 @@ impl DType {
         }
     }
 
+    /// The type of a safetensors dtype; `None` for the types flashpack does
+    /// not read (integers, f64, fp8).
     pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
         match dtype {
             safetensors::Dtype::F32 => Some(DType::F32),

@@ -18,6 +18,8 @@ pub enum ExitClass {
 }
 
 impl ExitClass {
+    /// The process exit code the command line uses for this class: 1, 2 or 3
+    /// (0 is success; README.md, "Exit codes").
     pub fn code(self) -> i32 {
         match self {
             ExitClass::CheckFailed => 1,
@@ -27,107 +29,170 @@ impl ExitClass {
     }
 }
 
+/// Every failure the library reports. Each variant names the file, tensor or
+/// option it is about, and its `Display` is a complete message for a user;
+/// [`Error::exit_class`] sorts it into bad input, a failed check or a failing
+/// environment.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system I/O failure on a file we expected to be able to use.
     #[error("{}: {}", path.display(), describe_io(source))]
     Io {
+        /// The file or directory the operation was on.
         path: PathBuf,
+        /// The OS's error (its kind decides the exit class: a path that does
+        /// not exist is bad input, anything else the environment).
         source: std::io::Error,
     },
 
     /// A file the input needs is not there.
     #[error("{}: {what} not found", path.display())]
-    MissingFile { path: PathBuf, what: &'static str },
+    MissingFile {
+        /// Where the file was looked for.
+        path: PathBuf,
+        /// What the file is, for the message ("config.json", "tokenizer.json", ...).
+        what: &'static str,
+    },
 
     /// A JSON file that does not parse, or does not have the expected structure.
     #[error("{}: invalid JSON: {source}", path.display())]
     Json {
+        /// The JSON file.
         path: PathBuf,
+        /// The parser's error, with line and column.
         source: serde_json::Error,
     },
 
     /// `config.json` parses but describes something invalid (a zero size, heads
     /// that do not divide the hidden size, a value above a sanity cap).
     #[error("{}: invalid config: {message}", path.display())]
-    InvalidConfig { path: PathBuf, message: String },
+    InvalidConfig {
+        /// The `config.json`.
+        path: PathBuf,
+        /// Which value is wrong and why.
+        message: String,
+    },
 
     /// An architecture flashpack does not implement.
     #[error("{}: unsupported architecture {name:?} (supported: {supported})", path.display())]
     UnsupportedArchitecture {
+        /// The `config.json` naming it.
         path: PathBuf,
+        /// Its `architectures` entry (e.g. `"GPT2LMHeadModel"`).
         name: String,
+        /// The architectures flashpack implements, as a list for the message.
         supported: &'static str,
     },
 
     /// A config option whose value flashpack does not implement.
     #[error("{}: unsupported {option} = {value} ({why})", path.display())]
     UnsupportedOption {
+        /// The `config.json` holding it.
         path: PathBuf,
+        /// The config key (`activation_function`, `use_sliding_window`, ...).
         option: &'static str,
+        /// Its value, as written in the file.
         value: String,
+        /// What flashpack implements instead, for the message.
         why: &'static str,
     },
 
     /// A safetensors file whose header or layout is invalid (truncated, offsets past
     /// the end, overlapping tensors, ...).
     #[error("{}: invalid safetensors file: {message}", path.display())]
-    Safetensors { path: PathBuf, message: String },
+    Safetensors {
+        /// The `.safetensors` file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 
     /// `model.safetensors.index.json` names a tensor that its shard does not hold.
     #[error("{}: index maps tensor {tensor:?} to {file:?}, which does not contain it", index.display())]
     IndexTensorNotInShard {
+        /// The `model.safetensors.index.json`.
         index: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// The shard file the index names for it.
         file: String,
     },
 
     /// A shard holds a tensor that the index does not map to that shard.
     #[error("{}: shard {file:?} holds tensor {tensor:?}, which the index does not map to it", index.display())]
     ShardTensorNotInIndex {
+        /// The `model.safetensors.index.json`.
         index: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// The shard file that holds it.
         file: String,
     },
 
     /// The same tensor name appears in two weight files.
     #[error("tensor {tensor:?} appears in both {first:?} and {second:?}")]
     DuplicateTensor {
+        /// The tensor's name.
         tensor: String,
+        /// The first weight file holding it.
         first: String,
+        /// The second one.
         second: String,
     },
 
     /// A shard name in the index that is not a plain file name inside the checkpoint
     /// directory (an absolute path or one with `..` would read outside it).
     #[error("{}: shard name {file:?} is not a plain file name in the checkpoint directory", index.display())]
-    BadShardName { index: PathBuf, file: String },
+    BadShardName {
+        /// The `model.safetensors.index.json`.
+        index: PathBuf,
+        /// The shard name as the index writes it.
+        file: String,
+    },
 
     /// A tensor the architecture requires is absent.
     #[error("tensor {tensor:?} is missing from the checkpoint")]
-    MissingTensor { tensor: String },
+    MissingTensor {
+        /// The name the architecture expects (Hugging Face naming).
+        tensor: String,
+    },
 
     /// A tensor's shape disagrees with what `config.json` implies.
     #[error("tensor {tensor:?} has shape {found:?}, config.json implies {expected:?}")]
     TensorShape {
+        /// The tensor's name.
         tensor: String,
+        /// The shape `config.json` implies, outermost dimension first.
         expected: Vec<usize>,
+        /// The shape the weight file records.
         found: Vec<usize>,
     },
 
     /// A tensor stored in a dtype other than f32, f16 or bf16.
     #[error("tensor {tensor:?} has dtype {dtype}; flashpack reads f32, f16 and bf16")]
-    UnsupportedDtype { tensor: String, dtype: String },
+    UnsupportedDtype {
+        /// The tensor's name.
+        tensor: String,
+        /// The dtype its weight file records (safetensors' name, e.g. `I8`).
+        dtype: String,
+    },
 
     /// `tokenizer.json` could not be loaded or used.
     #[error("{}: tokenizer error: {message}", path.display())]
-    Tokenizer { path: PathBuf, message: String },
+    Tokenizer {
+        /// The tokenizer file (or the packed file or checkpoint carrying it).
+        path: PathBuf,
+        /// The tokenizers library's message.
+        message: String,
+    },
 
     /// An output path that is (or resolves to, through symlinks or hard links) a
     /// file the command reads: writing it would destroy the input.
     #[error("refusing to write output {}: it is {what} {}{via}, which would be overwritten{hint}", output.display(), input.display())]
     OutputIsInput {
+        /// The output path as given.
         output: PathBuf,
+        /// The input file it is (or resolves to).
         input: PathBuf,
         /// What the input is: "checkpoint file", "the input packed file", ...
         what: &'static str,
@@ -141,7 +206,9 @@ pub enum Error {
     /// directory).
     #[error("output directory {} {problem} (for output {})", dir.display(), output.display())]
     OutputDirectory {
+        /// The output's parent directory.
         dir: PathBuf,
+        /// The output path as given.
         output: PathBuf,
         /// "does not exist", "is not a directory".
         problem: &'static str,
@@ -151,8 +218,11 @@ pub enum Error {
     /// read-only or special file system).
     #[error("cannot create a file in output directory {} (for output {}): {source}", dir.display(), output.display())]
     OutputDirectoryIo {
+        /// The output's parent directory.
         dir: PathBuf,
+        /// The output path as given.
         output: PathBuf,
+        /// The OS's error from creating a temporary file there.
         source: std::io::Error,
     },
 
@@ -160,6 +230,7 @@ pub enum Error {
     /// directory was expected, a directory where a file was expected, ...
     #[error("{} {found}, expected {expected}", path.display())]
     WrongKind {
+        /// The path as given.
         path: PathBuf,
         /// "is a file", "is a directory", "does not exist", ...
         found: &'static str,
@@ -167,7 +238,8 @@ pub enum Error {
         expected: &'static str,
     },
 
-    /// A command-line value that is out of range or inconsistent with the model.
+    /// A value given to a function (or on the command line) that is out of
+    /// range or inconsistent with the model; the message says which and why.
     #[error("{0}")]
     InvalidArgument(String),
 
@@ -176,22 +248,30 @@ pub enum Error {
     /// shows the matching flag instead of the field name.
     #[error("{option}: {problem}")]
     InvalidOption {
+        /// The option's field name (`dram_budget`, `window`, `selector`, ...).
         option: &'static str,
+        /// What is wrong with it, in library terms.
         problem: String,
     },
 
     /// A sequence (prompt, evaluation window) longer than the model's context.
     #[error("{what} needs {needed} positions, but the model's context is {max}")]
     ContextTooLong {
+        /// The sequence, for the message ("the prompt (700 tokens)").
         what: String,
+        /// Positions it needs.
         needed: usize,
+        /// Positions available: the model's context, or a smaller one asked for.
         max: usize,
     },
 
     /// A flashpack file that breaks a numbered rule of `formats/flashpack-v1.md`.
     #[error("{}: {source}", path.display())]
     Format {
+        /// The flashpack file.
         path: PathBuf,
+        /// The rule broken (its number is in the message); integrity failures
+        /// (a hash that does not match) are a failed check, the rest bad input.
         source: crate::format::FormatError,
     },
 
@@ -199,14 +279,20 @@ pub enum Error {
     /// changed after it was opened). Never answered with wrong output.
     #[error("{}: reading FFN bundles{} failed ({ops} read(s) from offset {offset}): {source}", path.display(), layer.map_or(String::new(), |l| format!(" of layer {l}")))]
     FlashRead {
+        /// The packed file read from.
         path: PathBuf,
+        /// The layer whose FFN bundles were being read, when known.
         layer: Option<usize>,
+        /// Byte offset in the file of the first read that failed.
         offset: u64,
+        /// Reads in the failed batch.
         ops: usize,
+        /// The OS's error (or `UnexpectedEof` for a file that shrank).
         source: std::io::Error,
     },
 }
 
+/// The library's result type: [`Error`] unless another error is named.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

@@ -26,8 +26,11 @@ pub enum Phase {
 /// What a phase counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
+    /// Tokens of calibration text.
     Tokens,
+    /// Model layers.
     Layers,
+    /// Bytes (written, copied or hashed).
     Bytes,
 }
 

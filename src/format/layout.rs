@@ -507,6 +507,7 @@ pub struct RoutingInfo {
 /// One sparse layer's routing counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutingLayer {
+    /// The layer (from 0).
     pub layer: u64,
     /// Per expert, in expert order: calibration tokens whose top-k included it.
     pub counts: Vec<u64>,

@@ -13,29 +13,49 @@ use crate::input::Checkpoint;
 /// A flat, serialisable description of a checkpoint.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckpointSummary {
+    /// The Hugging Face class (`LlamaForCausalLM`, ...).
     pub architecture: String,
+    /// Transformer layers.
     pub num_layers: usize,
+    /// Width of the residual stream (d_model).
     pub hidden_size: usize,
+    /// Neurons per FFN layer (for a mixture of experts: of its dense layers).
     pub ffn_width: usize,
+    /// The FFN activation (`relu`, `silu`, `gelu_pytorch_tanh`, ...).
     pub activation: String,
     /// FATReLU's threshold (`hidden_act_param`): a gate below it is zeroed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activation_threshold: Option<f32>,
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads (fewer than `num_heads` with grouped-query attention).
     pub num_kv_heads: usize,
+    /// Dimension of each head.
     pub head_dim: usize,
+    /// Rows of the embedding (and of the output projection).
     pub vocab_size: usize,
+    /// The longest context the runtime uses: `max_position_embeddings`, or
+    /// the sliding window where one is configured.
     pub max_context: usize,
+    /// Whether the output projection is the token embedding.
     pub tie_word_embeddings: bool,
+    /// All parameters the architecture uses.
     pub params_total: u64,
+    /// Token (and learned position) embeddings and an untied output projection.
     pub params_embeddings: u64,
+    /// Attention projections and their biases.
     pub params_attention: u64,
+    /// FFN weights: what flashpack leaves on flash.
     pub params_ffn: u64,
+    /// The rest: norms, OPT's input and output projections, MoE routers.
     pub params_other: u64,
     /// Parameters per stored dtype (`"f32"`, `"f16"`, `"bf16"`), over the tensors used.
     pub params_by_dtype: BTreeMap<String, u64>,
+    /// The dtype `config.json` declares (`dtype` or `torch_dtype`).
     pub declared_dtype: Option<String>,
+    /// The weight files' names (the packed file's own for a packed file).
     pub weight_files: Vec<String>,
+    /// Whether the weights are split over shards with an index.
     pub sharded: bool,
     /// Bytes of the weight files (the packed file itself for a packed file).
     #[serde(rename = "file_bytes")]
@@ -68,6 +88,7 @@ pub struct ExpertsSummary {
 }
 
 impl CheckpointSummary {
+    /// The summary of an opened checkpoint directory.
     pub fn of(ckpt: &Checkpoint) -> CheckpointSummary {
         let dtype_of = |name: &str| ckpt.weights.get(name).ok().map(|t| t.dtype);
         let mut s = CheckpointSummary::from_model(&ckpt.config, &ckpt.names, &dtype_of);

@@ -58,6 +58,7 @@ struct RawGenerationConfig {
 /// and tokenizer_config.json.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecialTokens {
+    /// The id prepended to a prompt, where the model has one.
     pub bos: Option<u32>,
     /// Generation stops at any of these.
     pub eos: Vec<u32>,
@@ -70,6 +71,7 @@ pub struct TextTokenizer {
     /// `tokenizer_config.json`'s explicit choice; `None` leaves it to tokenizer.json.
     add_bos: Option<bool>,
     add_eos: Option<bool>,
+    /// The BOS and EOS ids.
     pub special: SpecialTokens,
 }
 
@@ -224,6 +226,8 @@ impl TextTokenizer {
         })
     }
 
+    /// Ids the tokenizer knows, added tokens included (may be below the
+    /// model's `vocab_size`, whose embedding rows can be padded).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -28,10 +28,14 @@ use crate::predictor::train::{LowRankPredictor, PredictorMetrics};
 pub enum TargetDType {
     /// Each tensor as stored in the checkpoint (an FFN layer takes its up projection's).
     Keep,
+    /// Every floating-point tensor in this dtype (f32, f16 or bf16; the
+    /// conversion rounds to nearest even). Block-quantized parts follow
+    /// [`ConvertOptions::quant`] instead.
     To(DType),
 }
 
 impl TargetDType {
+    /// The name `convert --dtype` takes and reports: `keep`, `f32`, `f16`, `bf16`.
     pub fn name(self) -> &'static str {
         match self {
             TargetDType::Keep => "keep",
@@ -47,12 +51,19 @@ impl TargetDType {
     }
 }
 
+/// How [`convert`] packs a checkpoint. `Default` keeps the checkpoint's
+/// dtypes, zstd level 3, 4 KiB alignment, no calibration (so no predictors:
+/// the file runs `dense` and `naive`, not `flash`), no block
+/// quantization, and selector copies where they apply.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
+    /// The dtype of the packed weights (default [`TargetDType::Keep`]).
     pub dtype: TargetDType,
     /// zstd level for the dense and file sections (1-22; 0 stores them uncompressed).
     pub zstd_level: i32,
-    /// Alignment of every section (a power of two, 512 B to 1 MiB).
+    /// Alignment of every section in bytes (a power of two, 512 B to 1 MiB;
+    /// default 4096, the page and the usual flash block, so that direct I/O
+    /// reads whole bundles).
     pub alignment: u64,
     /// Calibrate on text and train predictors (hot-first neuron order, predictor
     /// section); `None` packs the checkpoint's neuron order without predictors.
@@ -124,48 +135,80 @@ impl Default for ConvertOptions {
     }
 }
 
-/// What a finished conversion wrote.
+/// What a finished conversion wrote: `flashpack convert --json` prints these
+/// fields. Sizes are bytes in the file (after compression); times are wall
+/// milliseconds.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConvertSummary {
+    /// The packed file written.
     pub output: PathBuf,
+    /// Its total size.
     pub file_bytes: u64,
+    /// The dense section (embeddings, attention, norms, head), as stored.
     pub dense_bytes: u64,
+    /// The dense section before zstd: what it takes in DRAM when loaded.
     pub dense_raw_bytes: u64,
+    /// All FFN sections (one per layer; never compressed, read by offset).
     pub ffn_bytes: u64,
+    /// The side files carried verbatim (`tokenizer.json`, and where the
+    /// checkpoint has them its tokenizer config, generation config and chat
+    /// template).
     pub tokenizer_bytes: u64,
+    /// Sections in the file.
     pub sections: usize,
+    /// The JSON manifest at the end of the file.
     pub manifest_bytes: u64,
+    /// The manifest's sha256 (lowercase hex), which the preamble records: it
+    /// identifies the file's contents.
     pub manifest_sha256: String,
-    /// Where the time went, in milliseconds: hashing the source files, the dense
-    /// section, the FFN sections, and the final fsync and rename.
+    /// Hashing the source files (beside the writing).
     pub hash_sources_ms: f64,
+    /// Writing the dense section.
     pub dense_ms: f64,
+    /// Writing the FFN sections.
     pub ffn_ms: f64,
+    /// The final fsync and rename.
     pub commit_ms: f64,
-    /// The selector copies written (format section 10), and their bytes.
+    /// The selector copies written (format section 10), `None` when none.
     pub selector: Option<crate::runtime::lowbit::LowBits>,
+    /// Bytes of the selector section (0 without copies).
     pub selector_bytes: u64,
-    /// Calibration tokens and time, and per-layer predictor metrics (with `--calib`).
+    /// Tokens calibration ran on (`None` without calibration).
     pub calibration_tokens: Option<u64>,
+    /// Calibration time (`None` without calibration).
     pub calibrate_ms: Option<f64>,
+    /// Predictor training time, all layers (`None` without calibration).
     pub train_ms: Option<f64>,
+    /// Each layer's predictor (empty without calibration and for a mixture
+    /// of experts, whose router chooses).
     pub predictors: Vec<PredictorReport>,
 }
 
 /// One layer's predictor as `convert` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PredictorReport {
+    /// The layer (from 0).
     pub layer: usize,
+    /// Rank of the low-rank predictor (`A` is hidden x rank, `B` rank x neurons).
     pub rank: usize,
+    /// On the predictor's logit: a neuron is predicted active when its logit
+    /// is at least this (chosen on held-out tokens to reach the target recall).
     pub threshold: f32,
+    /// Held-out (token, neuron) pairs predicted and fired / pairs fired.
     pub recall: f64,
+    /// Pairs predicted and fired / pairs predicted.
     pub precision: f64,
+    /// Pairs predicted / all held-out pairs: the share of the FFN a token reads.
     pub frac_predicted: f64,
+    /// Pairs fired / all held-out pairs: the layer's true density.
     pub frac_true: f64,
     /// Predictor size (f16) as a percentage of the layer's FFN weights.
     #[serde(rename = "share_of_ffn_percent")]
     pub bytes_percent_of_ffn: f64,
+    /// Most distinct neurons fired within any K consecutive calibration
+    /// tokens, K = 1, 2, 4, 8: what a window cache of K tokens must hold.
     pub window_max: Vec<u64>,
+    /// This layer's training time.
     pub train_ms: f64,
 }
 

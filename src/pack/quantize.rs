@@ -153,6 +153,7 @@ pub fn build_quantized_bundles(
 pub struct TensorQuantError {
     /// The checkpoint tensor's name.
     pub tensor: String,
+    /// The block type it is stored in (`q8_0`, `q4_1`).
     pub dtype: &'static str,
     /// `sum (x - x')^2 / sum x^2` over the tensor, in f64.
     pub nmse: f64,

@@ -31,6 +31,9 @@ pub const WINDOW_SIZES: [usize; 4] = [1, 2, 4, 8];
 /// quantile, few enough that `tokens x width` floats stay small.
 const THRESHOLD_SAMPLE_TOKENS: usize = 1024;
 
+/// How calibration runs. `Default`: up to 16,384 tokens in passes of 256,
+/// SiLU thresholds zeroing half the activations, the same share in every
+/// layer, compared with the neuron's value (the product criterion).
 #[derive(Debug, Clone)]
 pub struct CalibrationOptions {
     /// Stop after this many tokens.

@@ -16,11 +16,17 @@ use crate::progress::{Phase, Progress, SILENT};
 use crate::runtime::weights::TensorSource;
 use crate::runtime::Model;
 
-/// What to calibrate on and how to train.
-#[derive(Debug, Clone)]
+/// What to calibrate on and how to train: [`ConvertOptions::calibration`](crate::ConvertOptions::calibration).
+/// `Default` has no files (give at least one) and the default options.
+#[derive(Debug, Clone, Default)]
 pub struct CalibrationPlan {
+    /// Plain UTF-8 text files, read in order, tokenized with the model's
+    /// tokenizer: text like what the model will run on (its activations
+    /// decide the neuron order, the thresholds and the predictors).
     pub files: Vec<PathBuf>,
+    /// How much text, and how SiLU thresholds are chosen.
     pub calibrate: CalibrationOptions,
+    /// How each layer's predictor is trained.
     pub train: TrainOptions,
 }
 
@@ -93,9 +99,13 @@ pub fn calibrate_and_train(
 /// A stored predictor's recall measured on new calibration text.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MeasuredRecall {
+    /// The layer (from 0).
     pub layer: usize,
+    /// (token, neuron) pairs predicted and fired / pairs fired.
     pub recall: f64,
+    /// Pairs predicted / all pairs.
     pub frac_predicted: f64,
+    /// Pairs fired / all pairs.
     pub frac_true: f64,
 }
 

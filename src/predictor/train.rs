@@ -149,16 +149,24 @@ pub enum RankChoice {
     /// of `B` zero), so it resumes rather than restarts. The first rank that meets
     /// the bound is returned; if none does, the one predicting the fewest neurons
     /// (ties: the smaller rank).
-    Auto { start: usize, max: usize },
+    Auto {
+        /// The first rank trained.
+        start: usize,
+        /// The largest rank tried.
+        max: usize,
+    },
 }
 
 /// Training hyper-parameters. See [`TrainOptions::default`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainOptions {
+    /// The predictor's rank, fixed or searched.
     pub rank: RankChoice,
     /// Recall pooled over all held-out (token, neuron) pairs that fired, in (0, 1].
     pub target_recall: f64,
+    /// Most passes over the training tokens per rank tried.
     pub max_epochs: usize,
+    /// Tokens per AdamW step.
     pub batch_size: usize,
     /// Base rate; epoch `e` uses `lr * (0.1 + 0.45 * (1 + cos(pi * e / max_epochs)))`.
     pub learning_rate: f32,
@@ -168,6 +176,8 @@ pub struct TrainOptions {
     pub holdout_fraction: f64,
     /// Stop after this many epochs without a lower held-out loss (0: never stop early).
     pub patience: usize,
+    /// Seed of the initial weights and the batch order: the same seed and
+    /// data train the same predictor.
     pub seed: u64,
 }
 

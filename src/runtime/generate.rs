@@ -11,10 +11,15 @@ use crate::runtime::attention::KvCache;
 use crate::runtime::model::{Logits, Model};
 use crate::runtime::sampling::{Sampler, SamplingParams};
 
-/// What to generate.
+/// What to generate. `Default` generates nothing (`max_new_tokens` 0) and
+/// stops at no id: start from [`Session::generate_options`](crate::Session::generate_options),
+/// which fills in the model's EOS ids and context.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
+    /// Most tokens to generate after the prompt (an EOS that ends generation
+    /// counts). 0 computes the prompt only (its logits with `keep_logits`).
     pub max_new_tokens: usize,
+    /// How each token is chosen from the logits (default greedy).
     pub sampling: SamplingParams,
     /// Generation stops after emitting any of these (the EOS ids).
     pub stop_ids: Vec<u32>,
@@ -37,7 +42,10 @@ pub struct GenerateOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
+    /// A token of [`GenerateOptions::stop_ids`] was generated (it is kept in
+    /// the ids; it adds no text).
     Eos,
+    /// [`GenerateOptions::max_new_tokens`] tokens were generated.
     MaxNewTokens,
     /// The context is full (the model's, or the one asked for).
     Context,
@@ -60,18 +68,25 @@ impl StopReason {
 /// Whether generation goes on after a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
+    /// Generate the next token (unless a limit or a stop id ends it).
     Continue,
+    /// End now, with [`StopReason::StopString`].
     Stop,
 }
 
 /// The result of [`generate`], with timings.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Generation {
+    /// The generated ids, an EOS that ended generation included.
     pub generated_ids: Vec<u32>,
+    /// Why generation stopped.
     pub stop_reason: StopReason,
+    /// Wall time of the prompt's forward pass, in milliseconds.
     pub prefill_ms: f64,
     /// Decode steps run (the first generated token comes from the prefill).
     pub decode_steps: usize,
+    /// Wall time from the first token chosen to the end, in milliseconds
+    /// (sampling, callbacks and every decode step).
     pub decode_ms: f64,
     /// With [`GenerateOptions::keep_logits`]: `rows x vocab` logits, one row
     /// per position computed (the prompt's positions after those reused, then
@@ -82,6 +97,7 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// Decode steps per second of `decode_ms` (0 when nothing was decoded).
     pub fn decode_tokens_per_s(&self) -> f64 {
         if self.decode_ms > 0.0 {
             self.decode_steps as f64 / (self.decode_ms / 1000.0)
@@ -232,6 +248,8 @@ pub struct TextStream<'a> {
 }
 
 impl<'a> TextStream<'a> {
+    /// A stream after `prompt`, whose text is never returned (only what the
+    /// tokens pushed add to it).
     pub fn new(tokenizer: &'a TextTokenizer, prompt: &[u32]) -> Result<TextStream<'a>> {
         let printed = tokenizer.decode(prompt)?.len();
         Ok(TextStream {
@@ -272,6 +290,7 @@ impl<'a> TextStream<'a> {
 pub struct TextGeneration {
     /// The generated text, ending before a stop string that ended it.
     pub text: String,
+    /// The ids, stop reason and timings.
     pub generation: Generation,
 }
 

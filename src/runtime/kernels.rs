@@ -467,7 +467,7 @@ fn quantized_linear(lin: &Linear, x: &[f32], n: usize, out: &mut [f32]) -> bool 
 /// The arithmetic is exactly that of [`matvec`] (one [`row_dot`] per output):
 /// neuron `i` goes to lane `i % LANES` of each output, fused multiply-add where
 /// the SIMD dot fuses (the neurons below the last whole block of `LANES`),
-/// plain multiply and add elsewhere, then [`reduce_lanes`] and the bias. A
+/// plain multiply and add elsewhere, then `reduce_lanes` and the bias. A
 /// neuron left out contributes an exact zero in [`matvec`] (`acc + w * 0 ==
 /// acc`; the accumulators start at +0 and never become -0), so the sparse sum is
 /// bit-identical to the dense one, whichever memory (DRAM matrix or bundles read

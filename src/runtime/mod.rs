@@ -14,7 +14,7 @@
 //! - [`flash`]: the FFN read from disk (`naive`, `flash`), under a DRAM budget.
 //! - [`packed`], [`open`]: a flashpack file as a tensor source; loading either kind of model.
 //! - [`session`]: one way to open a model for any FFN mode, generate and score ([`Session`]).
-//! - [`bench`]: speed and memory-bandwidth measurements, a random-weight model.
+//! - [`mod@bench`]: speed and memory-bandwidth measurements, a random-weight model.
 
 #[allow(missing_docs)]
 pub mod attention;

@@ -347,7 +347,7 @@ fn sgemm_nn(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, c: &mut [f32]) {
 }
 
 /// Beyond this many tokens (every neuron computed) the FFN runs as GEMMs on
-/// dequantized chunks ([`QuantFfn::forward_gemm`]); as the f16 model's
+/// dequantized chunks (`QuantFfn::forward_gemm`); as the f16 model's
 /// `kernels::linear` does.
 pub const GEMM_TOKENS: usize = 16;
 

@@ -8,9 +8,13 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::error::{Error, Result};
 
-/// How to pick tokens. `temperature == 0` is greedy (top-k / top-p then unused).
+/// How to pick tokens. `temperature == 0` is greedy (top-k, top-p and min-p
+/// then unused); `Default` is greedy with no repetition penalty. The filters
+/// apply in the order top-k, min-p, top-p, after the temperature.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
+    /// Logits are divided by it before the softmax; 0 (the default) takes the
+    /// most likely token, higher values flatten the distribution. Finite, >= 0.
     pub temperature: f32,
     /// Keep only the `k` most likely tokens (`None`: all).
     pub top_k: Option<usize>,
@@ -23,6 +27,9 @@ pub struct SamplingParams {
     /// already in the context by this (transformers'
     /// `RepetitionPenaltyLogitsProcessor`); 1 is none.
     pub repetition_penalty: f32,
+    /// Seed of the ChaCha20 stream the draws come from: the same seed, model
+    /// and prompt give the same tokens on any machine and thread count
+    /// (unused when greedy).
     pub seed: u64,
 }
 
@@ -74,6 +81,7 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether tokens are chosen by argmax (`temperature == 0`).
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
@@ -86,10 +94,15 @@ impl SamplingParams {
 /// parse as numbers are ignored (the file is the model author's, not the user's).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingDefaults {
+    /// [`SamplingParams::temperature`]: 0 unless `do_sample`.
     pub temperature: f32,
+    /// [`SamplingParams::top_k`] (`top_k` 0 in the file is none).
     pub top_k: Option<usize>,
+    /// [`SamplingParams::top_p`] (1 in the file is none).
     pub top_p: Option<f32>,
+    /// [`SamplingParams::min_p`].
     pub min_p: Option<f32>,
+    /// [`SamplingParams::repetition_penalty`] (1 when absent).
     pub repetition_penalty: f32,
 }
 
@@ -106,6 +119,8 @@ impl Default for SamplingDefaults {
 }
 
 impl SamplingDefaults {
+    /// The defaults of a parsed `generation_config.json` (`None`: the model
+    /// ships none, which is greedy).
     pub fn from_generation_config(config: Option<&serde_json::Value>) -> SamplingDefaults {
         let Some(c) = config else {
             return SamplingDefaults::default();
@@ -177,6 +192,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler for `params`, its RNG seeded with `params.seed`; invalid
+    /// values (see [`SamplingParams::validate`]) are refused.
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
         Ok(Sampler {

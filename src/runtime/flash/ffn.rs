@@ -13,7 +13,7 @@
 //! reads the union of its tokens' neurons once, then computes the tokens in
 //! parallel, each with its own set summed in the same ascending order as
 //! alone: the same bits as token by token, with one read per needed bundle
-//! per batch instead of one per window miss (see [`FlashFfn::flash_batch`]).
+//! per batch instead of one per window miss (see `FlashFfn::flash_batch`).
 //! `naive` goes token by token (the paper's baseline reads everything).
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -105,6 +105,7 @@ pub enum IoEngine {
 }
 
 impl IoEngine {
+    /// The name `--io-engine` takes and the reports print.
     pub fn as_str(self) -> &'static str {
         match self {
             IoEngine::Auto => "auto",

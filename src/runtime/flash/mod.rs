@@ -9,7 +9,7 @@
 //! - [`io`]: direct-I/O reader, aligned buffers, read counters.
 //! - [`cache`]: one layer's resident-bundle matrix.
 //! - [`ffn`]: [`FlashFfn`] (`flash` and `naive`).
-//! - [`bench`]: every disk mode and dense on the same tokens (the paper's Table 2).
+//! - [`mod@bench`]: every disk mode and dense on the same tokens (the paper's Table 2).
 //!
 //! By default each FFN chunk's sha256 is checked the first time a run uses it,
 //! in the bytes the reader brought in ([`verify`]); a damaged chunk stops the
