@@ -12,6 +12,11 @@ const COMMAND_LINE_CRATES: &[&str] = &["clap", "indicatif", "ctrlc", "axum", "to
 
 /// Names of the packages in flashpack's normal (non-dev, non-build) dependency graph.
 fn normal_dependencies(default_features: bool) -> BTreeSet<String> {
+    dependencies_of(None, default_features)
+}
+
+/// [`normal_dependencies`] of `package` of the workspace (the root one for `None`).
+fn dependencies_of(package: Option<&str>, default_features: bool) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
@@ -27,6 +32,9 @@ fn normal_dependencies(default_features: bool) -> BTreeSet<String> {
     ]);
     if !default_features {
         cmd.arg("--no-default-features");
+    }
+    if let Some(p) = package {
+        cmd.args(["--package", p]);
     }
     let out = cmd.output().expect("run cargo tree");
     assert!(
@@ -65,4 +73,21 @@ fn the_default_build_has_the_command_line() {
     for c in ["clap", "indicatif", "ctrlc", "axum", "tokio"] {
         assert!(all.contains(c), "default features lack {c}");
     }
+}
+
+/// The Python package (python/, a workspace member) uses the library alone:
+/// its extension module carries no command-line crates either. `cargo tree`
+/// reads the lock file only; nothing is built and no Python is needed.
+#[test]
+fn the_python_package_pulls_in_no_command_line_crates() {
+    let deps = dependencies_of(Some("flashpack-python"), true);
+    assert!(
+        deps.contains("flashpack") && deps.contains("pyo3"),
+        "{deps:?}"
+    );
+    let found: Vec<_> = COMMAND_LINE_CRATES
+        .iter()
+        .filter(|c| deps.contains(**c))
+        .collect();
+    assert!(found.is_empty(), "the Python package depends on {found:?}");
 }

@@ -53,6 +53,18 @@ def test_verify_equals_the_cli_report(calibrated, opt_relu, heldout_text):
     assert flashpack.verify(calibrated) == cli_json("verify", str(calibrated))
 
 
+def test_a_quantized_file_verifies_against_its_limits_as_the_cli(tmp_path, opt_relu, heldout_text):
+    packed = tmp_path / "q8.flashpack"
+    flashpack.convert(opt_relu, packed, quant="ffn=q8,attn=q8")
+    sample = tmp_path / "sample.txt"
+    sample.write_text(heldout_text.read_text()[:4000])
+    cli = cli_json("verify", packed, "--against", opt_relu, "--text", sample)
+    py = flashpack.verify(packed, against=opt_relu, text=sample)
+    assert py == cli
+    assert py["ok"] is True and py["quant_errors"] and py["perplexity_ratio"] is not None
+    assert flashpack.inspect(packed)["quantization"]["ffn"] == "q8_0"
+
+
 def test_inspect_equals_the_cli_report(calibrated, opt_relu):
     assert flashpack.inspect(calibrated) == cli_json("inspect", str(calibrated))
     assert flashpack.inspect(opt_relu) == cli_json("inspect", str(opt_relu))
