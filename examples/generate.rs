@@ -56,14 +56,14 @@ fn generate(model: &str, prompt: &str, max_new_tokens: usize) -> flashpack::Resu
         Ok(())
     })?;
     println!();
+    let (tokens, why) = (report.generated_tokens, report.stop_reason);
+    eprintln!("{tokens} tokens, stopped by {why:?}");
+    // What the run read from flash (0 in the in-DRAM modes) and its speed.
     eprintln!(
-        "{} prompt tokens, {} generated ({:?}) in mode {}: {:.1} tokens/s, {} bytes read",
-        report.prompt_tokens,
-        report.generated_tokens,
-        report.stop_reason,
+        "mode {}: {} bytes read, {:.1} tokens/s",
         report.ffn.name(),
-        report.decode_tokens_per_s,
         report.io.read_bytes,
+        report.decode_tokens_per_s
     );
     Ok(())
 }

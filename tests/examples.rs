@@ -108,7 +108,7 @@ fn generate_and_logits_agree_with_run() {
     let (code, stdout, stderr) = example("generate", &[]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout, format!("{text}\n"), "generate prints run's text");
-    assert!(stderr.contains("in mode dense"), "{stderr}");
+    assert!(stderr.contains("mode dense: 0 bytes read"), "{stderr}");
 
     let (code, stdout, stderr) = example("logits", &[]);
     assert_eq!(code, 0, "{stderr}");
@@ -201,7 +201,7 @@ fn convert_writes_a_file_that_verifies_inspects_and_runs_flash() {
     let (code, stdout, stderr) = example("generate", &[out_s, "KING", "8"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(!stdout.trim().is_empty(), "{stderr}");
-    assert!(stderr.contains("in mode flash"), "{stderr}");
+    assert!(stderr.contains("mode flash: "), "{stderr}");
 }
 
 #[test]
@@ -234,4 +234,30 @@ fn inspect_shows_the_fixtures_layers() {
     assert_eq!(report["vocab_size"], vocab, "{report}");
     assert_eq!(report["format"], "hf_checkpoint");
     assert!(stderr.contains(&format!("{layers} layers")), "{stderr}");
+}
+
+/// README.md's Rust example is examples/generate.rs, shortened: each of its
+/// lines is a line of the example, in the same order, so that it compiles and
+/// does what the example (tested above) does.
+#[test]
+fn the_readme_example_is_examples_generate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("examples/generate.rs")).unwrap();
+    let block: Vec<&str> = readme
+        .split("```rust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README has a rust block")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(block.len() >= 10, "{block:?}");
+    let mut lines = example.lines();
+    for line in &block {
+        assert!(
+            lines.any(|l| l == *line),
+            "README's line {line:?} is not (in this order) in examples/generate.rs"
+        );
+    }
 }
