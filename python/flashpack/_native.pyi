@@ -1,7 +1,7 @@
 # Type stubs of the Rust extension module (python/src/lib.rs).
 import os
 import pathlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy
 
@@ -28,6 +28,7 @@ def convert(
     keep_trace: Optional[_Path] = None,
     sparsity_allocation: str = "uniform",
     verify: bool = False,
+    progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> Dict[str, Any]:
     """Convert a Hugging Face checkpoint directory (or a Hub id in the local
     cache) into a flashpack file at ``out``, written atomically.
@@ -39,7 +40,11 @@ def convert(
     ``"auto"``), ``target_recall``, ``target_sparsity``, ``seed``,
     ``keep_trace``, ``sparsity_allocation`` ``uniform``/``greedy``).
     ``verify``: check the written file against the checkpoint (a failure
-    raises ``CheckFailedError`` with the report).
+    raises ``CheckFailedError`` with the report). ``progress(phase, done,
+    total)`` is called as the work goes on (phases ``calibrating``,
+    ``choosing thresholds``, ``neuron statistics``, ``training predictors``,
+    ``writing``, ``hashing sources``; each reaches ``done == total``), from
+    the library's threads.
 
     Returns the dict ``flashpack convert --json`` prints.
     """

@@ -187,6 +187,25 @@ impl ConvertArgs {
     }
 }
 
+/// Calls the Python `progress(phase, done, total)` callback, if any, from
+/// whichever library thread reports (taking the GIL for the call). An
+/// exception it raises cannot stop the library: it is reported as Python
+/// reports errors in callbacks (`sys.unraisablehook`).
+fn report_progress(
+    callback: Option<&PyObject>,
+    phase: flashpack::progress::Phase,
+    done: u64,
+    total: u64,
+) {
+    if let Some(callback) = callback {
+        Python::with_gil(|py| {
+            if let Err(e) = callback.call1(py, (phase.describe(), done, total)) {
+                e.write_unraisable(py, Some(callback.bind(py)));
+            }
+        });
+    }
+}
+
 /// What [`convert`] ran into: a library error, or a written file that
 /// failed its verification.
 enum ConvertFailure {
@@ -201,7 +220,7 @@ enum ConvertFailure {
     src, out, *, dtype = "keep".to_string(), zstd_level = 3, align = 4096, quant = None,
     selector = "auto".to_string(), calib = None, calib_tokens = 16384, rank = None,
     target_recall = 0.99, target_sparsity = 0.5, seed = 0, keep_trace = None,
-    sparsity_allocation = "uniform".to_string(), verify = false
+    sparsity_allocation = "uniform".to_string(), verify = false, progress = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn convert(
@@ -222,6 +241,7 @@ fn convert(
     keep_trace: Option<PathBuf>,
     sparsity_allocation: String,
     verify: bool,
+    progress: Option<PyObject>,
 ) -> PyResult<PyObject> {
     let options = ConvertArgs {
         dtype,
@@ -243,9 +263,10 @@ fn convert(
     let result = py.allow_threads(|| {
         let started = std::time::Instant::now();
         let source = flashpack::input::hub::resolve_model(&src).map_err(ConvertFailure::Library)?;
-        let summary =
-            flashpack::pack::convert(&source, &out, &options, flashpack::progress::SILENT)
-                .map_err(ConvertFailure::Library)?;
+        let summary = flashpack::pack::convert(&source, &out, &options, &|phase, done, total| {
+            report_progress(progress.as_ref(), phase, done, total)
+        })
+        .map_err(ConvertFailure::Library)?;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         let report = if verify {
             let report = flashpack::pack::verify::verify_file(&out, Some(&source), None)

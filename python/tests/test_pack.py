@@ -31,6 +31,21 @@ def test_convert_writes_the_bytes_the_cli_writes(tmp_path, calibrated, opt_relu,
             assert py[key] == value, key
 
 
+def test_convert_reports_progress_to_a_callback(tmp_path, opt_relu, train_text):
+    seen = {}
+    lock = threading.Lock()
+
+    def progress(phase, done, total):
+        with lock:
+            last = seen.setdefault(phase, [0, total])
+            last[0] = max(last[0], done)
+            assert total == last[1]
+
+    flashpack.convert(opt_relu, tmp_path / "p.flashpack", calib=train_text, calib_tokens=256, progress=progress)
+    assert {"calibrating", "training predictors", "writing", "hashing sources"} <= set(seen), seen
+    assert all(done == total for done, total in seen.values()), seen
+
+
 def test_convert_with_verify_reports_the_weights_compared(tmp_path, opt_relu):
     out = tmp_path / "f16.flashpack"
     report = flashpack.convert(opt_relu, out, dtype="f16", zstd_level=0, verify=True)
