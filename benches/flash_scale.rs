@@ -51,22 +51,24 @@
 //! (default 0.99, convert's) and `FLASHPACK_SCALE_RANK` their `--rank`
 //! (default auto); their perplexity cost on the fixture is printed).
 
-use std::os::unix::io::AsRawFd;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flashpack::format::layout::DENSE_SECTION;
+use common::{
+    dense_stand_in, drop_cache, env_usize, join_cgroup, map_file, measure_tokens, rows_dot,
+    run_in_cgroup, MmapResult,
+};
 use flashpack::format::PackedFile;
 use flashpack::runtime::bench::{write_synthetic_checkpoint, SyntheticShape};
 use flashpack::runtime::flash::bench::{measure_mode, ModeRow};
 use flashpack::runtime::flash::io::IoEngine;
 use flashpack::runtime::flash::replay::from_kept_trace;
 use flashpack::runtime::flash::{parse_size, FlashOptions, Replay};
-use flashpack::runtime::kernels::{dot_weights, Weights};
 use flashpack::runtime::sparse::FfnMode;
-use rayon::prelude::*;
 
 const HIDDEN: usize = 2048;
 const FFN: usize = 11008;
@@ -85,13 +87,6 @@ type Run<'a> = (
     bool,
     IoEngine,
 );
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .map(|s| s.parse().expect(name))
-        .unwrap_or(default)
-}
 
 fn main() {
     if let Some(path) = std::env::var_os(MMAP_CHILD) {
@@ -569,102 +564,26 @@ fn synthetic_predictor_ms(layers: usize) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3 / tokens as f64
 }
 
-/// The child's measurement, one JSON line on its stdout.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct MmapResult {
-    tokens: usize,
-    /// Mean over tokens after the first (the first also faults in what a
-    /// warm page cache would already hold).
-    ms_per_token: f64,
-    /// Bytes the child made the kernel read from storage per token
-    /// (`read_bytes` of `/proc/self/io`, page-fault readahead included).
-    read_bytes_per_token: f64,
-    peak_rss_bytes: u64,
-}
-
 /// Runs [`mmap_child`] in a fresh memory cgroup limited to `budget` bytes.
 fn mmap_baseline(packed: &Path, budget: u64, tokens: usize) -> Result<MmapResult, String> {
-    let cg = MemoryCgroup::create(budget)?;
-    let out = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-        .env(MMAP_CHILD, packed)
-        .env("FLASHPACK_SCALE_MMAP_PROCS", &cg.procs)
-        .env("FLASHPACK_SCALE_MMAP_TOKENS", tokens.to_string())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| e.to_string())?;
-    drop(cg);
-    if !out.status.success() {
-        return Err(format!("the mmap child failed: {}", out.status));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or("")).map_err(|e| e.to_string())
-}
-
-/// A memory cgroup made for one child, removed on drop.
-struct MemoryCgroup {
-    dir: PathBuf,
-    procs: PathBuf,
-}
-
-impl MemoryCgroup {
-    fn create(limit: u64) -> Result<MemoryCgroup, String> {
-        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-        // cgroup v1's memory controller, else the v2 unified hierarchy.
-        let (parent, limit_file) = if let Some(p) = own
-            .lines()
-            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
-        {
-            (
-                Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
-                "memory.limit_in_bytes",
-            )
-        } else if let Some(p) = own.lines().find_map(|l| l.strip_prefix("0::")) {
-            (
-                Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')),
-                "memory.max",
-            )
-        } else {
-            return Err("no memory cgroup in /proc/self/cgroup".into());
-        };
-        let dir = parent.join(format!("flashpack-mmap-{}", std::process::id()));
-        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let cg = MemoryCgroup {
-            procs: dir.join("cgroup.procs"),
-            dir,
-        };
-        std::fs::write(cg.dir.join(limit_file), limit.to_string())
-            .map_err(|e| format!("{limit_file}: {e}"))?;
-        Ok(cg)
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-    }
+    let tokens = tokens.to_string();
+    run_in_cgroup(
+        budget,
+        &[
+            (MMAP_CHILD, packed.as_os_str()),
+            ("FLASHPACK_SCALE_MMAP_TOKENS", tokens.as_ref()),
+        ],
+    )
 }
 
 /// The baseline itself: joins the cgroup, holds the dense part in anonymous
 /// memory, maps the file, and per token computes a dot product of every
 /// weight row (dense part and FFN) with a vector, as a dense forward would.
 fn mmap_child(path: &Path) {
-    if let Some(procs) = std::env::var_os("FLASHPACK_SCALE_MMAP_PROCS") {
-        std::fs::write(procs, std::process::id().to_string()).expect("join the cgroup");
-    }
-    let tokens = env_usize("FLASHPACK_SCALE_MMAP_TOKENS", 4).max(2);
+    join_cgroup();
+    let tokens = env_usize("FLASHPACK_SCALE_MMAP_TOKENS", 4);
     let file = PackedFile::open(path).expect("open packed");
-    // The dense part's bytes in anonymous memory (their values do not matter
-    // to the timing; decompressing the section would need twice the room).
-    let dense_len: usize = file
-        .manifest
-        .tensors
-        .iter()
-        .filter(|t| t.section == DENSE_SECTION)
-        .map(|t| t.length as usize)
-        .sum();
-    let dense: Vec<u8> = (0..dense_len)
-        .map(|i| (i * 131 % 251) as u8 & 0x3b)
-        .collect();
+    let dense = dense_stand_in(&file, false);
     let ffn: Vec<(usize, usize)> = file
         .manifest
         .ffn_layers
@@ -674,57 +593,20 @@ fn mmap_child(path: &Path) {
             (s.offset as usize, s.length as usize)
         })
         .collect();
-    let f = std::fs::File::open(path).unwrap();
-    // SAFETY: read-only map of a file nothing writes during the run.
-    let map = unsafe { memmap2::Mmap::map(&f) }.expect("mmap");
+    let map = map_file(path);
     let x: Vec<f32> = (0..HIDDEN)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 500.0)
         .collect();
-    let rows_dot = |bytes: &[u8]| -> f32 {
-        bytes
-            .par_chunks(HIDDEN * 2 * 64)
-            .map(|block| {
-                block
-                    .chunks_exact(HIDDEN * 2)
-                    .map(|row| {
-                        dot_weights(
-                            Weights::from_le_bytes(flashpack::dtype::DType::F16, row).unwrap(),
-                            &x,
-                        )
-                    })
-                    .sum::<f32>()
-            })
-            .sum()
-    };
-    let (mut ms, mut bytes) = (Vec::new(), Vec::new());
-    let mut checksum = 0.0f32;
-    for _ in 0..tokens {
-        let r0 = flashpack::runtime::flash::proc_read_bytes().unwrap_or(0);
-        let t0 = Instant::now();
-        checksum += rows_dot(&dense);
+    let result = measure_tokens(tokens, &mut |_| {
+        let mut sum = rows_dot(&dense, &x);
+        let mut touched = 0;
         for &(off, len) in &ffn {
-            checksum += rows_dot(&map[off..off + len]);
+            sum += rows_dot(&map[off..off + len], &x);
+            touched += len as u64;
         }
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        bytes.push((flashpack::runtime::flash::proc_read_bytes().unwrap_or(0) - r0) as f64);
-    }
-    eprintln!("mmap child: per token ms {ms:.0?}, read bytes {bytes:.0?} (checksum {checksum})");
-    let mean = |v: &[f64]| v[1..].iter().sum::<f64>() / (v.len() - 1) as f64;
-    let result = MmapResult {
-        tokens: tokens - 1,
-        ms_per_token: mean(&ms),
-        read_bytes_per_token: mean(&bytes),
-        peak_rss_bytes: flashpack::runtime::flash::peak_rss_bytes().unwrap_or(0),
-    };
+        (sum, touched)
+    });
     println!("{}", serde_json::to_string(&result).unwrap());
-}
-
-fn drop_cache(path: &Path) {
-    let f = std::fs::File::open(path).unwrap();
-    f.sync_all().ok();
-    // SAFETY: a valid open descriptor; advice only.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(rc, 0, "posix_fadvise(DONTNEED)");
 }
 
 /// Writes a Llama-shaped ReLU f16 checkpoint with `layers` layers and

@@ -213,7 +213,6 @@ pub fn write_synthetic_checkpoint(
     shape: &SyntheticShape,
     tokenizer_json: &std::path::Path,
 ) -> Result<u64> {
-    use std::io::Write;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "vocab_size": shape.vocab, "hidden_size": shape.hidden,
         "intermediate_size": shape.ffn, "num_hidden_layers": shape.layers,
@@ -221,6 +220,18 @@ pub fn write_synthetic_checkpoint(
         "max_position_embeddings": 2048, "hidden_act": "relu", "rms_norm_eps": 1e-5,
         "tie_word_embeddings": false, "dtype": "float16"
     });
+    write_synthetic_checkpoint_for(dir, config, tokenizer_json)
+}
+
+/// [`write_synthetic_checkpoint`] for any `config.json` the reader accepts
+/// (f16; a mixture-of-experts config gets every expert's tensors): the same
+/// streaming writer and weights.
+pub fn write_synthetic_checkpoint_for(
+    dir: &std::path::Path,
+    config: serde_json::Value,
+    tokenizer_json: &std::path::Path,
+) -> Result<u64> {
+    use std::io::Write;
     fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> crate::Error + '_ {
         move |e| crate::Error::io(path, e)
     }

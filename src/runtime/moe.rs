@@ -75,6 +75,47 @@ impl Router {
 
     /// Routes `n` tokens (`x`: `n x hidden`).
     pub fn route(&self, x: &[f32], n: usize) -> Routing {
+        self.route_with(x, n, None)
+    }
+
+    /// Routes `n` tokens to experts chosen beforehand: `chosen(t)` names token
+    /// `t`'s `top_k` distinct experts (a replayed routing trace, for measuring
+    /// at scale a synthetic model whose own router is random). Their weights
+    /// are this router's probabilities for them, as [`Router::route`] forms
+    /// them (the same logits, softmax, order and renormalisation), so when
+    /// `chosen` names the router's own top-k the routing is identical to
+    /// [`Router::route`]'s, bit for bit.
+    pub fn route_chosen(
+        &self,
+        x: &[f32],
+        n: usize,
+        chosen: &dyn Fn(usize) -> Vec<u32>,
+    ) -> Result<Routing> {
+        let e = self.num_experts();
+        for t in 0..n {
+            let set = chosen(t);
+            let mut sorted = set.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if set.len() != self.top_k
+                || sorted.len() != set.len()
+                || sorted.last().is_some_and(|&i| i as usize >= e)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "token {t}: a replayed routing must name {} distinct experts below {e}, got {set:?}",
+                    self.top_k
+                )));
+            }
+        }
+        Ok(self.route_with(x, n, Some(chosen)))
+    }
+
+    fn route_with(
+        &self,
+        x: &[f32],
+        n: usize,
+        chosen: Option<&dyn Fn(usize) -> Vec<u32>>,
+    ) -> Routing {
         let e = self.num_experts();
         let k = self.top_k;
         let mut logits = vec![0.0f32; n * e];
@@ -82,7 +123,7 @@ impl Router {
         let mut experts = Vec::with_capacity(n * k);
         let mut weights = Vec::with_capacity(n * k);
         let mut order: Vec<u32> = Vec::with_capacity(e);
-        for row in logits.chunks_exact_mut(e) {
+        for (t, row) in logits.chunks_exact_mut(e).enumerate() {
             // softmax in f32 as torch computes it: exp(l - max) / sum.
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
@@ -94,7 +135,10 @@ impl Router {
                 *v /= sum;
             }
             order.clear();
-            order.extend(0..e as u32);
+            match chosen {
+                Some(f) => order.extend(f(t)),
+                None => order.extend(0..e as u32),
+            }
             // Largest first; equal probabilities keep the lower index first.
             order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
             let top = &order[..k];

@@ -219,11 +219,27 @@ pub fn disk_gb_per_s(reader: &FlashReader, from: u64, size: usize) -> Result<f64
 
 /// Opens `path` with `opts`, feeds `ids` and measures (one row of the table).
 pub fn measure_mode(path: &Path, ids: &[u32], opts: &FlashOptions, name: &str) -> Result<ModeRow> {
+    measure_mode_with(path, ids, opts, name, &mut |_| Ok(()))
+}
+
+/// [`measure_mode`] with `prepare` run on the runtime after it opened and
+/// before the first token (a benchmark pinning experts from its own
+/// calibration counts, `flash::moe::pin_hottest`).
+pub fn measure_mode_with(
+    path: &Path,
+    ids: &[u32],
+    opts: &FlashOptions,
+    name: &str,
+    prepare: &mut dyn FnMut(&mut crate::runtime::flash::FlashRuntime) -> Result<()>,
+) -> Result<ModeRow> {
     let n = ids.len().max(1) as f64;
-    let mut session = Session::open_flash(path, opts)?;
-    let ffn_ns = time_ffns(session.model_mut());
-    let secs = decode(session.model(), ids)?;
-    let rt = session.flash().expect("a disk mode has a flash runtime");
+    // The model and the runtime apart, so that `prepare` may change the
+    // runtime (pinning updates its plan).
+    let (mut loaded, rt) = Session::open_flash(path, opts)?.into_parts();
+    let mut rt = rt.expect("a disk mode has a flash runtime");
+    prepare(&mut rt)?;
+    let ffn_ns = time_ffns(&mut loaded.model);
+    let secs = decode(&loaded.model, ids)?;
     let r = rt.report();
     let io_s = r.ms_io / 1e3;
     let first = rt.first_ffn_offset();

@@ -44,6 +44,18 @@
 //! given to the layer's most often chosen experts, whole: read at open and
 //! never evicted; the rest of the rows stay the LRU above.
 
+//! # Replayed routing (measurements at scale)
+//! A synthetic model of a real MoE's shape has a random router. Given a
+//! routing trace as [`FlashOptions::replay`] (per sparse layer and token, the
+//! `top_k` experts: [`expert_replay`] stretches a trained model's
+//! [`routing_trace`] to the synthetic shape), each layer computes its
+//! router's logits as always but sends each token to the replayed experts,
+//! weighted by its router's probabilities for them
+//! ([`Router::route_chosen`]); everything after routing is unchanged. A
+//! replay of the router's own choices computes exactly what the model
+//! computes without one. [`pin_hottest`] pins from counts the benchmark
+//! supplies (the synthetic file has no routing statistics).
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -60,7 +72,7 @@ use crate::runtime::flash::ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Wo
 use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
 use crate::runtime::flash::verify::ChunkVerifier;
 use crate::runtime::flash::{
-    plan, FlashOptions, FlashRuntime, MemoryPlan, FIXED_OVERHEAD_BYTES, FLASH_READ_BYTES,
+    plan, FlashOptions, FlashRuntime, MemoryPlan, Replay, FIXED_OVERHEAD_BYTES, FLASH_READ_BYTES,
     NAIVE_READ_BYTES,
 };
 use crate::runtime::kernels::{dot_weights, ColumnAccumulator, Weights};
@@ -69,7 +81,7 @@ use crate::runtime::moe::{MoeFfn, Router};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
 use crate::runtime::sparse::FfnMode;
 use crate::runtime::weights::{load_linear, Linear};
-use crate::runtime::{LoadedModel, Model, ModelSource};
+use crate::runtime::{LoadedModel, Logits, Model, ModelSource, Observer};
 
 /// Share of a sparse layer's rows pinned to its hottest experts when the
 /// file has routing statistics (see the module documentation).
@@ -218,6 +230,11 @@ pub struct FlashMoe {
     reader: Arc<FlashReader>,
     stats: Arc<FlashStats>,
     moe_stats: Arc<MoeStats>,
+    /// A replayed routing trace and this layer's index among the sparse
+    /// layers: the experts each token goes to (see [`expert_replay`]).
+    replay: Option<(Arc<Replay>, usize)>,
+    /// Tokens routed so far (the replay's position).
+    evaluations: AtomicU64,
 }
 
 impl FlashMoe {
@@ -553,7 +570,14 @@ impl Ffn for FlashMoe {
         }
         let ms = &self.moe_stats;
         let t0 = Instant::now();
-        let routing = self.router.route(x, n);
+        let routing = match &self.replay {
+            Some((replay, l)) => {
+                let first = self.evaluations.fetch_add(n as u64, Ordering::Relaxed);
+                self.router
+                    .route_chosen(x, n, &|t| replay.set(*l, first + t as u64).to_vec())?
+            }
+            None => self.router.route(x, n),
+        };
         add_ns(&ms.ns_routing, t0);
         ms.layer_tokens.fetch_add(n as u64, Ordering::Relaxed);
         ms.chosen
@@ -740,16 +764,27 @@ pub fn open_flash_moe(
             cfg.architecture.hf_name()
         )));
     }
-    if opts.replay.is_some() {
-        return Err(Error::InvalidArgument(
-            "a replayed neuron trace does not apply to a mixture-of-experts model".into(),
-        ));
-    }
     let m = &file.manifest;
     let align = (m.alignment as usize).max(512);
     let layers = cfg.num_layers;
     let hidden = cfg.hidden_size;
     let (num_experts, top_k, ew) = (moe.num_experts, moe.top_k, moe.expert_width);
+    // A replay of a MoE model is a routing trace: per sparse layer and token,
+    // the experts chosen (measurements at scale, see [`expert_replay`]).
+    let sparse_layers = (0..layers)
+        .filter(|&l| moe.sparse_layers.get(l).copied().unwrap_or(false))
+        .count();
+    if let Some(r) = &opts.replay {
+        let sizes_ok =
+            (0..r.layers()).all(|l| (0..r.tokens() as u64).all(|t| r.set(l, t).len() == top_k));
+        if r.width() != num_experts || r.layers() != sparse_layers || !sizes_ok {
+            return Err(Error::InvalidArgument(format!(
+                "a replay of a mixture-of-experts model is a routing trace: {sparse_layers} sparse layers of {top_k} experts of {num_experts} per token; this one has {} layers, width {}",
+                r.layers(),
+                r.width()
+            )));
+        }
+    }
 
     // Bundle sets: dense layers by layer, experts by (layer, expert).
     let mut dense_specs: Vec<Option<(LayerSpec, FfnLayerEntry)>> = vec![None; layers];
@@ -987,6 +1022,11 @@ pub fn open_flash_moe(
                 reader: Arc::clone(&reader),
                 stats: Arc::clone(&stats),
                 moe_stats: Arc::clone(&moe_stats),
+                replay: opts
+                    .replay
+                    .as_ref()
+                    .map(|r| (Arc::clone(r), moe_layers.len())),
+                evaluations: AtomicU64::new(0),
             });
             moe_layers.push(Arc::clone(&layer));
             Ok(Box::new(super::Shared(layer)) as Box<dyn Ffn>)
@@ -1014,54 +1054,187 @@ pub fn open_flash_moe(
     })?;
     plan.caches = caches_bytes;
     plan.total = fixed + caches_bytes;
+    let mut rt = FlashRuntime {
+        // Experts are chosen by the router, not a neuron selector.
+        selector: None,
+        options: opts.clone(),
+        reader,
+        stats,
+        plan,
+        layers,
+        ffns,
+        moe: Some(Arc::new(MoeRuntime {
+            stats: moe_stats,
+            layers: moe_layers,
+            capacity_per_layer: want,
+        })),
+    };
     // Hot experts pinned from the routing statistics: whole experts, most
     // often chosen first, in a share of the layer's rows (only where the
     // cache cannot hold every expert anyway).
-    if let (true, Some(routing)) = (flash, &m.routing) {
-        for layer in &moe_layers {
-            let l = layer.layer;
-            let rows = want[l];
-            if rows >= num_experts * ew {
-                continue;
-            }
-            let Some(counts) = routing.layers.iter().find(|r| r.layer == l as u64) else {
-                continue;
-            };
-            let room = ((rows as f64 * opts.pin_experts_share.clamp(0.0, 1.0)) as usize) / ew;
-            let hot = counts.hottest_first();
-            let pinned = layer.pin_experts(&hot[..room.min(hot.len())])?;
-            plan.pinned_per_layer[l] = pinned * ew;
-        }
-    }
-    plan.pinned_bytes_read = reader.counters.bytes.swap(0, Ordering::Relaxed);
-    reader.counters.ops.store(0, Ordering::Relaxed);
-    stats.loaded.store(0, Ordering::Relaxed);
-    stats.verify.extra_read_bytes.store(0, Ordering::Relaxed);
-    for c in [&stats.ns_io, &stats.ns_memory] {
-        c.store(0, Ordering::Relaxed);
-    }
+    let counts: Vec<(usize, Vec<u64>)> = m
+        .routing
+        .iter()
+        .flat_map(|r| &r.layers)
+        .filter(|r| {
+            rt.plan
+                .capacity_per_layer
+                .get(r.layer as usize)
+                .is_some_and(|&rows| rows < num_experts * ew)
+        })
+        .map(|r| (r.layer as usize, r.counts.clone()))
+        .collect();
+    pin_hottest(&mut rt, &counts, opts.pin_experts_share)?;
     let loaded = LoadedModel {
         model,
         tokenizer: packed_tokenizer(&file)?,
         source: ModelSource::Packed,
         sparsity: None,
     };
-    Ok((
-        loaded,
-        FlashRuntime {
-            // Experts are chosen by the router, not a neuron selector.
-            selector: None,
-            options: opts.clone(),
-            reader,
-            stats,
-            plan,
-            layers,
-            ffns,
-            moe: Some(Arc::new(MoeRuntime {
-                stats: moe_stats,
-                layers: moe_layers,
-                capacity_per_layer: want,
-            })),
-        },
-    ))
+    Ok((loaded, rt))
+}
+
+/// Pins each sparse layer's most often chosen experts (`counts`: per layer
+/// index, calibration counts per expert), whole, in `share` of the layer's
+/// rows (flash mode; `share` 1 with rows for every expert: the whole model
+/// in DRAM before the first token); the reads at open are
+/// counted in the plan (`pinned_read_bytes`), not in the run's bytes. Called
+/// by [`open_flash_moe`] with the file's routing statistics (spec 5.1), and
+/// by benchmarks whose synthetic file has none, with counts from the
+/// calibration part of their trace. Returns the experts pinned.
+pub fn pin_hottest(
+    rt: &mut FlashRuntime,
+    counts: &[(usize, Vec<u64>)],
+    share: f64,
+) -> Result<usize> {
+    let layers = match &rt.moe {
+        Some(moe) if rt.options.mode == FfnMode::Flash => moe.layers.clone(),
+        _ => Vec::new(),
+    };
+    let mut total = 0;
+    for layer in &layers {
+        let l = layer.layer;
+        let ew = layer.expert_width;
+        let rows = rt.plan.capacity_per_layer[l];
+        let Some((_, c)) = counts.iter().find(|(i, _)| *i == l) else {
+            continue;
+        };
+        let hot = crate::format::layout::RoutingLayer {
+            layer: l as u64,
+            counts: c.clone(),
+        }
+        .hottest_first();
+        let room = ((rows as f64 * share.clamp(0.0, 1.0)) as usize) / ew;
+        let pinned = layer.pin_experts(&hot[..room.min(hot.len())])?;
+        rt.plan.pinned_per_layer[l] = pinned * ew;
+        total += pinned;
+    }
+    let (reader, stats) = (&rt.reader, &rt.stats);
+    rt.plan.pinned_bytes_read += reader.counters.bytes.swap(0, Ordering::Relaxed);
+    reader.counters.ops.store(0, Ordering::Relaxed);
+    stats.loaded.store(0, Ordering::Relaxed);
+    stats.verify.extra_read_bytes.store(0, Ordering::Relaxed);
+    for c in [&stats.ns_io, &stats.ns_memory] {
+        c.store(0, Ordering::Relaxed);
+    }
+    Ok(total)
+}
+
+/// Records each sparse layer's chosen experts token by token, as the model
+/// runs (an [`Observer`]).
+#[derive(Debug, Default)]
+struct RoutingRecorder {
+    layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
+}
+
+impl Observer for RoutingRecorder {
+    fn ffn(&mut self, layer: usize, _input: &[f32], _n: usize, fired: &Fired) {
+        if !fired.routed.is_empty() {
+            self.layers
+                .entry(layer)
+                .or_default()
+                .extend(fired.routed.iter().cloned());
+        }
+    }
+}
+
+/// A mixture-of-experts model's routing over `ids` (windows of `ctx` tokens,
+/// each with a fresh KV cache, as calibration runs them): per sparse layer in
+/// layer order, per token, the chosen experts (most probable first).
+pub fn routing_trace(model: &Model, ids: &[u32], ctx: usize) -> Result<Vec<Vec<Vec<u32>>>> {
+    if model.config.moe.is_none() {
+        return Err(Error::InvalidArgument(
+            "a routing trace needs a mixture-of-experts model".into(),
+        ));
+    }
+    let mut rec = RoutingRecorder::default();
+    for window in ids.chunks(ctx.max(1)) {
+        let mut cache = model.new_cache();
+        model.forward(&mut cache, window, Logits::None, Some(&mut rec))?;
+    }
+    Ok(rec.layers.into_values().collect())
+}
+
+/// A routing trace of a small model (`trace[layer][token]`: its `k0` chosen
+/// experts of `e0`) stretched to `layers` sparse layers of `experts` experts,
+/// `top_k` per token, over `tokens` tokens: the replay a benchmark gives a
+/// synthetic model of a real MoE's shape, whose own router is random.
+///
+/// As [`Replay::tiled`] does for neurons, it keeps what the small model's
+/// routing has: how unevenly experts are chosen and how a token's experts
+/// repeat on the next tokens. The `top_k / k0` groups of a token's experts
+/// come from as many streams, disjoint stretches of the trace read token by
+/// token (layer `l` starts `l / layers` of the way into each, and follows
+/// trace layer `l % L`); group `g`'s experts `a` become
+/// `(g * R + r) * e0 + a`, where the replica `r < R = experts / (e0 * top_k /
+/// k0)` is the first expert that trace layer `(l + 1) % L` chose at the same
+/// token, mod `R`. A token's experts are therefore distinct, every expert
+/// can be chosen, and each expert's share is the product of two trained
+/// layers' shares.
+pub fn expert_replay(
+    trace: &[Vec<Vec<u32>>],
+    e0: usize,
+    layers: usize,
+    experts: usize,
+    top_k: usize,
+    tokens: usize,
+) -> Result<Replay> {
+    let k0 = trace.first().and_then(|l| l.first()).map_or(0, Vec::len);
+    let avail = trace.iter().map(Vec::len).min().unwrap_or(0);
+    if k0 == 0 || avail == 0 || e0 == 0 {
+        return Err(Error::InvalidArgument("an empty routing trace".into()));
+    }
+    if !top_k.is_multiple_of(k0) || !experts.is_multiple_of(e0 * (top_k / k0)) {
+        return Err(Error::InvalidArgument(format!(
+            "a trace of top-{k0} of {e0} experts stretches to top-k a multiple of {k0} and experts a multiple of {e0} x top-k / {k0}; not top-{top_k} of {experts}"
+        )));
+    }
+    let groups = top_k / k0;
+    let replicas = experts / (e0 * groups);
+    let seg = avail / groups;
+    if seg == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "a routing trace of {avail} tokens is too short for {groups} streams"
+        )));
+    }
+    let l0 = trace.len();
+    let sets = (0..layers)
+        .map(|l| {
+            (0..tokens)
+                .map(|t| {
+                    let mut set = Vec::with_capacity(top_k);
+                    for g in 0..groups {
+                        let u = g * seg + (l * (seg / layers.max(1)) + t) % seg;
+                        let r = trace[(l + 1) % l0][u][0] as usize % replicas;
+                        for &a in &trace[l % l0][u] {
+                            set.push(((g * replicas + r) * e0 + a as usize) as u32);
+                        }
+                    }
+                    set.sort_unstable();
+                    set
+                })
+                .collect()
+        })
+        .collect();
+    Replay::new(sets, experts)
 }
