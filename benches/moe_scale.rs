@@ -49,7 +49,9 @@
 //! Run: `cargo bench --bench moe_scale` (`FLASHPACK_BENCH_DIR` for the
 //! scratch: twice the file while converting; `FLASHPACK_MOE_TOKENS` tokens
 //! per disk mode (default 64), `FLASHPACK_MOE_MMAP_TOKENS` (default 16),
-//! `FLASHPACK_MOE_BUDGETS` (default `25%,50%`), `FLASHPACK_MOE_DRAM`
+//! `FLASHPACK_MOE_BUDGETS` (default `25%,50%`), `FLASHPACK_MOE_PIN_SHARES`
+//! the shares of flash's rows pinned to the hottest experts, one flash row
+//! each (default the runtime's, 0.5), `FLASHPACK_MOE_DRAM`
 //! (`auto`: the all-in-DRAM row where MemAvailable exceeds the file by
 //! 4 GiB; `on`, `off`), `FLASHPACK_MOE_JSON` names a file for the rows as
 //! JSON).
@@ -91,6 +93,11 @@ fn main() {
     let window = env_usize("FLASHPACK_MOE_WINDOW", 4);
     let budgets_text = std::env::var("FLASHPACK_MOE_BUDGETS").unwrap_or_else(|_| "25%,50%".into());
     let dram = std::env::var("FLASHPACK_MOE_DRAM").unwrap_or_else(|_| "auto".into());
+    let pin_shares: Vec<f64> = std::env::var("FLASHPACK_MOE_PIN_SHARES")
+        .unwrap_or_else(|_| DEFAULT_PIN_SHARE.to_string())
+        .split(',')
+        .map(|s| s.parse().expect("FLASHPACK_MOE_PIN_SHARES"))
+        .collect();
     let base = std::env::var_os("FLASHPACK_BENCH_DIR")
         .map(Into::into)
         .unwrap_or_else(std::env::temp_dir);
@@ -259,15 +266,22 @@ fn main() {
             0.0,
             label,
         ));
-        rows.extend(measure(
-            format!("flash window {window}, budget {label}"),
-            &FlashOptions {
-                mode: FfnMode::Flash,
-                ..opts.clone()
-            },
-            DEFAULT_PIN_SHARE,
-            label,
-        ));
+        for &share in &pin_shares {
+            let name = if share == DEFAULT_PIN_SHARE {
+                format!("flash window {window}, budget {label}")
+            } else {
+                format!("flash window {window}, pin share {share}, budget {label}")
+            };
+            rows.extend(measure(
+                name,
+                &FlashOptions {
+                    mode: FfnMode::Flash,
+                    ..opts.clone()
+                },
+                share,
+                label,
+            ));
+        }
         drop_cache(&packed);
         let tokens_text = mmap_tokens.to_string();
         match run_in_cgroup(
@@ -349,14 +363,20 @@ fn main() {
                 .find(|r| r.budget == label && r.mode.starts_with(prefix))
                 .map(|r| r.ms_per_token)
         };
-        if let (Some(f), Some(a)) = (find("flash"), find("(a)")) {
-            let b = find("(b)");
+        let (Some(a), b) = (find("(a)"), find("(b)")) else {
+            continue;
+        };
+        for f in rows
+            .iter()
+            .filter(|r| r.budget == label && r.mode.starts_with("flash"))
+        {
             println!(
-                "budget {label}: flash {:.2}x faster than (a) whole-expert direct reads; {}",
-                a / f,
+                "{}: {:.2}x faster than (a) whole-expert direct reads; {}",
+                f.mode,
+                a / f.ms_per_token,
                 b.map_or("no mmap row".into(), |b| format!(
                     "{:.2}x faster than (b) mmap in a cgroup",
-                    b / f
+                    b / f.ms_per_token
                 ))
             );
         }

@@ -13,7 +13,8 @@
 //!   neurons are hits, the missing ones are read (coalesced runs) into free
 //!   rows, and when rows run out the experts chosen least recently are
 //!   evicted (never one chosen in the current step); what still does not fit
-//!   goes through scratch rows. `--window 0` keeps nothing between tokens.
+//!   is computed straight from the read buffers, a batch of reads at a time,
+//!   without a copy. `--window 0` keeps nothing between tokens.
 //!
 //! Every neuron of a chosen expert is computed (no neuron sparsity within
 //! experts yet), summed in ascending neuron order with the expert's
@@ -72,8 +73,7 @@ use crate::runtime::flash::ffn::{FlashFfn, FlashStats, LayerSpec, LayerState, Wo
 use crate::runtime::flash::io::{FlashReader, ReadOp, Staging};
 use crate::runtime::flash::verify::ChunkVerifier;
 use crate::runtime::flash::{
-    plan, FlashOptions, FlashRuntime, MemoryPlan, Replay, FIXED_OVERHEAD_BYTES, FLASH_READ_BYTES,
-    NAIVE_READ_BYTES,
+    plan, FlashOptions, FlashRuntime, MemoryPlan, Replay, FIXED_OVERHEAD_BYTES, NAIVE_READ_BYTES,
 };
 use crate::runtime::kernels::{dot_weights, ColumnAccumulator, Weights};
 use crate::runtime::model::load_dense_ffn;
@@ -84,11 +84,17 @@ use crate::runtime::weights::{load_linear, Linear};
 use crate::runtime::{LoadedModel, Logits, Model, ModelSource, Observer};
 
 /// Share of a sparse layer's rows pinned to its hottest experts when the
-/// file has routing statistics (see the module documentation).
-pub const DEFAULT_PIN_SHARE: f64 = 0.5;
+/// file has routing statistics (see the module documentation): all of them.
+/// On the scale benchmark (128 experts, rows for 22 per layer at a 25%
+/// budget, 81 at 50%) pinning every row gave more hits than half pinned and
+/// half LRU (0.453 vs 0.402 at 25%, 0.815 vs 0.746 at 50%) and copies
+/// nothing per token (misses are computed from the read buffers); on the
+/// 8-expert fixture the share moved the hit rate by at most 2.5 points.
+pub const DEFAULT_PIN_SHARE: f64 = 1.0;
 
 /// Scratch rows of a sparse layer's cache (at most): enough for reads of
-/// [`FLASH_READ_BYTES`] of bundles of 4 KiB and more.
+/// 256 KiB reads of bundles of 4 KiB and more. (Unused by the experts since
+/// what does not fit is computed from the read buffers; still in the plan.)
 const MOE_SCRATCH_ROWS: usize = 64;
 
 /// Counters of a mixture-of-experts run (relaxed atomics: statistics only).
@@ -314,6 +320,40 @@ impl FlashMoe {
         e: usize,
         keys: &[u32],
     ) -> Result<()> {
+        let stride = self.experts[e].spec.stride;
+        let mut i = 0;
+        while i < keys.len() {
+            let n = self.stage(work, e, &keys[i..])?;
+            let t0 = Instant::now();
+            for k in 0..work.ops.len() {
+                let (a, b) = work.op_ranges[k];
+                for key in &keys[i + a..i + b] {
+                    let from = self.staged_at(work, e, k, *key);
+                    let row = cache.row_of(*key).expect("rows assigned before reading");
+                    cache
+                        .row_mut(row)
+                        .copy_from_slice(&work.staging.slot(k)[from..from + stride]);
+                }
+            }
+            add_ns(&self.stats.ns_memory, t0);
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// Where `key`'s bundle starts in read buffer `k` after [`Self::stage`].
+    fn staged_at(&self, work: &MoeWork, e: usize, k: usize, key: u32) -> usize {
+        let spec = &self.experts[e].spec;
+        let at = spec.offset + (key as usize - e * self.expert_width) as u64 * spec.stride as u64;
+        (at - work.ops[k].offset) as usize
+    }
+
+    /// Reads the bundles of the first of `keys` (ascending, all of expert
+    /// `e`) that one batch of reads holds into the read buffers, checking
+    /// unverified chunks first: consecutive neurons in one read, as many as a
+    /// buffer holds. Returns how many keys were read; read `k` holds keys
+    /// `op_ranges[k]` (indices into `keys`).
+    fn stage(&self, work: &mut MoeWork, e: usize, keys: &[u32]) -> Result<usize> {
         let spec = &self.experts[e].spec;
         let n = self.expert_width as u32;
         let base = e as u32 * n;
@@ -326,72 +366,57 @@ impl FlashMoe {
             wanted,
             ..
         } = work;
+        let t0 = Instant::now();
+        ops.clear();
+        op_ranges.clear();
+        wanted.clear();
         let mut i = 0;
-        while i < keys.len() {
-            let t0 = Instant::now();
-            ops.clear();
-            op_ranges.clear();
-            wanted.clear();
-            while ops.len() < staging.slots && i < keys.len() {
-                let start = at(keys[i]);
-                let mut j = i + 1;
-                // Consecutive neurons, as many as one read buffer holds.
-                while j < keys.len()
-                    && keys[j] == keys[j - 1] + 1
-                    && self.read_for(e, start, at(keys[j]) + stride).len <= staging.slot_bytes
-                {
-                    j += 1;
-                }
-                let end = at(keys[j - 1]) + stride;
-                ops.push(self.read_for(e, start, end));
-                op_ranges.push((i, j));
-                wanted.push((start, end));
-                i = j;
+        while ops.len() < staging.slots && i < keys.len() {
+            let start = at(keys[i]);
+            let mut j = i + 1;
+            // Consecutive neurons, as many as one read buffer holds.
+            while j < keys.len()
+                && keys[j] == keys[j - 1] + 1
+                && self.read_for(e, start, at(keys[j]) + stride).len <= staging.slot_bytes
+            {
+                j += 1;
             }
-            let t1 = add_ns(&self.stats.ns_memory, t0);
-            if let Some(op) = ops.iter().find(|op| op.len > staging.slot_bytes) {
-                return Err(Error::InvalidArgument(format!(
-                    "layer {}: a read of {} bytes does not fit the {}-byte read buffer",
-                    self.layer, op.len, staging.slot_bytes
-                )));
-            }
-            let r = match &self.experts[e].verifier {
-                None => self.reader.read_batch(staging, ops),
-                Some(v) => {
-                    let counters = &self.stats.verify;
-                    let extra: usize = ops
-                        .iter()
-                        .zip(wanted.iter())
-                        .map(|(op, &(s, e))| op.len - self.reader.round_out(s, e).len)
-                        .sum();
-                    counters
-                        .extra_read_bytes
-                        .fetch_add(extra as u64, Ordering::Relaxed);
-                    let (ops, wanted) = (&*ops, &*wanted);
-                    self.reader.read_batch_checked(staging, ops, &|k, data| {
-                        let (s, e) = wanted[k];
-                        v.check(&ops[k], data, s, e, counters)
-                    })
-                }
-            };
-            r.map_err(|err| err.in_layer(self.layer))?;
-            let t2 = add_ns(&self.stats.ns_io, t1);
-            for (k, (&op, &(a, b))) in ops.iter().zip(op_ranges.iter()).enumerate() {
-                let slot = staging.slot(k);
-                for &key in &keys[a..b] {
-                    let from = (at(key) - op.offset) as usize;
-                    let row = cache.row_of(key).expect("rows assigned before reading");
-                    cache
-                        .row_mut(row)
-                        .copy_from_slice(&slot[from..from + spec.stride]);
-                }
-            }
-            add_ns(&self.stats.ns_memory, t2);
+            let end = at(keys[j - 1]) + stride;
+            ops.push(self.read_for(e, start, end));
+            op_ranges.push((i, j));
+            wanted.push((start, end));
+            i = j;
         }
-        self.stats
-            .loaded
-            .fetch_add(keys.len() as u64, Ordering::Relaxed);
-        Ok(())
+        let t1 = add_ns(&self.stats.ns_memory, t0);
+        if let Some(op) = ops.iter().find(|op| op.len > staging.slot_bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "layer {}: a read of {} bytes does not fit the {}-byte read buffer",
+                self.layer, op.len, staging.slot_bytes
+            )));
+        }
+        let r = match &self.experts[e].verifier {
+            None => self.reader.read_batch(staging, ops),
+            Some(v) => {
+                let counters = &self.stats.verify;
+                let extra: usize = ops
+                    .iter()
+                    .zip(wanted.iter())
+                    .map(|(op, &(s, e))| op.len - self.reader.round_out(s, e).len)
+                    .sum();
+                counters
+                    .extra_read_bytes
+                    .fetch_add(extra as u64, Ordering::Relaxed);
+                let (ops, wanted) = (&*ops, &*wanted);
+                self.reader.read_batch_checked(staging, ops, &|k, data| {
+                    let (s, e) = wanted[k];
+                    v.check(&ops[k], data, s, e, counters)
+                })
+            }
+        };
+        r.map_err(|err| err.in_layer(self.layer))?;
+        add_ns(&self.stats.ns_io, t1);
+        self.stats.loaded.fetch_add(i as u64, Ordering::Relaxed);
+        Ok(i)
     }
 
     /// Part `k` of a bundle as weights.
@@ -413,7 +438,23 @@ impl FlashMoe {
         e: usize,
         keys: &[u32],
         x: &[f32],
+        fired: Option<&mut Vec<u32>>,
+    ) -> Result<()> {
+        self.compute_from(acc, e, keys, x, fired, &|key| {
+            cache.row(cache.row_of(key).expect("chosen neurons are in DRAM"))
+        })
+    }
+
+    /// Adds expert `e`'s neurons `keys` (ascending) to the sum, each bundle
+    /// where `bundle` finds it (a cache row, or a read buffer).
+    fn compute_from<'b>(
+        &self,
+        acc: &mut ColumnAccumulator,
+        e: usize,
+        keys: &[u32],
+        x: &[f32],
         mut fired: Option<&mut Vec<u32>>,
+        bundle: &dyn Fn(u32) -> &'b [u8],
     ) -> Result<()> {
         let t0 = Instant::now();
         let spec = &self.experts[e].spec;
@@ -427,7 +468,7 @@ impl FlashMoe {
         let down_k = spec.parts.len() - 1;
         for &key in keys {
             let i = key - base;
-            let bundle = cache.row(cache.row_of(key).expect("chosen neurons are in DRAM"));
+            let bundle = bundle(key);
             let u = dot_weights(self.part(spec, bundle, up_k)?, x);
             let g = match gate_k {
                 Some(k) => Some(dot_weights(self.part(spec, bundle, k)?, x)),
@@ -484,32 +525,40 @@ impl FlashMoe {
         add_ns(&self.stats.ns_memory, t0);
         let result = (|| {
             self.read_into_rows(work, &mut st.cache, e, &missing[..fit])?;
-            work.acc.clear();
-            // The rest through scratch, in ascending pieces; the sum still
-            // visits neurons in ascending order.
-            let scratch = st.cache.scratch_rows();
+            let mut acc = std::mem::replace(&mut work.acc, ColumnAccumulator::new(0, 0));
+            acc.clear();
+            // The rest is computed straight from the read buffers, a batch
+            // of reads at a time (nothing copied: these bundles are not
+            // kept); the sum still visits neurons in ascending order.
             let mut done = base;
-            for piece in missing[fit..].chunks(scratch.max(1)) {
-                if scratch == 0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "layer {}: no scratch rows for neurons beyond the cache",
-                        self.layer
-                    )));
+            let mut rest = &missing[fit..];
+            let streamed = (|| {
+                while !rest.is_empty() {
+                    let got = self.stage(work, e, rest)?;
+                    let (piece, tail) = rest.split_at(got);
+                    let last = *piece.last().expect("a batch reads at least one bundle");
+                    let keys: Vec<u32> = (done..=last).collect();
+                    let (cache, w) = (&st.cache, &*work);
+                    let stride = self.experts[e].spec.stride;
+                    self.compute_from(&mut acc, e, &keys, x, fired.as_deref_mut(), &|key| {
+                        if let Some(row) = cache.row_of(key) {
+                            return cache.row(row);
+                        }
+                        let p = piece.partition_point(|&k| k < key);
+                        let k = w.op_ranges.partition_point(|&(_, b)| b <= p);
+                        let from = self.staged_at(w, e, k, key);
+                        &w.staging.slot(k)[from..from + stride]
+                    })?;
+                    done = last + 1;
+                    rest = tail;
                 }
-                for (k, &key) in piece.iter().enumerate() {
-                    st.cache.place_scratch(key, k);
-                }
-                self.read_into_rows(work, &mut st.cache, e, piece)?;
-                let last = *piece.last().expect("pieces are not empty");
-                let keys: Vec<u32> = (done..=last).collect();
-                self.compute(&mut work.acc, &st.cache, e, &keys, x, fired.as_deref_mut())?;
-                st.cache.clear_scratch(piece.len());
-                done = last + 1;
-            }
-            let keys: Vec<u32> = (done..base + n as u32).collect();
-            self.compute(&mut work.acc, &st.cache, e, &keys, x, fired.as_deref_mut())?;
-            work.acc.finish(None, out);
-            Ok(())
+                let keys: Vec<u32> = (done..base + n as u32).collect();
+                self.compute(&mut acc, &st.cache, e, &keys, x, fired.as_deref_mut())?;
+                acc.finish(None, out);
+                Ok(())
+            })();
+            work.acc = acc;
+            streamed
         })();
         let s = &self.stats;
         s.overflow
@@ -823,10 +872,11 @@ pub fn open_flash_moe(
         .max()
         .unwrap_or(0);
     let round = |b: usize| b.div_ceil(align) * align;
-    let slot_bytes = match opts.mode {
-        FfnMode::Naive => round(NAIVE_READ_BYTES.max(stride_max)) + align,
-        _ => round(FLASH_READ_BYTES.max(stride_max)) + align,
-    };
+    // Reads of up to 1 MiB in both modes: what flash reads of an expert is
+    // mostly the whole expert or long runs of it (an expert evicted whole
+    // comes back whole), and on this class of disk 1 MiB reads move more
+    // bytes per second than 256 KiB ones (BENCHMARKS.md, MoE at scale).
+    let slot_bytes = round(NAIVE_READ_BYTES.max(stride_max)) + align;
     let slots = opts.io_threads.max(1);
 
     let mut plan = MemoryPlan {
