@@ -80,113 +80,6 @@ enum Rank {
     Named(String),
 }
 
-/// The options of [`convert`] as they arrive from Python.
-struct ConvertArgs {
-    dtype: String,
-    zstd_level: i32,
-    align: u64,
-    quant: Option<String>,
-    selector: String,
-    calib: Option<Paths>,
-    calib_tokens: usize,
-    rank: Option<Rank>,
-    target_recall: f64,
-    target_sparsity: f64,
-    seed: u64,
-    keep_trace: Option<PathBuf>,
-    sparsity_allocation: String,
-}
-
-impl ConvertArgs {
-    /// The library's options; a value that names nothing is a message.
-    fn options(self) -> Result<flashpack::pack::ConvertOptions, String> {
-        use flashpack::dtype::DType;
-        use flashpack::pack::convert::SelectorCopies;
-        use flashpack::pack::TargetDType;
-        use flashpack::predictor::train::{RankChoice, TrainOptions};
-        let dtype = match self.dtype.as_str() {
-            "keep" => TargetDType::Keep,
-            "f32" => TargetDType::To(DType::F32),
-            "f16" => TargetDType::To(DType::F16),
-            "bf16" => TargetDType::To(DType::BF16),
-            other => return Err(format!("dtype {other:?}: expected keep, f32, f16 or bf16")),
-        };
-        let selector = match self.selector.as_str() {
-            "auto" => SelectorCopies::Auto,
-            "none" => SelectorCopies::None,
-            "int8" => SelectorCopies::Int8,
-            "int4" => SelectorCopies::Int4,
-            other => {
-                return Err(format!(
-                    "selector {other:?}: expected auto, none, int8 or int4"
-                ))
-            }
-        };
-        let quant = match &self.quant {
-            Some(text) => flashpack::format::quant_policy::parse_policy(text)
-                .map_err(|e| format!("quant {text:?}: {e}"))?,
-            None => Default::default(),
-        };
-        let calibration = match self.calib.map(Paths::into_vec) {
-            None => None,
-            Some(files) => {
-                let rank = match self.rank {
-                    None => TrainOptions::default().rank,
-                    Some(Rank::Named(name)) if name == "auto" => TrainOptions::default().rank,
-                    Some(Rank::Fixed(r)) if r > 0 => RankChoice::Fixed(r as usize),
-                    Some(Rank::Fixed(r)) => {
-                        return Err(format!("rank {r} must be a positive number or \"auto\""))
-                    }
-                    Some(Rank::Named(name)) => {
-                        return Err(format!(
-                            "rank {name:?} must be a positive number or \"auto\""
-                        ))
-                    }
-                };
-                if !(self.target_recall > 0.0 && self.target_recall <= 1.0) {
-                    return Err(format!(
-                        "target_recall {} must be in (0, 1]",
-                        self.target_recall
-                    ));
-                }
-                let allocation = match self.sparsity_allocation.as_str() {
-                    "uniform" => flashpack::predictor::thresholds::Allocation::Uniform,
-                    "greedy" => flashpack::predictor::thresholds::Allocation::Greedy,
-                    other => {
-                        return Err(format!(
-                            "sparsity_allocation {other:?}: expected uniform or greedy"
-                        ))
-                    }
-                };
-                Some(flashpack::predictor::pipeline::CalibrationPlan {
-                    files,
-                    calibrate: flashpack::predictor::calibrate::CalibrationOptions {
-                        max_tokens: self.calib_tokens,
-                        target_sparsity: self.target_sparsity,
-                        allocation,
-                        keep_trace: self.keep_trace,
-                        ..Default::default()
-                    },
-                    train: TrainOptions {
-                        rank,
-                        target_recall: self.target_recall,
-                        seed: self.seed,
-                        ..TrainOptions::default()
-                    },
-                })
-            }
-        };
-        Ok(flashpack::pack::ConvertOptions {
-            dtype,
-            zstd_level: self.zstd_level,
-            alignment: self.align,
-            calibration,
-            quant,
-            selector,
-        })
-    }
-}
-
 /// Calls the Python `progress(phase, done, total)` callback, if any, from
 /// whichever library thread reports (taking the GIL for the call). An
 /// exception it raises cannot stop the library: it is reported as Python
@@ -243,23 +136,91 @@ fn convert(
     verify: bool,
     progress: Option<PyObject>,
 ) -> PyResult<PyObject> {
-    let options = ConvertArgs {
-        dtype,
-        zstd_level,
-        align,
-        quant,
-        selector,
-        calib,
-        calib_tokens,
-        rank,
-        target_recall,
-        target_sparsity,
-        seed,
-        keep_trace,
-        sparsity_allocation,
-    }
-    .options()
-    .map_err(|m| invalid(py, m))?;
+    // The library's options; a value that names nothing is a message.
+    let parse = || -> Result<flashpack::pack::ConvertOptions, String> {
+        use flashpack::dtype::DType;
+        use flashpack::pack::convert::SelectorCopies;
+        use flashpack::pack::TargetDType;
+        use flashpack::predictor::train::{RankChoice, TrainOptions};
+        let dtype = match dtype.as_str() {
+            "keep" => TargetDType::Keep,
+            "f32" => TargetDType::To(DType::F32),
+            "f16" => TargetDType::To(DType::F16),
+            "bf16" => TargetDType::To(DType::BF16),
+            other => return Err(format!("dtype {other:?}: expected keep, f32, f16 or bf16")),
+        };
+        let selector = match selector.as_str() {
+            "auto" => SelectorCopies::Auto,
+            "none" => SelectorCopies::None,
+            "int8" => SelectorCopies::Int8,
+            "int4" => SelectorCopies::Int4,
+            other => {
+                return Err(format!(
+                    "selector {other:?}: expected auto, none, int8 or int4"
+                ))
+            }
+        };
+        let quant = match &quant {
+            Some(text) => flashpack::format::quant_policy::parse_policy(text)
+                .map_err(|e| format!("quant {text:?}: {e}"))?,
+            None => Default::default(),
+        };
+        let calibration = match calib.map(Paths::into_vec) {
+            None => None,
+            Some(files) => {
+                let rank = match rank {
+                    None => TrainOptions::default().rank,
+                    Some(Rank::Named(name)) if name == "auto" => TrainOptions::default().rank,
+                    Some(Rank::Fixed(r)) if r > 0 => RankChoice::Fixed(r as usize),
+                    Some(Rank::Fixed(r)) => {
+                        return Err(format!("rank {r} must be a positive number or \"auto\""))
+                    }
+                    Some(Rank::Named(name)) => {
+                        return Err(format!(
+                            "rank {name:?} must be a positive number or \"auto\""
+                        ))
+                    }
+                };
+                if !(target_recall > 0.0 && target_recall <= 1.0) {
+                    return Err(format!("target_recall {} must be in (0, 1]", target_recall));
+                }
+                let allocation = match sparsity_allocation.as_str() {
+                    "uniform" => flashpack::predictor::thresholds::Allocation::Uniform,
+                    "greedy" => flashpack::predictor::thresholds::Allocation::Greedy,
+                    other => {
+                        return Err(format!(
+                            "sparsity_allocation {other:?}: expected uniform or greedy"
+                        ))
+                    }
+                };
+                Some(flashpack::predictor::pipeline::CalibrationPlan {
+                    files,
+                    calibrate: flashpack::predictor::calibrate::CalibrationOptions {
+                        max_tokens: calib_tokens,
+                        target_sparsity,
+                        allocation,
+                        keep_trace,
+                        ..Default::default()
+                    },
+                    train: TrainOptions {
+                        rank,
+                        target_recall,
+                        seed,
+                        ..TrainOptions::default()
+                    },
+                })
+            }
+        };
+        Ok(flashpack::pack::ConvertOptions {
+            dtype,
+            zstd_level,
+            alignment: align,
+            calibration,
+            quant,
+            selector,
+        })
+    };
+    let options = parse().map_err(|m| invalid(py, m))?;
     let result = py.allow_threads(|| {
         let started = std::time::Instant::now();
         let source = flashpack::input::hub::resolve_model(&src).map_err(ConvertFailure::Library)?;
