@@ -25,7 +25,8 @@
 //!   [`StopReason`]); evaluate into a [`PerplexityReport`]; [`Session::logits`]
 //!   for your own checks; what the disk modes read is an [`IoSummary`];
 //! - [`convert()`] a checkpoint with [`ConvertOptions`] ([`TargetDType`] and
-//!   [`DType`], [`SelectorCopies`], calibration as a [`CalibrationPlan`] of
+//!   [`DType`], block quantization as a [`QuantPolicy`] of [`QuantType`]s,
+//!   [`SelectorCopies`], calibration as a [`CalibrationPlan`] of
 //!   [`CalibrationOptions`] and [`TrainOptions`]) into a [`ConvertSummary`],
 //!   reporting its [`Progress`] by [`Phase`] (or [`progress::SILENT`]);
 //! - [`verify()`] a packed file with [`VerifyOptions`] into a [`VerifyReport`];
@@ -59,7 +60,6 @@ pub mod pack;
 #[allow(missing_docs)]
 pub mod predictor;
 pub mod progress;
-#[allow(missing_docs)]
 pub mod quant;
 pub mod runtime;
 #[cfg(feature = "server")]
@@ -68,6 +68,7 @@ pub mod server;
 
 pub use dtype::DType;
 pub use error::{Error, ExitClass, Result};
+pub use format::layout::QuantPolicy;
 pub use pack::convert::SelectorCopies;
 pub use pack::{
     convert, inspect, verify, ConvertOptions, ConvertSummary, InspectReport, TargetDType,
@@ -77,6 +78,7 @@ pub use predictor::calibrate::CalibrationOptions;
 pub use predictor::pipeline::CalibrationPlan;
 pub use predictor::train::TrainOptions;
 pub use progress::{Phase, Progress};
+pub use quant::QuantType;
 pub use runtime::flash::io::IoEngine;
 pub use runtime::generate::{GenerateOptions, StopReason};
 pub use runtime::sampling::SamplingParams;

@@ -38,13 +38,26 @@ pub enum QuantType {
 /// Why a row could not be quantized.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QuantizeError {
+    /// A NaN or infinity, which no block can represent.
     #[error("value {value} at {index} is not finite")]
-    NotFinite { index: usize, value: f32 },
+    NotFinite {
+        /// Its index in the row.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// Values so large that the block's scale or minimum overflows binary16
+    /// (whose largest finite value is 65504): for `q8_0` a magnitude above
+    /// about 65504 x 127.
     #[error("block {block} needs a scale or minimum beyond the binary16 range")]
-    ScaleOverflow { block: usize },
+    ScaleOverflow {
+        /// The block's index in the row.
+        block: usize,
+    },
 }
 
 impl QuantType {
+    /// Every block type, in the order the spec lists them.
     pub const ALL: [QuantType; 2] = [QuantType::Q8_0, QuantType::Q4_1];
 
     /// The name the manifest and the command line use.
