@@ -99,3 +99,20 @@ def test_a_damaged_ffn_chunk_stops_the_run_as_a_failed_check():
     model = flashpack.open(damaged, ffn="naive")
     with pytest.raises(flashpack.CheckFailedError):
         model.generate(PROMPT, max_new_tokens=2)
+
+
+def test_calls_from_several_threads_take_turns(flash_model):
+    import threading
+
+    expected = flash_model.generate(PROMPT, max_new_tokens=8)["generated_ids"]
+    results = []
+
+    def work():
+        results.append(flash_model.generate(PROMPT, max_new_tokens=8)["generated_ids"])
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
