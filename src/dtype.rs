@@ -1,7 +1,8 @@
 //! The floating-point storage types flashpack reads and keeps weights in.
 //!
 //! Weights stay in their stored type in memory and on disk; compute widens them to
-//! f32. These helpers do the widening from little-endian bytes.
+//! f32. Every conversion between f32 and the stored little-endian bytes is here:
+//! widening, and narrowing with round-to-nearest-even as torch's `.to(dtype)`.
 
 use half::{bf16, f16};
 
@@ -86,5 +87,43 @@ pub fn widen_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 pub fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0.0; bytes.len() / dtype.size_bytes()];
     widen_into(dtype, &bytes[..out.len() * dtype.size_bytes()], &mut out);
+    out
+}
+
+/// Reads element `i` of little-endian `bytes` of `dtype` as f32.
+#[inline]
+pub fn get_element(bytes: &[u8], dtype: DType, i: usize) -> f32 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ]),
+        DType::F16 => f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
+        DType::BF16 => bf16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
+    }
+}
+
+/// Writes `value` as element `i` of `out`, narrowing with round-to-nearest-even as
+/// torch's `.to(dtype)` does.
+#[inline]
+pub fn put_element(out: &mut [u8], dtype: DType, i: usize, value: f32) {
+    match dtype {
+        DType::F32 => out[4 * i..4 * i + 4].copy_from_slice(&value.to_le_bytes()),
+        DType::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes()),
+        DType::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(value).to_le_bytes()),
+    }
+}
+
+/// `values` narrowed to little-endian bytes of `dtype` (round-to-nearest-even).
+pub fn narrow(dtype: DType, values: impl IntoIterator<Item = f32>) -> Vec<u8> {
+    let values = values.into_iter();
+    let mut out = Vec::with_capacity(values.size_hint().0 * dtype.size_bytes());
+    let mut element = [0u8; 4];
+    for v in values {
+        put_element(&mut element, dtype, 0, v);
+        out.extend_from_slice(&element[..dtype.size_bytes()]);
+    }
     out
 }

@@ -295,6 +295,8 @@ fn flag_of(option: &str) -> String {
     match option {
         "verify_reads" => "--no-verify-reads".to_string(),
         "context" => "--ctx".to_string(),
+        "alignment" => "--align".to_string(),
+        "repetition_penalty" => "--repeat-penalty".to_string(),
         o => format!("--{}", o.replace('_', "-")),
     }
 }

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Result;
 use crate::format::error::FormatError;
+use crate::format::layout::is_permutation;
 use crate::format::layout::*;
 use crate::format::reader::{chunk_raw_length, decode_chunk, PackedFile, SectionReader};
 
@@ -311,17 +312,4 @@ pub fn neuron_order_errors(
         }
     }
     Ok(failures)
-}
-
-/// Whether little-endian u32 `bytes` hold each of 0..n exactly once.
-pub fn is_permutation(bytes: &[u8], n: u64) -> bool {
-    let mut seen = vec![false; n as usize];
-    for b in bytes.chunks_exact(4) {
-        let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        match seen.get_mut(v) {
-            Some(s) if !*s => *s = true,
-            _ => return false,
-        }
-    }
-    bytes.len() as u64 == n * 4
 }

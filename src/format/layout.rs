@@ -574,6 +574,29 @@ pub fn ffn_section_name(layer: usize) -> String {
     format!("ffn.{layer}")
 }
 
+/// Decodes an order tensor's little-endian u32 values (`order[p]` is the
+/// checkpoint index of packed neuron `p`): the one decoder of the format's
+/// orders. Trailing bytes short of a value are ignored; rule 19 (and 33)
+/// checks the result with [`is_permutation`].
+pub fn decode_order(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Whether the order tensor's `bytes` hold each of `0..n` exactly once.
+pub fn is_permutation(bytes: &[u8], n: u64) -> bool {
+    if bytes.len() as u64 != n * 4 {
+        return false;
+    }
+    let mut seen = vec![false; n as usize];
+    decode_order(bytes).into_iter().all(|v| {
+        seen.get_mut(v as usize)
+            .is_some_and(|s| !std::mem::replace(s, true))
+    })
+}
+
 pub fn order_tensor_name(layer: usize) -> String {
     format!("flashpack.ffn.{layer}.order")
 }

@@ -184,10 +184,7 @@ impl PackedFile {
             .ok_or_else(|| Error::InvalidArgument(format!("no order tensor for layer {layer}")))?;
         let bytes =
             SectionReader::new(self, DENSE_SECTION)?.read_bytes(entry.offset, entry.length)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        Ok(crate::format::layout::decode_order(&bytes))
     }
 
     /// Reads a whole section, checking every chunk's hash (rule 14) and

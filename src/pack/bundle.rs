@@ -1,38 +1,11 @@
 //! Neuron bundles: for packed neuron p (checkpoint neuron `order[p]`), its gate row,
 //! up row and down column side by side, so one read brings everything that neuron
-//! needs. Also the element conversions between stored dtypes.
+//! needs. The element conversions between stored dtypes are [`crate::dtype`]'s.
 
-use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::dtype::DType;
+use crate::dtype::{get_element, put_element, DType};
 use crate::input::TensorRef;
-
-/// Reads element `i` of little-endian `bytes` of `dtype` as f32.
-#[inline]
-pub fn get_element(bytes: &[u8], dtype: DType, i: usize) -> f32 {
-    match dtype {
-        DType::F32 => f32::from_le_bytes([
-            bytes[4 * i],
-            bytes[4 * i + 1],
-            bytes[4 * i + 2],
-            bytes[4 * i + 3],
-        ]),
-        DType::F16 => f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
-        DType::BF16 => bf16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
-    }
-}
-
-/// Writes `value` as element `i` of `out`, narrowing with round-to-nearest-even as
-/// torch's `.to(dtype)` does.
-#[inline]
-pub fn put_element(out: &mut [u8], dtype: DType, i: usize, value: f32) {
-    match dtype {
-        DType::F32 => out[4 * i..4 * i + 4].copy_from_slice(&value.to_le_bytes()),
-        DType::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes()),
-        DType::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(value).to_le_bytes()),
-    }
-}
 
 /// Copies elements `range` of `src` into `out` (which holds exactly that many
 /// elements of `dst`), converting the dtype if it differs.

@@ -111,10 +111,13 @@ impl SelectorCopies {
             SelectorCopies::None => Ok(None),
             SelectorCopies::Auto => Ok((gated && silu && calibrated).then_some(LowBits::Int4)),
             SelectorCopies::Int8 | SelectorCopies::Int4 if !gated => {
-                Err(Error::InvalidArgument(format!(
-                    "--selector: {} has no gated FFN in every layer (gate, up, down), so there is nothing to copy; use --selector none",
-                    config.architecture.hf_name()
-                )))
+                Err(Error::InvalidOption {
+                    option: "selector",
+                    problem: format!(
+                        "copies need a gated FFN (gate, up, down) in every layer, and {} has none; convert without selector copies (none)",
+                        config.architecture.hf_name()
+                    ),
+                })
             }
             SelectorCopies::Int8 => Ok(Some(LowBits::Int8)),
             SelectorCopies::Int4 => Ok(Some(LowBits::Int4)),
@@ -246,15 +249,18 @@ pub fn convert(
 ) -> Result<ConvertSummary> {
     let a = options.alignment;
     if !(a.is_power_of_two() && (MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&a)) {
-        return Err(Error::InvalidArgument(format!(
-            "--align {a} must be a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}"
-        )));
+        return Err(Error::InvalidOption {
+            option: "alignment",
+            problem: format!(
+                "{a} must be a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}"
+            ),
+        });
     }
     if !(0..=22).contains(&options.zstd_level) {
-        return Err(Error::InvalidArgument(format!(
-            "--zstd-level {} must be 0-22",
-            options.zstd_level
-        )));
+        return Err(Error::InvalidOption {
+            option: "zstd_level",
+            problem: format!("{} must be 0-22", options.zstd_level),
+        });
     }
     if let Some(plan) = &options.calibration {
         check_calibration_plan(plan)?;
@@ -269,10 +275,13 @@ pub fn convert(
     // not compare their blocks with the source yet: refuse rather than write a
     // file that cannot be checked.
     if ckpt.config.moe.is_some() && options.quant != QuantPolicy::default() {
-        return Err(Error::InvalidArgument(format!(
-            "{} is a mixture-of-experts model: --quant is not supported for it yet; convert it without --quant",
-            ckpt.config.architecture.hf_name()
-        )));
+        return Err(Error::InvalidOption {
+            option: "quant",
+            problem: format!(
+                "is not supported for a mixture-of-experts model ({}) yet; convert it without quantization",
+                ckpt.config.architecture.hf_name()
+            ),
+        });
     }
     // Refuse an output that would destroy an input, or that cannot be written,
     // before anything (a calibration trace, a temporary file) is written.
@@ -568,8 +577,8 @@ fn write_pack(
             Some(&layer) => {
                 let mut buf = vec![0u8; t.numel() * dtype.size_bytes()];
                 for (p, &neuron) in orders[layer].iter().enumerate() {
-                    let v = crate::pack::bundle::get_element(t.bytes, t.dtype, neuron as usize);
-                    crate::pack::bundle::put_element(&mut buf, dtype, p, v);
+                    let v = crate::dtype::get_element(t.bytes, t.dtype, neuron as usize);
+                    crate::dtype::put_element(&mut buf, dtype, p, v);
                 }
                 dense.write(&mut file, &buf)?;
             }
@@ -899,10 +908,8 @@ pub(crate) fn write_predictors(
         DENSE_CHUNK_BYTES,
     );
     let mut entries = Vec::new();
-    let f16_bytes = |values: &mut dyn Iterator<Item = f32>| -> Vec<u8> {
-        values
-            .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
-            .collect()
+    let f16_bytes = |values: &mut dyn Iterator<Item = f32>| {
+        crate::dtype::narrow(crate::dtype::DType::F16, values)
     };
     for (layer, ((p, m), order)) in predictors.iter().zip(orders).enumerate() {
         let permuted_b =

@@ -9,9 +9,10 @@
 
 use rayon::prelude::*;
 
+use crate::dtype::get_element;
 use crate::error::{Error, Result};
 use crate::input::TensorRef;
-use crate::pack::bundle::{get_element, LayerFfn};
+use crate::pack::bundle::LayerFfn;
 use crate::quant::QuantType;
 
 /// Rows quantized per piece written: bounded memory whatever the tensor size.

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::dtype::get_element;
 use crate::error::{Error, Result};
 use crate::format::integrity::check_integrity;
 use crate::format::layout::{BundlePart, DENSE_SECTION};
 use crate::format::PackedFile;
 use crate::input::tensors::FfnNames;
 use crate::input::Checkpoint;
-use crate::pack::bundle::get_element;
 
 /// What [`verify`] checks beyond the file's own hashes and rules.
 #[derive(Debug, Clone)]
@@ -268,8 +268,8 @@ fn within_limit(value: f64, limit: f64) -> bool {
 fn same(packed: f32, source: f32, dtype: crate::dtype::DType) -> bool {
     let mut a = [0u8; 4];
     let mut b = [0u8; 4];
-    crate::pack::bundle::put_element(&mut a, dtype, 0, packed);
-    crate::pack::bundle::put_element(&mut b, dtype, 0, source);
+    crate::dtype::put_element(&mut a, dtype, 0, packed);
+    crate::dtype::put_element(&mut b, dtype, 0, source);
     a == b
 }
 
@@ -303,10 +303,12 @@ pub fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> Result<WeightCom
     let dense = file.read_section(DENSE_SECTION)?;
     let order_of = |tensor: &str| -> Vec<usize> {
         let entry = file.tensor_entry(tensor).expect("checked at open");
-        dense[entry.offset as usize..(entry.offset + entry.length) as usize]
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .collect()
+        crate::format::layout::decode_order(
+            &dense[entry.offset as usize..(entry.offset + entry.length) as usize],
+        )
+        .into_iter()
+        .map(|v| v as usize)
+        .collect()
     };
     // Every stored set of bundles with the checkpoint FFN it holds: the FFN
     // layers', then the experts' (spec 4.1).

@@ -213,10 +213,7 @@ impl Observer for Recorder {
         if self.error.is_some() {
             return;
         }
-        let mut bytes = Vec::with_capacity(input.len() * 2);
-        for v in input {
-            bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-        }
+        let bytes = crate::dtype::narrow(crate::dtype::DType::F16, input.iter().copied());
         let result = self.inputs[layer].write_all(&bytes).and_then(|_| {
             if !self.record_fired {
                 return Ok(());
@@ -285,10 +282,10 @@ pub fn calibrate(
         });
     }
     if !(0.0..1.0).contains(&opts.target_sparsity) {
-        return Err(Error::InvalidArgument(format!(
-            "--target-sparsity {} must be in [0, 1)",
-            opts.target_sparsity
-        )));
+        return Err(Error::InvalidOption {
+            option: "target_sparsity",
+            problem: format!("{} must be in [0, 1)", opts.target_sparsity),
+        });
     }
     let store = match &opts.keep_trace {
         Some(dir) => {

@@ -74,9 +74,10 @@ pub fn with_threads<T: Send>(
 ) -> crate::Result<T> {
     match threads {
         None => Ok(f()),
-        Some(0) => Err(crate::Error::InvalidArgument(
-            "--threads must be at least 1".into(),
-        )),
+        Some(0) => Err(crate::Error::InvalidOption {
+            option: "threads",
+            problem: "must be at least 1".into(),
+        }),
         Some(n) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(n)

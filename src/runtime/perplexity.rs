@@ -68,9 +68,10 @@ fn perplexity_inner(
         });
     }
     if ctx < 2 {
-        return Err(Error::InvalidArgument(format!(
-            "--ctx must be at least 2 (got {ctx})"
-        )));
+        return Err(Error::InvalidOption {
+            option: "ctx",
+            problem: format!("must be at least 2 (got {ctx})"),
+        });
     }
     let started = Instant::now();
     let vocab = model.config.vocab_size;

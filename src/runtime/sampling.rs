@@ -50,33 +50,41 @@ impl SamplingParams {
     /// Checks the values a user gave.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "--temperature must be a finite number >= 0 (got {})",
-                self.temperature
-            )));
+            return Err(Error::InvalidOption {
+                option: "temperature",
+                problem: format!("must be a finite number >= 0 (got {})", self.temperature),
+            });
         }
         if self.top_k == Some(0) {
-            return Err(Error::InvalidArgument("--top-k must be at least 1".into()));
+            return Err(Error::InvalidOption {
+                option: "top_k",
+                problem: "must be at least 1".into(),
+            });
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::InvalidArgument(format!(
-                    "--top-p must be in (0, 1] (got {p})"
-                )));
+                return Err(Error::InvalidOption {
+                    option: "top_p",
+                    problem: format!("must be in (0, 1] (got {p})"),
+                });
             }
         }
         if let Some(p) = self.min_p {
             if !(0.0..=1.0).contains(&p) {
-                return Err(Error::InvalidArgument(format!(
-                    "--min-p must be in [0, 1] (got {p})"
-                )));
+                return Err(Error::InvalidOption {
+                    option: "min_p",
+                    problem: format!("must be in [0, 1] (got {p})"),
+                });
             }
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "--repeat-penalty must be a finite number > 0 (got {})",
-                self.repetition_penalty
-            )));
+            return Err(Error::InvalidOption {
+                option: "repetition_penalty",
+                problem: format!(
+                    "must be a finite number > 0 (got {})",
+                    self.repetition_penalty
+                ),
+            });
         }
         Ok(())
     }

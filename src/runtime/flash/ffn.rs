@@ -963,12 +963,13 @@ impl FlashFfn {
                 add_ns(&self.stats.ns_predict, t0);
             }
             None => {
-                let p = self.predictor.as_ref().ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "--ffn flash needs a predictor for layer {}",
-                        self.spec.layer
-                    ))
-                })?;
+                let p = self
+                    .predictor
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidOption {
+                        option: "ffn",
+                        problem: format!("flash needs a predictor for layer {}", self.spec.layer),
+                    })?;
                 let t0 = Instant::now();
                 p.predict(x, &mut ws.scratch, &mut ws.logits, &mut ws.set);
                 add_ns(&self.stats.ns_predict, t0);

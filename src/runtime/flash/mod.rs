@@ -559,18 +559,24 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         if file.config.activation != crate::input::config::Activation::Silu
             || d.silu_criterion != crate::runtime::ffn::Criterion::Product
         {
-            return Err(Error::InvalidArgument(format!(
-                "--selector {name} compares |silu(g) * u| with the product thresholds of a SiLU file calibrated by this flashpack (convert --calib)"
-            )));
+            return Err(Error::InvalidOption {
+                option: "selector",
+                problem: format!(
+                    "{name} compares |silu(g) * u| with the product thresholds of a SiLU file calibrated by this flashpack (converted with calibration text)"
+                ),
+            });
         }
         if d.copies_bits() != Some(bits) {
-            return Err(Error::InvalidArgument(format!(
-                "--ffn flash --selector {name} reads the file's {name} selector copies, and {} has {}; convert with --selector {name}, or run --ffn predicted (which builds them in DRAM)",
-                path.display(),
-                d.copies_bits().map_or("none".to_string(), |b| {
-                    format!("{} copies", crate::format::layout::SelectorType::from(b).name())
-                })
-            )));
+            return Err(Error::InvalidOption {
+                option: "selector",
+                problem: format!(
+                    "{name} in the flash mode reads the file's {name} selector copies, and {} has {}; convert with {name} selector copies, or use the predicted mode (which builds them in DRAM)",
+                    path.display(),
+                    d.copies_bits().map_or("none".to_string(), |b| {
+                        format!("{} copies", crate::format::layout::SelectorType::from(b).name())
+                    })
+                ),
+            });
         }
         for (g, u) in d.copies.iter().flatten() {
             plan.selector += (g.stored_bytes() + u.stored_bytes()) as u64;
@@ -581,9 +587,12 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             let p = data
                 .and_then(|d| d.predictors.get(i).and_then(Option::as_ref))
                 .ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "--ffn flash needs a packed file with predictors (convert --calib); layer {i} has none"
-                    ))
+                    Error::InvalidOption {
+                        option: "ffn",
+                        problem: format!(
+                            "flash needs a packed file with predictors (converted with calibration text); layer {i} has none"
+                        ),
+                    }
                 })?;
             plan.predictors += ((p.a.len() + p.b.len() + p.bias.len()) * 4) as u64;
         }
@@ -685,9 +694,10 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                     .as_ref()
                     .and_then(|d| d.silu_thresholds.get(i).copied().flatten())
                     .ok_or_else(|| {
-                        Error::InvalidArgument(
-                            "--ffn oracle-flash on a SiLU model needs the calibrated thresholds of a packed file made with --calib".into(),
-                        )
+                        Error::InvalidOption {
+                            option: "ffn",
+                            problem: "oracle-flash on a SiLU model needs the calibrated thresholds of a packed file converted with calibration text".into(),
+                        }
                     })?
             } else {
                 0.0
