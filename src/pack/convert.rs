@@ -80,8 +80,10 @@ pub struct ConvertOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum SelectorCopies {
-    /// `int4` for a SiLU model with a gated FFN calibrated with `--calib`
-    /// (whose product thresholds the selector compares with), none otherwise.
+    /// `int4` for a SiLU or GeGLU (GELU-gated) model with a gated FFN
+    /// calibrated with `--calib` (whose product thresholds the selector
+    /// compares with), none otherwise (the ReLU family fires exactly and keeps
+    /// its trained predictors).
     Auto,
     /// No copies.
     None,
@@ -106,7 +108,16 @@ impl SelectorCopies {
                 .layers
                 .iter()
                 .all(|l| matches!(l.ffn, FfnNames::Gated { .. }));
-        let silu = config.activation == crate::input::config::Activation::Silu;
+        // Activations chosen by the product threshold (`|act(g) * u|`): SiLU
+        // and GELU (GeGLU), both with a negative lobe (issue 12: the
+        // selector copies choose about as many neurons as the exact
+        // criterion, the trained predictors 95% of them on both).
+        let silu = matches!(
+            config.activation,
+            crate::input::config::Activation::Silu
+                | crate::input::config::Activation::Gelu
+                | crate::input::config::Activation::GeluTanh
+        );
         match self {
             SelectorCopies::None => Ok(None),
             SelectorCopies::Auto => Ok((gated && silu && calibrated).then_some(LowBits::Int4)),

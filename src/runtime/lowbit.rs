@@ -1,7 +1,8 @@
-//! The low-precision selector of a gated SiLU layer (issue 12): int8 (one scale
-//! per row) or int4 (blocks of 32 with an f16 scale) copies of the gate and up
-//! projections, kept in DRAM, from which `|silu(g~) * u~|` is computed for every
-//! neuron and compared with the layer's product threshold. Only the neurons it
+//! The low-precision selector of a gated SiLU (or GeGLU) layer (issue 12): int8
+//! (one scale per row) or int4 (blocks of 32 with an f16 scale) copies of the
+//! gate and up projections, kept in DRAM, from which `|silu(g~) * u~|` (GeGLU:
+//! `|gelu(g~) * u~|`) is computed for every neuron and compared with the
+//! layer's product threshold. Only the neurons it
 //! selects are then computed exactly (in DRAM or from their bundles on flash):
 //! selection errors can happen only near the threshold, and no training is
 //! needed.
@@ -10,13 +11,18 @@
 //! that every product is an integer dot product: exact in `i32`, so the AVX2
 //! kernel (`maddubs`/`madd`, chosen at run time) and the portable one return
 //! the same integers, and the few float operations after them (scales, int4's
-//! eight block lanes) are the same sequence in both. Selections are therefore
+//! block lanes) are the same sequence in both. The int4 kernel reads a
+//! neuron's gate and up rows together, two blocks (32 bytes) of each at a
+//! time, multiplying the stored nibbles (`w + 8`, unsigned) by the token's
+//! values laid out once per token to match and subtracting `8 * sum x` per
+//! lane after (no sign tricks per block). Selections are therefore
 //! identical on every CPU path and for any thread count (rows are split across
 //! threads, never a sum).
 
 use rayon::prelude::*;
 
-use crate::runtime::kernels::silu;
+use crate::input::config::Activation;
+use crate::runtime::ffn::neuron_value;
 use crate::runtime::weights::Matrix;
 
 /// Values per int4 block (one f16 scale each).
@@ -252,9 +258,44 @@ impl QuantMatrix {
             LowBits::Int8 => dot_i8(w, &x.q, path) as f32 * self.scales[r] * x.scale,
             LowBits::Int4 => {
                 let blocks = self.padded_cols / INT4_BLOCK;
-                dot_i4(w, &self.scales[r * blocks..(r + 1) * blocks], &x.q, path) * x.scale
+                dot_i4(w, &self.scales[r * blocks..(r + 1) * blocks], x, path) * x.scale
             }
         }
+    }
+
+    /// Row `r` of `self` and row `r` of `other` (same shape, both int4) with
+    /// `x`: the two results of [`QuantMatrix::row_dot`], bit for bit, with
+    /// `x` loaded once for both (a selector's gate and up).
+    #[inline]
+    pub fn row_dot_pair(
+        &self,
+        other: &QuantMatrix,
+        r: usize,
+        x: &QuantActivation,
+        path: Path,
+    ) -> (f32, f32) {
+        debug_assert_eq!(x.q.len(), self.padded_cols);
+        if self.bits != LowBits::Int4
+            || other.bits != LowBits::Int4
+            || other.padded_cols != self.padded_cols
+        {
+            return (self.row_dot(r, x, path), other.row_dot(r, x, path));
+        }
+        let rb = self.row_bytes();
+        let blocks = self.padded_cols / INT4_BLOCK;
+        let (a, b) = dot_i4_pair(
+            (
+                &self.data[r * rb..(r + 1) * rb],
+                &self.scales[r * blocks..(r + 1) * blocks],
+            ),
+            (
+                &other.data[r * rb..(r + 1) * rb],
+                &other.scales[r * blocks..(r + 1) * blocks],
+            ),
+            x,
+            path,
+        );
+        (a * x.scale, b * x.scale)
     }
 
     /// `out[r] = row r . x` for every row, `x` quantized first.
@@ -334,16 +375,27 @@ pub fn copies_from_bundles(
 }
 
 /// One token's activation as int8 with one scale (symmetric, round to
-/// nearest), padded with zeros.
+/// nearest), padded with zeros; with the same values laid out for the int4
+/// kernel (see [`QuantActivation::pairs`]).
 #[derive(Debug, Clone, Default)]
 pub struct QuantActivation {
     pub q: Vec<i8>,
     pub scale: f32,
+    /// `q` per pair of int4 blocks `(2p, 2p + 1)`, in the order the SIMD
+    /// kernel unpacks 32 bytes of weights (two blocks) in: values 0..16 of
+    /// both blocks, then values 16..32 of both; a last unpaired block has a
+    /// zero block as its partner.
+    pub pairs: Vec<i8>,
+    /// `8 * (sum of q over values 4k..4k + 4 of a block)` for each block and
+    /// lane `k`, in the lane order of `pairs`' products: the kernel multiplies
+    /// the stored nibbles (`w + 8`, unsigned) and subtracts this, which
+    /// leaves `sum w * q` exactly.
+    pub corr: Vec<i32>,
 }
 
 impl QuantActivation {
-    /// Quantizes `x` into `padded` values (`padded >= x.len()`), reusing the
-    /// buffer.
+    /// Quantizes `x` into `padded` values (`padded >= x.len()`, a multiple
+    /// of 32), reusing the buffers.
     pub fn quantize(&mut self, x: &[f32], padded: usize) {
         let max = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         self.scale = if max > 0.0 && max.is_finite() {
@@ -357,6 +409,52 @@ impl QuantActivation {
                 .map(|v| (v / self.scale).round().clamp(-127.0, 127.0) as i8),
         );
         self.q.resize(padded, 0);
+        self.lay_out();
+    }
+
+    /// An activation of these int8 values (a multiple of 32 of them) and
+    /// scale.
+    pub fn from_values(q: Vec<i8>, scale: f32) -> QuantActivation {
+        assert!(q.len().is_multiple_of(PAD), "from_values: unpadded");
+        let mut a = QuantActivation {
+            q,
+            scale,
+            pairs: Vec::new(),
+            corr: Vec::new(),
+        };
+        a.lay_out();
+        a
+    }
+
+    /// Fills `pairs` and `corr` from `q`.
+    fn lay_out(&mut self) {
+        let blocks = self.q.len() / INT4_BLOCK;
+        let pairs = blocks.div_ceil(2);
+        self.pairs.clear();
+        self.pairs.resize(pairs * 2 * INT4_BLOCK, 0);
+        self.corr.clear();
+        self.corr.resize(pairs * 16, 0);
+        for b in 0..blocks {
+            let (p, odd) = (b / 2, b % 2);
+            let xb = &self.q[b * INT4_BLOCK..(b + 1) * INT4_BLOCK];
+            let base = p * 2 * INT4_BLOCK;
+            for j in 0..16 {
+                self.pairs[base + 16 * odd + j] = xb[j];
+                self.pairs[base + 32 + 16 * odd + j] = xb[j + 16];
+            }
+            for k in 0..8 {
+                let sum: i32 = xb[4 * k..4 * k + 4].iter().map(|&v| v as i32).sum();
+                // Lanes 0..4 of a block come from its values 0..16 (the first
+                // eight i32 of the pair), 4..8 from 16..32 (the next eight).
+                let slot = p * 16
+                    + if k < 4 {
+                        4 * odd + k
+                    } else {
+                        8 + 4 * odd + k - 4
+                    };
+                self.corr[slot] = 8 * sum;
+            }
+        }
     }
 }
 
@@ -400,34 +498,73 @@ pub fn dot_i8(w: &[u8], x: &[i8], path: Path) -> i32 {
 
 /// An int4 row (`w`: 16 bytes per block, see [`QuantMatrix::data`]) with
 /// `x`: for each block, eight integer partial sums (lane `k` over values
-/// `4k..4k + 4`) are scaled and added to eight f32 lanes in block order, then
-/// the lanes are summed pairwise (`k + 4`, `k + 2`, `k + 1`). The order is
-/// what a 256-bit vector computes, and the portable path follows it.
+/// `4k..4k + 4`) are scaled (multiply, then add: no fused multiply-add) into
+/// one of two sets of eight f32 lanes, even blocks into the first and odd
+/// blocks into the second, in block order; then the two sets are added lane
+/// by lane and the lanes summed pairwise (`k + 4`, `k + 2`, `k + 1`). The
+/// order is what the 256-bit kernel computes on two blocks at a time, and the
+/// portable path follows it.
 #[inline]
-pub fn dot_i4(w: &[u8], scales: &[f32], x: &[i8], path: Path) -> f32 {
-    assert_eq!(w.len() * 2, x.len(), "dot_i4: length mismatch");
-    assert_eq!(scales.len() * INT4_BLOCK, x.len(), "dot_i4: scales");
+pub fn dot_i4(w: &[u8], scales: &[f32], x: &QuantActivation, path: Path) -> f32 {
+    check_i4(w, scales, x);
     match path {
-        Path::Portable => {
-            let mut acc = [0.0f32; 8];
-            for (b, &scale) in scales.iter().enumerate() {
-                let bytes = &w[b * 16..(b + 1) * 16];
-                let xb = &x[b * INT4_BLOCK..(b + 1) * INT4_BLOCK];
-                let mut lanes = [0i32; 8];
-                for (j, &byte) in bytes.iter().enumerate() {
-                    lanes[j / 4] += ((byte & 15) as i32 - 8) * xb[j] as i32;
-                    lanes[(j + 16) / 4] += ((byte >> 4) as i32 - 8) * xb[j + 16] as i32;
-                }
-                for (a, l) in acc.iter_mut().zip(lanes) {
-                    *a += l as f32 * scale;
-                }
-            }
-            reduce8(acc)
-        }
+        Path::Portable => dot_i4_portable(w, scales, &x.q),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot_i8`; lengths checked above.
-        Path::Avx2 => unsafe { x86::dot_i4(w, scales, x) },
+        // SAFETY: `Path::Avx2` is only chosen when the CPU has AVX2; lengths
+        // checked above.
+        Path::Avx2 => unsafe { x86::dot_i4_pair((w, scales), (w, scales), x).0 },
     }
+}
+
+/// [`dot_i4`] of two rows with the same `x`, each result bit-identical to
+/// its own `dot_i4`: `x` is loaded once for both.
+#[inline]
+pub fn dot_i4_pair(
+    a: (&[u8], &[f32]),
+    b: (&[u8], &[f32]),
+    x: &QuantActivation,
+    path: Path,
+) -> (f32, f32) {
+    check_i4(a.0, a.1, x);
+    check_i4(b.0, b.1, x);
+    match path {
+        Path::Portable => (
+            dot_i4_portable(a.0, a.1, &x.q),
+            dot_i4_portable(b.0, b.1, &x.q),
+        ),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_i4`.
+        Path::Avx2 => unsafe { x86::dot_i4_pair(a, b, x) },
+    }
+}
+
+#[inline]
+fn check_i4(w: &[u8], scales: &[f32], x: &QuantActivation) {
+    assert_eq!(w.len() * 2, x.q.len(), "dot_i4: length mismatch");
+    assert_eq!(scales.len() * INT4_BLOCK, x.q.len(), "dot_i4: scales");
+    assert_eq!(x.pairs.len(), x.q.len().div_ceil(64) * 64, "dot_i4: layout");
+    assert_eq!(x.corr.len() * 4, x.pairs.len(), "dot_i4: layout");
+}
+
+fn dot_i4_portable(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
+    let mut acc = [[0.0f32; 8]; 2];
+    for (b, &scale) in scales.iter().enumerate() {
+        let bytes = &w[b * 16..(b + 1) * 16];
+        let xb = &x[b * INT4_BLOCK..(b + 1) * INT4_BLOCK];
+        let mut lanes = [0i32; 8];
+        for (j, &byte) in bytes.iter().enumerate() {
+            lanes[j / 4] += ((byte & 15) as i32 - 8) * xb[j] as i32;
+            lanes[(j + 16) / 4] += ((byte >> 4) as i32 - 8) * xb[j + 16] as i32;
+        }
+        for (a, l) in acc[b % 2].iter_mut().zip(lanes) {
+            *a += l as f32 * scale;
+        }
+    }
+    let mut t = acc[0];
+    for (t, o) in t.iter_mut().zip(acc[1]) {
+        *t += o;
+    }
+    reduce8(t)
 }
 
 /// Eight lanes summed pairwise: `k + 4`, then `k + 2`, then `k + 1`.
@@ -489,28 +626,130 @@ mod x86 {
         hsum_i32(_mm256_add_epi32(a0, a1))
     }
 
+    /// The integer lanes of one row's two blocks (32 bytes `v`), as f32:
+    /// `(n - 8) * x` summed over four values each, where the stored nibble
+    /// `n` multiplies `x` unsigned and the correction `8 * sum x` is taken
+    /// off after (both exact in i32).
+    #[inline(always)]
+    unsafe fn lanes(
+        v: __m256i,
+        xlo: __m256i,
+        xhi: __m256i,
+        clo: __m256i,
+        chi: __m256i,
+    ) -> (__m256, __m256) {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let lo = _mm256_and_si256(v, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        (
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xlo), ones),
+                clo,
+            )),
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xhi), ones),
+                chi,
+            )),
+        )
+    }
+
+    /// Eight f32 lanes `[E0..E3 | O0..O3]` and `[E4..E7 | O4..O7]` (even and
+    /// odd blocks' lanes) summed as `dot_i4_portable` sums them.
+    #[inline(always)]
+    unsafe fn reduce_eo(lo: __m256, hi: __m256) -> f32 {
+        // t[k] = E[k] + O[k]: t0..t3, then t4..t7.
+        let t_lo = _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1));
+        let t_hi = _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1));
+        // a[k] = t[k] + t[k + 4], then a[k] + a[k + 2], then a0 + a1.
+        let a = _mm_add_ps(t_lo, t_hi);
+        let a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+        _mm_cvtss_f32(_mm_add_ss(a, _mm_shuffle_ps(a, a, 1)))
+    }
+
     /// # Safety
-    /// The CPU has AVX2; `2 * w.len() == x.len() == 32 * scales.len()`.
+    /// The CPU has AVX2; each row has `x.q.len() / 2` bytes and
+    /// `x.q.len() / 32` scales; `x`'s layout is filled (checked by the caller).
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dot_i4(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
-        let mask = _mm_set1_epi8(0x0F);
-        let eight = _mm256_set1_epi8(8);
-        let mut acc = _mm256_setzero_ps();
-        for (b, &scale) in scales.iter().enumerate() {
-            let bytes = _mm_loadu_si128(w.as_ptr().add(16 * b) as *const __m128i);
-            let lo = _mm_and_si128(bytes, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-            // Values 0..16 in the low half, 16..32 in the high half.
-            let q = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), eight);
-            let xv = _mm256_loadu_si256(x.as_ptr().add(32 * b) as *const __m256i);
-            // i32 lane k: values 4k..4k + 4 of the block.
-            let lanes = _mm256_cvtepi32_ps(products(q, xv));
+    pub unsafe fn dot_i4_pair(
+        a: (&[u8], &[f32]),
+        b: (&[u8], &[f32]),
+        x: &super::QuantActivation,
+    ) -> (f32, f32) {
+        let blocks = a.1.len();
+        // [s0 x4 | s1 x4] from two consecutive scales.
+        let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        let (xp, cp) = (x.pairs.as_ptr(), x.corr.as_ptr());
+        let (wa, wb) = (a.0.as_ptr(), b.0.as_ptr());
+        let (sa, sb) = (a.1.as_ptr(), b.1.as_ptr());
+        let zero = _mm256_setzero_ps();
+        let (mut alo, mut ahi, mut blo, mut bhi) = (zero, zero, zero, zero);
+        let pairs = blocks / 2;
+        for p in 0..pairs {
+            let xlo = _mm256_loadu_si256(xp.add(64 * p) as *const __m256i);
+            let xhi = _mm256_loadu_si256(xp.add(64 * p + 32) as *const __m256i);
+            let clo = _mm256_loadu_si256(cp.add(16 * p) as *const __m256i);
+            let chi = _mm256_loadu_si256(cp.add(16 * p + 8) as *const __m256i);
+            let (la, ha) = lanes(
+                _mm256_loadu_si256(wa.add(32 * p) as *const __m256i),
+                xlo,
+                xhi,
+                clo,
+                chi,
+            );
+            let (lb, hb) = lanes(
+                _mm256_loadu_si256(wb.add(32 * p) as *const __m256i),
+                xlo,
+                xhi,
+                clo,
+                chi,
+            );
+            let s_a = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(sa.add(2 * p) as *const f64))),
+                spread,
+            );
+            let s_b = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(sb.add(2 * p) as *const f64))),
+                spread,
+            );
             // Multiply, then add (no fused multiply-add): the portable order.
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(lanes, _mm256_set1_ps(scale)));
+            alo = _mm256_add_ps(alo, _mm256_mul_ps(la, s_a));
+            ahi = _mm256_add_ps(ahi, _mm256_mul_ps(ha, s_a));
+            blo = _mm256_add_ps(blo, _mm256_mul_ps(lb, s_b));
+            bhi = _mm256_add_ps(bhi, _mm256_mul_ps(hb, s_b));
         }
-        let mut a = [0.0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), acc);
-        super::reduce8(a)
+        if blocks % 2 == 1 {
+            // The last block with a zero partner: its odd lanes add 0 * 0,
+            // which leaves them as they are (they are never -0).
+            let p = pairs;
+            let xlo = _mm256_loadu_si256(xp.add(64 * p) as *const __m256i);
+            let xhi = _mm256_loadu_si256(xp.add(64 * p + 32) as *const __m256i);
+            let clo = _mm256_loadu_si256(cp.add(16 * p) as *const __m256i);
+            let chi = _mm256_loadu_si256(cp.add(16 * p + 8) as *const __m256i);
+            let va = _mm_loadu_si128(wa.add(32 * p) as *const __m128i);
+            let vb = _mm_loadu_si128(wb.add(32 * p) as *const __m128i);
+            let (la, ha) = lanes(
+                _mm256_set_m128i(_mm_setzero_si128(), va),
+                xlo,
+                xhi,
+                clo,
+                chi,
+            );
+            let (lb, hb) = lanes(
+                _mm256_set_m128i(_mm_setzero_si128(), vb),
+                xlo,
+                xhi,
+                clo,
+                chi,
+            );
+            let s_a = _mm256_set_m128(_mm_setzero_ps(), _mm_set1_ps(*sa.add(2 * p)));
+            let s_b = _mm256_set_m128(_mm_setzero_ps(), _mm_set1_ps(*sb.add(2 * p)));
+            alo = _mm256_add_ps(alo, _mm256_mul_ps(la, s_a));
+            ahi = _mm256_add_ps(ahi, _mm256_mul_ps(ha, s_a));
+            blo = _mm256_add_ps(blo, _mm256_mul_ps(lb, s_b));
+            bhi = _mm256_add_ps(bhi, _mm256_mul_ps(hb, s_b));
+        }
+        (reduce_eo(alo, ahi), reduce_eo(blo, bhi))
     }
 }
 
@@ -548,6 +787,18 @@ impl LowBitSelector {
     /// The approximate neuron values `silu(g~) * u~` for one token into
     /// `scratch.values` (`width` entries), on `path`.
     pub fn values_on(&self, x: &[f32], scratch: &mut SelectScratch, path: Path) {
+        self.values_as(Activation::Silu, x, scratch, path)
+    }
+
+    /// The approximate neuron values `act(g~) * u~` of a gated layer with
+    /// `activation` (SiLU, or GELU for GeGLU) into `scratch.values`.
+    pub fn values_as(
+        &self,
+        activation: Activation,
+        x: &[f32],
+        scratch: &mut SelectScratch,
+        path: Path,
+    ) {
         let width = self.gate.rows;
         scratch.x.quantize(x, self.gate.padded_cols);
         scratch.values.resize(width, 0.0);
@@ -555,10 +806,16 @@ impl LowBitSelector {
         let fill = |j0: usize, chunk: &mut [f32]| {
             for (k, v) in chunk.iter_mut().enumerate() {
                 let j = j0 + k;
-                let g =
-                    self.gate.row_dot(j, q, path) + self.gate_bias.as_ref().map_or(0.0, |b| b[j]);
-                let u = self.up.row_dot(j, q, path) + self.up_bias.as_ref().map_or(0.0, |b| b[j]);
-                *v = silu(g) * u;
+                // Gate and up of a neuron together: the token's values are
+                // loaded once for both rows.
+                let (mut g, mut u) = self.gate.row_dot_pair(&self.up, j, q, path);
+                if let Some(b) = &self.gate_bias {
+                    g += b[j];
+                }
+                if let Some(b) = &self.up_bias {
+                    u += b[j];
+                }
+                *v = neuron_value(activation, Some(g), u);
             }
         };
         if rayon::current_num_threads() > 1 && width > SELECT_CHUNK {
@@ -572,9 +829,21 @@ impl LowBitSelector {
         }
     }
 
-    /// The selected neurons of one token, ascending.
+    /// The selected neurons of one token of a SiLU layer, ascending.
     pub fn select(&self, x: &[f32], scratch: &mut SelectScratch, active: &mut Vec<u32>) {
-        self.values_on(x, scratch, Path::best());
+        self.select_as(Activation::Silu, x, scratch, active)
+    }
+
+    /// The selected neurons of one token of a gated layer with `activation`,
+    /// ascending.
+    pub fn select_as(
+        &self,
+        activation: Activation,
+        x: &[f32],
+        scratch: &mut SelectScratch,
+        active: &mut Vec<u32>,
+    ) {
+        self.values_as(activation, x, scratch, Path::best());
         active.clear();
         active.extend(
             scratch
@@ -664,7 +933,7 @@ mod tests {
     fn integer_kernels_equal_an_exact_reference_on_every_path() {
         // Values at the ends of the ranges (+-127, -8 and 7) and lengths of
         // one, two and three 32-byte vectors.
-        for n in [32usize, 64, 96, 576] {
+        for n in [32usize, 64, 96, 160, 576] {
             let w: Vec<u8> = (0..n)
                 .map(|i| match i % 5 {
                     0 => 127i8,
@@ -700,10 +969,28 @@ mod tests {
                     (nib as f64 - 8.0) * scales[b] as f64 * x[k] as f64
                 })
                 .sum();
+            let xa = QuantActivation::from_values(x.clone(), 1.0);
             let results: Vec<f32> = paths()
                 .into_iter()
-                .map(|p| dot_i4(&w4, &scales, &x, p))
+                .map(|p| dot_i4(&w4, &scales, &xa, p))
                 .collect();
+            // Two rows at once: each result is its own row's, bit for bit.
+            let w4b: Vec<u8> = w4.iter().rev().copied().collect();
+            let scales_b: Vec<f32> = scales.iter().map(|s| s * 1.7).collect();
+            for p in paths() {
+                let (a, b) = dot_i4_pair((&w4, &scales), (&w4b, &scales_b), &xa, p);
+                assert_eq!(
+                    a.to_bits(),
+                    results[0].to_bits(),
+                    "pair, first row, {p:?} n {n}"
+                );
+                let alone = dot_i4(&w4b, &scales_b, &xa, Path::Portable);
+                assert_eq!(
+                    b.to_bits(),
+                    alone.to_bits(),
+                    "pair, second row, {p:?} n {n}"
+                );
+            }
             for r in &results {
                 assert_eq!(
                     r.to_bits(),

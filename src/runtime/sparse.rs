@@ -134,6 +134,8 @@ enum Chooser {
     Predicted(LowRankPredictor),
     LowBit {
         selector: LowBitSelector,
+        /// The layer's gate activation (SiLU, or GELU for GeGLU).
+        activation: crate::input::config::Activation,
         /// Also compute the exact product criterion and count agreement.
         measure: bool,
     },
@@ -261,8 +263,6 @@ impl SparseFfn {
                     )));
                 }
             }
-            // Phase 1: the chosen neurons' values from their gate and up rows
-            // (or, for the oracle of one token, the values it chose by).
             let values = &mut scratch.values;
             values.resize(chosen.len(), 0.0);
             if scratch.known_ok {
@@ -270,32 +270,36 @@ impl SparseFfn {
                     *v = scratch.known[i as usize];
                 }
             }
+            // A chosen neuron's exact value from its gate and up rows.
+            let value = |i: usize| {
+                let mut u = kernels::row_dot(&up.weight, i, xt);
+                if let Some(b) = &up.bias {
+                    u += b[i];
+                }
+                let g = gate.map(|gate| {
+                    let mut g = kernels::row_dot(&gate.weight, i, xt);
+                    if let Some(b) = &gate.bias {
+                        g += b[i];
+                    }
+                    g
+                });
+                neuron_value(dense.activation, g, u)
+            };
+            let prefetch_rows = |i: u32| {
+                let start = i as usize * hidden;
+                kernels::prefetch(kernels::Weights::of(&up.weight.data), start, hidden);
+                if let Some(gate) = gate {
+                    kernels::prefetch(kernels::Weights::of(&gate.weight.data), start, hidden);
+                }
+            };
+            // Phase 1: the chosen neurons' values from their gate and up rows
+            // (or, for the oracle of one token, the values it chose by).
             let compute = |ids: &[u32], vals: &mut [f32]| {
                 for (k, (&i, v)) in ids.iter().zip(vals.iter_mut()).enumerate() {
                     if let Some(&next) = ids.get(k + PREFETCH_AHEAD) {
-                        let next = next as usize * hidden;
-                        kernels::prefetch(kernels::Weights::of(&up.weight.data), next, hidden);
-                        if let Some(gate) = gate {
-                            kernels::prefetch(
-                                kernels::Weights::of(&gate.weight.data),
-                                next,
-                                hidden,
-                            );
-                        }
+                        prefetch_rows(next);
                     }
-                    let i = i as usize;
-                    let mut u = kernels::row_dot(&up.weight, i, xt);
-                    if let Some(b) = &up.bias {
-                        u += b[i];
-                    }
-                    let g = gate.map(|gate| {
-                        let mut g = kernels::row_dot(&gate.weight, i, xt);
-                        if let Some(b) = &gate.bias {
-                            g += b[i];
-                        }
-                        g
-                    });
-                    *v = neuron_value(dense.activation, g, u);
+                    *v = value(i as usize);
                 }
             };
             if scratch.known_ok {
@@ -388,12 +392,16 @@ impl SparseFfn {
                 }
                 sets
             }
-            Chooser::LowBit { selector, measure } => {
+            Chooser::LowBit {
+                selector,
+                activation,
+                measure,
+            } => {
                 let sets: Vec<Vec<u32>> = x
                     .chunks_exact(hidden)
                     .map(|xt| {
                         let mut active = Vec::new();
-                        selector.select(xt, &mut scratch.select, &mut active);
+                        selector.select_as(*activation, xt, &mut scratch.select, &mut active);
                         active
                     })
                     .collect();
@@ -551,8 +559,18 @@ pub fn apply_ffn_mode(
     if mode == FfnMode::Dense {
         return Ok(None);
     }
-    let silu = model.config.activation == crate::input::config::Activation::Silu;
-    let drelu = model.config.activation == crate::input::config::Activation::DRelu;
+    use crate::input::config::Activation;
+    let activation = model.config.activation;
+    let drelu = activation == Activation::DRelu;
+    // Layers chosen by a threshold on the neuron's magnitude: SiLU, and
+    // GeGLU (GELU has SiLU's negative lobe) when the file holds product
+    // thresholds for it (older GeGLU files: every non-zero gate, as before).
+    let silu = activation == Activation::Silu
+        || (matches!(activation, Activation::Gelu | Activation::GeluTanh)
+            && data.is_some_and(|d| {
+                d.silu_criterion == Criterion::Product
+                    && d.silu_thresholds.iter().all(Option::is_some)
+            }));
     let counter = Arc::new(NeuronCounter::default());
     let layers = std::mem::take(&mut model.layers);
     let mut wrapped = Vec::with_capacity(layers.len());
@@ -625,6 +643,7 @@ pub fn apply_ffn_mode(
                     .fetch_add(selector.stored_bytes() as u64, Ordering::Relaxed);
                 Chooser::LowBit {
                     selector,
+                    activation,
                     measure: d.measure_selector,
                 }
             }
@@ -736,6 +755,7 @@ mod tests {
                 up_bias: up.bias.clone(),
                 threshold,
             },
+            activation: Activation::Silu,
             measure: false,
         };
         let choosers = [
