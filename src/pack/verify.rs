@@ -15,6 +15,7 @@ use crate::format::layout::{BundlePart, DENSE_SECTION};
 use crate::format::PackedFile;
 use crate::input::tensors::FfnNames;
 use crate::input::Checkpoint;
+use crate::runtime::open::{load_packed, Values};
 
 /// What [`verify`] checks beyond the file's own hashes and rules.
 #[derive(Debug, Clone)]
@@ -446,13 +447,13 @@ pub fn compare_weights(file: &PackedFile, ckpt: &Checkpoint) -> Result<WeightCom
 /// Perplexity of the source and of the packed model (both dense, in DRAM) on
 /// the text of the file `text`, windows of 256 tokens: `(source, packed)`.
 pub fn compare_perplexity(file: &PackedFile, ckpt: &Checkpoint, text: &Path) -> Result<(f64, f64)> {
-    use crate::runtime::{packed::PackedWeights, Model};
+    use crate::runtime::Model;
     let content = std::fs::read_to_string(text).map_err(|e| Error::io(text, e))?;
     let ids = ckpt.tokenizer()?.encode(&content)?;
     let source = Model::from_checkpoint(ckpt)?;
     let a = crate::runtime::perplexity::perplexity(&source, &ids, 256)?.perplexity;
     drop(source);
-    let packed = Model::load(&file.config, &file.names, &PackedWeights::read_all(file)?)?;
+    let (_, packed, _) = load_packed(file, Values::Dequantized)?;
     let b = crate::runtime::perplexity::perplexity(&packed, &ids, 256)?.perplexity;
     Ok((a, b))
 }
@@ -460,9 +461,9 @@ pub fn compare_perplexity(file: &PackedFile, ckpt: &Checkpoint, text: &Path) -> 
 /// Largest final-position logit NMSE between the packed model (all bundles in DRAM)
 /// and the checkpoint, through the one dense runtime, over [`CHECK_PROMPTS`].
 pub fn compare_logits(file: &PackedFile, ckpt: &Checkpoint) -> Result<f64> {
-    use crate::runtime::{packed::PackedWeights, Logits, Model};
+    use crate::runtime::{Logits, Model};
     let source = Model::from_checkpoint(ckpt)?;
-    let packed = Model::load(&file.config, &file.names, &PackedWeights::read_all(file)?)?;
+    let (_, packed, _) = load_packed(file, Values::Dequantized)?;
     let tokenizer = ckpt.tokenizer()?;
     let mut worst = 0.0f64;
     for text in CHECK_PROMPTS {
@@ -506,9 +507,7 @@ pub fn check_recall(
     // One read of the file: the weights serve both the model and the SiLU
     // gate projections that labelling needs.
     let file = PackedFile::open(path)?;
-    let weights = crate::runtime::packed::PackedWeights::read_all(&file)?;
-    let model = crate::runtime::Model::load(&file.config, &file.names, &weights)?;
-    let tokenizer = crate::runtime::packed::packed_tokenizer(&file)?;
+    let (weights, model, tokenizer) = load_packed(&file, Values::Dequantized)?;
     let Some(sparsity) = crate::runtime::open::sparsity_data(&file)? else {
         report
             .failures
