@@ -16,7 +16,7 @@ def convert(
     *,
     dtype: str = "keep",
     zstd_level: int = 3,
-    align: int = 4096,
+    alignment: int = 4096,
     quant: Optional[str] = None,
     selector: str = "auto",
     calib: Optional[_Paths] = None,

@@ -110,7 +110,7 @@ enum ConvertFailure {
 /// report `flashpack convert --json` prints.
 #[pyfunction]
 #[pyo3(signature = (
-    src, out, *, dtype = "keep".to_string(), zstd_level = 3, align = 4096, quant = None,
+    src, out, *, dtype = "keep".to_string(), zstd_level = 3, alignment = 4096, quant = None,
     selector = "auto".to_string(), calib = None, calib_tokens = 16384, rank = None,
     target_recall = 0.99, target_sparsity = 0.5, seed = 0, keep_trace = None,
     sparsity_allocation = "uniform".to_string(), verify = false, progress = None
@@ -122,7 +122,7 @@ fn convert(
     out: PathBuf,
     dtype: String,
     zstd_level: i32,
-    align: u64,
+    alignment: u64,
     quant: Option<String>,
     selector: String,
     calib: Option<Paths>,
@@ -214,7 +214,7 @@ fn convert(
         Ok(flashpack::pack::ConvertOptions {
             dtype,
             zstd_level,
-            alignment: align,
+            alignment,
             calibration,
             quant,
             selector,

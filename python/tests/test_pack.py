@@ -155,6 +155,9 @@ def test_bad_arguments_are_invalid_input_and_value_errors(tmp_path, opt_relu):
     assert info.value.exit_code == 2 and isinstance(info.value, ValueError)
     with pytest.raises(flashpack.InvalidInputError, match="rank"):
         flashpack.convert(opt_relu, tmp_path / "x.flashpack", calib=train, rank=0)
+    # Library errors name the option as the keyword argument is named.
+    with pytest.raises(flashpack.InvalidInputError, match="^alignment: 3 must be a power of two"):
+        flashpack.convert(opt_relu, tmp_path / "x.flashpack", alignment=3)
     with pytest.raises(flashpack.InvalidInputError, match="quant"):
         flashpack.convert(opt_relu, tmp_path / "x.flashpack", quant="q3")
     with pytest.raises(flashpack.InvalidInputError, match="source"):
