@@ -12,7 +12,9 @@
 mod common;
 use common::fixtures;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 use flashpack::format::PackedFile;
 use flashpack::pack::convert::SelectorCopies;
@@ -24,32 +26,44 @@ use flashpack::runtime::open_model;
 use flashpack::runtime::perplexity::perplexity;
 use flashpack::runtime::sparse::{FfnMode, Selector};
 
+/// The fixture converted once with calibration and `--selector auto` (kept
+/// for the whole test run).
+fn packed() -> &'static Path {
+    static FILE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &FILE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("mistral-gelu-tanh.flashpack");
+            let options = ConvertOptions {
+                calibration: Some(CalibrationPlan {
+                    files: vec![fixtures().join("text/train.txt")],
+                    calibrate: CalibrationOptions {
+                        max_tokens: 4096,
+                        ..CalibrationOptions::default()
+                    },
+                    train: TrainOptions {
+                        rank: RankChoice::Fixed(4),
+                        ..TrainOptions::default()
+                    },
+                }),
+                selector: SelectorCopies::Auto,
+                ..ConvertOptions::default()
+            };
+            convert(
+                &fixtures().join("models/mistral-gelu-tanh"),
+                &out,
+                &options,
+                flashpack::progress::SILENT,
+            )
+            .unwrap();
+            (dir, out)
+        })
+        .1
+}
+
 #[test]
 fn geglu_files_choose_by_the_product_with_low_precision_copies() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("mistral-gelu-tanh.flashpack");
-    let options = ConvertOptions {
-        calibration: Some(CalibrationPlan {
-            files: vec![fixtures().join("text/train.txt")],
-            calibrate: CalibrationOptions {
-                max_tokens: 4096,
-                ..CalibrationOptions::default()
-            },
-            train: TrainOptions {
-                rank: RankChoice::Fixed(4),
-                ..TrainOptions::default()
-            },
-        }),
-        selector: SelectorCopies::Auto,
-        ..ConvertOptions::default()
-    };
-    convert(
-        &fixtures().join("models/mistral-gelu-tanh"),
-        &out,
-        &options,
-        flashpack::progress::SILENT,
-    )
-    .unwrap();
+    let out = packed().to_path_buf();
     let file = PackedFile::open(&out).unwrap();
     assert_eq!(
         file.manifest.selectors.len(),
@@ -115,5 +129,71 @@ fn geglu_files_choose_by_the_product_with_low_precision_copies() {
         counter.active_fraction() > fraction + 0.2,
         "trained predictors computed {} against int4's {fraction}",
         counter.active_fraction()
+    );
+}
+
+/// `flash` on a GeGLU file chooses with the file's int4 copies by `|gelu(g~) *
+/// u~|`, as `predicted` does: the same neurons, bit-identical logits over a
+/// prefill and decoded tokens; `oracle-flash` computes what `oracle` does.
+#[test]
+fn flash_on_a_geglu_file_reads_what_predicted_computes() {
+    use flashpack::runtime::Logits;
+    use flashpack::{Session, SessionOptions};
+    let open = |ffn: FfnMode| {
+        Session::open(
+            packed(),
+            &SessionOptions {
+                ffn: Some(ffn),
+                ..SessionOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let text = std::fs::read_to_string(fixtures().join("text/heldout.txt")).unwrap();
+    let run = |s: &Session| -> Vec<f32> {
+        let ids = s.tokenizer().encode(&text).unwrap()[..48].to_vec();
+        let model = s.model();
+        let mut cache = model.new_cache();
+        let mut all = model
+            .forward(&mut cache, &ids[..32], Logits::All, None)
+            .unwrap();
+        for &id in &ids[32..] {
+            all.extend(
+                model
+                    .forward(&mut cache, &[id], Logits::Last, None)
+                    .unwrap(),
+            );
+        }
+        all
+    };
+    let predicted = open(FfnMode::Predicted);
+    let flash = open(FfnMode::Flash);
+    assert_eq!(
+        flash.flash().unwrap().selector,
+        Some(Selector::Int4),
+        "auto takes the file's copies for a GeGLU product file"
+    );
+    let (p, f) = (run(&predicted), run(&flash));
+    assert!(
+        p.iter().zip(&f).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "flash differs from predicted"
+    );
+    assert_eq!(predicted.ffn_active_fraction(), flash.ffn_active_fraction());
+    assert!(
+        flash.ffn_active_fraction() < 0.7,
+        "{}",
+        flash.ffn_active_fraction()
+    );
+
+    let oracle = open(FfnMode::Oracle);
+    let oracle_flash = open(FfnMode::OracleFlash);
+    let (o, of) = (run(&oracle), run(&oracle_flash));
+    assert!(
+        o.iter().zip(&of).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "oracle-flash differs from oracle"
+    );
+    assert_eq!(
+        oracle.ffn_active_fraction(),
+        oracle_flash.ffn_active_fraction()
     );
 }

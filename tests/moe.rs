@@ -11,7 +11,8 @@
 mod common;
 
 use flashpack::input::config::Architecture;
-use flashpack::runtime::{Fired, Logits, Model, Observer};
+use flashpack::runtime::moe::RoutingLog;
+use flashpack::runtime::{Logits, Model};
 use serde_json::Value;
 
 /// Issue 14's bars, as for the dense families: logit NMSE, relative
@@ -22,23 +23,6 @@ use serde_json::Value;
 const MAX_NMSE: f64 = 1e-6;
 const MAX_PPL_REL: f64 = 1e-5;
 const ROUTING_TIE: f64 = 1e-5;
-
-/// Records each layer's chosen experts per token.
-#[derive(Default)]
-struct RoutingLog {
-    layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
-}
-
-impl Observer for RoutingLog {
-    fn ffn(&mut self, layer: usize, _input: &[f32], _n: usize, fired: &Fired) {
-        if !fired.routed.is_empty() {
-            self.layers
-                .entry(layer)
-                .or_default()
-                .extend(fired.routed.iter().cloned());
-        }
-    }
-}
 
 /// Logits, greedy ids, perplexity and routing of one model against its reference.
 fn check(name: &str, arch: Architecture) {

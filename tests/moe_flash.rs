@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 
 use flashpack::format::PackedFile;
 use flashpack::runtime::flash::{open_flash, FlashOptions, FlashReport};
+use flashpack::runtime::moe::RoutingLog;
 use flashpack::runtime::sparse::FfnMode;
-use flashpack::runtime::{open_model, with_threads, Fired, Logits, Model, Observer};
+use flashpack::runtime::{open_model, with_threads, Logits, Model};
 
 const MODELS: [&str; 4] = [
     "mixtral-tiny",
@@ -83,26 +84,9 @@ fn prefill_logits(model: &Model, ids: &[u32], prefill: usize) -> Vec<f32> {
     all
 }
 
-/// Each sparse layer's chosen experts per decode token.
-#[derive(Default)]
-struct Routes {
-    layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
-}
-
-impl Observer for Routes {
-    fn ffn(&mut self, layer: usize, _input: &[f32], _n: usize, fired: &Fired) {
-        if !fired.routed.is_empty() {
-            self.layers
-                .entry(layer)
-                .or_default()
-                .extend(fired.routed.iter().cloned());
-        }
-    }
-}
-
-fn routes(model: &Model, ids: &[u32]) -> Routes {
+fn routes(model: &Model, ids: &[u32]) -> RoutingLog {
     let mut cache = model.new_cache();
-    let mut r = Routes::default();
+    let mut r = RoutingLog::default();
     for &id in ids {
         model
             .forward(&mut cache, &[id], Logits::Last, Some(&mut r))
@@ -535,7 +519,7 @@ fn prefill_reads_each_chosen_expert_once_for_the_batch() {
                 ..FlashOptions::default()
             },
         );
-        let mut routes = Routes::default();
+        let mut routes = RoutingLog::default();
         let mut cache = model.new_cache();
         model
             .forward(&mut cache, &ids, Logits::Last, Some(&mut routes))

@@ -15,8 +15,9 @@ use std::sync::{Arc, OnceLock};
 use flashpack::format::PackedFile;
 use flashpack::runtime::flash::moe::{expert_replay, pin_hottest, routing_trace};
 use flashpack::runtime::flash::{open_flash, FlashOptions, Replay};
+use flashpack::runtime::moe::RoutingLog;
 use flashpack::runtime::sparse::FfnMode;
-use flashpack::runtime::{open_model, Fired, Logits, Model, Observer};
+use flashpack::runtime::{open_model, Logits, Model};
 
 const NAME: &str = "qwen3moe-trained";
 
@@ -47,26 +48,9 @@ fn token_ids(count: usize) -> Vec<u32> {
     loaded.tokenizer.encode(&text).unwrap()[..count].to_vec()
 }
 
-/// Each sparse layer's chosen experts per token, and every logit.
-#[derive(Default)]
-struct Routes {
-    layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
-}
-
-impl Observer for Routes {
-    fn ffn(&mut self, layer: usize, _input: &[f32], _n: usize, fired: &Fired) {
-        if !fired.routed.is_empty() {
-            self.layers
-                .entry(layer)
-                .or_default()
-                .extend(fired.routed.iter().cloned());
-        }
-    }
-}
-
-fn decode(model: &Model, ids: &[u32]) -> (Vec<f32>, Routes) {
+fn decode(model: &Model, ids: &[u32]) -> (Vec<f32>, RoutingLog) {
     let mut cache = model.new_cache();
-    let mut routes = Routes::default();
+    let mut routes = RoutingLog::default();
     let mut all = Vec::new();
     for &id in ids {
         all.extend(
@@ -78,7 +62,7 @@ fn decode(model: &Model, ids: &[u32]) -> (Vec<f32>, Routes) {
     (all, routes)
 }
 
-fn replay_of(routes: &Routes, experts: usize) -> Arc<Replay> {
+fn replay_of(routes: &RoutingLog, experts: usize) -> Arc<Replay> {
     let sets = routes
         .layers
         .values()
@@ -149,7 +133,7 @@ fn a_replayed_routing_is_followed_and_naive_equals_flash() {
     let e = moe.num_experts as u32;
     // Every chosen expert moved to the next one: other experts than the
     // router's, still distinct.
-    let mut moved = Routes::default();
+    let mut moved = RoutingLog::default();
     for (l, tokens) in &routes.layers {
         moved.layers.insert(
             *l,

@@ -50,12 +50,13 @@ pub struct FlashArgs {
     #[arg(long = "no-verify-reads", action = clap::ArgAction::SetFalse)]
     pub verify_reads: bool,
     /// What `--ffn predicted` and `flash` choose neurons with: `int8` or
-    /// `int4` copies of gate and up by `|silu(g) * u|` (SiLU files calibrated
-    /// by the product criterion; flash reads the file's copies, format section
-    /// 10, and holds them in DRAM within --dram-budget; predicted builds them
-    /// at load when the file has none), the file's `trained` predictors, or
-    /// `auto`: for SiLU files the file's copies (int8 built at load in
-    /// predicted when it has none), for ReLU files the trained predictors.
+    /// `int4` copies of gate and up by `|act(g) * u|` (SiLU and GeGLU files
+    /// calibrated by the product criterion; flash reads the file's copies,
+    /// format section 10, and holds them in DRAM within --dram-budget;
+    /// predicted builds them at load when the file has none), the file's
+    /// `trained` predictors, or `auto`: for SiLU and GeGLU (gelu,
+    /// gelu_pytorch_tanh) product files the file's copies (int8 built at load
+    /// in predicted when it has none), for ReLU files the trained predictors.
     #[arg(long, value_enum, default_value = "auto")]
     pub selector: crate::runtime::sparse::Selector,
 }

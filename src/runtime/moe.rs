@@ -341,3 +341,23 @@ impl Ffn for MoeFfn {
         Ok(())
     }
 }
+
+/// Each sparse layer's chosen experts, token by token, as the model runs (an
+/// [`crate::runtime::Observer`]): routing statistics, replayed traces and the
+/// tests that compare routing across modes all record it this way.
+#[derive(Debug, Default, Clone)]
+pub struct RoutingLog {
+    /// Layer index to one list of chosen experts per token, in token order.
+    pub layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
+}
+
+impl crate::runtime::Observer for RoutingLog {
+    fn ffn(&mut self, layer: usize, _input: &[f32], _n: usize, fired: &Fired) {
+        if !fired.routed.is_empty() {
+            self.layers
+                .entry(layer)
+                .or_default()
+                .extend(fired.routed.iter().cloned());
+        }
+    }
+}

@@ -549,6 +549,24 @@ impl Selector {
     }
 }
 
+/// Whether a model's neurons are chosen by a threshold on their magnitude
+/// (`|act(g) * u|` or `|act(g)|`): SiLU, and GeGLU (GELU has SiLU's negative
+/// lobe) when the file holds product thresholds for every layer (older GeGLU
+/// files: every non-zero gate, as ReLU). The in-DRAM and the flash modes ask
+/// this one question.
+pub fn chooses_by_magnitude(
+    activation: crate::input::config::Activation,
+    data: Option<&SparsityData>,
+) -> bool {
+    use crate::input::config::Activation;
+    activation == Activation::Silu
+        || (matches!(activation, Activation::Gelu | Activation::GeluTanh)
+            && data.is_some_and(|d| {
+                d.silu_criterion == Criterion::Product
+                    && d.silu_thresholds.iter().all(Option::is_some)
+            }))
+}
+
 /// Switches every layer of `model` to `mode`; returns the counter of computed
 /// neurons (`None` for dense).
 pub fn apply_ffn_mode(
@@ -565,12 +583,7 @@ pub fn apply_ffn_mode(
     // Layers chosen by a threshold on the neuron's magnitude: SiLU, and
     // GeGLU (GELU has SiLU's negative lobe) when the file holds product
     // thresholds for it (older GeGLU files: every non-zero gate, as before).
-    let silu = activation == Activation::Silu
-        || (matches!(activation, Activation::Gelu | Activation::GeluTanh)
-            && data.is_some_and(|d| {
-                d.silu_criterion == Criterion::Product
-                    && d.silu_thresholds.iter().all(Option::is_some)
-            }));
+    let silu = chooses_by_magnitude(activation, data);
     let counter = Arc::new(NeuronCounter::default());
     let layers = std::mem::take(&mut model.layers);
     let mut wrapped = Vec::with_capacity(layers.len());

@@ -959,7 +959,7 @@ impl FlashFfn {
             None if self.lowbit.is_some() => {
                 let selector = self.lowbit.as_ref().expect("matched");
                 let t0 = Instant::now();
-                selector.select(x, &mut ws.select, &mut ws.set);
+                selector.select_as(self.activation, x, &mut ws.select, &mut ws.set);
                 add_ns(&self.stats.ns_predict, t0);
             }
             None => {

@@ -528,14 +528,16 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     }
     // `flash` chooses with the file's selector copies (format section 10) or
     // its trained predictors, as `predicted` with the same --selector does.
-    // `auto` takes the copies only where they apply (a SiLU file calibrated
-    // by the product criterion that has them); elsewhere, as before them,
-    // the trained predictors (flash cannot build copies: it has no gate and
-    // up in DRAM).
+    // `auto` takes the copies only where they apply (a SiLU or GeGLU file
+    // calibrated by the product criterion that has them); elsewhere, as
+    // before them, the trained predictors (flash cannot build copies: it has
+    // no gate and up in DRAM).
+    let magnitude =
+        crate::runtime::sparse::chooses_by_magnitude(file.config.activation, sparsity.as_ref());
     let chooser = match (&sparsity, opts.mode, &opts.replay) {
         (Some(d), FfnMode::Flash, None) => match d.selector {
             crate::runtime::sparse::Selector::Auto
-                if file.config.activation == crate::input::config::Activation::Silu
+                if magnitude
                     && d.silu_criterion == crate::runtime::ffn::Criterion::Product
                     && d.copies_bits().is_some() =>
             {
@@ -556,13 +558,11 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
             .as_ref()
             .expect("a low-bit selector resolves from the file's data");
         let name = crate::format::layout::SelectorType::from(bits).name();
-        if file.config.activation != crate::input::config::Activation::Silu
-            || d.silu_criterion != crate::runtime::ffn::Criterion::Product
-        {
+        if !magnitude || d.silu_criterion != crate::runtime::ffn::Criterion::Product {
             return Err(Error::InvalidOption {
                 option: "selector",
                 problem: format!(
-                    "{name} compares |silu(g) * u| with the product thresholds of a SiLU file calibrated by this flashpack (converted with calibration text)"
+                    "{name} compares |act(g) * u| with the product thresholds of a SiLU or GeGLU file calibrated by this flashpack (converted with calibration text)"
                 ),
             });
         }
@@ -686,7 +686,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
     // The oracle's in-DRAM copy of every FFN (outside the budget by definition).
     let mut oracles: Vec<Option<Oracle>> = Vec::new();
     if opts.mode == FfnMode::OracleFlash && opts.replay.is_none() {
-        let silu = file.config.activation == crate::input::config::Activation::Silu;
+        let silu = magnitude;
         let full = Model::load(&file.config, &file.names, &PackedWeights::read_all(&file)?)?;
         for (i, layer) in full.layers.into_iter().enumerate() {
             let threshold = if silu {
@@ -696,7 +696,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
                     .ok_or_else(|| {
                         Error::InvalidOption {
                             option: "ffn",
-                            problem: "oracle-flash on a SiLU model needs the calibrated thresholds of a packed file converted with calibration text".into(),
+                            problem: "oracle-flash on a SiLU or GeGLU model needs the calibrated thresholds of a packed file converted with calibration text".into(),
                         }
                     })?
             } else {

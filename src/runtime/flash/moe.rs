@@ -81,7 +81,7 @@ use crate::runtime::moe::{MoeFfn, Router};
 use crate::runtime::packed::{packed_tokenizer, PackedWeights};
 use crate::runtime::sparse::FfnMode;
 use crate::runtime::weights::{load_linear, Linear};
-use crate::runtime::{LoadedModel, Logits, Model, ModelSource, Observer};
+use crate::runtime::{LoadedModel, Logits, Model, ModelSource};
 
 /// Share of a sparse layer's rows pinned to its hottest experts when the
 /// file has routing statistics (see the module documentation): all of them.
@@ -1190,24 +1190,6 @@ pub fn pin_hottest(
     Ok(total)
 }
 
-/// Records each sparse layer's chosen experts token by token, as the model
-/// runs (an [`Observer`]).
-#[derive(Debug, Default)]
-struct RoutingRecorder {
-    layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
-}
-
-impl Observer for RoutingRecorder {
-    fn ffn(&mut self, layer: usize, _input: &[f32], _n: usize, fired: &Fired) {
-        if !fired.routed.is_empty() {
-            self.layers
-                .entry(layer)
-                .or_default()
-                .extend(fired.routed.iter().cloned());
-        }
-    }
-}
-
 /// A mixture-of-experts model's routing over `ids` (windows of `ctx` tokens,
 /// each with a fresh KV cache, as calibration runs them): per sparse layer in
 /// layer order, per token, the chosen experts (most probable first).
@@ -1217,7 +1199,7 @@ pub fn routing_trace(model: &Model, ids: &[u32], ctx: usize) -> Result<Vec<Vec<V
             "a routing trace needs a mixture-of-experts model".into(),
         ));
     }
-    let mut rec = RoutingRecorder::default();
+    let mut rec = crate::runtime::moe::RoutingLog::default();
     for window in ids.chunks(ctx.max(1)) {
         let mut cache = model.new_cache();
         model.forward(&mut cache, window, Logits::None, Some(&mut rec))?;
