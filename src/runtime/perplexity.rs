@@ -62,7 +62,7 @@ fn perplexity_inner(
     let max = model.config.max_context;
     if ctx > max {
         return Err(Error::ContextTooLong {
-            what: format!("--ctx {ctx}"),
+            what: format!("an evaluation window of {ctx} tokens"),
             needed: ctx,
             max,
         });

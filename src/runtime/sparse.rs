@@ -591,18 +591,23 @@ pub fn apply_ffn_mode(
         let chooser = match mode {
             FfnMode::Dense => unreachable!("handled above"),
             FfnMode::Naive | FfnMode::Flash | FfnMode::OracleFlash => {
-                return Err(Error::InvalidArgument(format!(
-                    "--ffn {mode:?} reads the FFN from disk: open the packed file with runtime::flash::open_flash"
-                )))
+                return Err(Error::InvalidOption {
+                    option: "ffn",
+                    problem: format!(
+                        "{} reads the FFN from disk: open the packed file with a Session (or runtime::flash::open_flash)",
+                        mode.name()
+                    ),
+                })
             }
             FfnMode::Oracle => {
                 let threshold = match (silu, data.and_then(|d| d.silu_thresholds.get(i).copied().flatten())) {
                     (false, _) => 0.0,
                     (true, Some(t)) => t,
                     (true, None) => {
-                        return Err(Error::InvalidArgument(
-                            "--ffn oracle on a SiLU model needs the calibrated thresholds of a packed file made with --calib".into(),
-                        ))
+                        return Err(Error::InvalidOption {
+                            option: "ffn",
+                            problem: "oracle on a SiLU model needs the calibrated thresholds of a packed file converted with calibration text".into(),
+                        })
                     }
                 };
                 let criterion = match (silu, data) {
@@ -634,9 +639,10 @@ pub fn apply_ffn_mode(
                 let threshold = match (d.silu_criterion, d.silu_thresholds.get(i).copied().flatten()) {
                     (Criterion::Product, Some(t)) => t,
                     _ => {
-                        return Err(Error::InvalidArgument(
-                            "a low-precision selector needs the product thresholds of a file calibrated by this flashpack (convert --calib)".into(),
-                        ))
+                        return Err(Error::InvalidOption {
+                            option: "selector",
+                            problem: "a low-precision selector needs the product thresholds of a file calibrated by this flashpack (converted with calibration text)".into(),
+                        })
                     }
                 };
                 let (gate, up) = layer.ffn.gated_projections().ok_or_else(|| {
@@ -662,9 +668,12 @@ pub fn apply_ffn_mode(
             }
             FfnMode::Predicted => {
                 let p = data.and_then(|d| d.predictors.get(i).cloned().flatten()).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "--ffn predicted needs a packed file with predictors (convert --calib); layer {i} has none"
-                    ))
+                    Error::InvalidOption {
+                        option: "ffn",
+                        problem: format!(
+                            "predicted needs a packed file with predictors (converted with calibration text); layer {i} has none"
+                        ),
+                    }
                 })?;
                 if p.d != layer.ffn.hidden_size() || p.ffn != layer.ffn.width() {
                     return Err(Error::InvalidArgument(format!(

@@ -474,7 +474,7 @@ pub fn open_flash(path: &Path, opts: &FlashOptions) -> Result<(LoadedModel, Flas
         let dtype: DType = entry.dtype.weight().ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "{}: the FFN bundles are {} (format section 9), which the flash modes do not \
-                 read yet; use --ffn dense, oracle or predicted",
+                 read yet; use the dense, oracle or predicted mode",
                 path.display(),
                 entry.dtype.name()
             ))

@@ -764,7 +764,7 @@ fn spec_of(file: &PackedFile, entry: &FfnLayerEntry) -> Result<LayerSpec> {
     }
     let dtype: DType = entry.dtype.weight().ok_or_else(|| {
         Error::InvalidArgument(format!(
-            "{}: the FFN bundles are {} (format section 9), which the flash modes do not read yet; use --ffn dense",
+            "{}: the FFN bundles are {} (format section 9), which the flash modes do not read yet; use the dense mode",
             path.display(),
             entry.dtype.name()
         ))
@@ -808,10 +808,13 @@ pub fn open_flash_moe(
         .as_ref()
         .expect("open_flash_moe is called for MoE files");
     if opts.mode == FfnMode::OracleFlash {
-        return Err(Error::InvalidArgument(format!(
-            "{} is a mixture-of-experts model: --ffn oracle-flash does not read experts; use --ffn naive or flash",
-            cfg.architecture.hf_name()
-        )));
+        return Err(Error::InvalidOption {
+            option: "ffn",
+            problem: format!(
+                "oracle-flash does not read experts, and {} is a mixture-of-experts model; use naive or flash",
+                cfg.architecture.hf_name()
+            ),
+        });
     }
     let m = &file.manifest;
     let align = (m.alignment as usize).max(512);

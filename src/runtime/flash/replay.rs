@@ -173,7 +173,7 @@ pub fn from_kept_trace(trace: &Path, packed: &Path, max_tokens: usize) -> Result
             .and_then(|d| d.predictors.get(l).and_then(Option::as_ref))
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "{}: layer {l} has no predictor (convert --calib)",
+                    "{}: layer {l} has no predictor (convert it with calibration text)",
                     packed.display()
                 ))
             })?;
