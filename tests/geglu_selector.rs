@@ -137,7 +137,6 @@ fn geglu_files_choose_by_the_product_with_low_precision_copies() {
 /// prefill and decoded tokens; `oracle-flash` computes what `oracle` does.
 #[test]
 fn flash_on_a_geglu_file_reads_what_predicted_computes() {
-    use flashpack::runtime::Logits;
     use flashpack::{Session, SessionOptions};
     let open = |ffn: FfnMode| {
         Session::open(
@@ -152,19 +151,7 @@ fn flash_on_a_geglu_file_reads_what_predicted_computes() {
     let text = std::fs::read_to_string(fixtures().join("text/heldout.txt")).unwrap();
     let run = |s: &Session| -> Vec<f32> {
         let ids = s.tokenizer().encode(&text).unwrap()[..48].to_vec();
-        let model = s.model();
-        let mut cache = model.new_cache();
-        let mut all = model
-            .forward(&mut cache, &ids[..32], Logits::All, None)
-            .unwrap();
-        for &id in &ids[32..] {
-            all.extend(
-                model
-                    .forward(&mut cache, &[id], Logits::Last, None)
-                    .unwrap(),
-            );
-        }
-        all
+        common::prefill_then_decode(s.model(), &ids, 32)
     };
     let predicted = open(FfnMode::Predicted);
     let flash = open(FfnMode::Flash);

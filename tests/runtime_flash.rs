@@ -100,18 +100,7 @@ fn token_ids(model: &Path) -> Vec<u32> {
 
 /// Logits of a prefill of 20 tokens (a batch) then single-token steps.
 fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache();
-    let mut all = model
-        .forward(&mut cache, &ids[..20], Logits::All, None)
-        .unwrap();
-    for &id in &ids[20..] {
-        all.extend(
-            model
-                .forward(&mut cache, &[id], Logits::Last, None)
-                .unwrap(),
-        );
-    }
-    all
+    common::prefill_then_decode(model, ids, 20)
 }
 
 fn flash(path: &Path, opts: FlashOptions) -> (Model, FlashRuntime) {

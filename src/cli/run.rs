@@ -102,11 +102,6 @@ impl FlashArgs {
     }
 }
 
-/// The mode as the user writes it after `--ffn`.
-pub(crate) fn mode_name(mode: FfnMode) -> String {
-    mode.name().to_string()
-}
-
 /// The mode asked for, or the default ([`Session::default_mode`]).
 pub(crate) fn default_ffn_mode(path: &std::path::Path, asked: Option<FfnMode>) -> FfnMode {
     asked.unwrap_or_else(|| Session::default_mode(path))
@@ -129,7 +124,7 @@ pub(crate) fn open_session(
                 "{} only apply when the FFN is read from disk (--ffn naive|flash|oracle-flash), \
                  and this run's mode is --ffn {}{}",
                 ignored.join(", "),
-                mode_name(mode),
+                mode.name(),
                 if path.is_file() {
                     ""
                 } else {

@@ -168,7 +168,7 @@ pub fn run(args: &ServeArgs, out: &Output) -> anyhow::Result<()> {
         eprintln!(
             "serving {} as '{model_name}' (--ffn {}, context {context}); Ctrl-C stops",
             listening.model,
-            crate::cli::run::mode_name(ffn)
+            ffn.name()
         );
         if json {
             // The one JSON object of --json: printed once the server listens.

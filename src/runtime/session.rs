@@ -269,7 +269,7 @@ impl Session {
         let started = Instant::now();
         let mode = options.ffn.unwrap_or_else(|| Session::default_mode(path));
         let (loaded, counter, flash) = if mode.on_disk() {
-            let (loaded, rt) = flash::open_flash(path, &flash_options(path, mode, options)?)?;
+            let (loaded, rt) = flash::open_flash(path, &options.flash_options(path, mode)?)?;
             // The neurons the disk modes compute, counted as the in-DRAM modes
             // count theirs: `ffn_active_fraction` means the same in every mode.
             (loaded, Some(rt.neuron_counter()), Some(rt))
@@ -550,55 +550,50 @@ impl SessionOptions {
     /// the packed file `path` (the budget's share resolved against its
     /// size), checked as [`Session::open`] checks them.
     pub fn flash_options(&self, path: &Path, mode: FfnMode) -> Result<FlashOptions> {
-        flash_options(path, mode, self)
-    }
-}
-
-/// The flash runtime's options for a disk `mode`, checked.
-fn flash_options(path: &Path, mode: FfnMode, options: &SessionOptions) -> Result<FlashOptions> {
-    if mode != FfnMode::Flash && options.selector != Selector::Auto {
-        return Err(Error::InvalidOption {
+        if mode != FfnMode::Flash && self.selector != Selector::Auto {
+            return Err(Error::InvalidOption {
             option: "selector",
             problem: format!(
                 "the selector chooses the neurons of the predicted and flash modes; the {} mode does not choose",
                 mode.name()
             ),
         });
-    }
-    if mode == FfnMode::Naive && options.window.is_some() {
-        return Err(Error::InvalidOption {
+        }
+        if mode == FfnMode::Naive && self.window.is_some() {
+            return Err(Error::InvalidOption {
             option: "window",
             problem: "the window applies to the flash and oracle-flash modes; naive reads the whole FFN every token and caches nothing".into(),
         });
-    }
-    if !path.is_file() {
-        return Err(Error::InvalidOption {
-            option: "ffn",
-            problem: format!(
+        }
+        if !path.is_file() {
+            return Err(Error::InvalidOption {
+                option: "ffn",
+                problem: format!(
                 "the {} mode needs a packed file (flashpack convert), not a checkpoint directory",
                 mode.name()
             ),
-        });
+            });
+        }
+        let file_bytes = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        let dram_budget = self
+            .dram_budget
+            .as_deref()
+            .map(|b| flash::parse_size(b, file_bytes))
+            .transpose()?;
+        let defaults = FlashOptions::default();
+        Ok(FlashOptions {
+            mode,
+            window: self.window.unwrap_or(defaults.window),
+            io_threads: self.io_threads.unwrap_or(defaults.io_threads),
+            io_engine: self.io_engine.unwrap_or(defaults.io_engine),
+            coalesce_gap: self.coalesce_gap.unwrap_or(defaults.coalesce_gap),
+            dram_budget,
+            context: self.context,
+            verify_reads: self.verify_reads,
+            selector: self.selector,
+            ..defaults
+        })
     }
-    let file_bytes = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
-    let dram_budget = options
-        .dram_budget
-        .as_deref()
-        .map(|b| flash::parse_size(b, file_bytes))
-        .transpose()?;
-    let defaults = FlashOptions::default();
-    Ok(FlashOptions {
-        mode,
-        window: options.window.unwrap_or(defaults.window),
-        io_threads: options.io_threads.unwrap_or(defaults.io_threads),
-        io_engine: options.io_engine.unwrap_or(defaults.io_engine),
-        coalesce_gap: options.coalesce_gap.unwrap_or(defaults.coalesce_gap),
-        dram_budget,
-        context: options.context,
-        verify_reads: options.verify_reads,
-        selector: options.selector,
-        ..defaults
-    })
 }

@@ -216,3 +216,25 @@ pub fn matches_transformers(
     assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
     ckpt
 }
+
+/// Logits of `ids[..prefill]` computed as one batch, then of each later id
+/// as a single decode step: the prefill and the decode paths in one vector.
+pub fn prefill_then_decode(
+    model: &flashpack::runtime::Model,
+    ids: &[u32],
+    prefill: usize,
+) -> Vec<f32> {
+    use flashpack::runtime::Logits;
+    let mut cache = model.new_cache();
+    let mut all = model
+        .forward(&mut cache, &ids[..prefill], Logits::All, None)
+        .unwrap();
+    for &id in &ids[prefill..] {
+        all.extend(
+            model
+                .forward(&mut cache, &[id], Logits::Last, None)
+                .unwrap(),
+        );
+    }
+    all
+}
